@@ -1,0 +1,64 @@
+"""Batched generation with the chat template; hooks installed by the caller stay active."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from interp.capture import check_context, length_batches, pad_left
+from interp.chat import chat_prefix
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str], system: str | None = None) -> list[list[int]]:
+    """Chat-templated token ids (generation prompt included; thinking models open `<think>`)."""
+    return [tokenizer(chat_prefix(tokenizer, p, system), add_special_tokens=False)["input_ids"] for p in prompts]
+
+
+@torch.no_grad()
+def generate_tokens(
+    model,
+    seqs: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float | None = None,
+    seed: int = 0,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> list[list[int]]:
+    """Continue each token sequence; returns the new token ids (stopped at EOS, padding removed).
+
+    temperature 0 → greedy; otherwise sampling seeded per batch, so results do not depend on
+    which other batches ran. Any hooks active on `model` (e.g. `ablate_heads`) fire at every step.
+    """
+    check_context(model, [list(s) + [0] * max_new_tokens for s in seqs])
+    tok = model.tokenizer
+    eos = tok.eos_token_id
+    device = next(model.parameters()).device
+    out: list[list[int] | None] = [None] * len(seqs)
+    batches = length_batches([len(s) for s in seqs], batch_size)
+    for b, idx in enumerate(tqdm(batches, desc="generate", disable=not progress, leave=False)):
+        tokens, mask = pad_left([seqs[i] for i in idx], tok.pad_token_id)
+        torch.manual_seed(seed * 100_003 + b)
+        sampled = temperature > 0
+        result = model.generate(
+            tokens.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+            do_sample=sampled, temperature=temperature if sampled else 1.0, top_p=top_p,
+            stop_at_eos=True, eos_token_id=eos, return_type="tokens", verbose=False)
+        new = result[:, tokens.shape[1]:].cpu()
+        for row, i in enumerate(idx):
+            ids = new[row].tolist()
+            if eos in ids:
+                ids = ids[: ids.index(eos)]
+            out[i] = ids
+    return out  # type: ignore[return-value]
+
+
+def generate(model, prompts: Sequence[str], *, system: str | None = None, **kw) -> list[str]:
+    """Chat-templated generation for each prompt; returns decoded continuations (special tokens kept
+    except padding/EOS, so `</think>` survives for `split_thinking`)."""
+    tok = model.tokenizer
+    new = generate_tokens(model, encode_prompts(tok, prompts, system), **kw)
+    return [tok.decode(ids, skip_special_tokens=False) for ids in new]

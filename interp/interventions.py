@@ -1,0 +1,120 @@
+"""Interventions as context managers over TransformerLens hooks (active during forward and generate)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from interp.errors import UserError
+
+Head = tuple[int, int]
+RESCALE_MODES = ("none", "frobenius", "per_token")
+
+
+def check_heads(model, heads: Sequence[Head]) -> None:
+    """Refuse (layer, head) pairs outside the model."""
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    for layer, head in heads:
+        if not (0 <= layer < n_layers and 0 <= head < n_heads):
+            raise UserError(f"head ({layer}, {head}) is out of range: the model has {n_layers} layers "
+                            f"x {n_heads} query heads (0-based)")
+
+
+def zero_heads(z: Float[Tensor, "batch pos head d_head"], heads: Sequence[int], rescale: str = "none",
+               replacement: Float[Tensor, "head d_head"] | None = None) -> Tensor:
+    """Replace the given query heads of `z` (zeros, or `replacement` rows) and optionally rescale.
+
+    rescale="frobenius" is the RefusalCliff reference (spec §6.2): the whole tensor is scaled so its
+    Frobenius norm over batch × pos × head × d_head equals the pre-ablation norm (depends on the
+    batch and its padding). "per_token" rescales each (batch, pos) separately. "none": plain ablation.
+    """
+    if rescale not in RESCALE_MODES:
+        raise ValueError(f"rescale must be one of {RESCALE_MODES}")
+    idx = list(heads)
+    out = z.clone()
+    out[:, :, idx] = 0.0 if replacement is None else replacement[idx].to(z.dtype)
+    if rescale == "frobenius":
+        out = out * (z.float().norm() / out.float().norm().clamp_min(1e-12)).to(z.dtype)
+    elif rescale == "per_token":
+        before = z.float().flatten(2).norm(dim=-1, keepdim=True)
+        after = out.float().flatten(2).norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        out = out * (before / after).unsqueeze(-1).to(z.dtype)
+    return out
+
+
+@contextlib.contextmanager
+def ablate_heads(model, heads: Sequence[Head], *, rescale: str = "none",
+                 means: dict[int, Float[Tensor, "head d_head"]] | None = None) -> Iterator[None]:
+    """Ablate query heads at every position via `blocks.L.attn.hook_z` (GQA-correct: per query head).
+
+    `means` (layer → [n_heads, d_head]) turns zero-ablation into mean-ablation.
+    """
+    check_heads(model, heads)
+    by_layer: dict[int, list[int]] = defaultdict(list)
+    for layer, head in heads:
+        by_layer[layer].append(head)
+
+    def make_hook(layer: int, idx: list[int]):
+        def hook(z, hook):
+            replacement = None if means is None else means[layer].to(z.device)
+            return zero_heads(z, idx, rescale, replacement)
+        return hook
+
+    fwd = [(f"blocks.{layer}.attn.hook_z", make_hook(layer, idx)) for layer, idx in sorted(by_layer.items())]
+    with model.hooks(fwd_hooks=fwd):
+        yield
+
+
+def project_out(x: Float[Tensor, "... d"], direction: Float[Tensor, "d"]) -> Tensor:
+    """x − (x·r̂) r̂: remove the component along `direction`."""
+    r = (direction / direction.norm()).to(x.dtype).to(x.device)
+    return x - (x @ r).unsqueeze(-1) * r
+
+
+@contextlib.contextmanager
+def ablate_direction(model, direction: Float[Tensor, "d_model"], hook_names: Sequence[str] | None = None) -> Iterator[None]:
+    """Directional ablation (Arditi et al.): project `direction` out of the given residual hooks.
+
+    Default: every block's resid_pre, attention output and MLP output, at all positions.
+    """
+    if hook_names is None:
+        hook_names = [f"blocks.{layer}.{h}" for layer in range(model.cfg.n_layers)
+                      for h in ("hook_resid_pre", "hook_attn_out", "hook_mlp_out")]
+    fwd = [(name, lambda x, hook: project_out(x, direction)) for name in hook_names]
+    with model.hooks(fwd_hooks=fwd):
+        yield
+
+
+@contextlib.contextmanager
+def add_direction(model, direction: Float[Tensor, "d_model"], hook_name: str, alpha: float = 1.0) -> Iterator[None]:
+    """Activation addition: x ← x + alpha · direction at `hook_name`, all positions."""
+    with model.hooks(fwd_hooks=[(hook_name, lambda x, hook: x + alpha * direction.to(x.dtype).to(x.device))]):
+        yield
+
+
+@torch.no_grad()
+def head_means(model, seqs, layers: Sequence[int], batch_size: int = 8) -> dict[int, Tensor]:
+    """Mean of each query head's z over all real tokens of `seqs` (for mean-ablation), streamed."""
+    from interp.capture import length_batches, pad_left
+
+    sums = {layer: 0.0 for layer in layers}
+    count = 0
+    device = next(model.parameters()).device
+    for idx in length_batches([len(s) for s in seqs], batch_size):
+        tokens, mask = pad_left([seqs[i] for i in idx], model.tokenizer.pad_token_id)
+        keep = mask.to(device).bool()
+
+        def accumulate(z, hook):
+            layer = int(hook.name.split(".")[1])
+            sums[layer] = sums[layer] + z[keep].float().sum(0)
+
+        model.run_with_hooks(tokens.to(device), attention_mask=mask.to(device), return_type=None,
+                             fwd_hooks=[(f"blocks.{layer}.attn.hook_z", accumulate) for layer in layers],
+                             stop_at_layer=max(layers) + 1 if max(layers) + 1 < model.cfg.n_layers else None)
+        count += int(keep.sum())
+    return {layer: (sums[layer] / count).cpu() for layer in layers}

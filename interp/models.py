@@ -1,0 +1,212 @@
+"""Load a model as a TransformerLens `TransformerBridge`: alias, Hugging Face id or local directory."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from interp.errors import UserError
+
+
+@dataclass(frozen=True)
+class Alias:
+    hf_id: str
+    note: str
+
+
+# DeepSeek-R1-Distill-Qwen-1.5B is the default real `qwen`: a Qwen2-architecture reasoning model
+# whose chat template opens `<think>`, small enough (28 x 12 = 336 heads) for one GPU or a CPU
+# (refusal_cliff spec §2 recommends it as the toolkit's small test model).
+ALIASES: dict[str, Alias] = {
+    "qwen": Alias("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "small Qwen2 reasoning model (R1 distill)"),
+    "qwen3": Alias("Qwen/Qwen3-0.6B", "Qwen3 0.6B, thinking mode via its chat template"),
+    "r1-7b": Alias("deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", "refusal-cliff paper: R1-7B"),
+    "r1-8b": Alias("deepseek-ai/DeepSeek-R1-Distill-Llama-8B", "refusal-cliff paper: R1-8B"),
+    "r1-14b": Alias("deepseek-ai/DeepSeek-R1-Distill-Qwen-14B", "refusal-cliff paper: R1-14B"),
+    "qwq-32b": Alias("Qwen/QwQ-32B", "refusal-cliff paper: QwQ-32B"),
+    "or1-7b": Alias("Skywork/Skywork-OR1-7B", "refusal-cliff paper: OR1-7B"),
+    "phi4-mini-reasoning": Alias("microsoft/Phi-4-mini-reasoning", "refusal-cliff paper: Phi-4-mini-R"),
+    "qwen3-4b-thinking": Alias("Qwen/Qwen3-4B-Thinking-2507", "refusal-cliff paper: well-aligned control"),
+    "realsafe-r1-7b": Alias("RealSafe/RealSafe-R1-7B", "refusal-cliff paper: safety-aligned control"),
+    "realsafe-r1-8b": Alias("RealSafe/RealSafe-R1-8B", "refusal-cliff paper: safety-aligned control"),
+    "qwen3.5": Alias("Qwen/Qwen3.5-0.8B", "gated attention (Qwen3-Next-style gate), smallest real one"),
+    "qwen3-next": Alias("Qwen/Qwen3-Next-80B-A3B-Instruct", "gated attention, hybrid, MoE"),
+    "gpt2": Alias("openai-community/gpt2", "GPT-2 small"),
+    "pythia-160m": Alias("EleutherAI/pythia-160m", "Pythia 160M"),
+}
+
+# Built by the package itself, deterministically, with no network: the embedded default.
+EMBEDDED = {"tiny": "random-weight 2-layer Qwen2 with a thinking chat template (offline default)"}
+DEFAULT_MODEL = "tiny"
+
+_WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken", "tokenizer*"]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Where a loaded model came from; reports print it."""
+
+    name: str
+    source: str
+    architecture: str
+    n_layers: int
+    n_heads: int
+    d_model: int
+    device: str
+    dtype: str
+    random_weights: bool
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("INTERP_CACHE", Path.home() / ".cache" / "interp"))
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """`auto` → CUDA when available, else CPU; `cuda` without CUDA is a user error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device} was asked for but CUDA is not available; use --device cpu or auto")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise UserError(f"unknown device {device!r}; use auto, cpu or cuda[:N]") from None
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`auto` → bfloat16 on CUDA, float32 elsewhere."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise UserError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
+    return names[dtype]
+
+
+def embedded_model_dir(name: str) -> Path:
+    """Build (once) and return the directory of an embedded model."""
+    from interp.tiny import write_tiny_checkpoint
+
+    path = cache_dir() / "models" / f"{name}-v1"
+    if not (path / "config.json").exists():
+        write_tiny_checkpoint(path, "qwen2", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, seed=0)
+    return path
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
+
+
+def _check_local_dir(path: Path, allow_pickle: bool) -> None:
+    if not path.is_dir():
+        raise UserError(f"model directory {str(path)!r} not found")
+    if not (path / "config.json").exists():
+        raise UserError(f"{str(path)!r} has no config.json; pass a Hugging Face model directory")
+    if not list(path.glob("*.safetensors")):
+        hint = "" if allow_pickle else " (pickle .bin weights are refused unless you pass --allow-pickle)"
+        if allow_pickle and list(path.glob("*.bin")):
+            return
+        raise UserError(f"{str(path)!r} has no .safetensors weights{hint}")
+
+
+def _download(hf_id: str, allow_pickle: bool, trust_remote_code: bool, revision: str | None) -> Path:
+    """Fetch (or find in the cache) only the files a safe load needs; return the snapshot directory."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
+
+    patterns = _WEIGHT_PATTERNS + (["*.bin"] if allow_pickle else []) + (["*.py"] if trust_remote_code else [])
+    try:
+        return Path(snapshot_download(hf_id, allow_patterns=patterns, revision=revision))
+    except (RepositoryNotFoundError, HFValidationError):
+        raise UserError(f"unknown model {hf_id!r}: not an alias ({', '.join(all_model_names())}), "
+                        "not a local directory and not a Hugging Face model id") from None
+    except Exception as exc:  # network errors come in many types; all mean "not reachable, not cached"
+        raise UserError(f"could not fetch {hf_id!r} from the Hugging Face hub and it is not cached "
+                        f"({type(exc).__name__}); pass a local directory with config.json, "
+                        "safetensors weights and tokenizer") from None
+
+
+def all_model_names() -> list[str]:
+    return list(EMBEDDED) + list(ALIASES)
+
+
+def locate_model(name_or_path: str, *, allow_pickle: bool = False, trust_remote_code: bool = False,
+                 revision: str | None = None) -> tuple[Path, str]:
+    """Return (local directory, source label) for an embedded name, alias, local directory or hub id."""
+    if name_or_path in EMBEDDED:
+        return embedded_model_dir(name_or_path), f"embedded:{name_or_path}"
+    if name_or_path in ALIASES:
+        hf_id = ALIASES[name_or_path].hf_id
+        return _download(hf_id, allow_pickle, trust_remote_code, revision), hf_id
+    if _looks_like_path(name_or_path):
+        path = Path(name_or_path).expanduser()
+        _check_local_dir(path, allow_pickle)
+        return path, str(path)
+    if name_or_path.count("/") != 1:
+        raise UserError(f"unknown model {name_or_path!r}: use an alias ({', '.join(all_model_names())}), "
+                        "a Hugging Face id (org/name) or a local directory")
+    return _download(name_or_path, allow_pickle, trust_remote_code, revision), name_or_path
+
+
+def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto", *,
+               trust_remote_code: bool = False, allow_pickle: bool = False, revision: str | None = None):
+    """Load a model as a `TransformerBridge` (raw HF numerics; tokenizer at `.tokenizer`).
+
+    `name_or_path`: an embedded name (`tiny`), an alias (`qwen`, `r1-8b`, ... see `ALIASES`), a
+    Hugging Face id or a local directory (config + safetensors + tokenizer). Only safetensors
+    weights and no remote code are loaded unless `allow_pickle` / `trust_remote_code` are set.
+    `model_info(model)` tells where it came from.
+    """
+    from transformer_lens.model_bridge import TransformerBridge
+
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    path, source = locate_model(name_or_path, allow_pickle=allow_pickle,
+                                trust_remote_code=trust_remote_code, revision=revision)
+    try:
+        bridge = TransformerBridge.boot_transformers(str(path), device=torch_device, dtype=torch_dtype,
+                                                     trust_remote_code=trust_remote_code)
+    except (ValueError, NotImplementedError, KeyError) as exc:
+        if "architecture" in str(exc).lower() or "not supported" in str(exc).lower() or isinstance(exc, KeyError):
+            raise UserError(f"{name_or_path!r}: architecture not supported by TransformerLens "
+                            f"TransformerBridge ({str(exc).splitlines()[0][:160]})") from None
+        raise
+    bridge.eval()
+    tok = bridge.tokenizer
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    marker = path / "interp_model.json"
+    random_weights = bool(marker.exists() and json.loads(marker.read_text()).get("random_weights"))
+    cfg = bridge.cfg
+    info = ModelInfo(name=name_or_path, source=source,
+                     architecture=(getattr(bridge.original_model.config, "architectures", None) or ["?"])[0],
+                     n_layers=cfg.n_layers, n_heads=cfg.n_heads, d_model=cfg.d_model,
+                     device=str(torch_device), dtype=str(torch_dtype).removeprefix("torch."),
+                     random_weights=random_weights)
+    object.__setattr__(bridge, "_interp_info", info)
+    return bridge
+
+
+def model_info(model) -> ModelInfo:
+    """The `ModelInfo` recorded by `load_model` (a minimal one for bridges built elsewhere)."""
+    info = getattr(model, "_interp_info", None)
+    if info is not None:
+        return info
+    cfg = model.cfg
+    return ModelInfo(name=getattr(cfg, "model_name", "?"), source="?", architecture="?",
+                     n_layers=cfg.n_layers, n_heads=cfg.n_heads, d_model=cfg.d_model,
+                     device=str(cfg.device), dtype=str(cfg.dtype), random_weights=False)
+
+
+def model_label(name_or_path: str) -> str:
+    """A short name for output directories."""
+    return Path(name_or_path.rstrip("/")).name or "model"
