@@ -42,8 +42,14 @@ def check_context(model, seqs: Sequence[Sequence[int]]) -> None:
         raise UserError("an input sequence is empty after tokenization")
 
 
+FINAL_NORM = "ln_final.hook_out"
+
+
 def stop_layer_for(hook_names: Sequence[str], n_layers: int) -> int | None:
-    """The first block no requested hook needs (None when a hook after the blocks is needed)."""
+    """The first block no requested hook needs (None when a hook after the blocks is needed).
+
+    `stop == n_layers` runs every block but skips the final norm and the unembedding.
+    """
     layers = []
     for name in hook_names:
         m = _BLOCK.match(name)
@@ -53,8 +59,16 @@ def stop_layer_for(hook_names: Sequence[str], n_layers: int) -> int | None:
                 continue
             return None
         layers.append(int(m.group(1)))
-    top = max(layers, default=n_layers - 1) + 1
-    return top if top < n_layers else None
+    return max(layers, default=n_layers - 1) + 1
+
+
+def readout_point(model, hook_name: str) -> tuple[str, int | None, Callable[[Tensor], Tensor]]:
+    """(hook to read, stop layer, transform) that yield `hook_name`'s activations without running
+    anything later: the final-norm output is read as ln_final(last resid_post), skipping the unembed."""
+    n_layers = model.cfg.n_layers
+    if hook_name == FINAL_NORM:
+        return f"blocks.{n_layers - 1}.hook_resid_post", n_layers, model.ln_final
+    return hook_name, stop_layer_for([hook_name], n_layers), lambda x: x
 
 
 def _sdpa_forward(self, *args, **kwargs):
@@ -124,12 +138,15 @@ def capture(
     fast_attention: bool = True,
     progress: bool = True,
     out_device: str = "cpu",
+    reduce: Callable[[str, Tensor], Tensor] | None = None,
 ) -> dict[str, Tensor | list[Tensor]]:
     """Capture `hook_names` for each token sequence, batch by batch, keeping only what is asked.
 
     positions: "last" → one vector per sequence (`[n, ...]`); "all" → a `[len_i, ...]` tensor per
     sequence (padding removed); a callable `len -> indices` → `[k_i, ...]` per sequence.
     Results are float32 on `out_device`. Forward stops after the last block any hook needs.
+    `reduce(name, acts)` maps each sequence's selected activations to what is kept (e.g. probe
+    scores), so memory holds only the reduced values.
     """
     check_context(model, seqs)
     names = list(hook_names)
@@ -137,7 +154,11 @@ def capture(
     if unknown:
         raise UserError(f"unknown hook name(s) {unknown[:3]}; see model.hook_dict for valid names")
     pad_id = model.tokenizer.pad_token_id
-    stop = stop_layer_for(names, model.cfg.n_layers)
+    n_layers = model.cfg.n_layers
+    # The final-norm output is derived from the last residual stream: no unembedding needed.
+    last_resid = f"blocks.{n_layers - 1}.hook_resid_post"
+    cached = [n for n in names if n != FINAL_NORM] + ([last_resid] if FINAL_NORM in names else [])
+    stop = stop_layer_for(cached, n_layers)
     per_seq: dict[str, list[Tensor | None]] = {n: [None] * len(seqs) for n in names}
     device = next(model.parameters()).device
     batches = length_batches([len(s) for s in seqs], batch_size)
@@ -146,26 +167,30 @@ def capture(
             tokens, mask = pad_left([seqs[i] for i in idx], pad_id)
             width = tokens.shape[1]
             _, cache = model.run_with_cache(
-                tokens.to(device), attention_mask=mask.to(device), names_filter=lambda n: n in names,
+                tokens.to(device), attention_mask=mask.to(device), names_filter=lambda n: n in cached,
                 stop_at_layer=stop, pos_slice=-1 if positions == "last" else None, return_type=None)
+            acts = {n: cache[n] for n in cached}
+            if FINAL_NORM in names:
+                acts[FINAL_NORM] = model.ln_final(cache[last_resid])
             for name in names:
-                act = cache[name]
+                act = acts[name]
                 for row, i in enumerate(idx):
-                    per_seq[name][i] = _select(act[row], positions, len(seqs[i]), width, out_device)
-            del cache
+                    picked = _select(act[row], positions, len(seqs[i]), width)
+                    per_seq[name][i] = (picked if reduce is None else reduce(name, picked)).to(out_device)
+            del cache, acts
     if positions == "last":
         return {n: torch.stack(v) for n, v in per_seq.items()}
     return per_seq
 
 
-def _select(act: Tensor, positions, length: int, width: int, out_device: str) -> Tensor:
-    """Pick positions of one left-padded row (`act` is [pos, ...] or [1, ...] for "last")."""
+def _select(act: Tensor, positions, length: int, width: int) -> Tensor:
+    """Pick positions of one left-padded row (`act` is [pos, ...] or [1, ...] for "last"), as float32."""
     if positions == "last":
-        return act[-1].float().to(out_device)
+        return act[-1].float()
     real = act[width - length:]
     if positions == "all":
-        return real.float().to(out_device)
-    return real[torch.as_tensor(list(positions(length)), dtype=torch.long)].float().to(out_device)
+        return real.float()
+    return real[torch.as_tensor(list(positions(length)), dtype=torch.long, device=act.device)].float()
 
 
 def last_token_resid(model, seqs: Sequence[Sequence[int]], hook_name: str, **kw) -> Float[Tensor, "n d"]:

@@ -1,0 +1,178 @@
+"""How much each attention head contributes to a linear readout (e.g. a probe) at the last token.
+
+Three estimates, all returned as `[n_layers, n_heads]` means over sequences, signed so that a
+negative value means the head pushes the readout down:
+- `projection_scores`: the head's output at the last position written through W_O, projected on
+  the readout direction (RefusalCliff's "Refusal Suppression Head" score, spec §6.1);
+- `gradient_scores`: gradient × activation of the readout logit w.r.t. the head's z at all
+  positions (attribution patching, first-order estimate of the head's total effect);
+- `causal_scores`: minus the change of the readout score when the head is zero-ablated alone
+  (one forward per head, heads batched as replicas).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import pandas as pd
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from interp.capture import capture, length_batches, pad_left, readout_point, sdpa_attention
+
+Readout = tuple[str, Tensor, float]  # (hook name, weight [d_model], bias)
+
+
+def _z_names(model) -> list[str]:
+    return [f"blocks.{layer}.attn.hook_z" for layer in range(model.cfg.n_layers)]
+
+
+def _layer_of(name: str) -> int:
+    return int(name.split(".")[1])
+
+
+def stacked_W_O(model) -> Float[Tensor, "layer head d_head d_model"]:
+    return torch.stack([block.attn.W_O.detach() for block in model.blocks])
+
+
+def projection_scores(model, seqs: Sequence[Sequence[int]], direction: Float[Tensor, "d_model"], *,
+                      batch_size: int = 8, progress: bool = True) -> Float[Tensor, "layer head"]:
+    """Mean over sequences of ⟨W_O[l,h]ᵀ z_{l,h,T}, w⟩ / ‖w‖ at the last token T (spec §6.1)."""
+    W_O = stacked_W_O(model).float()
+    w_hat = (direction / direction.norm()).float().to(W_O.device)
+    per_head_dir = torch.einsum("lhed,d->lhe", W_O, w_hat)  # [layer, head, d_head]
+
+    def project(name: str, z: Tensor) -> Tensor:
+        return torch.einsum("he,he->h", z.to(per_head_dir.device), per_head_dir[_layer_of(name)])
+
+    out = capture(model, seqs, _z_names(model), positions="last", batch_size=batch_size,
+                  progress=progress, reduce=project)
+    return torch.stack([out[n].mean(0) for n in _z_names(model)]).cpu()
+
+
+@contextlib.contextmanager
+def _frozen(model):
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def gradient_scores(model, seqs: Sequence[Sequence[int]], readout: Readout, *, batch_size: int = 8,
+                    progress: bool = True) -> Float[Tensor, "layer head"]:
+    """Mean over sequences of Σ_pos z_{l,h}·∂logit/∂z_{l,h}, logit = w·act_T + b at the readout hook."""
+    hook_name, weight, bias = readout
+    n_layers = model.cfg.n_layers
+    read_hook, stop, transform = readout_point(model, hook_name)
+    layers = range(n_layers if stop is None else min(stop, n_layers))
+    device = next(model.parameters()).device
+    total = torch.zeros(n_layers, model.cfg.n_heads)
+    for idx in tqdm(length_batches([len(s) for s in seqs], batch_size), desc="grad x act",
+                    disable=not progress, leave=False):
+        tokens, mask = pad_left([seqs[i] for i in idx], model.tokenizer.pad_token_id)
+        tokens, mask = tokens.to(device), mask.to(device)
+        saved: dict[str, Tensor] = {}
+
+        def keeper(name: str):
+            def keep(t, hook):
+                if not t.requires_grad:
+                    t = t.detach().requires_grad_(True)
+                saved[name] = t
+                return t
+            return keep
+
+        names = [f"blocks.{layer}.attn.hook_z" for layer in layers] + [read_hook]
+        hooks = [(name, keeper(name)) for name in names]
+        with _frozen(model), torch.enable_grad(), sdpa_attention(model):
+            model.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=hooks, return_type=None,
+                                 stop_at_layer=stop)
+            logit = transform(saved[read_hook][:, -1:])[:, 0].float() @ weight.float().to(device) + bias
+            zs = [saved[f"blocks.{layer}.attn.hook_z"] for layer in layers]
+            grads = torch.autograd.grad(logit.sum(), zs)
+        for layer, z, g in zip(layers, zs, grads):
+            contrib = (z.detach().float() * g.float()).sum(-1) * mask[:, :, None]  # [b, pos, head]
+            total[layer] += contrib.sum((0, 1)).cpu()
+    return total / len(seqs)
+
+
+@torch.no_grad()
+def causal_scores(model, seqs: Sequence[Sequence[int]], readout: Readout, *, batch_size: int = 8,
+                  progress: bool = True) -> Float[Tensor, "layer head"]:
+    """−(mean change of sigmoid(readout) at the last token) when each head alone is zero-ablated."""
+    hook_name, weight, bias = readout
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    stop = readout_point(model, hook_name)[1]
+    heads = [(layer, h) for layer in range(n_layers if stop is None else min(stop, n_layers)) for h in range(n_heads)]
+    device = next(model.parameters()).device
+    w = weight.float().to(device)
+    effect = torch.zeros(n_layers, n_heads)
+    per_pass = max(1, batch_size)
+    example_batches = [[i] for i in range(len(seqs))] if batch_size < 2 else \
+        length_batches([len(s) for s in seqs], max(1, batch_size // 4))
+    bar = tqdm(total=len(example_batches) * len(heads), desc="causal scan", disable=not progress, leave=False)
+    for idx in example_batches:
+        tokens, mask = pad_left([seqs[i] for i in idx], model.tokenizer.pad_token_id)
+        b = len(idx)
+        score = lambda t, m, hooks: torch.sigmoid(_last_readout(model, t, m, hooks, hook_name) @ w + bias)
+        base = score(tokens.to(device), mask.to(device), [])
+        chunk = max(1, per_pass // b) if b <= per_pass else 1
+        for start in range(0, len(heads), chunk):
+            group = heads[start:start + chunk]
+            k = len(group)
+            rep_tokens, rep_mask = tokens.repeat(k, 1).to(device), mask.repeat(k, 1).to(device)
+            hooks = []
+            for layer in sorted({layer for layer, _ in group}):
+                rows = [(j, h) for j, (l2, h) in enumerate(group) if l2 == layer]
+                hooks.append((f"blocks.{layer}.attn.hook_z", _replica_zero(rows, b)))
+            ablated = score(rep_tokens, rep_mask, hooks).view(k, b)
+            for j, (layer, h) in enumerate(group):
+                effect[layer, h] += (ablated[j] - base).sum().cpu()
+            bar.update(k)
+    bar.close()
+    return -effect / len(seqs)
+
+
+def _replica_zero(rows: list[tuple[int, int]], b: int):
+    def hook(z, hook):
+        z = z.clone()
+        for j, h in rows:
+            z[j * b:(j + 1) * b, :, h] = 0.0
+        return z
+    return hook
+
+
+def _last_readout(model, tokens, mask, hooks, hook_name) -> Tensor:
+    read_hook, stop, transform = readout_point(model, hook_name)
+    saved = {}
+
+    def keep(t, hook):
+        saved["x"] = t[:, -1:]
+
+    with sdpa_attention(model):
+        model.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=hooks + [(read_hook, keep)],
+                             return_type=None, stop_at_layer=stop)
+    return transform(saved["x"])[:, 0].float()
+
+
+def ranking(scores: Float[Tensor, "layer head"]) -> list[dict]:
+    """All heads sorted ascending by score (most negative = most suppressive first)."""
+    n_layers, n_heads = scores.shape
+    rows = [{"layer": layer, "head": h, "score": float(scores[layer, h])}
+            for layer in range(n_layers) for h in range(n_heads)]
+    return sorted(rows, key=lambda r: (r["score"], r["layer"], r["head"]))
+
+
+def rankings_table(rankings: dict[str, list[dict]]) -> pd.DataFrame:
+    """One row per head with each method's score and rank, side by side."""
+    frames = []
+    for method, rows in rankings.items():
+        df = pd.DataFrame(rows).assign(rank=lambda d: range(1, len(d) + 1))
+        frames.append(df.set_index(["layer", "head"]).add_prefix(f"{method}_"))
+    return pd.concat(frames, axis=1).reset_index()

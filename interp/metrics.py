@@ -1,0 +1,75 @@
+"""Per-sequence score summaries: plateau/cliff metrics and curve aggregation without padding artefacts."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+def cliff_metrics(scores: Tensor, span: tuple[int, int], robust_k: int = 32, drop_window: int = 8) -> dict[str, float]:
+    """Refusal-cliff summaries of one sequence's per-token scores (spec §5).
+
+    plateau over `span` (the thinking tokens; the whole sequence but the last token when empty):
+    `plateau_max` (paper's MS uses it), `plateau_mean`, `plateau_robust` (mean of the last
+    `robust_k` span tokens); `rs_final` = score at the last token; `cliff = plateau_max − rs_final`,
+    `cliff_robust = plateau_robust − rs_final`; `drop_position` = offset from the end (−1 = last
+    token) of the steepest one-step fall within the last `drop_window` tokens.
+    """
+    s = scores.float()
+    start, end = span
+    if end <= start:
+        start, end = 0, max(1, len(s) - 1)
+    plateau = s[start:end]
+    final = float(s[-1])
+    robust = float(plateau[-robust_k:].mean())
+    tail = s[-(drop_window + 1):]
+    drop = int(torch.argmin(tail[1:] - tail[:-1])) - (len(tail) - 1) if len(tail) > 1 else -1
+    return {
+        "plateau_max": float(plateau.max()),
+        "plateau_mean": float(plateau.mean()),
+        "plateau_robust": robust,
+        "rs_final": final,
+        "cliff": float(plateau.max()) - final,
+        "cliff_robust": robust - final,
+        "drop_position": drop,
+    }
+
+
+def interpolate_curve(scores: Tensor, n_bins: int = 100) -> np.ndarray:
+    """Resample one sequence's scores onto `n_bins` evenly spaced normalised positions (0..1)."""
+    y = scores.float().cpu().numpy()
+    if len(y) == 1:
+        return np.full(n_bins, y[0])
+    return np.interp(np.linspace(0, 1, n_bins), np.linspace(0, 1, len(y)), y)
+
+
+def mean_interpolated(curves: Sequence[Tensor], n_bins: int = 100) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard error over sequences of per-sequence interpolated curves."""
+    stack = np.stack([interpolate_curve(c, n_bins) for c in curves])
+    return stack.mean(0), stack.std(0, ddof=1) / np.sqrt(len(stack)) if len(stack) > 1 else np.zeros(n_bins)
+
+
+def mean_tail(curves: Sequence[Tensor], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean of the last `k` raw scores, aligned at the final token (masked: shorter sequences
+    contribute only where they have tokens). Index k−1 is the last token."""
+    values = np.full((len(curves), k), np.nan)
+    for i, c in enumerate(curves):
+        tail = c.float().cpu().numpy()[-k:]
+        values[i, k - len(tail):] = tail
+    counts = np.sum(~np.isnan(values), 0)
+    mean = np.nanmean(values, 0)
+    std = np.nanstd(values, 0, ddof=1) if len(curves) > 1 else np.zeros(k)
+    return mean, np.where(counts > 1, std / np.sqrt(np.maximum(counts, 1)), 0.0)
+
+
+def reference_aggregate(curves: Sequence[Tensor], n_bins: int = 100) -> np.ndarray:
+    """The RefusalCliff figure code (spec §4): tail-align with zero left-padding, average, then
+    resample to `n_bins`. The zero padding drags early bins down; offered for comparison only."""
+    width = max(len(c) for c in curves)
+    padded = np.zeros((len(curves), width))
+    for i, c in enumerate(curves):
+        padded[i, width - len(c):] = c.float().cpu().numpy()
+    return interpolate_curve(torch.from_numpy(padded.mean(0)), n_bins)
