@@ -100,14 +100,15 @@ def write_tiny_checkpoint(
 ) -> Path:
     """Save a random-weight `arch` model (safetensors) with tokenizer and chat template to `path`.
 
-    `d_model` must differ from the vocabulary size (TransformerLens mis-centres square unembeddings).
+    The embedding has max(`vocab_size`, tokenizer size) rows (extra rows are unused, as in real
+    padded vocabularies). `d_model` must differ from it (TransformerLens mis-centres square unembeddings).
     """
     from transformers import AutoModelForCausalLM
 
     if arch not in ARCHITECTURES:
         raise ValueError(f"arch must be one of {ARCHITECTURES}, got {arch!r}")
-    tokenizer = build_tokenizer(vocab_size)
-    vocab = len(tokenizer)
+    tokenizer = build_tokenizer(min(vocab_size, 512))
+    vocab = max(len(tokenizer), vocab_size)
     if vocab == d_model:
         raise ValueError("d_model must differ from the vocabulary size")
     config = _config(arch, vocab, d_model, n_layers, n_heads, n_kv_heads, d_mlp, max_len,

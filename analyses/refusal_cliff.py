@@ -1,0 +1,545 @@
+"""Refusal Cliff (Yin et al., 2025): a linear refusal probe over every token of a reasoning trace.
+
+The probe's refusal score stays high while the model thinks about a harmful request and drops at
+the closing `</think>` marker when the model complies anyway (the "cliff"). Heads that push the
+score down at the last token are ranked three ways, ablated, and compared with random heads.
+Method note: shared/specs/refusal_cliff.md (section numbers below refer to it).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from interp.capture import capture
+from interp.chat import has_thinking_tokens, prompt_sequence, split_thinking, thinking_sequence
+from interp.datasets import Rollout, load_prompts, load_rollouts
+from interp.errors import UserError
+from interp.generation import generate
+from interp.heads import causal_scores, gradient_scores, projection_scores, ranking, rankings_table
+from interp.interventions import ablate_heads
+from interp.judges import JBB_REFUSAL_PREFIXES, REFUSALCLIFF_WORDS, is_refusal
+from interp.metrics import cliff_metrics, mean_interpolated, mean_tail, reference_aggregate
+from interp.models import model_info
+from interp.outputs import environment_info
+from interp.probes import LogisticProbe, train_logistic_probe
+
+GROUPS = ("refused_harmful", "complied_harmful", "harmless")
+HEAD_METHODS = ("projection", "attribution", "causal")
+PROBE_MODES = ("last_token", "thinking_span")
+
+
+@dataclass
+class Config:
+    """Defaults follow the paper's code unless a comment says otherwise."""
+
+    harmful: str = "builtin-harmful"  # paper: walledai/AdvBench (§4)
+    harmless: str = "builtin-harmless"  # paper: first 256 of UltraChat test_sft (§4)
+    rollouts: str | None = None  # JSONL of prompt/thinking/response[/kind]; skips generation
+    limit: int | None = None  # prompts per set
+    max_new_tokens: int = 256  # paper 8192 (§1); raise it for real reasoning models
+    temperature: float = 0.0  # paper samples at T=0.7 (§1); greedy by default for reproducibility
+    batch_size: int = 8
+    seed: int = 42  # probe split seed (§4)
+    probe_layer: int | None = None  # HF hidden_states index; None = final-norm output (§4)
+    probe_mode: str = "last_token"  # paper (§4); "thinking_span" labels every thinking token
+    per_layer_probes: bool = False  # a probe per layer, each scored on its own layer ([I] §4)
+    thinking_prefix: str = "\n\n"  # added after the template in the probe code (§3)
+    max_items_per_class: int = 200  # §4
+    probe_epochs: int = 5  # §4
+    probe_lr: float = 1e-3  # §4
+    probe_batch_size: int = 64  # §4
+    span_positions_per_example: int = 64  # thinking_span mode: positions sampled per example
+    refusal_phrases: str = "jbb"  # "jbb" (Arditi, anywhere) | "refusalcliff" (56 words, first 32 chars)
+    min_thinking_chars: int = 10  # positives need len(thinking) > 10 (§4)
+    robust_k: int = 32  # plateau_robust = mean of the last K thinking tokens (§5)
+    tail_tokens: int = 16
+    n_bins: int = 100
+    curve_method: str = "interpolate"  # or "reference": zero-padded tail-aligned mean (§4 figure code)
+    head_method: str = "projection"  # ranking the ablation sweep uses (§6.1); attribution | causal
+    head_methods: tuple[str, ...] = HEAD_METHODS  # rankings computed and reported side by side
+    ablation_fractions: tuple[float, ...] = (0.015, 0.03, 0.10)  # §6.2
+    ablation_rescale: str = "frobenius"  # paper (§6.2); "per_token" or "none" (plain zeroing)
+    asr_limit: int | None = None  # harmful prompts regenerated per ablation setting (None: all)
+    judge_rank: str = "cliff"  # Cliff-as-a-Judge: paper's MS ("cliff") or code's ascending "rs_final" (§8)
+    judge_top_k: int = 20
+    progress: bool = True
+
+    def validate(self, n_layers: int) -> None:
+        checks = [
+            (self.probe_mode in PROBE_MODES, f"probe_mode must be one of {PROBE_MODES}"),
+            (self.head_method in HEAD_METHODS, f"head_method must be one of {HEAD_METHODS}"),
+            (set(self.head_methods) <= set(HEAD_METHODS), f"head_methods must be within {HEAD_METHODS}"),
+            (self.refusal_phrases in ("jbb", "refusalcliff"), "refusal_phrases must be jbb or refusalcliff"),
+            (self.curve_method in ("interpolate", "reference"), "curve_method must be interpolate or reference"),
+            (self.judge_rank in ("cliff", "rs_final"), "judge_rank must be cliff or rs_final"),
+            (self.ablation_rescale in ("frobenius", "per_token", "none"), "ablation_rescale must be frobenius, per_token or none"),
+            (all(0 < f <= 1 for f in self.ablation_fractions), "ablation fractions must be in (0, 1]"),
+            (self.probe_layer is None or 0 <= self.probe_layer <= n_layers,
+             f"probe_layer {self.probe_layer} is out of range: the model has {n_layers} layers, use 0..{n_layers}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+
+
+@dataclass
+class Example:
+    prompt: str
+    thinking: str
+    response: str
+    kind: str
+    refused: bool
+    group: str
+    input_ids: list[int]
+    span: tuple[int, int]
+    scores: torch.Tensor | None = None
+    metrics: dict = field(default_factory=dict)
+
+
+@dataclass
+class Result:
+    config: Config
+    model: dict
+    probe: dict
+    examples: list[Example]
+    cliff: dict
+    curves: pd.DataFrame
+    tail: pd.DataFrame
+    heads: list[dict]
+    head_rankings: dict[str, list[dict]]
+    ablation: list[dict]
+    ablation_baseline: dict
+    judge_ranking: list[dict]
+    per_layer: list[dict]
+    environment: dict
+
+    def to_dict(self) -> dict:
+        """The `results.json` content."""
+        return {
+            "analysis": "refusal_cliff",
+            "model": self.model,
+            "environment": self.environment,
+            "config": asdict(self.config),
+            "probe": self.probe,
+            "cliff": self.cliff,
+            "heads": self.heads,
+            "head_rankings": self.head_rankings,
+            "ablation": self.ablation,
+            "ablation_baseline": self.ablation_baseline,
+            "cliff_as_a_judge": self.judge_ranking,
+            "per_layer_probes": self.per_layer,
+            "n_examples": {g: sum(e.group == g for e in self.examples) for g in GROUPS},
+        }
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        return {
+            "examples": examples_table(self.examples),
+            "curves": self.curves,
+            "tail": self.tail,
+            "head_rankings": rankings_table(self.head_rankings),
+            "ablation": pd.DataFrame(self.ablation),
+        }
+
+
+def examples_table(examples: list[Example]) -> pd.DataFrame:
+    rows = [{"prompt": e.prompt, "kind": e.kind, "group": e.group, "refused": e.refused,
+             "n_tokens": len(e.input_ids), "thinking_tokens": e.span[1] - e.span[0], **e.metrics}
+            for e in examples]
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------- rollouts and labels
+
+def _phrases(config: Config) -> tuple[tuple[str, ...], int | None, bool]:
+    if config.refusal_phrases == "refusalcliff":
+        return tuple(REFUSALCLIFF_WORDS), 32, True  # §8.3: first 32 characters, case-sensitive
+    return JBB_REFUSAL_PREFIXES, None, False
+
+
+def is_refused(response: str, config: Config) -> bool:
+    phrases, first_chars, case_sensitive = _phrases(config)
+    return is_refusal(response, phrases, first_chars=first_chars, case_sensitive=case_sensitive)
+
+
+def collect_rollouts(model, config: Config) -> list[Rollout]:
+    """Rollouts from `config.rollouts` (missing kind → harmful; harmless generated if absent) or
+    generated on the harmful and harmless prompt sets."""
+    rollouts = load_rollouts(config.rollouts) if config.rollouts else []
+    for r in rollouts:
+        r.kind = r.kind or "harmful"
+        if r.kind not in ("harmful", "harmless"):
+            raise UserError(f"rollout kind must be 'harmful' or 'harmless', got {r.kind!r}")
+    kinds = {r.kind for r in rollouts}
+    for kind, spec in (("harmful", config.harmful), ("harmless", config.harmless)):
+        if kind in kinds:
+            continue
+        prompts = load_prompts(spec, limit=config.limit)
+        texts = generate(model, prompts, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                         seed=config.seed, batch_size=config.batch_size, progress=config.progress)
+        for prompt, text in zip(prompts, texts):
+            thinking, response = split_thinking(text)
+            rollouts.append(Rollout(prompt, thinking, response, kind))
+    return rollouts
+
+
+def build_examples(model, rollouts: list[Rollout], config: Config) -> list[Example]:
+    tok = model.tokenizer
+    thinking_model = has_thinking_tokens(tok)
+    examples = []
+    for r in rollouts:
+        enc = (thinking_sequence(tok, r.prompt, r.thinking, thinking_prefix=config.thinking_prefix)
+               if thinking_model else prompt_sequence(tok, r.prompt))
+        refused = is_refused(r.response, config)
+        group = "harmless" if r.kind == "harmless" else ("refused_harmful" if refused else "complied_harmful")
+        examples.append(Example(r.prompt, r.thinking, r.response, r.kind, refused, group, enc.input_ids, enc.span))
+    return examples
+
+
+# ---------------------------------------------------------------- probe
+
+def probe_hook(layer: int | None, n_layers: int) -> str:
+    """HF hidden_states[layer] as a bridge hook: L (or None) → final norm output, l → resid_pre of block l."""
+    if layer is None or layer == n_layers:
+        return "ln_final.hook_out"
+    return "hook_embed" if layer == 0 else f"blocks.{layer - 1}.hook_resid_post"
+
+
+def _training_sets(examples: list[Example], config: Config) -> tuple[list[Example], list[Example]]:
+    rng = random.Random(config.seed)
+    pos = [e for e in examples if e.group == "refused_harmful" and
+           (len(e.thinking) > config.min_thinking_chars or e.span[1] == e.span[0])]
+    neg = [e for e in examples if e.group == "harmless" and not e.refused]
+    pos = rng.sample(pos, min(len(pos), config.max_items_per_class))
+    neg = rng.sample(neg, min(len(neg), config.max_items_per_class))
+    if len(pos) < 2 or len(neg) < 2:
+        raise UserError(f"the probe needs at least 2 refused-harmful and 2 complied-harmless rollouts; "
+                        f"got {len(pos)} and {len(neg)} (use more prompts, or pass --rollouts)")
+    return pos, neg
+
+
+def _span_positions(e: Example, k: int):
+    """Up to k evenly spaced thinking positions plus the last token."""
+    start, end = e.span
+    picks = np.unique(np.linspace(start, max(start, end - 1), num=min(k, max(1, end - start))).round().astype(int))
+    return lambda length: sorted(set(picks.tolist()) | {length - 1}) if end > start else [length - 1]
+
+
+def train_probe(model, examples: list[Example], config: Config, hook: str) -> LogisticProbe:
+    pos, neg = _training_sets(examples, config)
+    train = pos + neg
+    labels = [1] * len(pos) + [0] * len(neg)
+    kw = dict(batch_size=config.batch_size, progress=config.progress)
+    if config.probe_mode == "last_token":
+        X = capture(model, [e.input_ids for e in train], [hook], positions="last", **kw)[hook]
+        y, groups = torch.tensor(labels), None
+    else:
+        feats, ys, gs = [], [], []
+        for i, e in enumerate(train):  # one capture per example keeps its own position set
+            acts = capture(model, [e.input_ids], [hook], positions=_span_positions(e, config.span_positions_per_example),
+                           batch_size=1, progress=False)[hook][0]
+            feats.append(acts)
+            ys += [labels[i]] * len(acts)
+            gs += [i] * len(acts)
+        X, y, groups = torch.cat(feats), torch.tensor(ys), torch.tensor(gs)
+    return train_logistic_probe(X, y, epochs=config.probe_epochs, lr=config.probe_lr,
+                                batch_size=config.probe_batch_size, seed=config.seed, groups=groups)
+
+
+def score_examples(model, examples: list[Example], probes: dict[str, LogisticProbe], config: Config) -> dict[str, list[torch.Tensor]]:
+    """Probe score at every token of every example, for each (hook → probe); only scores are kept."""
+    out = capture(model, [e.input_ids for e in examples], list(probes), positions="all",
+                  batch_size=config.batch_size, progress=config.progress,
+                  reduce=lambda name, acts: probes[name].scores(acts))
+    return out
+
+
+def probe_summary(probe: LogisticProbe, hook: str, layer: int, config: Config) -> dict:
+    return {"layer": layer, "hook": hook, "mode": config.probe_mode, "val_accuracy": probe.val_accuracy,
+            "train_accuracy": probe.train_accuracy, "n_train": probe.n_train, "n_val": probe.n_val,
+            "val_is_train": probe.val_is_train, "best_epoch": probe.best_epoch, "bias": probe.bias,
+            "weight_norm": float(probe.weight.norm())}
+
+
+# ---------------------------------------------------------------- cliff summaries
+
+def group_means(examples: list[Example]) -> dict:
+    keys = ("plateau_max", "plateau_mean", "plateau_robust", "rs_final", "cliff", "cliff_robust")
+    out = {}
+    for g in GROUPS:
+        members = [e for e in examples if e.group == g]
+        out[g] = {"n": len(members), **{k: (float(np.mean([e.metrics[k] for e in members])) if members else None)
+                                         for k in keys}}
+    return out
+
+
+def curve_tables(examples: list[Example], config: Config) -> tuple[pd.DataFrame, pd.DataFrame]:
+    curves, tails = [], []
+    x = np.linspace(0, 100, config.n_bins)
+    for g in GROUPS:
+        seqs = [e.scores for e in examples if e.group == g]
+        if not seqs:
+            continue
+        if config.curve_method == "reference":
+            mean, se = reference_aggregate(seqs, config.n_bins), np.zeros(config.n_bins)
+        else:
+            mean, se = mean_interpolated(seqs, config.n_bins)
+        curves.append(pd.DataFrame({"group": g, "position": x, "mean": mean, "se": se}))
+        tmean, tse = mean_tail(seqs, config.tail_tokens)
+        offsets = np.arange(-config.tail_tokens, 0) + 1
+        tails.append(pd.DataFrame({"group": g, "offset": offsets, "mean": tmean, "se": tse}))
+    return pd.concat(curves, ignore_index=True), pd.concat(tails, ignore_index=True)
+
+
+# ---------------------------------------------------------------- heads and ablation
+
+def find_heads(model, examples: list[Example], probe: LogisticProbe, hook: str, config: Config) -> dict[str, list[dict]]:
+    """All heads ranked by each method on the harmful examples (spec §6.1: AdvBench + own thinking)."""
+    seqs = [e.input_ids for e in examples if e.kind == "harmful"]
+    readout = (hook, probe.weight, probe.bias)
+    kw = dict(batch_size=config.batch_size, progress=config.progress)
+    methods = {"projection": lambda: projection_scores(model, seqs, probe.weight, **kw),
+               "attribution": lambda: gradient_scores(model, seqs, readout, **kw),
+               "causal": lambda: causal_scores(model, seqs, readout, **kw)}
+    wanted = dict.fromkeys((*config.head_methods, config.head_method))
+    return {m: ranking(methods[m]()) for m in wanted}
+
+
+def final_scores(model, examples: list[Example], probe: LogisticProbe, hook: str, config: Config) -> torch.Tensor:
+    seqs = [e.input_ids for e in examples]
+    acts = capture(model, seqs, [hook], positions="last", batch_size=config.batch_size,
+                   progress=False, fast_attention=True)[hook]
+    return probe.scores(acts)
+
+
+def attack_success_rate(model, prompts: list[str], config: Config) -> float:
+    texts = generate(model, prompts, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                     seed=config.seed, batch_size=config.batch_size, progress=config.progress)
+    return float(np.mean([not is_refused(split_thinking(t)[1], config) for t in texts]))
+
+
+def ablation_sweep(model, examples: list[Example], probe: LogisticProbe, hook: str, ranked: list[dict],
+                   config: Config) -> tuple[list[dict], dict]:
+    """Top-ranked vs equally many random heads: final refusal score and regenerated ASR (spec §6.2)."""
+    harmful = [e for e in examples if e.kind == "harmful"]
+    prompts = list(dict.fromkeys(e.prompt for e in harmful))[: config.asr_limit]
+    total = model.cfg.n_layers * model.cfg.n_heads
+    rng = random.Random(config.seed)
+    baseline = {"rs_final": float(final_scores(model, harmful, probe, hook, config).mean()),
+                "asr": attack_success_rate(model, prompts, config)}
+    rows = []
+    for fraction in config.ablation_fractions:
+        n = max(1, round(fraction * total))
+        selections = {"top": [(h["layer"], h["head"]) for h in ranked[:n]],
+                      "random": [(h["layer"], h["head"]) for h in rng.sample(ranked, n)]}
+        for selection, heads in selections.items():
+            with ablate_heads(model, heads, rescale=config.ablation_rescale):
+                rs = float(final_scores(model, harmful, probe, hook, config).mean())
+                asr = attack_success_rate(model, prompts, config)
+            rows.append({"fraction": fraction, "n_heads": n, "selection": selection, "rs_final": rs,
+                         "asr": asr, "heads": [list(h) for h in heads]})
+    return rows, baseline
+
+
+def cliff_as_a_judge(examples: list[Example], config: Config) -> list[dict]:
+    """Harmful-but-complied examples ranked by cliff (paper's MS) or by ascending final score (code)."""
+    bad = [e for e in examples if e.group == "complied_harmful"]
+    key = (lambda e: -e.metrics["cliff"]) if config.judge_rank == "cliff" else (lambda e: e.metrics["rs_final"])
+    return [{"prompt": e.prompt, "thinking": e.thinking, "response": e.response,
+             **{k: e.metrics[k] for k in ("cliff", "rs_final", "plateau_max")}}
+            for e in sorted(bad, key=key)[: config.judge_top_k]]
+
+
+# ---------------------------------------------------------------- run
+
+def run(model, config: Config | None = None) -> Result:
+    """Roll out, probe, score every token, rank heads, ablate, and rank jailbreaks by cliff."""
+    config = config or Config()
+    n_layers = model.cfg.n_layers
+    config.validate(n_layers)
+    examples = build_examples(model, collect_rollouts(model, config), config)
+    layer = n_layers if config.probe_layer is None else config.probe_layer
+    hook = probe_hook(layer, n_layers)
+    probe = train_probe(model, examples, config, hook)
+    probes = {hook: probe}
+    per_layer = []
+    if config.per_layer_probes:
+        for l in range(1, n_layers + 1):
+            h = probe_hook(l, n_layers)
+            probes.setdefault(h, train_probe(model, examples, config, h))
+    scored = score_examples(model, examples, probes, config)
+    for i, e in enumerate(examples):
+        e.scores = scored[hook][i]
+        e.metrics = cliff_metrics(e.scores, e.span, config.robust_k)
+    if config.per_layer_probes:
+        for l in range(1, n_layers + 1):
+            h = probe_hook(l, n_layers)
+            metrics = [cliff_metrics(scored[h][i], e.span, config.robust_k) for i, e in enumerate(examples)]
+            row = {"layer": l, "val_accuracy": probes[h].val_accuracy}
+            for g in GROUPS:
+                ms = [m for m, e in zip(metrics, examples) if e.group == g]
+                for k in ("plateau_max", "rs_final", "cliff"):
+                    row[f"{g}_{k}"] = float(np.mean([m[k] for m in ms])) if ms else None
+            per_layer.append(row)
+    curves, tail = curve_tables(examples, config)
+    rankings = find_heads(model, examples, probe, hook, config)
+    ranked = rankings[config.head_method]
+    ablation, baseline = ablation_sweep(model, examples, probe, hook, ranked, config)
+    info = model_info(model).to_dict()
+    return Result(config=config, model=info, probe=probe_summary(probe, hook, layer, config), examples=examples,
+                  cliff=group_means(examples), curves=curves, tail=tail, heads=ranked, head_rankings=rankings,
+                  ablation=ablation, ablation_baseline=baseline, judge_ranking=cliff_as_a_judge(examples, config),
+                  per_layer=per_layer, environment=environment_info())
+
+
+def write_extras(result: Result, out_dir: Path) -> None:
+    """Cliff-as-a-Judge selection as JSONL (prompt, thinking, response, cliff, rs_final, plateau_max)."""
+    with open(Path(out_dir) / "cliff_as_a_judge.jsonl", "w", encoding="utf-8") as f:
+        for row in result.judge_ranking:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+# ---------------------------------------------------------------- figures and report
+
+GROUP_COLOURS = {"refused_harmful": "#1f77b4", "complied_harmful": "#d62728", "harmless": "#2ca02c"}
+
+
+def _band(fig, df: pd.DataFrame, x: str, group: str) -> None:
+    import plotly.graph_objects as go
+
+    colour = GROUP_COLOURS[group]
+    fig.add_trace(go.Scatter(x=df[x], y=df["mean"], name=group.replace("_", " "), mode="lines+markers" if x == "offset" else "lines",
+                             line=dict(color=colour)))
+    fig.add_trace(go.Scatter(x=list(df[x]) + list(df[x])[::-1], y=list(df["mean"] + df["se"]) + list(df["mean"] - df["se"])[::-1],
+                             fill="toself", fillcolor=colour, opacity=0.15, line=dict(width=0), showlegend=False, hoverinfo="skip"))
+
+
+def curve_figure(curves: pd.DataFrame, method: str):
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for group, df in curves.groupby("group", sort=False):
+        _band(fig, df, "position", group)
+    fig.add_vrect(x0=95, x1=100, fillcolor="grey", opacity=0.15, line_width=0)
+    fig.update_layout(title=f"Mean refusal score along the sequence ({method}, ±1 s.e.)",
+                      xaxis_title="normalised position (%)", yaxis_title="refusal score", yaxis_range=[0, 1])
+    return fig
+
+
+def tail_figure(tail: pd.DataFrame):
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for group, df in tail.groupby("group", sort=False):
+        _band(fig, df, "offset", group)
+    fig.update_layout(title="The last tokens (0 = final token, where the response starts)",
+                      xaxis_title="token offset from the end", yaxis_title="refusal score", yaxis_range=[0, 1])
+    return fig
+
+
+def head_heatmap(ranked: list[dict], n_layers: int, n_heads: int, method: str):
+    import plotly.graph_objects as go
+
+    grid = np.zeros((n_layers, n_heads))
+    for row in ranked:
+        grid[row["layer"], row["head"]] = row["score"]
+    bound = float(np.abs(grid).max()) or 1.0
+    fig = go.Figure(go.Heatmap(z=grid, colorscale="RdBu", zmin=-bound, zmax=bound,
+                               colorbar=dict(title="score"), hovertemplate="layer %{y} head %{x}: %{z:.4g}<extra></extra>"))
+    fig.update_layout(title=f"Head scores ({method}; negative = suppresses refusal)",
+                      xaxis_title="head", yaxis_title="layer")
+    return fig
+
+
+def ablation_figure(ablation: list[dict], baseline: dict):
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    df = pd.DataFrame(ablation)
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("final refusal score (harmful)", "attack success rate"))
+    for col, metric in enumerate(("rs_final", "asr"), start=1):
+        for selection, colour in (("top", "#d62728"), ("random", "#7f7f7f")):
+            part = df[df.selection == selection]
+            fig.add_trace(go.Bar(x=[f"{f:.1%} ({n})" for f, n in zip(part.fraction, part.n_heads)], y=part[metric],
+                                 name=f"{selection} heads", marker_color=colour, showlegend=col == 1), row=1, col=col)
+        fig.add_hline(y=baseline[metric], line_dash="dash", annotation_text="no ablation", row=1, col=col)
+    fig.update_layout(title="Ablating the ranked heads vs the same number of random heads", barmode="group")
+    return fig
+
+
+def _pick_example(examples: list[Example]) -> Example:
+    for group in ("complied_harmful", "refused_harmful", "harmless"):
+        members = [e for e in examples if e.group == group]
+        if members:
+            return max(members, key=lambda e: e.metrics["cliff"])
+    raise ValueError("no examples")
+
+
+def build_report(result: Result, tokenizer=None):
+    """The HTML report: headline numbers, curves, tail, one example's tokens, heads, ablation, tables."""
+    from interp.report import Report
+
+    info, cfg = result.model, result.config
+    rep = Report(title=f"refusal_cliff — {info['name']}")
+    if info.get("random_weights"):
+        rep.add_notice("This model has random weights: it was built by the package, not trained. "
+                       "Nothing below says anything about a real model; it only shows the pipeline working.",
+                       level="warning")
+    c = result.cliff
+    headline = {"probe": f"{result.probe['mode']} at layer {result.probe['layer']} ({result.probe['hook']})",
+                "probe val accuracy": result.probe["val_accuracy"]}
+    for g in GROUPS:
+        if c[g]["n"]:
+            headline[f"cliff, {g.replace('_', ' ')} (n={c[g]['n']})"] = c[g]["cliff"]
+    headline["head ranking used"] = cfg.head_method
+    rep.add_metrics(headline)
+    rep.add_heading("Refusal score along the reasoning trace")
+    rep.add_paragraph("A logistic probe trained on refused harmful vs complied harmless rollouts scores every token of "
+                      "template + thinking + closing marker. Groups: refused harmful, complied harmful (the "
+                      "jailbreak successes, where the paper's cliff lives) and harmless. cliff = max over the "
+                      "thinking span − score at the final token.")
+    rep.add_figure(curve_figure(result.curves, cfg.curve_method))
+    rep.add_figure(tail_figure(result.tail))
+    rep.add_table(pd.DataFrame(c).T.reset_index(names="group"), caption="Group means")
+    example = _pick_example(result.examples)
+    if tokenizer is not None and example.scores is not None:
+        tokens = [tokenizer.decode([t]) for t in example.input_ids]
+        rep.add_token_view(tokens, example.scores.tolist(),
+                           caption=f"Refusal score per token: the {example.group.replace('_', ' ')} example with the "
+                                   f"largest cliff ({example.metrics['cliff']:.3f})")
+    rep.add_heading("Refusal-suppression heads")
+    rep.add_paragraph("Each method's score estimates a head's contribution to the probe at the final token; "
+                      "negative = pushes the refusal score down. projection: head output via W_O onto the probe "
+                      "direction at the last position (paper). attribution: gradient × activation over all positions. "
+                      "causal: −Δ score when the head alone is zero-ablated.")
+    for method, ranked in result.head_rankings.items():
+        rep.add_figure(head_heatmap(ranked, info["n_layers"], info["n_heads"], method))
+    top = rankings_table(result.head_rankings)
+    rep.add_table(top.sort_values(f"{cfg.head_method}_rank").head(20), caption="Top 20 heads (all methods side by side)")
+    rep.add_heading("Ablation")
+    rep.add_paragraph(f"Heads ranked by '{cfg.head_method}' are zero-ablated at every position (rescale: "
+                      f"{cfg.ablation_rescale}) while scoring and while regenerating; the control ablates equally many "
+                      "random heads. ASR = share of harmful prompts whose regenerated response is not a refusal "
+                      "(keyword judge).")
+    rep.add_figure(ablation_figure(result.ablation, result.ablation_baseline))
+    rep.add_table(pd.DataFrame(result.ablation).drop(columns="heads"), caption="Ablation results")
+    if result.per_layer:
+        rep.add_heading("Per-layer probes")
+        rep.add_table(pd.DataFrame(result.per_layer), caption="A probe trained and applied at each layer")
+    rep.add_heading("Cliff-as-a-Judge")
+    rep.add_paragraph(f"Harmful prompts the model complied with, ranked by {cfg.judge_rank}; the top ones are the "
+                      "candidates for safety fine-tuning (cliff_as_a_judge.jsonl).")
+    if result.judge_ranking:
+        rep.add_table(pd.DataFrame(result.judge_ranking)[["prompt", "cliff", "rs_final", "plateau_max", "response"]],
+                      caption="Top complied-harmful examples")
+    else:
+        rep.add_paragraph("No harmful prompt was complied with.")
+    rep.add_heading("Run")
+    rep.add_config({"model": info, "config": asdict(cfg), "environment": result.environment})
+    return rep
