@@ -119,6 +119,7 @@ class Result:
     judge_ranking: list[dict]
     per_layer: list[dict]
     environment: dict
+    linear_probe: LogisticProbe  # the trained probe itself (weights), for reuse in Python
 
     def to_dict(self) -> dict:
         """The `results.json` content."""
@@ -395,7 +396,7 @@ def run(model, config: Config | None = None) -> Result:
     return Result(config=config, model=info, probe=probe_summary(probe, hook, layer, config), examples=examples,
                   cliff=group_means(examples), curves=curves, tail=tail, heads=ranked, head_rankings=rankings,
                   ablation=ablation, ablation_baseline=baseline, judge_ranking=cliff_as_a_judge(examples, config),
-                  per_layer=per_layer, environment=environment_info())
+                  per_layer=per_layer, environment=environment_info(), linear_probe=probe)
 
 
 def write_extras(result: Result, out_dir: Path) -> None:
