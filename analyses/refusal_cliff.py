@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from interp.capture import capture
+from interp.capture import capture, check_context
 from interp.chat import has_thinking_tokens, prompt_sequence, split_thinking, thinking_sequence
 from interp.datasets import Rollout, load_prompts, load_rollouts
 from interp.errors import UserError
@@ -71,7 +71,8 @@ class Config:
     judge_top_k: int = 20
     progress: bool = True
 
-    def validate(self, n_layers: int) -> None:
+    def validate(self, n_layers: int | None = None) -> None:
+        """Raise UserError for invalid options (layer ranges only when `n_layers` is known)."""
         checks = [
             (self.probe_mode in PROBE_MODES, f"probe_mode must be one of {PROBE_MODES}"),
             (self.head_method in HEAD_METHODS, f"head_method must be one of {HEAD_METHODS}"),
@@ -81,7 +82,7 @@ class Config:
             (self.judge_rank in ("cliff", "rs_final"), "judge_rank must be cliff or rs_final"),
             (self.ablation_rescale in ("frobenius", "per_token", "none"), "ablation_rescale must be frobenius, per_token or none"),
             (all(0 < f <= 1 for f in self.ablation_fractions), "ablation fractions must be in (0, 1]"),
-            (self.probe_layer is None or 0 <= self.probe_layer <= n_layers,
+            (self.probe_layer is None or n_layers is None or 0 <= self.probe_layer <= n_layers,
              f"probe_layer {self.probe_layer} is out of range: the model has {n_layers} layers, use 0..{n_layers}"),
         ]
         for ok, message in checks:
@@ -169,17 +170,30 @@ def is_refused(response: str, config: Config) -> bool:
     return is_refusal(response, phrases, first_chars=first_chars, case_sensitive=case_sensitive)
 
 
-def collect_rollouts(model, config: Config) -> list[Rollout]:
-    """Rollouts from `config.rollouts` (missing kind → harmful; harmless generated if absent) or
-    generated on the harmful and harmless prompt sets."""
+def preflight(config: Config) -> None:
+    """Check options and input files before any model is loaded."""
+    config.validate()
+    kinds = {r.kind for r in file_rollouts(config)}
+    for kind, spec in (("harmful", config.harmful), ("harmless", config.harmless)):
+        if kind not in kinds:
+            load_prompts(spec, limit=config.limit)
+
+
+def file_rollouts(config: Config) -> list[Rollout]:
+    """Rollouts from `config.rollouts` (a missing kind means harmful); none without a file."""
     rollouts = load_rollouts(config.rollouts) if config.rollouts else []
     for r in rollouts:
         r.kind = r.kind or "harmful"
         if r.kind not in ("harmful", "harmless"):
             raise UserError(f"rollout kind must be 'harmful' or 'harmless', got {r.kind!r}")
-    kinds = {r.kind for r in rollouts}
+    return rollouts
+
+
+def generate_rollouts(model, config: Config, skip_kinds: set[str]) -> list[Rollout]:
+    """Roll the model out on the harmful and harmless prompt sets (kinds in `skip_kinds` excepted)."""
+    rollouts = []
     for kind, spec in (("harmful", config.harmful), ("harmless", config.harmless)):
-        if kind in kinds:
+        if kind in skip_kinds:
             continue
         prompts = load_prompts(spec, limit=config.limit)
         texts = generate(model, prompts, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
@@ -364,7 +378,10 @@ def run(model, config: Config | None = None) -> Result:
     config = config or Config()
     n_layers = model.cfg.n_layers
     config.validate(n_layers)
-    examples = build_examples(model, collect_rollouts(model, config), config)
+    given = file_rollouts(config)
+    examples = build_examples(model, given, config)
+    check_context(model, [e.input_ids for e in examples])  # before spending time on generation
+    examples += build_examples(model, generate_rollouts(model, config, {r.kind for r in given}), config)
     layer = n_layers if config.probe_layer is None else config.probe_layer
     hook = probe_hook(layer, n_layers)
     probe = train_probe(model, examples, config, hook)

@@ -62,6 +62,25 @@ def stop_layer_for(hook_names: Sequence[str], n_layers: int) -> int | None:
     return max(layers, default=n_layers - 1) + 1
 
 
+def _raise_stop(x, hook):
+    from transformer_lens.model_bridge.exceptions import StopAtLayerException
+
+    raise StopAtLayerException(x)
+
+
+@contextlib.contextmanager
+def stopped_at(model, stop: int | None) -> Iterator[int | None]:
+    """Context for a forward that should end before block `stop`; yields the `stop_at_layer` to pass.
+
+    TransformerLens ignores `stop_at_layer == n_layers` (it still runs the final norm and the
+    unembedding), so that case stops with a hook at the final norm's input instead."""
+    if stop is not None and stop >= model.cfg.n_layers and "ln_final.hook_in" in model.hook_dict:
+        with model.hooks(fwd_hooks=[("ln_final.hook_in", _raise_stop)]):
+            yield None
+    else:
+        yield stop
+
+
 def readout_point(model, hook_name: str) -> tuple[str, int | None, Callable[[Tensor], Tensor]]:
     """(hook to read, stop layer, transform) that yield `hook_name`'s activations without running
     anything later: the final-norm output is read as ln_final(last resid_post), skipping the unembed."""
@@ -166,9 +185,10 @@ def capture(
         for idx in tqdm(batches, desc="capture", disable=not progress, leave=False):
             tokens, mask = pad_left([seqs[i] for i in idx], pad_id)
             width = tokens.shape[1]
-            _, cache = model.run_with_cache(
-                tokens.to(device), attention_mask=mask.to(device), names_filter=lambda n: n in cached,
-                stop_at_layer=stop, pos_slice=-1 if positions == "last" else None, return_type=None)
+            with stopped_at(model, stop) as stop_at_layer:
+                _, cache = model.run_with_cache(
+                    tokens.to(device), attention_mask=mask.to(device), names_filter=lambda n: n in cached,
+                    stop_at_layer=stop_at_layer, pos_slice=-1 if positions == "last" else None, return_type=None)
             acts = {n: cache[n] for n in cached}
             if FINAL_NORM in names:
                 acts[FINAL_NORM] = model.ln_final(cache[last_resid])
@@ -186,10 +206,10 @@ def capture(
 def _select(act: Tensor, positions, length: int, width: int) -> Tensor:
     """Pick positions of one left-padded row (`act` is [pos, ...] or [1, ...] for "last"), as float32."""
     if positions == "last":
-        return act[-1].float()
+        return act[-1].to(torch.float32, copy=True)
     real = act[width - length:]
     if positions == "all":
-        return real.float()
+        return real.to(torch.float32, copy=True)  # a copy: a view would keep the padded batch alive
     return real[torch.as_tensor(list(positions(length)), dtype=torch.long, device=act.device)].float()
 
 

@@ -21,7 +21,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from interp.capture import capture, length_batches, pad_left, readout_point, sdpa_attention
+from interp.capture import capture, length_batches, pad_left, readout_point, sdpa_attention, stopped_at
 
 Readout = tuple[str, Tensor, float]  # (hook name, weight [d_model], bias)
 
@@ -91,8 +91,9 @@ def gradient_scores(model, seqs: Sequence[Sequence[int]], readout: Readout, *, b
         names = [f"blocks.{layer}.attn.hook_z" for layer in layers] + [read_hook]
         hooks = [(name, keeper(name)) for name in names]
         with _frozen(model), torch.enable_grad(), sdpa_attention(model):
-            model.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=hooks, return_type=None,
-                                 stop_at_layer=stop)
+            with stopped_at(model, stop) as stop_at:
+                model.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=hooks, return_type=None,
+                                     stop_at_layer=stop_at)
             logit = transform(saved[read_hook][:, -1:])[:, 0].float() @ weight.float().to(device) + bias
             zs = [saved[f"blocks.{layer}.attn.hook_z"] for layer in layers]
             grads = torch.autograd.grad(logit.sum(), zs)
@@ -155,9 +156,10 @@ def _last_readout(model, tokens, mask, hooks, hook_name) -> Tensor:
     def keep(t, hook):
         saved["x"] = t[:, -1:]
 
-    with sdpa_attention(model):
+    with sdpa_attention(model), stopped_at(model, stop) as stop_at:
         model.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=hooks + [(read_hook, keep)],
-                             return_type=None, stop_at_layer=stop)
+                             return_type=None, stop_at_layer=stop_at)
+    # the final norm (when it is the readout) runs here, after the stop hook is gone
     return transform(saved["x"])[:, 0].float()
 
 

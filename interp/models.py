@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+import interp.compat  # noqa: F401  (TransformerLens work-arounds, applied on import)
 from interp.errors import UserError
 
 
@@ -156,6 +157,22 @@ def locate_model(name_or_path: str, *, allow_pickle: bool = False, trust_remote_
     return _download(name_or_path, allow_pickle, trust_remote_code, revision), name_or_path
 
 
+def check_architecture(path: Path, name: str) -> None:
+    """Refuse configs whose `architectures` neither TransformerLens nor transformers knows
+    (TransformerLens would otherwise fall back to `model_type` and load a different class)."""
+    import transformers
+    from transformer_lens.factories.architecture_adapter_factory import SUPPORTED_ARCHITECTURES
+
+    try:
+        declared = json.loads((path / "config.json").read_text()).get("architectures") or []
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"{name!r}: config.json is not readable JSON ({type(exc).__name__})") from None
+    unknown = [a for a in declared if a not in SUPPORTED_ARCHITECTURES and not hasattr(transformers, a)]
+    if declared and len(unknown) == len(declared):
+        raise UserError(f"{name!r}: architecture {unknown[0]} is not supported by TransformerLens "
+                        "TransformerBridge or transformers")
+
+
 def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto", *,
                trust_remote_code: bool = False, allow_pickle: bool = False, revision: str | None = None):
     """Load a model as a `TransformerBridge` (raw HF numerics; tokenizer at `.tokenizer`).
@@ -171,6 +188,8 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "auto", dtype: s
     torch_dtype = resolve_dtype(dtype, torch_device)
     path, source = locate_model(name_or_path, allow_pickle=allow_pickle,
                                 trust_remote_code=trust_remote_code, revision=revision)
+    if not trust_remote_code:
+        check_architecture(path, name_or_path)
     try:
         bridge = TransformerBridge.boot_transformers(str(path), device=torch_device, dtype=torch_dtype,
                                                      trust_remote_code=trust_remote_code)
@@ -188,7 +207,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "auto", dtype: s
     random_weights = bool(marker.exists() and json.loads(marker.read_text()).get("random_weights"))
     cfg = bridge.cfg
     info = ModelInfo(name=name_or_path, source=source,
-                     architecture=(getattr(bridge.original_model.config, "architectures", None) or ["?"])[0],
+                     architecture=type(bridge.original_model).__name__,
                      n_layers=cfg.n_layers, n_heads=cfg.n_heads, d_model=cfg.d_model,
                      device=str(torch_device), dtype=str(torch_dtype).removeprefix("torch."),
                      random_weights=random_weights)
