@@ -116,7 +116,12 @@ def execute(argv: list[str]) -> Path | None:
 
     module = _module(args.analysis)
     config = module.Config(**config_values(args, args.analysis))
+    module.preflight(config)
     out = prepare_output_dir(args.out, args.analysis, model_label(args.model), force=args.force)
+    if args.no_progress:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
     model = load_model(args.model, device=args.device, dtype=args.dtype,
                        trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
     result = module.run(model, config)
