@@ -100,6 +100,7 @@ class Example:
     group: str
     input_ids: list[int]
     span: tuple[int, int]
+    span_kind: str  # "thinking", or "prompt" for models without thinking tokens
     scores: torch.Tensor | None = None
     metrics: dict = field(default_factory=dict)
 
@@ -152,7 +153,7 @@ class Result:
 
 def examples_table(examples: list[Example]) -> pd.DataFrame:
     rows = [{"prompt": e.prompt, "kind": e.kind, "group": e.group, "refused": e.refused,
-             "n_tokens": len(e.input_ids), "thinking_tokens": e.span[1] - e.span[0], **e.metrics}
+             "n_tokens": len(e.input_ids), "span": e.span_kind, "span_tokens": e.span[1] - e.span[0], **e.metrics}
             for e in examples]
     return pd.DataFrame(rows)
 
@@ -213,7 +214,8 @@ def build_examples(model, rollouts: list[Rollout], config: Config) -> list[Examp
                if thinking_model else prompt_sequence(tok, r.prompt))
         refused = is_refused(r.response, config)
         group = "harmless" if r.kind == "harmless" else ("refused_harmful" if refused else "complied_harmful")
-        examples.append(Example(r.prompt, r.thinking, r.response, r.kind, refused, group, enc.input_ids, enc.span))
+        examples.append(Example(r.prompt, r.thinking, r.response, r.kind, refused, group, enc.input_ids, enc.span,
+                                "thinking" if thinking_model else "prompt"))
     return examples
 
 
@@ -229,7 +231,7 @@ def probe_hook(layer: int | None, n_layers: int) -> str:
 def _training_sets(examples: list[Example], config: Config) -> tuple[list[Example], list[Example]]:
     rng = random.Random(config.seed)
     pos = [e for e in examples if e.group == "refused_harmful" and
-           (len(e.thinking) > config.min_thinking_chars or e.span[1] == e.span[0])]
+           (len(e.thinking) > config.min_thinking_chars or e.span_kind == "prompt")]
     neg = [e for e in examples if e.group == "harmless" and not e.refused]
     pos = rng.sample(pos, min(len(pos), config.max_items_per_class))
     neg = rng.sample(neg, min(len(neg), config.max_items_per_class))

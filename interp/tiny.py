@@ -12,7 +12,9 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+CHAT_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+THINK_TOKENS = ["<think>", "</think>"]
+SPECIAL_TOKENS = CHAT_TOKENS + THINK_TOKENS
 
 # Qwen-style chat template whose generation prompt opens a thinking span, like
 # DeepSeek-R1 distills and Qwen3-Thinking ("...assistant\n<think>\n").
@@ -22,6 +24,8 @@ THINKING_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}"
 )
+# The same without thinking, for plain chat models.
+CHAT_TEMPLATE = THINKING_CHAT_TEMPLATE.replace("<think>\n", "")
 
 _TRAINING_TEXT = [
     "How do I bake bread? Mix flour, water, salt and yeast, then knead and let it rise.",
@@ -38,8 +42,8 @@ _TRAINING_TEXT = [
 ARCHITECTURES = ("qwen2", "llama", "gpt2")
 
 
-def build_tokenizer(vocab_size: int = 512):
-    """A byte-level BPE tokenizer with chat and thinking special tokens (any text encodes)."""
+def build_tokenizer(vocab_size: int = 512, thinking: bool = True):
+    """A byte-level BPE tokenizer with chat (and, if `thinking`, `<think>`) special tokens; any text encodes."""
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
@@ -47,7 +51,7 @@ def build_tokenizer(vocab_size: int = 512):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=SPECIAL_TOKENS if thinking else CHAT_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -59,7 +63,7 @@ def build_tokenizer(vocab_size: int = 512):
         bos_token=None,
         padding_side="left",
     )
-    fast.chat_template = THINKING_CHAT_TEMPLATE
+    fast.chat_template = THINKING_CHAT_TEMPLATE if thinking else CHAT_TEMPLATE
     return fast
 
 
@@ -97,8 +101,10 @@ def write_tiny_checkpoint(
     max_len: int = 512,
     vocab_size: int = 512,
     seed: int = 0,
+    thinking: bool = True,
 ) -> Path:
-    """Save a random-weight `arch` model (safetensors) with tokenizer and chat template to `path`.
+    """Save a random-weight `arch` model (safetensors) with tokenizer and chat template to `path`
+    (a thinking template that opens `<think>`, or a plain chat template with `thinking=False`).
 
     The embedding has max(`vocab_size`, tokenizer size) rows (extra rows are unused, as in real
     padded vocabularies). `d_model` must differ from it (TransformerLens mis-centres square unembeddings).
@@ -107,7 +113,7 @@ def write_tiny_checkpoint(
 
     if arch not in ARCHITECTURES:
         raise ValueError(f"arch must be one of {ARCHITECTURES}, got {arch!r}")
-    tokenizer = build_tokenizer(min(vocab_size, 512))
+    tokenizer = build_tokenizer(min(vocab_size, 512), thinking=thinking)
     vocab = max(len(tokenizer), vocab_size)
     if vocab == d_model:
         raise ValueError("d_model must differ from the vocabulary size")

@@ -149,3 +149,23 @@ def test_thinking_span_probe_also_finds_the_cliff(planted_model, rollouts_file):
 def test_probe_layer_out_of_range_is_a_user_error(planted_model, rollouts_file):
     with pytest.raises(UserError, match="out of range"):
         rc.run(planted_model, planted_config(rollouts_file, probe_layer=99))
+
+
+def test_non_thinking_chat_model_scores_the_prompt_span(tmp_path):
+    """Without <think> tokens the sequence is the chat template and the span is the user's prompt."""
+    from interp.models import load_model
+    from interp.tiny import write_tiny_checkpoint
+
+    model = load_model(str(write_tiny_checkpoint(tmp_path / "plain", "llama", thinking=False)), device="cpu")
+    rows = [{"prompt": f"harmful request number {i}", "thinking": "", "response": "I'm sorry, I can't.", "kind": "harmful"}
+            for i in range(4)]
+    rows += [{"prompt": f"jailbreak request {i}", "thinking": "", "response": "Sure.", "kind": "harmful"} for i in range(2)]
+    rows += [{"prompt": f"a kind question {i}", "thinking": "", "response": "Sure, here.", "kind": "harmless"}
+             for i in range(4)]
+    res = rc.run(model, planted_config(write_rollouts(tmp_path / "r.jsonl", rows), head_methods=("projection",)))
+    tok = model.tokenizer
+    for e in res.examples:
+        assert tok.decode(e.input_ids[e.span[0]:e.span[1]]) == e.prompt
+        assert "<think>" not in tok.decode(e.input_ids)
+        assert len(e.scores) == len(e.input_ids)
+    assert res.cliff["complied_harmful"]["n"] == 2
