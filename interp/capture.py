@@ -31,13 +31,14 @@ def pad_left(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[Int[Tensor, "b
     return tokens, mask
 
 
-def check_context(model, seqs: Sequence[Sequence[int]]) -> None:
-    """Refuse sequences longer than the model's context window."""
+def check_context(model, seqs: Sequence[Sequence[int]], new_tokens: int = 0) -> None:
+    """Refuse sequences that (with `new_tokens` to generate) exceed the model's context window."""
     n_ctx = getattr(model.cfg, "n_ctx", None)
     longest = max((len(s) for s in seqs), default=0)
-    if n_ctx and longest > n_ctx:
-        raise UserError(f"a sequence has {longest} tokens but the model's context is {n_ctx}; "
-                        "shorten the prompts/thinking or pass --limit / a smaller dataset")
+    if n_ctx and longest + new_tokens > n_ctx:
+        extra = f" + {new_tokens} to generate" if new_tokens else ""
+        raise UserError(f"a sequence has {longest} tokens{extra} but the model's context is {n_ctx}; "
+                        "shorten the prompts/thinking, lower --max-new-tokens or drop the longest inputs")
     if any(len(s) == 0 for s in seqs):
         raise UserError("an input sequence is empty after tokenization")
 

@@ -33,7 +33,7 @@ def generate_tokens(
     temperature 0 → greedy; otherwise sampling seeded per batch, so results do not depend on
     which other batches ran. Any hooks active on `model` (e.g. `ablate_heads`) fire at every step.
     """
-    check_context(model, [list(s) + [0] * max_new_tokens for s in seqs])
+    check_context(model, seqs, new_tokens=max_new_tokens)
     tok = model.tokenizer
     eos = tok.eos_token_id
     device = next(model.parameters()).device
