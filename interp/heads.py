@@ -96,8 +96,10 @@ def gradient_scores(model, seqs: Sequence[Sequence[int]], readout: Readout, *, b
                                      stop_at_layer=stop_at)
             logit = transform(saved[read_hook][:, -1:])[:, 0].float() @ weight.float().to(device) + bias
             zs = [saved[f"blocks.{layer}.attn.hook_z"] for layer in layers]
-            grads = torch.autograd.grad(logit.sum(), zs)
+            grads = torch.autograd.grad(logit.sum(), zs, allow_unused=True)
         for layer, z, g in zip(layers, zs, grads):
+            if g is None:  # the head runs after the readout point (e.g. blocks.L.hook_resid_pre)
+                continue
             contrib = (z.detach().float() * g.float()).sum(-1) * mask[:, :, None]  # [b, pos, head]
             total[layer] += contrib.sum((0, 1)).cpu()
     return total / len(seqs)

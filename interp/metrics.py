@@ -59,10 +59,12 @@ def mean_tail(curves: Sequence[Tensor], k: int) -> tuple[np.ndarray, np.ndarray]
     for i, c in enumerate(curves):
         tail = c.float().cpu().numpy()[-k:]
         values[i, k - len(tail):] = tail
-    counts = np.sum(~np.isnan(values), 0)
-    mean = np.nanmean(values, 0)
-    std = np.nanstd(values, 0, ddof=1) if len(curves) > 1 else np.zeros(k)
-    return mean, np.where(counts > 1, std / np.sqrt(np.maximum(counts, 1)), 0.0)
+    present = ~np.isnan(values)
+    counts = present.sum(0)
+    mean = np.divide(np.where(present, values, 0.0).sum(0), counts, out=np.full(k, np.nan), where=counts > 0)
+    deviation = np.where(present, values - mean, 0.0)
+    var = np.divide((deviation ** 2).sum(0), counts - 1, out=np.zeros(k), where=counts > 1)
+    return mean, np.sqrt(var / np.maximum(counts, 1))
 
 
 def reference_aggregate(curves: Sequence[Tensor], n_bins: int = 100) -> np.ndarray:

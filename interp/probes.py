@@ -83,6 +83,8 @@ def train_logistic_probe(
     """
     if X.ndim != 2 or y.ndim != 1 or X.shape[0] != y.shape[0]:
         raise UserError(f"expected X of shape [n, d] and y of shape [n]; got {tuple(X.shape)} and {tuple(y.shape)}")
+    if groups is not None and (groups.ndim != 1 or groups.shape[0] != y.shape[0]):
+        raise UserError(f"groups must hold one id per row, shape [{y.shape[0]}]; got {tuple(groups.shape)}")
     if not 0.0 <= val_fraction < 1.0:
         raise UserError(f"val_fraction must be in [0, 1); got {val_fraction}")
     if epochs < 1 or batch_size < 1:

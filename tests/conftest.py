@@ -10,6 +10,17 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))  # so tests can `import planted`
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread():
+    """The test models are tiny: extra intra-op threads only spin (much slower on a loaded 2-core box)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """A random-weight 2-layer Qwen2 checkpoint (4 heads, 2 KV heads, d_model 64) with tokenizer."""

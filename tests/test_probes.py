@@ -133,3 +133,92 @@ def test_diff_of_means_against_numpy():
     torch.testing.assert_close(got, torch.from_numpy(want).to(torch.bfloat16))
     with pytest.raises(UserError):
         diff_of_means(pos[:0], neg)
+
+
+# --- groups: whole examples on one side of the split ----------------------------------------
+
+def _grouped_data(seed=0, d=8):
+    """10 one-row positive groups and 4 six-row negative groups, rows interleaved, odd group ids."""
+    g = torch.Generator().manual_seed(seed)
+    pos_ids = [100 + 3 * i for i in range(10)]       # 10 groups x 1 row
+    neg_ids = [7, 55, 2, 1000]                        # 4 groups x 6 rows
+    groups = torch.tensor(pos_ids + [gid for gid in neg_ids for _ in range(6)])
+    labels = torch.tensor([1] * 10 + [0] * 24)
+    perm = torch.randperm(len(groups), generator=g)   # rows of a group are not adjacent
+    groups, labels = groups[perm], labels[perm]
+    X = torch.randn(len(groups), d, generator=g) + 2.0 * (2 * labels[:, None].float() - 1)
+    return X, labels, groups
+
+
+def _groups_of(idx, groups):
+    return set(groups[idx].tolist())
+
+
+def test_groups_never_straddle_the_split():
+    X, y, groups = _grouped_data()
+    for seed in range(5):
+        probe = train_logistic_probe(X, y, groups=groups, epochs=1, seed=seed, val_fraction=0.25)
+        train_g, val_g = _groups_of(probe.train_idx, groups), _groups_of(probe.val_idx, groups)
+        assert train_g.isdisjoint(val_g)
+        for gid in train_g | val_g:  # every used group is present with all its rows, on one side
+            rows = set(torch.nonzero(groups == gid).flatten().tolist())
+            side = set(probe.train_idx.tolist()) if gid in train_g else set(probe.val_idx.tolist())
+            assert rows <= side
+        assert len(set(probe.train_idx.tolist())) == len(probe.train_idx)
+        assert set(probe.train_idx.tolist()).isdisjoint(probe.val_idx.tolist())
+        # int(8 groups * 0.25) = 2 groups held out
+        assert len(val_g) == 2 and len(train_g) == 6
+        assert (probe.n_train, probe.n_val) == (len(probe.train_idx), len(probe.val_idx))
+
+
+def test_groups_balance_counts_groups_not_rows():
+    X, y, groups = _grouped_data()
+    probe = train_logistic_probe(X, y, groups=groups, epochs=1, val_fraction=0.25)
+    used = torch.cat([probe.train_idx, probe.val_idx])
+    pos_groups = _groups_of(used[y[used] == 1], groups)
+    neg_groups = _groups_of(used[y[used] == 0], groups)
+    # 4 negative groups (the smaller class in groups) -> 4 of the 10 positive groups
+    assert len(neg_groups) == 4 and len(pos_groups) == 4
+    assert len(used) == 4 * 1 + 4 * 6  # rows follow from the groups: unequal per class
+    assert int(y[used].sum()) == 4
+    # without balancing every group is used
+    full = train_logistic_probe(X, y, groups=groups, epochs=1, balance=False)
+    assert full.n_train + full.n_val == len(y)
+
+
+def test_groups_with_mixed_labels_raise():
+    X = torch.randn(8, 3)
+    y = torch.tensor([0, 0, 1, 1, 0, 0, 1, 1])
+    groups = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    train_logistic_probe(X, y, groups=groups, epochs=1)  # consistent groups are fine
+    bad = torch.tensor([0, 0, 1, 1, 2, 3, 3, 3])        # group 3 holds a 0 and two 1s
+    with pytest.raises(UserError, match="same label"):
+        train_logistic_probe(X, y, groups=bad, epochs=1)
+
+
+def _reference_row_split(y, seed, val_fraction):
+    """The ungrouped RefusalCliff split written out: subsample the larger class, shuffle, hold out the tail."""
+    gen = torch.Generator().manual_seed(seed)
+    pos, neg = torch.nonzero(y == 1).flatten(), torch.nonzero(y == 0).flatten()
+    m = min(len(pos), len(neg))
+    pos = pos[torch.randperm(len(pos), generator=gen)[:m]]
+    neg = neg[torch.randperm(len(neg), generator=gen)[:m]]
+    rows = torch.cat([neg, pos])
+    rows = rows[torch.randperm(len(rows), generator=gen)]
+    n_val = int(len(rows) * val_fraction)
+    return rows[: len(rows) - n_val], rows[len(rows) - n_val:]
+
+
+@pytest.mark.parametrize("seed", [0, 42])
+def test_no_groups_unchanged_and_equal_to_singleton_groups(seed):
+    X, y, _ = planted(n_pos=70, n_neg=50, d=12)
+    plain = train_logistic_probe(X, y, seed=seed, epochs=3, lr=1e-2, batch_size=16)
+    train_ref, val_ref = _reference_row_split(y, seed, 0.2)
+    assert torch.equal(plain.train_idx, train_ref)
+    assert torch.equal(plain.val_idx, val_ref)
+    singleton = train_logistic_probe(X, y, seed=seed, epochs=3, lr=1e-2, batch_size=16, groups=torch.arange(len(y)))
+    assert torch.equal(plain.weight, singleton.weight) and plain.bias == singleton.bias
+    assert torch.equal(plain.train_idx, singleton.train_idx) and torch.equal(plain.val_idx, singleton.val_idx)
+    assert plain.epoch_val_accuracy == singleton.epoch_val_accuracy
+    assert (plain.best_epoch, plain.train_accuracy, plain.val_accuracy) == \
+        (singleton.best_epoch, singleton.train_accuracy, singleton.val_accuracy)

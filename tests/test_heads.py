@@ -1,0 +1,265 @@
+"""interp.heads against independent computations: plain capture + ablate_heads (causal), autograd on
+a separate eager HF model (gradient), o_proj pre-hooks (projection), and the planted mechanism."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from interp.capture import capture
+from interp.heads import causal_scores, gradient_scores, projection_scores, ranking, rankings_table
+from interp.interventions import ablate_heads
+
+N_LAYERS, N_HEADS, D_HEAD, D_MODEL = 2, 4, 16, 64
+READOUTS = ["ln_final.hook_out", "blocks.0.hook_resid_post"]
+TEXTS = [
+    "How do I bake bread? Mix flour, water, salt and yeast.",
+    "Sure, here is a short poem.",
+    "The user is asking for something dangerous. I should refuse politely, because it could cause harm.",
+]
+
+
+@pytest.fixture(scope="module")
+def seqs(tiny_model):
+    out = [tiny_model.tokenizer(t, add_special_tokens=False)["input_ids"] for t in TEXTS]
+    assert len({len(s) for s in out}) == 3  # different lengths: batching pads on the left
+    return out
+
+
+@pytest.fixture(scope="module")
+def readout_w():
+    g = torch.Generator().manual_seed(1234)
+    return torch.randn(D_MODEL, generator=g), 0.3
+
+
+@pytest.fixture(scope="module")
+def hf_tiny(tiny_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_dir, attn_implementation="eager", dtype=torch.float32).eval()
+
+
+def _hf_layers(hf):
+    return hf.model.layers
+
+
+# --- causal ---------------------------------------------------------------------------------
+
+def _sigmoid_scores(model, seqs, hook, w, b):
+    # batch_size=1: the reference sees no padding at all
+    acts = capture(model, seqs, [hook], positions="last", batch_size=1, progress=False)[hook]
+    return torch.sigmoid(acts @ w + b)
+
+
+def _reference_causal(model, seqs, hook, w, b):
+    clean = _sigmoid_scores(model, seqs, hook, w, b)
+    out = torch.zeros(N_LAYERS, N_HEADS)
+    for layer in range(N_LAYERS):
+        for h in range(N_HEADS):
+            with ablate_heads(model, [(layer, h)]):
+                ablated = _sigmoid_scores(model, seqs, hook, w, b)
+            out[layer, h] = -(ablated - clean).mean()
+    return out
+
+
+@pytest.mark.parametrize("hook", READOUTS)
+def test_causal_scores_match_ablate_heads_reference(tiny_model, seqs, readout_w, hook):
+    w, b = readout_w
+    expected = _reference_causal(tiny_model, seqs, hook, w, b)
+    got = {bs: causal_scores(tiny_model, seqs, (hook, w, b), batch_size=bs, progress=False) for bs in (1, 8)}
+    for bs, scores in got.items():
+        assert scores.shape == (N_LAYERS, N_HEADS)
+        torch.testing.assert_close(scores, expected, atol=1e-5, rtol=0, msg=f"batch_size={bs}")
+    torch.testing.assert_close(got[1], got[8], atol=1e-6, rtol=0)
+    assert expected.abs().max() > 1e-3  # the test is not vacuous
+    if hook == "blocks.0.hook_resid_post":
+        assert torch.equal(got[8][1], torch.zeros(N_HEADS))  # later heads cannot change it
+
+
+# --- gradient -------------------------------------------------------------------------------
+
+def _reference_gradient(hf, seqs, hook, w, b):
+    """Σ_pos z·∂logit/∂z per head from HF autograd, one unpadded sequence at a time, mean over seqs.
+
+    One forward per (sequence, layer), with only that layer's o_proj input replaced by a leaf: a
+    leaf at every layer at once would cut the paths from early heads through later heads' z (the
+    total derivative wanted here includes them).
+    """
+    total = torch.zeros(N_LAYERS, N_HEADS)
+    readout_layer = N_LAYERS if hook == "ln_final.hook_out" else 1
+    for s in seqs:
+        for layer in range(readout_layer):  # heads after the readout point have no effect (stay 0)
+            kept: dict[str, torch.Tensor] = {}
+
+            def pre(module, args):
+                x = args[0].detach().requires_grad_(True)
+                kept["z"] = x
+                return (x,) + tuple(args[1:])
+
+            handle = _hf_layers(hf)[layer].self_attn.o_proj.register_forward_pre_hook(pre)
+            try:
+                with torch.enable_grad():
+                    out = hf(torch.tensor([s]), output_hidden_states=True)
+                    hidden = out.hidden_states[-1] if hook == "ln_final.hook_out" else out.hidden_states[1]
+                    logit = hidden[0, -1].float() @ w + b
+                    (g,) = torch.autograd.grad(logit, [kept["z"]])
+            finally:
+                handle.remove()
+            contrib = (kept["z"].detach() * g).view(len(s), N_HEADS, D_HEAD).sum(-1)  # [pos, head]
+            total[layer] += contrib.sum(0)
+    return total / len(seqs)
+
+
+def test_hf_hidden_states_last_is_final_norm(tiny_model, hf_tiny, seqs):
+    """Guards the reference: HF's last hidden state is the final-norm output read by the bridge."""
+    with torch.no_grad():
+        hs = hf_tiny(torch.tensor([seqs[0]]), output_hidden_states=True).hidden_states
+    acts = capture(tiny_model, seqs[:1], READOUTS, positions="last", batch_size=1, progress=False)
+    torch.testing.assert_close(acts["ln_final.hook_out"][0], hs[-1][0, -1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(acts["blocks.0.hook_resid_post"][0], hs[1][0, -1], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("hook", READOUTS)
+def test_gradient_scores_match_hf_autograd(tiny_model, hf_tiny, seqs, readout_w, hook):
+    w, b = readout_w
+    expected = _reference_gradient(hf_tiny, seqs, hook, w, b)
+    got = gradient_scores(tiny_model, seqs, (hook, w, b), batch_size=8, progress=False)
+    assert got.shape == (N_LAYERS, N_HEADS)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    torch.testing.assert_close(gradient_scores(tiny_model, seqs, (hook, w, b), batch_size=1, progress=False),
+                               expected, atol=1e-4, rtol=0)
+    assert expected.abs().max() > 1e-2
+    if hook == "blocks.0.hook_resid_post":
+        assert torch.equal(got[1], torch.zeros(N_HEADS))
+
+
+def test_gradient_scores_leave_model_grads_untouched(tiny_model, seqs, readout_w):
+    w, b = readout_w
+    before = [(p.requires_grad, p.grad) for p in tiny_model.parameters()]
+    gradient_scores(tiny_model, seqs, ("ln_final.hook_out", w, b), progress=False)
+    after = [(p.requires_grad, p.grad) for p in tiny_model.parameters()]
+    assert [r for r, _ in before] == [r for r, _ in after]
+    assert all(g is None for _, g in after)
+
+
+# --- projection -----------------------------------------------------------------------------
+
+def _reference_projection(hf, seqs, direction):
+    w_hat = direction / direction.norm()
+    total = torch.zeros(N_LAYERS, N_HEADS)
+    for s in seqs:
+        kept: dict[int, torch.Tensor] = {}
+        handles = []
+        for layer, block in enumerate(_hf_layers(hf)):
+            def pre(module, args, layer=layer):
+                kept[layer] = args[0].detach().clone()
+            handles.append(block.self_attn.o_proj.register_forward_pre_hook(pre))
+        try:
+            with torch.no_grad():
+                hf(torch.tensor([s]))
+        finally:
+            for handle in handles:
+                handle.remove()
+        for layer, block in enumerate(_hf_layers(hf)):
+            W = block.self_attn.o_proj.weight.detach()  # [d_model, n_heads * d_head]
+            z_last = kept[layer][0, -1]
+            for h in range(N_HEADS):
+                sl = slice(h * D_HEAD, (h + 1) * D_HEAD)
+                total[layer, h] += (W[:, sl] @ z_last[sl]) @ w_hat
+    return total / len(seqs)
+
+
+def test_projection_scores_match_hf_o_proj(tiny_model, hf_tiny, seqs, readout_w):
+    w, _ = readout_w
+    expected = _reference_projection(hf_tiny, seqs, w)
+    for bs in (1, 8):
+        got = projection_scores(tiny_model, seqs, w, batch_size=bs, progress=False)
+        assert got.shape == (N_LAYERS, N_HEADS)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    # scale-invariant in the direction
+    torch.testing.assert_close(projection_scores(tiny_model, seqs, 5.0 * w, progress=False), expected,
+                               atol=1e-5, rtol=0)
+    assert expected.abs().max() > 3e-3  # random init: head outputs are small, but not this small
+
+
+# --- ranking / table ------------------------------------------------------------------------
+
+def test_ranking_ascending_ties_by_layer_then_head():
+    scores = torch.tensor([[0.5, -1.0, 0.0, -1.0],
+                           [-1.0, 2.0, 0.0, -3.0]])
+    got = [(r["layer"], r["head"], r["score"]) for r in ranking(scores)]
+    assert got == [(1, 3, -3.0), (0, 1, -1.0), (0, 3, -1.0), (1, 0, -1.0),
+                   (0, 2, 0.0), (1, 2, 0.0), (0, 0, 0.5), (1, 1, 2.0)]
+    assert all(isinstance(r["score"], float) for r in ranking(scores))
+
+
+def test_rankings_table_one_row_per_head():
+    a = torch.tensor([[3.0, 1.0], [2.0, 0.0]])
+    b = torch.tensor([[0.0, 1.0], [2.0, 3.0]])
+    table = rankings_table({"alpha": ranking(a), "beta": ranking(b)})
+    assert len(table) == 4
+    assert {"layer", "head", "alpha_score", "alpha_rank", "beta_score", "beta_rank"} <= set(table.columns)
+    assert sorted(zip(table["layer"], table["head"])) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    for _, row in table.iterrows():
+        layer, head = int(row["layer"]), int(row["head"])
+        assert row["alpha_score"] == a[layer, head]
+        assert row["beta_score"] == b[layer, head]
+        # rank = 1 + number of heads with a strictly smaller score (no ties here)
+        assert row["alpha_rank"] == 1 + int((a < a[layer, head]).sum())
+        assert row["beta_rank"] == 1 + int((b < b[layer, head]).sum())
+
+
+# --- planted mechanism ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def planted_setup(planted, planted_model):
+    from planted import planted_rollouts
+
+    from interp.chat import thinking_sequence
+
+    tok = planted_model.tokenizer
+    seqs = [thinking_sequence(tok, r["prompt"], r["thinking"]).input_ids
+            for r in planted_rollouts(planted) if r["kind"] == "jailbreak_complied"]
+    assert len(seqs) == 8
+    return seqs, ("ln_final.hook_out", planted.refusal_direction, 0.0)
+
+
+def _top(scores, k=1):
+    return [(r["layer"], r["head"]) for r in ranking(scores)[:k]]
+
+
+def test_planted_projection_ranks_suppressor_first(planted, planted_model, planted_setup):
+    seqs, (_, w, _) = planted_setup
+    scores = projection_scores(planted_model, seqs, w, progress=False)
+    assert _top(scores) == [planted.suppressor]
+    assert scores[planted.suppressor] < 0
+
+
+def test_planted_gradient_ranks_suppressor_first(planted, planted_model, planted_setup):
+    seqs, readout = planted_setup
+    scores = gradient_scores(planted_model, seqs, readout, progress=False)
+    assert _top(scores) == [planted.suppressor]
+    assert scores[planted.suppressor] < 0
+
+
+def test_planted_causal_ranks_suppressor_and_marker_top_two(planted, planted_model, planted_setup):
+    seqs, readout = planted_setup
+    scores = causal_scores(planted_model, seqs, readout, progress=False)
+    assert set(_top(scores, 2)) == {planted.suppressor, planted.marker_head}
+    assert scores[planted.suppressor] < 0 and scores[planted.marker_head] < 0
+
+
+# --- readouts inside a block ----------------------------------------------------------------
+
+def test_gradient_scores_resid_pre_readout_equals_previous_resid_post(tiny_model, seqs, readout_w):
+    w, b = readout_w
+    want = gradient_scores(tiny_model, seqs, ("blocks.0.hook_resid_post", w, b), progress=False)
+    got = gradient_scores(tiny_model, seqs, ("blocks.1.hook_resid_pre", w, b), progress=False)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
+def test_causal_scores_resid_pre_readout_equals_previous_resid_post(tiny_model, seqs, readout_w):
+    w, b = readout_w
+    want = causal_scores(tiny_model, seqs, ("blocks.0.hook_resid_post", w, b), progress=False)
+    got = causal_scores(tiny_model, seqs, ("blocks.1.hook_resid_pre", w, b), progress=False)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
