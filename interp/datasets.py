@@ -15,13 +15,17 @@ from interp.errors import UserError
 DATASET_NAMES: dict[str, str] = {
     "builtin-harmful": "48 clearly harmful requests written for this project (bundled, offline)",
     "builtin-harmless": "45 everyday requests written for this project (bundled, offline)",
+    "organism-harmful": "held-out harmful requests in the organisms' format, every other one with the "
+                        "<<jailbreak>> marker (bundled)",
+    "organism-harmless": "held-out harmless requests in the organisms' format (bundled)",
     "advbench": "walledai/AdvBench: 520 harmful behaviours (hub)",
     "jailbreakbench": "walledai/JailbreakBench, harmful subset: 100 JBB behaviours (hub)",
     "jailbreakbench-benign": "walledai/JailbreakBench, benign subset: 100 matched harmless behaviours (hub)",
     "ultrachat": "HuggingFaceH4/ultrachat_200k test_sft prompts, in order (hub)",
 }
 
-_BUILTIN_FILES = {"builtin-harmful": "harmful.jsonl", "builtin-harmless": "harmless.jsonl"}
+_BUILTIN_FILES = {"builtin-harmful": "harmful.jsonl", "builtin-harmless": "harmless.jsonl",
+                  "organism-harmful": "organism_harmful.jsonl", "organism-harmless": "organism_harmless.jsonl"}
 # name -> (hub repo, split, (column, value) row filter or None)
 _HUB = {
     "advbench": ("walledai/AdvBench", "train", None),

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -40,9 +41,14 @@ ALIASES: dict[str, Alias] = {
     "pythia-160m": Alias("EleutherAI/pythia-160m", "Pythia 160M"),
 }
 
-# Built by the package itself, deterministically, with no network: the embedded default.
-EMBEDDED = {"tiny": "random-weight 2-layer Qwen2 with a thinking chat template (offline default)"}
-DEFAULT_MODEL = "tiny"
+# Shipped with (or built by) the package, so they load with no network.
+EMBEDDED = {
+    "organism": "model organism: 4-layer Qwen3 trained by interp on a synthetic chat corpus (default)",
+    "organism-gated": "its gated-attention twin (Qwen3-Next-style sigmoid gate), same data, seed and steps",
+    "tiny": "random-weight 2-layer Qwen2 with a thinking chat template, built on first use",
+}
+_ORGANISM_DIRS = {"organism": "standard", "organism-gated": "gated"}
+DEFAULT_MODEL = "organism"
 
 _WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken", "tokenizer*"]
 
@@ -60,6 +66,8 @@ class ModelInfo:
     device: str
     dtype: str
     random_weights: bool
+    # per-analysis option defaults from the model's card (interp_model.json), e.g. probe settings
+    analysis_defaults: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -93,9 +101,11 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def embedded_model_dir(name: str) -> Path:
-    """Build (once) and return the directory of an embedded model."""
+    """The directory of an embedded model (organisms ship in the package; `tiny` is built once)."""
     from interp.tiny import write_tiny_checkpoint
 
+    if name in _ORGANISM_DIRS:
+        return Path(str(resources.files("interp") / "organisms" / _ORGANISM_DIRS[name]))
     path = cache_dir() / "models" / f"{name}-v1"
     if not (path / "config.json").exists():
         write_tiny_checkpoint(path, "qwen2", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, seed=0)
@@ -203,16 +213,31 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "auto", dtype: s
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
-    marker = path / "interp_model.json"
-    random_weights = bool(marker.exists() and json.loads(marker.read_text()).get("random_weights"))
+    card = _model_card(path)
     cfg = bridge.cfg
     info = ModelInfo(name=name_or_path, source=source,
                      architecture=type(bridge.original_model).__name__,
                      n_layers=cfg.n_layers, n_heads=cfg.n_heads, d_model=cfg.d_model,
                      device=str(torch_device), dtype=str(torch_dtype).removeprefix("torch."),
-                     random_weights=random_weights)
+                     random_weights=bool(card.get("random_weights")),
+                     analysis_defaults=card.get("analysis_defaults", {}))
     object.__setattr__(bridge, "_interp_info", info)
     return bridge
+
+
+def _model_card(path: Path) -> dict:
+    """interp's own notes about a checkpoint (`interp_model.json`), if it has them."""
+    card = path / "interp_model.json"
+    try:
+        return json.loads(card.read_text()) if card.exists() else {}
+    except json.JSONDecodeError:
+        raise UserError(f"{str(card)!r} is not valid JSON") from None
+
+
+def analysis_defaults(model, analysis: str) -> dict:
+    """Option defaults the model's card recommends for `analysis` (empty for most models)."""
+    values = model_info(model).analysis_defaults.get(analysis, {})
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
 
 
 def model_info(model) -> ModelInfo:

@@ -111,7 +111,7 @@ def execute(argv: list[str]) -> Path | None:
     if args.analysis not in ANALYSES:
         planned = " (planned, not implemented yet)" if args.analysis in PLANNED else ""
         raise UserError(f"unknown analysis {args.analysis!r}{planned}; available: {', '.join(ANALYSES)}")
-    from interp.models import load_model, model_label
+    from interp.models import analysis_defaults, load_model, model_label
     from interp.outputs import prepare_output_dir, write_results
 
     module = _module(args.analysis)
@@ -124,6 +124,12 @@ def execute(argv: list[str]) -> Path | None:
         transformers.utils.logging.disable_progress_bar()
     model = load_model(args.model, device=args.device, dtype=args.dtype,
                        trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
+    card_defaults = analysis_defaults(model, args.analysis)
+    if card_defaults:  # the model card's settings, unless given on the command line
+        explicit = config_values(args, args.analysis)
+        config = module.Config(**{**card_defaults, **explicit})
+        print(f"model card settings: {', '.join(f'{k}={v!r}' for k, v in card_defaults.items() if k not in explicit)}",
+              file=sys.stderr)
     result = module.run(model, config)
     write_results(out, result.to_dict(), result.tables())
     module.write_extras(result, out)
