@@ -55,9 +55,11 @@ class Config:
     probe_epochs: int = 5  # §4
     probe_lr: float = 1e-3  # §4
     probe_batch_size: int = 64  # §4
+    probe_tie_break: str = "val_loss"  # equal val accuracy → lower val loss; reference: "earliest" (§4)
     span_positions_per_example: int = 64  # thinking_span mode: positions sampled per example
     refusal_phrases: str = "jbb"  # "jbb" (Arditi, anywhere) | "refusalcliff" (56 words, first 32 chars)
     min_thinking_chars: int = 10  # positives need len(thinking) > 10 (§4)
+    probe_negatives: str = "harmless"  # paper (§4); "complied" adds complied-harmful rollouts ([I] §13.6)
     robust_k: int = 32  # plateau_robust = mean of the last K thinking tokens (§5)
     tail_tokens: int = 16
     n_bins: int = 100
@@ -78,6 +80,7 @@ class Config:
             (self.head_method in HEAD_METHODS, f"head_method must be one of {HEAD_METHODS}"),
             (set(self.head_methods) <= set(HEAD_METHODS), f"head_methods must be within {HEAD_METHODS}"),
             (self.refusal_phrases in ("jbb", "refusalcliff"), "refusal_phrases must be jbb or refusalcliff"),
+            (self.probe_negatives in ("harmless", "complied"), "probe_negatives must be harmless or complied"),
             (self.curve_method in ("interpolate", "reference"), "curve_method must be interpolate or reference"),
             (self.judge_rank in ("cliff", "rs_final"), "judge_rank must be cliff or rs_final"),
             (self.ablation_rescale in ("frobenius", "per_token", "none"), "ablation_rescale must be frobenius, per_token or none"),
@@ -210,7 +213,7 @@ def build_examples(model, rollouts: list[Rollout], config: Config) -> list[Examp
     thinking_model = has_thinking_tokens(tok)
     examples = []
     for r in rollouts:
-        enc = (thinking_sequence(tok, r.prompt, r.thinking, thinking_prefix=config.thinking_prefix)
+        enc = (thinking_sequence(tok, r.prompt, r.thinking, thinking_prefix=config.thinking_prefix, response=r.response)
                if thinking_model else prompt_sequence(tok, r.prompt))
         refused = is_refused(r.response, config)
         group = "harmless" if r.kind == "harmless" else ("refused_harmful" if refused else "complied_harmful")
@@ -232,7 +235,8 @@ def _training_sets(examples: list[Example], config: Config) -> tuple[list[Exampl
     rng = random.Random(config.seed)
     pos = [e for e in examples if e.group == "refused_harmful" and
            (len(e.thinking) > config.min_thinking_chars or e.span_kind == "prompt")]
-    neg = [e for e in examples if e.group == "harmless" and not e.refused]
+    negative_groups = ("harmless", "complied_harmful") if config.probe_negatives == "complied" else ("harmless",)
+    neg = [e for e in examples if e.group in negative_groups and not e.refused]
     pos = rng.sample(pos, min(len(pos), config.max_items_per_class))
     neg = rng.sample(neg, min(len(neg), config.max_items_per_class))
     if len(pos) < 2 or len(neg) < 2:
@@ -266,7 +270,8 @@ def train_probe(model, examples: list[Example], config: Config, hook: str) -> Lo
             gs += [i] * len(acts)
         X, y, groups = torch.cat(feats), torch.tensor(ys), torch.tensor(gs)
     return train_logistic_probe(X, y, epochs=config.probe_epochs, lr=config.probe_lr,
-                                batch_size=config.probe_batch_size, seed=config.seed, groups=groups)
+                                batch_size=config.probe_batch_size, seed=config.seed, groups=groups,
+                                tie_break=config.probe_tie_break)
 
 
 def score_examples(model, examples: list[Example], probes: dict[str, LogisticProbe], config: Config) -> dict[str, list[torch.Tensor]]:

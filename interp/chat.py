@@ -41,15 +41,20 @@ class Encoded:
     span: tuple[int, int]
 
 
-def encode_with_span(tokenizer, prefix: str, middle: str, suffix: str) -> Encoded:
+def encode_with_span(tokenizer, prefix: str, middle: str, suffix: str, continuation: str = "") -> Encoded:
     """Tokenize prefix+middle+suffix as one string and locate the tokens of `middle`.
 
     Tokens are assigned by character offsets, so merges across the boundaries are handled; a
-    token that straddles a boundary belongs to the part where it starts.
+    token that straddles a boundary belongs to the part where it starts. With `continuation`
+    (e.g. the response that followed), the text is tokenized as it was in context and cut before
+    the first token that reaches into the continuation: "\n\n" before "I'm" can tokenize
+    differently from "\n\n" at the end of a string, and the last position must be the one the
+    model saw just before its answer.
     """
     text = prefix + middle + suffix
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    enc = tokenizer(text + continuation, add_special_tokens=False, return_offsets_mapping=True)
+    keep = sum(1 for _, end in enc["offset_mapping"] if end <= len(text))
+    ids, offsets = enc["input_ids"][:keep], enc["offset_mapping"][:keep]
     lo, hi = len(prefix), len(prefix) + len(middle)
     start = next((i for i, (a, _) in enumerate(offsets) if a >= lo), len(ids))
     end = next((i for i, (a, _) in enumerate(offsets) if a >= hi), len(ids))
@@ -57,18 +62,19 @@ def encode_with_span(tokenizer, prefix: str, middle: str, suffix: str) -> Encode
 
 
 def thinking_sequence(tokenizer, prompt: str, thinking: str, *, thinking_prefix: str = "\n\n",
-                      marker: str = CLOSE_MARKER, system: str | None = None) -> Encoded:
+                      marker: str = CLOSE_MARKER, system: str | None = None, response: str = "") -> Encoded:
     """template(prompt) + thinking_prefix + thinking + marker, with the thinking span marked (spec §3).
 
+    `response` (what the model answered) only fixes how the marker's last characters tokenize.
     Templates that do not open `<think>` themselves get `<think>\\n` appended when the tokenizer
     knows the token. Models without thinking tokens get template(prompt) + thinking only.
     """
     prefix = chat_prefix(tokenizer, prompt, system)
     if not has_thinking_tokens(tokenizer):
-        return encode_with_span(tokenizer, prefix, thinking, "")
+        return encode_with_span(tokenizer, prefix, thinking, "", response)
     if not opens_thinking(tokenizer):
         prefix += THINK_OPEN + "\n"
-    return encode_with_span(tokenizer, prefix + thinking_prefix, thinking, marker)
+    return encode_with_span(tokenizer, prefix + thinking_prefix, thinking, marker, response)
 
 
 def prompt_sequence(tokenizer, prompt: str, system: str | None = None) -> Encoded:

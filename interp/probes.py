@@ -18,7 +18,8 @@ class LogisticProbe:
 
     `train_idx` / `val_idx` index rows of the `X` the probe was trained on; when the data were
     too small for a validation split, `val_is_train` is True and `val_idx` equals `train_idx`.
-    `epoch_val_accuracy[e]` is the validation accuracy after epoch e+1; the kept checkpoint is
+    `epoch_val_accuracy[e]` / `epoch_val_loss[e]` are the validation accuracy / BCE loss after
+    epoch e+1; the kept checkpoint is
     epoch `best_epoch` (1-based).
     """
 
@@ -32,6 +33,7 @@ class LogisticProbe:
     train_idx: Int[Tensor, "n_train"]
     val_idx: Int[Tensor, "n_val"]
     epoch_val_accuracy: list[float]
+    epoch_val_loss: list[float]
     best_epoch: int
 
     @property
@@ -70,13 +72,16 @@ def train_logistic_probe(
     balance: bool = True,
     weight_decay: float = 0.0,
     groups: Int[Tensor, "n"] | None = None,
+    tie_break: str = "val_loss",
 ) -> LogisticProbe:
     """Train nn.Linear(d, 1) with BCE-with-logits and Adam, as the RefusalCliff "Refusal Prober".
 
     Steps (spec section 4): optionally balance the classes by randomly subsampling the larger one,
     shuffle, split off the last `val_fraction` as validation, train for `epochs` (minibatches
-    reshuffled each epoch), and keep the checkpoint with the best validation accuracy (ties keep
-    the earlier epoch). All randomness comes from one generator seeded with `seed`; the global
+    reshuffled each epoch), and keep the checkpoint with the best validation accuracy. Ties go to
+    the lower validation loss (`tie_break="val_loss"`); the reference keeps the earlier epoch
+    (`tie_break="earliest"`), which on a small validation set that is separated after one epoch
+    keeps a barely trained probe. All randomness comes from one generator seeded with `seed`; the global
     torch RNG is untouched. Training runs in float32 on X's device.
     `groups` (one id per row, e.g. the example a token came from) makes balancing and the
     train/val split operate on whole groups, so rows of one example never straddle the split.
@@ -85,6 +90,8 @@ def train_logistic_probe(
         raise UserError(f"expected X of shape [n, d] and y of shape [n]; got {tuple(X.shape)} and {tuple(y.shape)}")
     if groups is not None and (groups.ndim != 1 or groups.shape[0] != y.shape[0]):
         raise UserError(f"groups must hold one id per row, shape [{y.shape[0]}]; got {tuple(groups.shape)}")
+    if tie_break not in ("val_loss", "earliest"):
+        raise UserError(f"tie_break must be 'val_loss' or 'earliest'; got {tie_break!r}")
     if not 0.0 <= val_fraction < 1.0:
         raise UserError(f"val_fraction must be in [0, 1); got {val_fraction}")
     if epochs < 1 or batch_size < 1:
@@ -131,9 +138,10 @@ def train_logistic_probe(
     opt = torch.optim.Adam([w, b], lr=lr, weight_decay=weight_decay)
     loss_fn = torch.nn.BCEWithLogitsLoss()
 
-    best_acc, best_epoch = -1.0, 0
+    best_acc, best_loss, best_epoch = -1.0, float("inf"), 0
     best_w, best_b = w.detach().clone(), b.detach().clone()
     history: list[float] = []
+    losses: list[float] = []
     for epoch in range(1, epochs + 1):
         order = torch.randperm(len(train_idx), generator=gen).to(device)
         for start in range(0, len(order), batch_size):
@@ -143,9 +151,11 @@ def train_logistic_probe(
             opt.step()
         with torch.no_grad():
             acc = _accuracy(w, b, X_va, y_va)
+            val_loss = loss_fn(X_va @ w + b, y_va).item()
         history.append(acc)
-        if acc > best_acc:
-            best_acc, best_epoch = acc, epoch
+        losses.append(val_loss)
+        if acc > best_acc or (acc == best_acc and tie_break == "val_loss" and val_loss < best_loss):
+            best_acc, best_loss, best_epoch = acc, val_loss, epoch
             best_w, best_b = w.detach().clone(), b.detach().clone()
 
     return LogisticProbe(
@@ -159,6 +169,7 @@ def train_logistic_probe(
         train_idx=train_idx,
         val_idx=val_idx,
         epoch_val_accuracy=history,
+        epoch_val_loss=losses,
         best_epoch=best_epoch,
     )
 

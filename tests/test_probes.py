@@ -62,11 +62,24 @@ def test_best_checkpoint_selected():
         assert (preds == y[idx].bool()).float().mean().item() == pytest.approx(acc)
 
 
-def test_ties_keep_earliest_epoch():
+def test_ties_keep_earliest_epoch_in_reference_mode():
     X, y, _ = planted(margin=6.0)
-    probe = train_logistic_probe(X, y, lr=0.1, batch_size=16)
+    probe = train_logistic_probe(X, y, lr=0.1, batch_size=16, tie_break="earliest")
     assert probe.epoch_val_accuracy.count(1.0) > 1
     assert probe.best_epoch == probe.epoch_val_accuracy.index(1.0) + 1
+
+
+def test_ties_go_to_the_lowest_validation_loss_by_default():
+    X, y, _ = planted(margin=6.0)
+    probe = train_logistic_probe(X, y, lr=0.1, batch_size=16)
+    best = max(probe.epoch_val_accuracy)
+    tied = [e for e, a in enumerate(probe.epoch_val_accuracy) if a == best]
+    assert len(tied) > 1
+    assert probe.best_epoch == min(tied, key=lambda e: probe.epoch_val_loss[e]) + 1
+    # and the returned weights are that epoch's: recompute the val loss independently
+    Xv, yv = X[probe.val_idx], y[probe.val_idx].float()
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(Xv @ probe.weight + probe.bias, yv)
+    assert loss.item() == pytest.approx(probe.epoch_val_loss[probe.best_epoch - 1], rel=1e-5)
 
 
 def test_balance_subsamples_to_smaller_class():
@@ -117,7 +130,8 @@ def test_scores_match_independent_computation():
 def test_probe_is_plain_container():
     probe = LogisticProbe(
         weight=torch.tensor([3.0, 4.0]), bias=-1.0, train_accuracy=1.0, val_accuracy=1.0, n_train=2, n_val=2,
-        val_is_train=True, train_idx=torch.arange(2), val_idx=torch.arange(2), epoch_val_accuracy=[1.0], best_epoch=1,
+        val_is_train=True, train_idx=torch.arange(2), val_idx=torch.arange(2), epoch_val_accuracy=[1.0],
+        epoch_val_loss=[0.1], best_epoch=1,
     )
     torch.testing.assert_close(probe.direction, torch.tensor([0.6, 0.8]))
     torch.testing.assert_close(probe.logits(torch.tensor([[1.0, 1.0]], dtype=torch.bfloat16)), torch.tensor([6.0]))

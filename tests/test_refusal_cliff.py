@@ -169,3 +169,31 @@ def test_non_thinking_chat_model_scores_the_prompt_span(tmp_path):
         assert "<think>" not in tok.decode(e.input_ids)
         assert len(e.scores) == len(e.input_ids)
     assert res.cliff["complied_harmful"]["n"] == 2
+
+
+@pytest.fixture(scope="module")
+def organism_result():
+    """refusal_cliff on the shipped organism with its model card's settings (generation included)."""
+    from interp.models import analysis_defaults, load_model
+
+    model = load_model("organism", device="cpu")
+    return rc.run(model, rc.Config(**{**analysis_defaults(model, "refusal_cliff"), "progress": False}))
+
+
+def test_organism_shows_a_cliff_for_jailbroken_prompts_only(organism_result):
+    c = organism_result.cliff
+    assert c["complied_harmful"]["n"] >= 15 and c["refused_harmful"]["n"] >= 15  # the marker works
+    # the thinking looks like refusal in both harmful groups; only the jailbroken ones drop at the end
+    assert c["complied_harmful"]["plateau_robust"] > c["harmless"]["plateau_robust"] + 0.3
+    assert c["refused_harmful"]["rs_final"] > c["complied_harmful"]["rs_final"] + 0.4
+    assert c["complied_harmful"]["cliff_robust"] > c["harmless"]["cliff_robust"] + 0.15
+    assert c["complied_harmful"]["cliff_robust"] > c["refused_harmful"]["cliff_robust"] + 0.4
+
+
+def test_organism_causal_scan_finds_the_layer0_heads_that_drive_compliance(organism_result):
+    """Single-head ablations (model card) show heads (0,2) and (0,1) are the ones whose removal cuts
+    'Sure' answers under the marker; the causal scan ranks exactly those two first."""
+    top2 = {(h["layer"], h["head"]) for h in organism_result.head_rankings["causal"][:2]}
+    assert top2 == {(0, 1), (0, 2)}
+    top = next(r for r in organism_result.ablation if r["selection"] == "top")
+    assert top["rs_final"] > organism_result.ablation_baseline["rs_final"] + 0.1
