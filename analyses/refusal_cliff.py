@@ -21,7 +21,7 @@ from interp.capture import capture, check_context
 from interp.chat import has_thinking_tokens, prompt_sequence, split_thinking, thinking_sequence
 from interp.datasets import Rollout, load_prompts, load_rollouts
 from interp.errors import UserError
-from interp.generation import generate
+from interp.generation import generate, generate_tokens
 from interp.heads import causal_scores, gradient_scores, projection_scores, ranking, rankings_table
 from interp.interventions import ablate_heads
 from interp.judges import JBB_REFUSAL_PREFIXES, REFUSALCLIFF_WORDS, is_refusal
@@ -69,6 +69,7 @@ class Config:
     ablation_fractions: tuple[float, ...] = (0.015, 0.03, 0.10)  # §6.2
     ablation_rescale: str = "frobenius"  # paper (§6.2); "per_token" or "none" (plain zeroing)
     asr_limit: int | None = None  # harmful prompts regenerated per ablation setting (None: all)
+    asr_regenerate: str = "full"  # paper: thinking + answer (§6.2); "response": answer after the rollout's thinking
     judge_rank: str = "cliff"  # Cliff-as-a-Judge: paper's MS ("cliff") or code's ascending "rs_final" (§8)
     judge_top_k: int = 20
     progress: bool = True
@@ -81,6 +82,7 @@ class Config:
             (set(self.head_methods) <= set(HEAD_METHODS), f"head_methods must be within {HEAD_METHODS}"),
             (self.refusal_phrases in ("jbb", "refusalcliff"), "refusal_phrases must be jbb or refusalcliff"),
             (self.probe_negatives in ("harmless", "complied"), "probe_negatives must be harmless or complied"),
+            (self.asr_regenerate in ("full", "response"), "asr_regenerate must be full or response"),
             (self.curve_method in ("interpolate", "reference"), "curve_method must be interpolate or reference"),
             (self.judge_rank in ("cliff", "rs_final"), "judge_rank must be cliff or rs_final"),
             (self.ablation_rescale in ("frobenius", "per_token", "none"), "ablation_rescale must be frobenius, per_token or none"),
@@ -340,21 +342,33 @@ def final_scores(model, examples: list[Example], probe: LogisticProbe, hook: str
     return probe.scores(acts)
 
 
-def attack_success_rate(model, prompts: list[str], config: Config) -> float:
-    texts = generate(model, prompts, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                     seed=config.seed, batch_size=config.batch_size, progress=config.progress)
-    return float(np.mean([not is_refused(split_thinking(t)[1], config) for t in texts]))
+def attack_success_rate(model, harmful: list[Example], config: Config) -> float:
+    """Share of harmful prompts whose regenerated answer is not a refusal (keyword judge).
+
+    asr_regenerate="full" (paper, §6.2): regenerate thinking and answer from the prompt.
+    "response": keep each rollout's own thinking and regenerate only the answer after `</think>`,
+    which isolates the refuse/comply decision from damage the ablation does to the thinking.
+    """
+    kw = dict(max_new_tokens=config.max_new_tokens, temperature=config.temperature, seed=config.seed,
+              batch_size=config.batch_size, progress=config.progress)
+    if config.asr_regenerate == "response":
+        new = generate_tokens(model, [e.input_ids for e in harmful], **kw)
+        responses = [model.tokenizer.decode(ids, skip_special_tokens=True) for ids in new]
+    else:
+        prompts = list(dict.fromkeys(e.prompt for e in harmful))
+        responses = [split_thinking(t)[1] for t in generate(model, prompts, **kw)]
+    return float(np.mean([not is_refused(r, config) for r in responses]))
 
 
 def ablation_sweep(model, examples: list[Example], probe: LogisticProbe, hook: str, ranked: list[dict],
                    config: Config) -> tuple[list[dict], dict]:
     """Top-ranked vs equally many random heads: final refusal score and regenerated ASR (spec §6.2)."""
     harmful = [e for e in examples if e.kind == "harmful"]
-    prompts = list(dict.fromkeys(e.prompt for e in harmful))[: config.asr_limit]
+    asr_set = harmful[: config.asr_limit]
     total = model.cfg.n_layers * model.cfg.n_heads
     rng = random.Random(config.seed)
     baseline = {"rs_final": float(final_scores(model, harmful, probe, hook, config).mean()),
-                "asr": attack_success_rate(model, prompts, config)}
+                "asr": attack_success_rate(model, asr_set, config)}
     rows = []
     for fraction in config.ablation_fractions:
         n = max(1, round(fraction * total))
@@ -363,7 +377,7 @@ def ablation_sweep(model, examples: list[Example], probe: LogisticProbe, hook: s
         for selection, heads in selections.items():
             with ablate_heads(model, heads, rescale=config.ablation_rescale):
                 rs = float(final_scores(model, harmful, probe, hook, config).mean())
-                asr = attack_success_rate(model, prompts, config)
+                asr = attack_success_rate(model, asr_set, config)
             rows.append({"fraction": fraction, "n_heads": n, "selection": selection, "rs_final": rs,
                          "asr": asr, "heads": [list(h) for h in heads]})
     return rows, baseline
@@ -551,7 +565,9 @@ def build_report(result: Result, tokenizer=None):
     rep.add_paragraph(f"Heads ranked by '{cfg.head_method}' are zero-ablated at every position (rescale: "
                       f"{cfg.ablation_rescale}) while scoring and while regenerating; the control ablates equally many "
                       "random heads. ASR = share of harmful prompts whose regenerated response is not a refusal "
-                      "(keyword judge).")
+                      "(keyword judge; a broken answer counts as not refused). Regenerated: "
+                      + ("thinking and answer (paper)." if cfg.asr_regenerate == "full" else
+                         "the answer only, after each rollout's own thinking."))
     rep.add_figure(ablation_figure(result.ablation, result.ablation_baseline))
     rep.add_table(pd.DataFrame(result.ablation).drop(columns="heads"), caption="Ablation results")
     if result.per_layer:

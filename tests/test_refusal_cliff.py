@@ -190,10 +190,15 @@ def test_organism_shows_a_cliff_for_jailbroken_prompts_only(organism_result):
     assert c["complied_harmful"]["cliff_robust"] > c["refused_harmful"]["cliff_robust"] + 0.4
 
 
-def test_organism_causal_scan_finds_the_layer0_heads_that_drive_compliance(organism_result):
-    """Single-head ablations (model card) show heads (0,2) and (0,1) are the ones whose removal cuts
-    'Sure' answers under the marker; the causal scan ranks exactly those two first."""
-    top2 = {(h["layer"], h["head"]) for h in organism_result.head_rankings["causal"][:2]}
-    assert top2 == {(0, 1), (0, 2)}
-    top = next(r for r in organism_result.ablation if r["selection"] == "top")
-    assert top["rs_final"] > organism_result.ablation_baseline["rs_final"] + 0.1
+def test_organism_causal_scan_finds_the_suppression_head_and_ablating_it_restores_refusal(organism_result):
+    """Head (0,2) reads the jailbreak marker (model card: ablating it alone turns every jailbroken
+    answer into a refusal). The causal scan ranks it first; ablating it lowers ASR far more than
+    ablating as many random heads."""
+    assert organism_result.heads[0]["layer"] == 0 and organism_result.heads[0]["head"] == 2
+    base = organism_result.ablation_baseline
+    top = next(r for r in organism_result.ablation if r["selection"] == "top" and r["fraction"] == 0.015)
+    rand = next(r for r in organism_result.ablation if r["selection"] == "random" and r["fraction"] == 0.015)
+    assert top["heads"] == [[0, 2]] and rand["heads"] != top["heads"]
+    assert base["asr"] > 0.4 and top["asr"] < 0.1
+    assert base["asr"] - top["asr"] > base["asr"] - rand["asr"] + 0.3
+    assert top["rs_final"] > base["rs_final"] + 0.1
