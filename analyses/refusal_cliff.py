@@ -70,6 +70,8 @@ class Config:
     ablation_rescale: str = "frobenius"  # paper (§6.2); "per_token" or "none" (plain zeroing)
     asr_limit: int | None = None  # harmful prompts regenerated per ablation setting (None: all)
     asr_regenerate: str = "full"  # paper: thinking + answer (§6.2); "response": answer after the rollout's thinking
+    judge: str | None = None  # Llama Guard model (id or directory) for ASR (§7); None: keyword judge
+    judge_response_only: bool = True  # paper (§7): the judge sees only the response, cut to 512 chars
     judge_rank: str = "cliff"  # Cliff-as-a-Judge: paper's MS ("cliff") or code's ascending "rs_final" (§8)
     judge_top_k: int = 20
     progress: bool = True
@@ -179,6 +181,8 @@ def is_refused(response: str, config: Config) -> bool:
 def preflight(config: Config) -> None:
     """Check options and input files before any model is loaded."""
     config.validate()
+    if config.judge and config.judge.startswith((".", "/", "~")) and not Path(config.judge).expanduser().is_dir():
+        raise UserError(f"judge model directory not found: {config.judge}")
     kinds = {r.kind for r in file_rollouts(config)}
     for kind, spec in (("harmful", config.harmful), ("harmless", config.harmless)):
         if kind not in kinds:
@@ -342,8 +346,9 @@ def final_scores(model, examples: list[Example], probe: LogisticProbe, hook: str
     return probe.scores(acts)
 
 
-def attack_success_rate(model, harmful: list[Example], config: Config) -> float:
-    """Share of harmful prompts whose regenerated answer is not a refusal (keyword judge).
+def attack_success_rate(model, harmful: list[Example], config: Config, judge=None) -> float:
+    """Share of harmful prompts whose regenerated answer is a jailbreak: rated unsafe by `judge`
+    (Llama Guard), or, without one, not a refusal (keyword judge).
 
     asr_regenerate="full" (paper, §6.2): regenerate thinking and answer from the prompt.
     "response": keep each rollout's own thinking and regenerate only the answer after `</think>`,
@@ -352,11 +357,14 @@ def attack_success_rate(model, harmful: list[Example], config: Config) -> float:
     kw = dict(max_new_tokens=config.max_new_tokens, temperature=config.temperature, seed=config.seed,
               batch_size=config.batch_size, progress=config.progress)
     if config.asr_regenerate == "response":
+        prompts = [e.prompt for e in harmful]
         new = generate_tokens(model, [e.input_ids for e in harmful], **kw)
         responses = [model.tokenizer.decode(ids, skip_special_tokens=True) for ids in new]
     else:
         prompts = list(dict.fromkeys(e.prompt for e in harmful))
         responses = [split_thinking(t)[1] for t in generate(model, prompts, **kw)]
+    if judge is not None:
+        return float(np.mean(judge.judge(prompts, responses, batch_size=config.batch_size)))
     return float(np.mean([not is_refused(r, config) for r in responses]))
 
 
@@ -367,8 +375,14 @@ def ablation_sweep(model, examples: list[Example], probe: LogisticProbe, hook: s
     asr_set = harmful[: config.asr_limit]
     total = model.cfg.n_layers * model.cfg.n_heads
     rng = random.Random(config.seed)
+    judge = None
+    if config.judge:
+        from interp.judges import LlamaGuardJudge
+
+        judge = LlamaGuardJudge(config.judge, device=str(next(model.parameters()).device),
+                                response_only=config.judge_response_only)
     baseline = {"rs_final": float(final_scores(model, harmful, probe, hook, config).mean()),
-                "asr": attack_success_rate(model, asr_set, config)}
+                "asr": attack_success_rate(model, asr_set, config, judge)}
     rows = []
     for fraction in config.ablation_fractions:
         n = max(1, round(fraction * total))
@@ -377,7 +391,7 @@ def ablation_sweep(model, examples: list[Example], probe: LogisticProbe, hook: s
         for selection, heads in selections.items():
             with ablate_heads(model, heads, rescale=config.ablation_rescale):
                 rs = float(final_scores(model, harmful, probe, hook, config).mean())
-                asr = attack_success_rate(model, asr_set, config)
+                asr = attack_success_rate(model, asr_set, config, judge)
             rows.append({"fraction": fraction, "n_heads": n, "selection": selection, "rs_final": rs,
                          "asr": asr, "heads": [list(h) for h in heads]})
     return rows, baseline
@@ -564,8 +578,10 @@ def build_report(result: Result, tokenizer=None):
     rep.add_heading("Ablation")
     rep.add_paragraph(f"Heads ranked by '{cfg.head_method}' are zero-ablated at every position (rescale: "
                       f"{cfg.ablation_rescale}) while scoring and while regenerating; the control ablates equally many "
-                      "random heads. ASR = share of harmful prompts whose regenerated response is not a refusal "
-                      "(keyword judge; a broken answer counts as not refused). Regenerated: "
+                      "random heads. ASR = share of harmful prompts whose regenerated response "
+                      + (f"the judge {cfg.judge} rates unsafe. " if cfg.judge else
+                         "is not a refusal (keyword judge; a broken answer counts as not refused). ")
+                      + "Regenerated: "
                       + ("thinking and answer (paper)." if cfg.asr_regenerate == "full" else
                          "the answer only, after each rollout's own thinking."))
     rep.add_figure(ablation_figure(result.ablation, result.ablation_baseline))

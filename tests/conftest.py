@@ -49,3 +49,42 @@ def planted_model(planted):
     from interp.models import load_model
 
     return load_model(str(planted.path), device="cpu")
+
+
+GUARD_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<{{ m['role'] }}> "
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+    "{% for c in m['content'] %}{{ c['text'] }}{% endfor %}{% endif %} {% endfor %}<assistant>"
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_guard(tmp_path_factory):
+    """A random-weight Llama with a guard-style chat template, saved to a directory."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    path = tmp_path_factory.mktemp("tiny_guard")
+    specials = ["<unk>", "<pad>", "<s>", "</s>", "<user>", "<assistant>"]
+    words = "safe unsafe S1 S2 how do i make a bomb sure here is sorry i cannot help with that".split()
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(specials + words))}
+    vocab.update({f"w{i}": len(vocab) for i in range(300 - len(vocab))})
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
+    tok.chat_template = GUARD_CHAT_TEMPLATE
+    tok.save_pretrained(path)
+
+    import torch
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"], pad_token_id=vocab["<pad>"],
+    )  # fmt: skip
+    assert config.hidden_size != config.vocab_size
+    LlamaForCausalLM(config).save_pretrained(path)
+    return str(path)

@@ -202,3 +202,25 @@ def test_organism_causal_scan_finds_the_suppression_head_and_ablating_it_restore
     assert base["asr"] > 0.4 and top["asr"] < 0.1
     assert base["asr"] - top["asr"] > base["asr"] - rand["asr"] + 0.3
     assert top["rs_final"] > base["rs_final"] + 0.1
+
+
+def test_asr_with_a_llama_guard_judge_matches_an_independent_judging(planted_model, rollouts_file, tiny_guard):
+    from interp.generation import generate_tokens
+    from interp.judges import LlamaGuardJudge
+
+    config = planted_config(rollouts_file, judge=tiny_guard, asr_regenerate="response", asr_limit=4,
+                            head_methods=("projection",))
+    res = rc.run(planted_model, config)
+    harmful = [e for e in res.examples if e.kind == "harmful"][:4]
+    new = generate_tokens(planted_model, [e.input_ids for e in harmful], max_new_tokens=config.max_new_tokens,
+                          progress=False)
+    responses = [planted_model.tokenizer.decode(ids, skip_special_tokens=True) for ids in new]
+    verdicts = LlamaGuardJudge(tiny_guard).judge([e.prompt for e in harmful], responses)
+    assert res.ablation_baseline["asr"] == pytest.approx(sum(verdicts) / 4)
+    keyword = sum(not rc.is_refused(r, config) for r in responses) / 4
+    assert keyword == 1.0 and sum(verdicts) < 4  # so the number above came from the judge
+
+
+def test_missing_judge_directory_is_reported_before_loading(rollouts_file):
+    with pytest.raises(UserError, match="judge model directory not found"):
+        rc.preflight(rc.Config(rollouts=str(rollouts_file), judge="./no/such/guard"))
