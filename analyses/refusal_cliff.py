@@ -549,8 +549,13 @@ def build_report(result: Result, tokenizer=None):
                 "probe val accuracy": result.probe["val_accuracy"]}
     for g in GROUPS:
         if c[g]["n"]:
-            headline[f"cliff, {g.replace('_', ' ')} (n={c[g]['n']})"] = c[g]["cliff"]
+            headline[f"cliff / robust cliff, {g.replace('_', ' ')} (n={c[g]['n']})"] = \
+                f"{c[g]['cliff']:.3f} / {c[g]['cliff_robust']:.3f}"
     headline["head ranking used"] = cfg.head_method
+    first = min(result.ablation, key=lambda r: (r["fraction"], r["selection"] != "top"), default=None)
+    if first is not None:
+        headline[f"ASR: none → top {first['n_heads']} heads ablated"] = \
+            f"{result.ablation_baseline['asr']:.2f} → {first['asr']:.2f}"
     rep.add_metrics(headline)
     rep.add_heading("Refusal score along the reasoning trace")
     rep.add_paragraph("A logistic probe trained on refused harmful vs complied harmless rollouts scores every token of "
