@@ -69,7 +69,8 @@ def mean_tail(curves: Sequence[Tensor], k: int) -> tuple[np.ndarray, np.ndarray]
 
 def reference_aggregate(curves: Sequence[Tensor], n_bins: int = 100) -> np.ndarray:
     """The RefusalCliff figure code (spec §4): tail-align with zero left-padding, average, then
-    resample to `n_bins`. The zero padding drags early bins down; offered for comparison only."""
+    resample to `n_bins` (linearly; the figure code used cubic interpolation). The zero padding drags
+    early bins down; offered for comparison only."""
     width = max(len(c) for c in curves)
     padded = np.zeros((len(curves), width))
     for i, c in enumerate(curves):
