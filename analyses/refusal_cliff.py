@@ -251,11 +251,13 @@ def _training_sets(examples: list[Example], config: Config) -> tuple[list[Exampl
     return pos, neg
 
 
-def _span_positions(e: Example, k: int):
+def _span_positions(e: Example, k: int) -> list[int]:
     """Up to k evenly spaced thinking positions plus the last token."""
     start, end = e.span
-    picks = np.unique(np.linspace(start, max(start, end - 1), num=min(k, max(1, end - start))).round().astype(int))
-    return lambda length: sorted(set(picks.tolist()) | {length - 1}) if end > start else [length - 1]
+    if end <= start:
+        return [len(e.input_ids) - 1]
+    picks = np.linspace(start, end - 1, num=min(k, end - start)).round().astype(int)
+    return sorted(set(picks.tolist()) | {len(e.input_ids) - 1})
 
 
 def train_probe(model, examples: list[Example], config: Config, hook: str) -> LogisticProbe:
@@ -267,14 +269,11 @@ def train_probe(model, examples: list[Example], config: Config, hook: str) -> Lo
         X = capture(model, [e.input_ids for e in train], [hook], positions="last", **kw)[hook]
         y, groups = torch.tensor(labels), None
     else:
-        feats, ys, gs = [], [], []
-        for i, e in enumerate(train):  # one capture per example keeps its own position set
-            acts = capture(model, [e.input_ids], [hook], positions=_span_positions(e, config.span_positions_per_example),
-                           batch_size=1, progress=False)[hook][0]
-            feats.append(acts)
-            ys += [labels[i]] * len(acts)
-            gs += [i] * len(acts)
-        X, y, groups = torch.cat(feats), torch.tensor(ys), torch.tensor(gs)
+        positions = [_span_positions(e, config.span_positions_per_example) for e in train]
+        feats = capture(model, [e.input_ids for e in train], [hook], positions=positions, **kw)[hook]
+        X = torch.cat(feats)
+        y = torch.tensor([label for label, f in zip(labels, feats) for _ in range(len(f))])
+        groups = torch.tensor([i for i, f in enumerate(feats) for _ in range(len(f))])
     return train_logistic_probe(X, y, epochs=config.probe_epochs, lr=config.probe_lr,
                                 batch_size=config.probe_batch_size, seed=config.seed, groups=groups,
                                 tie_break=config.probe_tie_break)

@@ -153,7 +153,7 @@ def capture(
     seqs: Sequence[Sequence[int]],
     hook_names: Sequence[str],
     *,
-    positions: str | PositionSelector = "last",
+    positions: str | PositionSelector | Sequence[Sequence[int]] = "last",
     batch_size: int = 8,
     fast_attention: bool = True,
     progress: bool = True,
@@ -163,7 +163,8 @@ def capture(
     """Capture `hook_names` for each token sequence, batch by batch, keeping only what is asked.
 
     positions: "last" → one vector per sequence (`[n, ...]`); "all" → a `[len_i, ...]` tensor per
-    sequence (padding removed); a callable `len -> indices` → `[k_i, ...]` per sequence.
+    sequence (padding removed); a callable `len -> indices`, or one index list per sequence →
+    `[k_i, ...]` per sequence.
     Results are float32 on `out_device`. Forward stops after the last block any hook needs.
     `reduce(name, acts)` maps each sequence's selected activations to what is kept (e.g. probe
     scores), so memory holds only the reduced values.
@@ -196,7 +197,8 @@ def capture(
             for name in names:
                 act = acts[name]
                 for row, i in enumerate(idx):
-                    picked = _select(act[row], positions, len(seqs[i]), width)
+                    wanted = positions if isinstance(positions, str) or callable(positions) else positions[i]
+                    picked = _select(act[row], wanted, len(seqs[i]), width)
                     per_seq[name][i] = (picked if reduce is None else reduce(name, picked)).to(out_device)
             del cache, acts
     if positions == "last":
@@ -211,7 +213,8 @@ def _select(act: Tensor, positions, length: int, width: int) -> Tensor:
     real = act[width - length:]
     if positions == "all":
         return real.to(torch.float32, copy=True)  # a copy: a view would keep the padded batch alive
-    return real[torch.as_tensor(list(positions(length)), dtype=torch.long, device=act.device)].float()
+    index = positions(length) if callable(positions) else positions
+    return real[torch.as_tensor(list(index), dtype=torch.long, device=act.device)].float()
 
 
 def last_token_resid(model, seqs: Sequence[Sequence[int]], hook_name: str, **kw) -> Float[Tensor, "n d"]:

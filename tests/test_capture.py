@@ -226,3 +226,13 @@ def test_all_positions_own_their_storage(tiny_model):
     out = capture(tiny_model, seqs, ["blocks.0.hook_resid_post"], positions="all", batch_size=8, progress=False)
     for t in out["blocks.0.hook_resid_post"]:
         assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
+
+
+def test_per_sequence_position_lists_pick_from_the_unpadded_sequence(tiny_model):
+    seqs = _seqs(tiny_model.tokenizer)[:3]
+    wanted = [[0, 2], [len(seqs[1]) - 1], [1, 3, 4]]
+    name = "blocks.0.hook_resid_post"
+    picked = capture(tiny_model, seqs, [name], positions=wanted, batch_size=8, progress=False)[name]
+    full = capture(tiny_model, seqs, [name], positions="all", batch_size=8, progress=False)[name]
+    for got, all_pos, idx in zip(picked, full, wanted):
+        torch.testing.assert_close(got, all_pos[idx])
