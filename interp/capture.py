@@ -8,7 +8,7 @@ import types
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -216,7 +216,3 @@ def _select(act: Tensor, positions, length: int, width: int) -> Tensor:
     index = positions(length) if callable(positions) else positions
     return real[torch.as_tensor(list(index), dtype=torch.long, device=act.device)].float()
 
-
-def last_token_resid(model, seqs: Sequence[Sequence[int]], hook_name: str, **kw) -> Float[Tensor, "n d"]:
-    """Convenience: one hook at the last token of each sequence."""
-    return capture(model, seqs, [hook_name], positions="last", **kw)[hook_name]

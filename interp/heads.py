@@ -116,16 +116,15 @@ def causal_scores(model, seqs: Sequence[Sequence[int]], readout: Readout, *, bat
     device = next(model.parameters()).device
     w = weight.float().to(device)
     effect = torch.zeros(n_layers, n_heads)
-    per_pass = max(1, batch_size)
-    example_batches = [[i] for i in range(len(seqs))] if batch_size < 2 else \
-        length_batches([len(s) for s in seqs], max(1, batch_size // 4))
+    # a pass holds about `batch_size` sequences: a few examples, each replicated once per head
+    example_batches = length_batches([len(s) for s in seqs], max(1, batch_size // 4))
     bar = tqdm(total=len(example_batches) * len(heads), desc="causal scan", disable=not progress, leave=False)
     for idx in example_batches:
         tokens, mask = pad_left([seqs[i] for i in idx], model.tokenizer.pad_token_id)
         b = len(idx)
         score = lambda t, m, hooks: torch.sigmoid(_last_readout(model, t, m, hooks, hook_name) @ w + bias)
         base = score(tokens.to(device), mask.to(device), [])
-        chunk = max(1, per_pass // b) if b <= per_pass else 1
+        chunk = max(1, batch_size // b)
         for start in range(0, len(heads), chunk):
             group = heads[start:start + chunk]
             k = len(group)

@@ -87,7 +87,7 @@ def list_everything() -> str:
 
 
 def config_values(args: argparse.Namespace, analysis: str) -> dict:
-    module, dataset_field = ANALYSES[analysis][0], ANALYSES[analysis][1]
+    dataset_field = ANALYSES[analysis][1]
     names = {f.name for f in dataclasses.fields(_module(analysis).Config)}
     values = {k: v for k, v in vars(args).items() if k in names and k not in COMMON_TO_CONFIG}
     for option, name in COMMON_TO_CONFIG.items():

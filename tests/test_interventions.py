@@ -11,7 +11,7 @@ from interp.capture import capture
 from interp.chat import thinking_sequence
 from interp.errors import UserError
 from interp.generation import generate
-from interp.interventions import ablate_direction, ablate_heads, head_means, project_out, zero_heads
+from interp.interventions import ablate_direction, ablate_heads, add_direction, head_means, project_out, zero_heads
 
 D_HEAD = 16
 
@@ -289,3 +289,18 @@ def test_suppressor_ablation_during_generation_on_planted(planted, planted_model
     assert len(clean) == len(ablated) == n_new
     for a, b in zip(clean, ablated):
         assert a[0, r].abs() < 0.5 and b[0, r] > 3
+
+
+def test_add_direction_matches_hf_with_shifted_embeddings(tiny_model, hf_tiny):
+    """ActAdd at the embeddings equals an independent HF forward on embeddings + alpha * direction."""
+    ids = torch.tensor([[5, 17, 42, 9, 101]])
+    direction = torch.randn(tiny_model.cfg.d_model, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad(), add_direction(tiny_model, direction, "hook_embed", alpha=2.5):
+        ours = tiny_model(ids, return_type="logits")
+    with torch.no_grad():
+        embeds = hf_tiny.model.embed_tokens(ids) + 2.5 * direction
+        theirs = hf_tiny(inputs_embeds=embeds).logits
+        clean = hf_tiny(ids).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    assert (ours - clean).abs().max() > 1e-2
+    assert all(not hp.fwd_hooks for hp in tiny_model.hook_dict.values())

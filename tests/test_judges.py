@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from interp.errors import UserError
 from interp.judges import JBB_REFUSAL_PREFIXES, REFUSALCLIFF_WORDS, LlamaGuardJudge, is_refusal
