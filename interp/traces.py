@@ -1,0 +1,119 @@
+"""External reasoning traces with API logprobs (JSONL, one trace a line), for `instability --traces`.
+
+Each line: `{"id": ..., "correct": true|false, "content": [...]}` where `content` is exactly the
+OpenAI chat-completions `choices[0].logprobs.content` list — per generated token
+`{"token": str, "logprob": float, "top_logprobs": [{"token": str, "logprob": float}, ...]}` — or
+`"response": {...}` holding the whole chat-completions response object instead of `content`.
+Tokens are matched across steps by their text (`bytes`, when given, break ties between texts);
+a token listed twice in one step is merged (probabilities added).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+from pathlib import Path
+
+import torch
+
+from interp.errors import UserError
+from interp.instability import PAD_ID, TraceDists
+
+
+def _is_logprob(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and not math.isnan(v) and v <= 1e-6
+
+
+def _content(obj: dict, where: str) -> list:
+    if "content" in obj:
+        content = obj["content"]
+    elif "response" in obj:
+        try:
+            content = obj["response"]["choices"][0]["logprobs"]["content"]
+        except (KeyError, IndexError, TypeError):
+            raise UserError(f"{where}: 'response' has no choices[0].logprobs.content "
+                            "(request the completion with logprobs=true and top_logprobs=K)") from None
+    else:
+        raise UserError(f"{where}: missing field 'content' (or 'response')")
+    if not isinstance(content, list) or not content:
+        raise UserError(f"{where}: 'content' must be a non-empty list of token steps")
+    return content
+
+
+def _key(entry: dict) -> str:
+    b = entry.get("bytes")
+    return entry["token"] if not b else f"{entry['token']}\x00{bytes(b).hex()}"
+
+
+def parse_trace(obj: dict, where: str, vocab: dict[str, int]) -> TraceDists:
+    """One JSONL object → TraceDists; `vocab` (token key → id) is shared across a file."""
+    for field in ("id", "correct"):
+        if field not in obj:
+            raise UserError(f"{where}: missing field {field!r}")
+    if not isinstance(obj["correct"], bool):
+        raise UserError(f"{where}: 'correct' must be true or false, not {obj['correct']!r}")
+    content = _content(obj, where)
+    tokens, rows = [], []
+    for t, step in enumerate(content, 1):
+        at = f"{where}, step {t}"
+        if not isinstance(step, dict):
+            raise UserError(f"{at}: a step must be an object with token, logprob, top_logprobs")
+        for field in ("token", "logprob", "top_logprobs"):
+            if field not in step:
+                raise UserError(f"{at}: missing field {field!r}")
+        top = step["top_logprobs"]
+        if not isinstance(top, list) or not top:
+            raise UserError(f"{at}: empty 'top_logprobs' (request the completion with top_logprobs=K, K >= 1)")
+        merged: dict[int, float] = {}
+        for e in top:
+            if not isinstance(e, dict) or not isinstance(e.get("token"), str) or not _is_logprob(e.get("logprob")):
+                raise UserError(f"{at}: each top_logprobs entry needs a text 'token' and a 'logprob' <= 0")
+            i = vocab.setdefault(_key(e), len(vocab))
+            lp = max(float(e["logprob"]), -1e4) if math.isfinite(e["logprob"]) else -math.inf
+            merged[i] = float(torch.logaddexp(torch.tensor(merged[i]), torch.tensor(lp))) if i in merged else lp
+        tokens.append(str(step["token"]))
+        rows.append(merged)
+    k = max(len(r) for r in rows)
+    ids = torch.full((len(rows), k), PAD_ID, dtype=torch.long)
+    lps = torch.full((len(rows), k), -math.inf, dtype=torch.float64)
+    for t, r in enumerate(rows):
+        ids[t, :len(r)] = torch.tensor(list(r.keys()))
+        lps[t, :len(r)] = torch.tensor(list(r.values()), dtype=torch.float64)
+    return TraceDists(id=str(obj["id"]), correct=obj["correct"], tokens=tokens, topk_ids=ids, topk_logprobs=lps)
+
+
+def load_traces(path: str | Path) -> list[TraceDists]:
+    """Read a traces JSONL file; any malformed line is a one-line UserError naming it."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"traces file not found: {path}")
+    vocab: dict[str, int] = {}
+    traces, seen = [], {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}: line {lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{where} is not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise UserError(f"{where} is not a JSON object")
+            trace = parse_trace(obj, where, vocab)
+            if trace.id in seen:
+                raise UserError(f"{where}: id {trace.id!r} already used on line {seen[trace.id]}")
+            seen[trace.id] = lineno
+            traces.append(trace)
+    if not traces:
+        raise UserError(f"traces file {path} is empty")
+    return traces
+
+
+def trace_record(trace_id: str, correct: bool, tokens: list[str], top: list[list[tuple[str, float]]],
+                 chosen_logprobs: list[float]) -> dict:
+    """One JSONL object in the format `load_traces` reads (for exporting a local model's traces)."""
+    return {"id": trace_id, "correct": correct, "content": [
+        {"token": tok, "logprob": lp, "top_logprobs": [{"token": t, "logprob": v} for t, v in alts]}
+        for tok, lp, alts in zip(tokens, chosen_logprobs, top)]}
