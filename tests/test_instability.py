@@ -179,3 +179,72 @@ def test_planted_late_spikes_predict_wrong_answers():
     auc = ins.roc_auc(s, shuffled)
     lo, hi = ins.bootstrap_auc_ci(s, shuffled, n_boot=500)
     assert abs(auc - 0.5) < 0.2 and lo < 0.5 < hi
+
+
+# --------------------------------------------------------------------------- external traces JSONL
+
+def _step(tok, alts):
+    return {"token": tok, "logprob": dict(alts).get(tok, -5.0),
+            "top_logprobs": [{"token": t, "logprob": v} for t, v in alts]}
+
+
+GOOD = {"id": "a", "correct": True, "content": [
+    _step("The", [("The", -0.1), ("A", -2.5)]),
+    _step(" answer", [(" answer", -0.3), (" result", -1.6), (" end", -3.0)]),
+]}
+
+
+def _write(tmp_path, lines, name="t.jsonl"):
+    path = tmp_path / name
+    path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines), encoding="utf-8")
+    return path
+
+
+def test_reader_content_and_response_forms(tmp_path):
+    response = {"id": "chatcmpl-1", "object": "chat.completion",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "The answer"},
+                             "logprobs": {"content": GOOD["content"], "refusal": None}}]}
+    path = _write(tmp_path, [GOOD, "", {"id": 7, "correct": False, "response": response}])
+    a, b = load_traces(path)
+    assert (a.id, a.correct, b.id, b.correct) == ("a", True, "7", False)
+    assert a.tokens == ["The", " answer"]
+    assert torch.equal(a.topk_ids, b.topk_ids) and torch.equal(a.topk_logprobs, b.topk_logprobs)
+    assert a.topk_logprobs[0].tolist() == [-0.1, -2.5, -math.inf]      # padded to the widest step
+    # tokens are matched across steps by text: " answer" is the same id wherever it appears
+    assert a.topk_ids[0, 0] != a.topk_ids[1, 0]
+
+
+MALFORMED = [
+    ("{not json", "line 1 is not valid JSON"),
+    ("[1, 2]", "line 1 is not a JSON object"),
+    ({"correct": True, "content": GOOD["content"]}, "line 1: missing field 'id'"),
+    ({"id": "x", "content": GOOD["content"]}, "line 1: missing field 'correct'"),
+    ({"id": "x", "correct": "yes", "content": GOOD["content"]}, "'correct' must be true or false"),
+    ({"id": "x", "correct": True}, "line 1: missing field 'content' (or 'response')"),
+    ({"id": "x", "correct": True, "content": []}, "'content' must be a non-empty list"),
+    ({"id": "x", "correct": True, "response": {"choices": []}}, "'response' has no choices[0].logprobs.content"),
+    ({"id": "x", "correct": True, "content": [{"token": "a", "logprob": -1.0}]}, "step 1: missing field 'top_logprobs'"),
+    ({"id": "x", "correct": True, "content": [GOOD["content"][0], {"token": "a", "logprob": -1.0, "top_logprobs": []}]},
+     "line 1, step 2: empty 'top_logprobs'"),
+    ({"id": "x", "correct": True, "content": [{"token": "a", "logprob": -1, "top_logprobs": [{"token": "a"}]}]},
+     "needs a text 'token' and a 'logprob' <= 0"),
+]
+
+
+@pytest.mark.parametrize("line,message", MALFORMED)
+def test_reader_malformed_line_is_one_line_error(tmp_path, line, message):
+    path = _write(tmp_path, [line])
+    with pytest.raises(UserError) as e:
+        load_traces(path)
+    text = str(e.value)
+    assert message in text and "\n" not in text and str(path) in text
+
+
+def test_reader_empty_missing_and_duplicate(tmp_path):
+    empty = _write(tmp_path, ["", "  "], "empty.jsonl")
+    with pytest.raises(UserError, match="is empty"):
+        load_traces(empty)
+    with pytest.raises(UserError, match="not found"):
+        load_traces(tmp_path / "nope.jsonl")
+    with pytest.raises(UserError, match="line 2: id 'a' already used on line 1"):
+        load_traces(_write(tmp_path, [GOOD, GOOD], "dup.jsonl"))
