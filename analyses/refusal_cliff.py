@@ -3,98 +3,100 @@
 The probe's refusal score stays high while the model thinks about a harmful request and drops at
 the closing `</think>` marker when the model complies anyway (the "cliff"). Heads that push the
 score down at the last token are ranked three ways, ablated, and compared with random heads.
-Method note: shared/specs/refusal_cliff.md (section numbers below refer to it).
+
+Method (paper: Yin et al. 2025, "Refusal Falls off a Cliff"; reference code RefusalCliff): rollouts on
+harmful and harmless prompts; a logistic probe on the final-norm state at the last token of template
++ thinking + closing marker, refused-harmful (1) vs complied-harmless (0); scores at every token;
+cliff = max over the thinking − score at the final token; heads ranked by their output projected on
+the probe direction; the top heads ablated (zeroed, Frobenius-rescaled) vs random heads; complied
+harmful prompts ranked by cliff (Cliff-as-a-Judge). Deviations and options are listed in the README.
 """
 
 from __future__ import annotations
 
 import json
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from typing import Literal
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
+from interp.analysis import CommonConfig, require, run_header
+from interp.bridge import hidden_state_hook
 from interp.capture import capture, check_context
 from interp.chat import has_thinking_tokens, prompt_sequence, split_thinking, thinking_sequence
 from interp.datasets import Rollout, load_prompts, load_rollouts
 from interp.errors import UserError
+from interp.figures import band, intervention_bars, layer_head_heatmap
 from interp.generation import generate, generate_tokens
 from interp.heads import causal_scores, gradient_scores, projection_scores, ranking, rankings_table
 from interp.interventions import ablate_heads
 from interp.judges import JBB_REFUSAL_PREFIXES, REFUSALCLIFF_WORDS, is_refusal
 from interp.metrics import cliff_metrics, mean_interpolated, mean_tail, reference_aggregate
-from interp.models import model_info
-from interp.outputs import environment_info
 from interp.probes import LogisticProbe, train_logistic_probe
+from interp.report import analysis_report
 
 GROUPS = ("refused_harmful", "complied_harmful", "harmless")
 HEAD_METHODS = ("projection", "attribution", "causal")
-PROBE_MODES = ("last_token", "thinking_span")
 
 
 @dataclass
-class Config:
-    """Defaults follow the paper's code unless a comment says otherwise."""
+class Config(CommonConfig):
+    """Defaults follow the paper (Yin et al. 2025) and its code unless a comment says otherwise."""
 
-    harmful: str = "builtin-harmful"  # paper: walledai/AdvBench (§4)
-    harmless: str = "builtin-harmless"  # paper: first 256 of UltraChat test_sft (§4)
-    rollouts: str | None = None  # JSONL of prompt/thinking/response[/kind]; skips generation
-    limit: int | None = None  # prompts per set
-    max_new_tokens: int = 256  # paper 8192 (§1); raise it for real reasoning models
-    temperature: float = 0.0  # paper samples at T=0.7 (§1); greedy by default for reproducibility
-    batch_size: int = 8
-    seed: int = 42  # probe split seed (§4)
-    probe_layer: int | None = None  # HF hidden_states index; None = final-norm output (§4)
-    probe_mode: str = "last_token"  # paper (§4); "thinking_span" labels every thinking token
-    per_layer_probes: bool = False  # a probe per layer, each scored on its own layer ([I] §4)
-    thinking_prefix: str = "\n\n"  # added after the template in the probe code (§3)
-    max_items_per_class: int = 200  # §4
-    probe_epochs: int = 5  # §4
-    probe_lr: float = 1e-3  # §4
-    probe_batch_size: int = 64  # §4
-    probe_tie_break: str = "val_loss"  # equal val accuracy → lower val loss; reference: "earliest" (§4)
-    span_positions_per_example: int = 64  # thinking_span mode: positions sampled per example
-    refusal_phrases: str = "jbb"  # "jbb" (Arditi, anywhere) | "refusalcliff" (56 words, first 32 chars)
-    min_thinking_chars: int = 10  # positives need len(thinking) > 10 (§4)
-    probe_negatives: str = "harmless"  # paper (§4); "complied" adds complied-harmful rollouts ([I] §13.6)
-    robust_k: int = 32  # plateau_robust = mean of the last K thinking tokens (§5)
-    tail_tokens: int = 16
-    n_bins: int = 100
-    curve_method: str = "interpolate"  # or "reference": zero-padded tail-aligned mean (§4 figure code)
-    head_method: str = "projection"  # ranking the ablation sweep uses (§6.1); attribution | causal
-    head_methods: tuple[str, ...] = HEAD_METHODS  # rankings computed and reported side by side
-    ablation_fractions: tuple[float, ...] = (0.015, 0.03, 0.10)  # §6.2
-    ablation_rescale: str = "frobenius"  # paper (§6.2); "per_token" or "none" (plain zeroing)
+    harmful: str = "builtin-harmful"  # harmful prompt set, a registered name or a file (paper: AdvBench)
+    harmless: str = "builtin-harmless"  # harmless prompt set (paper: the first 256 UltraChat test_sft prompts)
+    rollouts: str | None = None  # JSONL of prompt/thinking/response[/kind] rollouts to use instead of generating
+    max_new_tokens: int = 256  # tokens generated per rollout (paper 8192; reasoning-model aliases set it)
+    temperature: float = 0.0  # sampling temperature, 0 = greedy (paper samples at 0.7)
+    seed: int = 42  # seed of the probe's split, sampling and random controls (paper's probe seed)
+    probe_layer: int | None = None  # HF hidden_states index the probe reads; None = final-norm output (paper)
+    probe_mode: Literal["last_token", "thinking_span"] = "last_token"  # last_token: one state per example (paper); thinking_span: every thinking token labelled
+    per_layer_probes: bool = False  # also train and apply one probe per layer, each on its own layer
+    thinking_prefix: str = "\n\n"  # text after the chat template before the thinking (the probe code's)
+    max_items_per_class: int = 200  # examples per class for the probe (paper)
+    probe_epochs: int = 5  # Adam epochs of the probe (paper)
+    probe_lr: float = 1e-3  # Adam learning rate of the probe (paper)
+    probe_batch_size: int = 64  # probe minibatch size (paper)
+    probe_tie_break: Literal["val_loss", "earliest"] = "val_loss"  # equal validation accuracy: lower loss wins; earliest is the reference
+    span_positions_per_example: int = 64  # thinking_span mode: thinking positions sampled per example
+    refusal_phrases: Literal["jbb", "refusalcliff"] = "jbb"  # refusal keywords: jbb (Arditi et al., anywhere) or refusalcliff (56 words, first 32 chars)
+    min_thinking_chars: int = 10  # probe positives need a thinking longer than this (paper)
+    probe_negatives: Literal["harmless", "complied"] = "harmless"  # probe negatives: complied harmless (paper), or also complied harmful
+    robust_k: int = 32  # plateau_robust = mean score of the last K thinking tokens
+    tail_tokens: int = 16  # tokens shown in the tail curve
+    n_bins: int = 100  # points of the normalised-position curve
+    curve_method: Literal["interpolate", "reference"] = "interpolate"  # per-example interpolation, or the paper figure's zero-padded tail alignment
+    head_method: Literal["projection", "attribution", "causal"] = "projection"  # head ranking the ablation sweep uses (paper: projection)
+    head_methods: tuple[Literal["projection", "attribution", "causal"], ...] = HEAD_METHODS  # head rankings computed and shown side by side
+    ablation_fractions: tuple[float, ...] = (0.015, 0.03, 0.10)  # shares of all heads ablated (paper)
+    ablation_rescale: Literal["frobenius", "per_token", "none"] = "frobenius"  # rescale after zeroing heads: whole-output norm (paper), per token, or none
     asr_limit: int | None = None  # harmful prompts regenerated per ablation setting (None: all)
-    asr_regenerate: str = "full"  # paper: thinking + answer (§6.2); "response": answer after the rollout's thinking
-    judge: str | None = None  # Llama Guard model (id or directory) for ASR (§7); None: keyword judge
-    judge_response_only: bool = True  # paper (§7): the judge sees only the response, cut to 512 chars
-    judge_rank: str = "cliff"  # Cliff-as-a-Judge: paper's MS ("cliff") or code's ascending "rs_final" (§8)
-    judge_top_k: int = 20
-    progress: bool = True
+    asr_regenerate: Literal["full", "response"] = "full"  # regenerate thinking and answer (paper), or only the answer after each rollout's thinking
+    judge: str | None = None  # Llama Guard model (id or directory) rating answers for ASR; None: keyword judge
+    judge_response_only: bool = True  # the judge sees only the response, cut to 512 characters (paper)
+    judge_rank: Literal["cliff", "rs_final"] = "cliff"  # Cliff-as-a-Judge ranking: the paper's cliff, or the code's ascending final score
+    judge_top_k: int = 20  # complied-harmful examples exported by Cliff-as-a-Judge
 
-    def validate(self, n_layers: int | None = None) -> None:
-        """Raise UserError for invalid options (layer ranges only when `n_layers` is known)."""
-        checks = [
-            (self.probe_mode in PROBE_MODES, f"probe_mode must be one of {PROBE_MODES}"),
-            (self.head_method in HEAD_METHODS, f"head_method must be one of {HEAD_METHODS}"),
-            (set(self.head_methods) <= set(HEAD_METHODS), f"head_methods must be within {HEAD_METHODS}"),
-            (self.refusal_phrases in ("jbb", "refusalcliff"), "refusal_phrases must be jbb or refusalcliff"),
-            (self.probe_negatives in ("harmless", "complied"), "probe_negatives must be harmless or complied"),
-            (self.asr_regenerate in ("full", "response"), "asr_regenerate must be full or response"),
-            (self.curve_method in ("interpolate", "reference"), "curve_method must be interpolate or reference"),
-            (self.judge_rank in ("cliff", "rs_final"), "judge_rank must be cliff or rs_final"),
-            (self.ablation_rescale in ("frobenius", "per_token", "none"), "ablation_rescale must be frobenius, per_token or none"),
-            (all(0 < f <= 1 for f in self.ablation_fractions), "ablation fractions must be in (0, 1]"),
-            (self.probe_layer is None or n_layers is None or 0 <= self.probe_layer <= n_layers,
-             f"probe_layer {self.probe_layer} is out of range: the model has {n_layers} layers, use 0..{n_layers}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise UserError(message)
+    def validate(self, model=None) -> None:
+        """Raise UserError for invalid options (layer ranges only when `model` is given)."""
+        super().validate(model)
+        n_layers = model.cfg.n_layers if model is not None else None
+        require(all(0 < f <= 1 for f in self.ablation_fractions), "ablation-fractions must be in (0, 1]")
+        for name in ("max_new_tokens", "max_items_per_class", "probe_epochs", "probe_batch_size",
+                     "span_positions_per_example", "robust_k", "tail_tokens", "n_bins", "judge_top_k"):
+            require(getattr(self, name) >= 1, f"{name.replace('_', '-')} must be at least 1; got {getattr(self, name)}")
+        require(self.n_bins >= 2, f"n-bins must be at least 2; got {self.n_bins}")
+        require(self.probe_lr > 0, f"probe-lr must be positive; got {self.probe_lr}")
+        require(self.temperature >= 0, f"temperature must be >= 0; got {self.temperature}")
+        require(self.min_thinking_chars >= 0, f"min-thinking-chars must be >= 0; got {self.min_thinking_chars}")
+        require(self.asr_limit is None or self.asr_limit >= 1, f"asr-limit must be at least 1; got {self.asr_limit}")
+        require(self.probe_layer is None or self.probe_layer >= 0, f"probe-layer must be >= 0; got {self.probe_layer}")
+        require(self.probe_layer is None or n_layers is None or self.probe_layer <= n_layers,
+                f"probe-layer {self.probe_layer} is out of range: the model has {n_layers} layers, use 0..{n_layers}")
 
 
 @dataclass
@@ -114,6 +116,7 @@ class Example:
 
 @dataclass
 class Result:
+    header: dict  # run_header: analysis, model, environment, config
     config: Config
     model: dict
     probe: dict
@@ -127,16 +130,12 @@ class Result:
     ablation_baseline: dict
     judge_ranking: list[dict]
     per_layer: list[dict]
-    environment: dict
     linear_probe: LogisticProbe  # the trained probe itself (weights), for reuse in Python
 
     def to_dict(self) -> dict:
         """The `results.json` content."""
         return {
-            "analysis": "refusal_cliff",
-            "model": self.model,
-            "environment": self.environment,
-            "config": asdict(self.config),
+            **self.header,
             "probe": self.probe,
             "cliff": self.cliff,
             "heads": self.heads,
@@ -147,6 +146,12 @@ class Result:
             "per_layer_probes": self.per_layer,
             "n_examples": {g: sum(e.group == g for e in self.examples) for g in GROUPS},
         }
+
+    def write_extras(self, out_dir: Path) -> None:
+        """Cliff-as-a-Judge selection as JSONL (prompt, thinking, response, cliff, rs_final, plateau_max)."""
+        with open(Path(out_dir) / "cliff_as_a_judge.jsonl", "w", encoding="utf-8") as f:
+            for row in self.judge_ranking:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
     def tables(self) -> dict[str, pd.DataFrame]:
         return {
@@ -169,7 +174,7 @@ def examples_table(examples: list[Example]) -> pd.DataFrame:
 
 def _phrases(config: Config) -> tuple[tuple[str, ...], int | None, bool]:
     if config.refusal_phrases == "refusalcliff":
-        return tuple(REFUSALCLIFF_WORDS), 32, True  # §8.3: first 32 characters, case-sensitive
+        return tuple(REFUSALCLIFF_WORDS), 32, True  # first 32 characters, case-sensitive (paper)
     return JBB_REFUSAL_PREFIXES, None, False
 
 
@@ -229,13 +234,6 @@ def build_examples(model, rollouts: list[Rollout], config: Config) -> list[Examp
 
 
 # ---------------------------------------------------------------- probe
-
-def probe_hook(layer: int | None, n_layers: int) -> str:
-    """HF hidden_states[layer] as a bridge hook: L (or None) → final norm output, l → resid_pre of block l."""
-    if layer is None or layer == n_layers:
-        return "ln_final.hook_out"
-    return "hook_embed" if layer == 0 else f"blocks.{layer - 1}.hook_resid_post"
-
 
 def _training_sets(examples: list[Example], config: Config) -> tuple[list[Example], list[Example]]:
     rng = random.Random(config.seed)
@@ -327,7 +325,7 @@ def curve_tables(examples: list[Example], config: Config) -> tuple[pd.DataFrame,
 # ---------------------------------------------------------------- heads and ablation
 
 def find_heads(model, examples: list[Example], probe: LogisticProbe, hook: str, config: Config) -> dict[str, list[dict]]:
-    """All heads ranked by each method on the harmful examples (spec §6.1: AdvBench + own thinking)."""
+    """All heads ranked by each method on the harmful examples (paper: harmful prompts with their own thinking)."""
     seqs = [e.input_ids for e in examples if e.kind == "harmful"]
     readout = (hook, probe.weight, probe.bias)
     kw = dict(batch_size=config.batch_size, progress=config.progress)
@@ -349,7 +347,7 @@ def attack_success_rate(model, harmful: list[Example], config: Config, judge=Non
     """Share of harmful prompts whose regenerated answer is a jailbreak: rated unsafe by `judge`
     (Llama Guard), or, without one, not a refusal (keyword judge).
 
-    asr_regenerate="full" (paper, §6.2): regenerate thinking and answer from the prompt.
+    asr_regenerate="full" (paper): regenerate thinking and answer from the prompt.
     "response": keep each rollout's own thinking and regenerate only the answer after `</think>`,
     which isolates the refuse/comply decision from damage the ablation does to the thinking.
     """
@@ -369,7 +367,7 @@ def attack_success_rate(model, harmful: list[Example], config: Config, judge=Non
 
 def ablation_sweep(model, examples: list[Example], probe: LogisticProbe, hook: str, ranked: list[dict],
                    config: Config) -> tuple[list[dict], dict]:
-    """Top-ranked vs equally many random heads: final refusal score and regenerated ASR (spec §6.2)."""
+    """Top-ranked vs equally many random heads: final refusal score and regenerated ASR (paper)."""
     harmful = [e for e in examples if e.kind == "harmful"]
     asr_set = harmful[: config.asr_limit]
     total = model.cfg.n_layers * model.cfg.n_heads
@@ -411,19 +409,19 @@ def run(model, config: Config | None = None) -> Result:
     """Roll out, probe, score every token, rank heads, ablate, and rank jailbreaks by cliff."""
     config = config or Config()
     n_layers = model.cfg.n_layers
-    config.validate(n_layers)
+    config.validate(model)
     given = file_rollouts(config)
     examples = build_examples(model, given, config)
     check_context(model, [e.input_ids for e in examples])  # before spending time on generation
     examples += build_examples(model, generate_rollouts(model, config, {r.kind for r in given}), config)
     layer = n_layers if config.probe_layer is None else config.probe_layer
-    hook = probe_hook(layer, n_layers)
+    hook = hidden_state_hook(layer, n_layers)
     probe = train_probe(model, examples, config, hook)
     probes = {hook: probe}
     per_layer = []
     if config.per_layer_probes:
         for l in range(1, n_layers + 1):
-            h = probe_hook(l, n_layers)
+            h = hidden_state_hook(l, n_layers)
             probes.setdefault(h, train_probe(model, examples, config, h))
     scored = score_examples(model, examples, probes, config)
     for i, e in enumerate(examples):
@@ -431,7 +429,7 @@ def run(model, config: Config | None = None) -> Result:
         e.metrics = cliff_metrics(e.scores, e.span, config.robust_k)
     if config.per_layer_probes:
         for l in range(1, n_layers + 1):
-            h = probe_hook(l, n_layers)
+            h = hidden_state_hook(l, n_layers)
             metrics = [cliff_metrics(scored[h][i], e.span, config.robust_k) for i, e in enumerate(examples)]
             row = {"layer": l, "val_accuracy": probes[h].val_accuracy}
             for g in GROUPS:
@@ -443,18 +441,11 @@ def run(model, config: Config | None = None) -> Result:
     rankings = find_heads(model, examples, probe, hook, config)
     ranked = rankings[config.head_method]
     ablation, baseline = ablation_sweep(model, examples, probe, hook, ranked, config)
-    info = model_info(model).to_dict()
-    return Result(config=config, model=info, probe=probe_summary(probe, hook, layer, config), examples=examples,
+    header = run_header("refusal_cliff", model, config)
+    return Result(header=header, config=config, model=header["model"], probe=probe_summary(probe, hook, layer, config), examples=examples,
                   cliff=group_means(examples), curves=curves, tail=tail, heads=ranked, head_rankings=rankings,
                   ablation=ablation, ablation_baseline=baseline, judge_ranking=cliff_as_a_judge(examples, config),
-                  per_layer=per_layer, environment=environment_info(), linear_probe=probe)
-
-
-def write_extras(result: Result, out_dir: Path) -> None:
-    """Cliff-as-a-Judge selection as JSONL (prompt, thinking, response, cliff, rs_final, plateau_max)."""
-    with open(Path(out_dir) / "cliff_as_a_judge.jsonl", "w", encoding="utf-8") as f:
-        for row in result.judge_ranking:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                  per_layer=per_layer, linear_probe=probe)
 
 
 # ---------------------------------------------------------------- figures and report
@@ -462,22 +453,12 @@ def write_extras(result: Result, out_dir: Path) -> None:
 GROUP_COLOURS = {"refused_harmful": "#1f77b4", "complied_harmful": "#d62728", "harmless": "#2ca02c"}
 
 
-def _band(fig, df: pd.DataFrame, x: str, group: str) -> None:
-    import plotly.graph_objects as go
-
-    colour = GROUP_COLOURS[group]
-    fig.add_trace(go.Scatter(x=df[x], y=df["mean"], name=group.replace("_", " "), mode="lines+markers" if x == "offset" else "lines",
-                             line=dict(color=colour)))
-    fig.add_trace(go.Scatter(x=list(df[x]) + list(df[x])[::-1], y=list(df["mean"] + df["se"]) + list(df["mean"] - df["se"])[::-1],
-                             fill="toself", fillcolor=colour, opacity=0.15, line=dict(width=0), showlegend=False, hoverinfo="skip"))
-
-
 def curve_figure(curves: pd.DataFrame, method: str):
     import plotly.graph_objects as go
 
     fig = go.Figure()
     for group, df in curves.groupby("group", sort=False):
-        _band(fig, df, "position", group)
+        band(fig, df["position"], df["mean"], df["se"], group.replace("_", " "), GROUP_COLOURS[group])
     fig.add_vrect(x0=95, x1=100, fillcolor="grey", opacity=0.15, line_width=0)
     fig.update_layout(title=f"Mean refusal score along the sequence ({method}, ±1 s.e.)",
                       xaxis_title="normalised position (%)", yaxis_title="refusal score", yaxis_range=[0, 1])
@@ -489,40 +470,25 @@ def tail_figure(tail: pd.DataFrame):
 
     fig = go.Figure()
     for group, df in tail.groupby("group", sort=False):
-        _band(fig, df, "offset", group)
+        band(fig, df["offset"], df["mean"], df["se"], group.replace("_", " "), GROUP_COLOURS[group], markers=True)
     fig.update_layout(title="The last tokens (0 = final token, where the response starts)",
                       xaxis_title="token offset from the end", yaxis_title="refusal score", yaxis_range=[0, 1])
     return fig
 
 
 def head_heatmap(ranked: list[dict], n_layers: int, n_heads: int, method: str):
-    import plotly.graph_objects as go
-
-    grid = np.zeros((n_layers, n_heads))
+    grid = np.full((n_layers, n_heads), np.nan)
     for row in ranked:
         grid[row["layer"], row["head"]] = row["score"]
-    bound = float(np.abs(grid).max()) or 1.0
-    fig = go.Figure(go.Heatmap(z=grid, colorscale="RdBu", zmin=-bound, zmax=bound,
-                               colorbar=dict(title="score"), hovertemplate="layer %{y} head %{x}: %{z:.4g}<extra></extra>"))
-    fig.update_layout(title=f"Head scores ({method}; negative = suppresses refusal)",
-                      xaxis_title="head", yaxis_title="layer")
-    return fig
+    return layer_head_heatmap(grid, f"Head scores ({method}; negative = suppresses refusal)")
 
 
 def ablation_figure(ablation: list[dict], baseline: dict):
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
-
-    df = pd.DataFrame(ablation)
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("final refusal score (harmful)", "attack success rate"))
-    for col, metric in enumerate(("rs_final", "asr"), start=1):
-        for selection, colour in (("top", "#d62728"), ("random", "#7f7f7f")):
-            part = df[df.selection == selection]
-            fig.add_trace(go.Bar(x=[f"{f:.1%} ({n})" for f, n in zip(part.fraction, part.n_heads)], y=part[metric],
-                                 name=f"{selection} heads", marker_color=colour, showlegend=col == 1), row=1, col=col)
-        fig.add_hline(y=baseline[metric], line_dash="dash", annotation_text="no ablation", row=1, col=col)
-    fig.update_layout(title="Ablating the ranked heads vs the same number of random heads", barmode="group")
-    return fig
+    rows = [{**r, "label": f"{r['fraction']:.1%} ({r['n_heads']})",
+             "selection": "selected" if r["selection"] == "top" else "random"} for r in ablation]
+    return intervention_bars(rows, ("rs_final", "asr"), baseline,
+                             title="Ablating the ranked heads vs the same number of random heads",
+                             titles=("final refusal score (harmful)", "attack success rate"))
 
 
 def _pick_example(examples: list[Example]) -> Example:
@@ -535,14 +501,8 @@ def _pick_example(examples: list[Example]) -> Example:
 
 def build_report(result: Result, tokenizer=None):
     """The HTML report: headline numbers, curves, tail, one example's tokens, heads, ablation, tables."""
-    from interp.report import Report
-
     info, cfg = result.model, result.config
-    rep = Report(title=f"refusal_cliff — {info['name']}")
-    if info.get("random_weights"):
-        rep.add_notice("This model has random weights: it was built by the package, not trained. "
-                       "Nothing below says anything about a real model; it only shows the pipeline working.",
-                       level="warning")
+    rep = analysis_report(result.header)
     c = result.cliff
     headline = {"probe": f"{result.probe['mode']} at layer {result.probe['layer']} ({result.probe['hook']})",
                 "probe val accuracy": result.probe["val_accuracy"]}
@@ -601,6 +561,5 @@ def build_report(result: Result, tokenizer=None):
                       caption="Top complied-harmful examples")
     else:
         rep.add_paragraph("No harmful prompt was complied with.")
-    rep.add_heading("Run")
-    rep.add_config({"model": info, "config": asdict(cfg), "environment": result.environment})
+    rep.add_run_section(result.header)
     return rep

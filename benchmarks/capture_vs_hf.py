@@ -75,7 +75,7 @@ def main() -> None:
     vocab = model.cfg.d_vocab
     lengths = [args.seq - (i * args.seq) // (4 * args.batch) for i in range(args.batch)]  # ragged: padding matters
     seqs = [torch.randint(5, vocab, (n,), generator=gen).tolist() for n in lengths]
-    from interp.capture import pad_left
+    from interp.batching import pad_left
 
     tokens, mask = pad_left(seqs, model.tokenizer.pad_token_id)
     tokens, mask = tokens.to(device), mask.to(device)

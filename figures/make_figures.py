@@ -33,10 +33,11 @@ def render_png(fig, path: Path, width: int = 900, height: int = 450) -> None:
 
 def main() -> None:
     from analyses import refusal_cliff as rc
-    from interp.models import analysis_defaults, load_model
+    from interp.analysis import config_for
+    from interp.models import load_model
 
     model = load_model("organism", device="cpu")
-    result = rc.run(model, rc.Config(**{**analysis_defaults(model, "refusal_cliff"), "progress": False}))
+    result = rc.run(model, config_for("refusal_cliff", model, progress=False))
     render_png(rc.curve_figure(result.curves, result.config.curve_method), HERE / "refusal_cliff_organism_curve.png")
     render_png(rc.tail_figure(result.tail), HERE / "refusal_cliff_organism_tail.png")
     print(f"wrote figures to {HERE}")

@@ -1,44 +1,82 @@
-"""Prompt sets (built-in, Hugging Face hub, or a local file) and rollout files."""
+"""The dataset registry (name → kind, description, online or bundled, loader), prompt files and rollout files.
+
+`DATASETS` is the one registry every analysis uses: `register` adds an entry (bundled sets and hub
+sets alike; a hub loader must fail offline with a one-line UserError), `load_dataset(spec, kind)`
+loads a registered name or a file (`FILE_LOADERS[kind]`), `--list` prints the registry.
+"""
 
 from __future__ import annotations
 
 import csv
 import json
 import random
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 
 from interp.errors import UserError
 
-# name -> one-line description, for the CLI's --list
-DATASET_NAMES: dict[str, str] = {
-    "builtin-harmful": "48 clearly harmful requests written for this project (bundled, offline)",
-    "builtin-harmless": "45 everyday requests written for this project (bundled, offline)",
-    "organism-harmful": "held-out harmful requests in the organisms' format, every other one with the "
-                        "<<jailbreak>> marker (bundled)",
-    "organism-harmless": "held-out harmless requests in the organisms' format (bundled)",
-    "advbench": "walledai/AdvBench: 520 harmful behaviours (hub)",
-    "jailbreakbench": "walledai/JailbreakBench, harmful subset: 100 JBB behaviours (hub)",
-    "jailbreakbench-benign": "walledai/JailbreakBench, benign subset: 100 matched harmless behaviours (hub)",
-    "ultrachat": "HuggingFaceH4/ultrachat_200k test_sft prompts, in order (hub)",
-}
-
-_BUILTIN_FILES = {"builtin-harmful": "harmful.jsonl", "builtin-harmless": "harmless.jsonl",
-                  "organism-harmful": "organism_harmful.jsonl", "organism-harmless": "organism_harmless.jsonl"}
-# name -> (hub repo, split, (column, value) row filter or None)
-_HUB = {
-    "advbench": ("walledai/AdvBench", "train", None),
-    "jailbreakbench": ("walledai/JailbreakBench", "train", ("subset", "harmful")),
-    "jailbreakbench-benign": ("walledai/JailbreakBench", "train", ("subset", "benign")),
-    "ultrachat": ("HuggingFaceH4/ultrachat_200k", "test_sft", None),
-}
 _FILE_TYPES = (".csv", ".jsonl", ".txt")
 
 
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """One registry entry: `load(limit)` returns the items (for `kind` "prompts": strings)."""
+
+    kind: str  # what the items are: "prompts", "texts", "tasks", ...
+    description: str
+    online: bool  # True: fetched from the Hugging Face hub (needs network or a cache)
+    load: Callable[[int | None], list]
+
+
+DATASETS: dict[str, Dataset] = {}
+FILE_LOADERS: dict[str, Callable[[Path], list]] = {}  # kind → loader of a user file
+
+
+def register(name: str, dataset: Dataset) -> None:
+    """Add `name` to the registry (a name is registered once)."""
+    if name in DATASETS:
+        raise ValueError(f"dataset {name!r} is already registered")
+    DATASETS[name] = dataset
+
+
+def dataset_names(kind: str | None = None) -> list[str]:
+    return [n for n, d in DATASETS.items() if kind is None or d.kind == kind]
+
+
+def load_dataset(spec: str, kind: str = "prompts", limit: int | None = None, seed: int | None = None) -> list:
+    """Items of a registered dataset or a user file, checked to be of `kind`.
+
+    `limit` keeps the first N items, or a random N (in their original order) when `seed` is given.
+    """
+    if limit is not None and limit < 1:
+        raise UserError(f"limit must be >= 1; got {limit}")
+    if spec in DATASETS:
+        entry = DATASETS[spec]
+        if entry.kind != kind:
+            raise UserError(f"dataset {spec!r} holds {entry.kind}, not {kind}; choose one of "
+                            f"{', '.join(dataset_names(kind)) or '(none)'} or pass a file")
+        items = entry.load(limit if seed is None else None)
+    elif Path(spec).expanduser().exists() or Path(spec).suffix:
+        if kind not in FILE_LOADERS:
+            raise UserError(f"{kind} cannot be read from a file; choose one of {', '.join(dataset_names(kind))}")
+        items = FILE_LOADERS[kind](Path(spec).expanduser())
+    else:
+        raise UserError(f"unknown dataset {spec!r}; choose one of {', '.join(dataset_names(kind))} or pass a file")
+    if not items:
+        raise UserError(f"dataset {spec!r} is empty")
+    if limit is None or limit >= len(items):
+        return items
+    if seed is None:
+        return items[:limit]
+    keep = sorted(random.Random(seed).sample(range(len(items)), limit))
+    return [items[i] for i in keep]
 
 
 def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
@@ -67,9 +105,12 @@ def _prompt_from(path: Path, where: str, value: object) -> str:
 
 
 def _load_file(path: Path) -> list[str]:
+    """Prompts from a .csv ('prompt' column), .jsonl ('prompt' field) or .txt (one per line) file."""
     if not path.is_file():
         raise UserError(f"prompt file not found: {path}")
     suffix = path.suffix.lower()
+    if suffix not in _FILE_TYPES:
+        raise UserError(f"unsupported prompt file type {suffix or '(none)'!r}; use .csv, .jsonl or .txt")
     if suffix == ".txt":
         return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if suffix == ".jsonl":
@@ -81,8 +122,7 @@ def _load_file(path: Path) -> list[str]:
         return [_prompt_from(path, f"row ending on line {reader.line_num}", row["prompt"]) for row in reader]
 
 
-def _load_hub(name: str, limit: int | None) -> list[str]:
-    repo, split, row_filter = _HUB[name]
+def _load_hub(name: str, repo: str, split: str, row_filter: tuple[str, str] | None, limit: int | None) -> list[str]:
     hint = f"dataset {name!r} ({repo}) could not be loaded (offline?); download it and pass a CSV/JSONL file"
     try:
         import datasets
@@ -103,34 +143,39 @@ def _load_hub(name: str, limit: int | None) -> list[str]:
 
 
 def load_prompts(spec: str, limit: int | None = None, seed: int | None = None) -> list[str]:
-    """Prompts from a name in DATASET_NAMES or a .csv ('prompt' column) / .jsonl ('prompt' field) / .txt file.
+    """Prompts of a registered prompt set or a .csv / .jsonl / .txt file (see `load_dataset`)."""
+    return load_dataset(spec, "prompts", limit=limit, seed=seed)
 
-    `limit` keeps the first N prompts, or a random N (in their original order) when `seed` is given.
-    """
-    if limit is not None and limit < 1:
-        raise UserError(f"limit must be >= 1; got {limit}")
-    if spec in _BUILTIN_FILES:
-        data = resources.files("interp").joinpath("data", _BUILTIN_FILES[spec])
-        with resources.as_file(data) as path:
-            prompts = _load_file(path)
-    elif spec in _HUB:
-        prompts = _load_hub(spec, limit if seed is None else None)
-    elif Path(spec).suffix.lower() in _FILE_TYPES:
-        prompts = _load_file(Path(spec).expanduser())
-    elif Path(spec).exists():
-        raise UserError(f"unsupported prompt file type {Path(spec).suffix or '(none)'!r}; use .csv, .jsonl or .txt")
-    else:
-        raise UserError(
-            f"unknown prompt set {spec!r}; choose one of {', '.join(DATASET_NAMES)} or pass a .csv/.jsonl/.txt file"
-        )
-    if not prompts:
-        raise UserError(f"prompt set {spec!r} is empty")
-    if limit is None or limit >= len(prompts):
-        return prompts
-    if seed is None:
-        return prompts[:limit]
-    keep = sorted(random.Random(seed).sample(range(len(prompts)), limit))
-    return [prompts[i] for i in keep]
+
+def _bundled_prompts(file_name: str) -> Callable[[int | None], list[str]]:
+    def load(limit: int | None) -> list[str]:
+        with resources.as_file(resources.files("interp").joinpath("data", file_name)) as path:
+            return _load_file(path)
+    return load
+
+
+def _hub_prompts(name: str, repo: str, split: str, row_filter=None) -> Callable[[int | None], list[str]]:
+    return lambda limit: _load_hub(name, repo, split, row_filter, limit)
+
+
+FILE_LOADERS["prompts"] = _load_file
+for _name, _file, _text in [
+    ("builtin-harmful", "harmful.jsonl", "48 clearly harmful requests written for this project"),
+    ("builtin-harmless", "harmless.jsonl", "45 everyday requests written for this project"),
+    ("organism-harmful", "organism_harmful.jsonl",
+     "held-out harmful requests in the organisms' format, every other one with the <<jailbreak>> marker"),
+    ("organism-harmless", "organism_harmless.jsonl", "held-out harmless requests in the organisms' format"),
+]:
+    register(_name, Dataset("prompts", _text, online=False, load=_bundled_prompts(_file)))
+for _name, _repo, _split, _filter, _text in [
+    ("advbench", "walledai/AdvBench", "train", None, "walledai/AdvBench: 520 harmful behaviours"),
+    ("jailbreakbench", "walledai/JailbreakBench", "train", ("subset", "harmful"),
+     "walledai/JailbreakBench, harmful subset: 100 JBB behaviours"),
+    ("jailbreakbench-benign", "walledai/JailbreakBench", "train", ("subset", "benign"),
+     "walledai/JailbreakBench, benign subset: 100 matched harmless behaviours"),
+    ("ultrachat", "HuggingFaceH4/ultrachat_200k", "test_sft", None, "HuggingFaceH4/ultrachat_200k test_sft prompts, in order"),
+]:
+    register(_name, Dataset("prompts", _text, online=True, load=_hub_prompts(_name, _repo, _split, _filter)))
 
 
 @dataclass

@@ -5,9 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from tqdm.auto import tqdm
-
-from interp.capture import check_context, length_batches, pad_left
+from interp.batching import padded_batches
+from interp.capture import check_context
 from interp.chat import chat_prefix
 
 
@@ -36,15 +35,12 @@ def generate_tokens(
     check_context(model, seqs, new_tokens=max_new_tokens)
     tok = model.tokenizer
     eos = tok.eos_token_id
-    device = next(model.parameters()).device
     out: list[list[int] | None] = [None] * len(seqs)
-    batches = length_batches([len(s) for s in seqs], batch_size)
-    for b, idx in enumerate(tqdm(batches, desc="generate", disable=not progress, leave=False)):
-        tokens, mask = pad_left([seqs[i] for i in idx], tok.pad_token_id)
+    for b, (idx, tokens, mask) in enumerate(padded_batches(model, seqs, batch_size, desc="generate", progress=progress)):
         torch.manual_seed(seed * 100_003 + b)
         sampled = temperature > 0
         result = model.generate(
-            tokens.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+            tokens, attention_mask=mask, max_new_tokens=max_new_tokens,
             do_sample=sampled, temperature=temperature if sampled else 1.0, top_p=top_p,
             stop_at_eos=True, eos_token_id=eos, return_type="tokens", verbose=False)
         new = result[:, tokens.shape[1]:].cpu()

@@ -21,7 +21,9 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from interp.capture import capture, length_batches, pad_left, readout_point, sdpa_attention, stopped_at
+from interp.batching import length_batches, pad_left, padded_batches
+from interp.bridge import readout_point, sdpa_attention, stopped_at
+from interp.capture import capture
 
 Readout = tuple[str, Tensor, float]  # (hook name, weight [d_model], bias)
 
@@ -74,10 +76,7 @@ def gradient_scores(model, seqs: Sequence[Sequence[int]], readout: Readout, *, b
     layers = range(n_layers if stop is None else min(stop, n_layers))
     device = next(model.parameters()).device
     total = torch.zeros(n_layers, model.cfg.n_heads)
-    for idx in tqdm(length_batches([len(s) for s in seqs], batch_size), desc="grad x act",
-                    disable=not progress, leave=False):
-        tokens, mask = pad_left([seqs[i] for i in idx], model.tokenizer.pad_token_id)
-        tokens, mask = tokens.to(device), mask.to(device)
+    for _, tokens, mask in padded_batches(model, seqs, batch_size, desc="grad x act", progress=progress):
         saved: dict[str, Tensor] = {}
 
         def keeper(name: str):

@@ -100,20 +100,18 @@ def add_direction(model, direction: Float[Tensor, "d_model"], hook_name: str, al
 @torch.no_grad()
 def head_means(model, seqs, layers: Sequence[int], batch_size: int = 8) -> dict[int, Tensor]:
     """Mean of each query head's z over all real tokens of `seqs` (for mean-ablation), streamed."""
-    from interp.capture import length_batches, pad_left
+    from interp.batching import padded_batches
 
     sums = {layer: 0.0 for layer in layers}
     count = 0
-    device = next(model.parameters()).device
-    for idx in length_batches([len(s) for s in seqs], batch_size):
-        tokens, mask = pad_left([seqs[i] for i in idx], model.tokenizer.pad_token_id)
-        keep = mask.to(device).bool()
+    for _, tokens, mask in padded_batches(model, seqs, batch_size, desc="head means", progress=False):
+        keep = mask.bool()
 
         def accumulate(z, hook):
             layer = int(hook.name.split(".")[1])
             sums[layer] = sums[layer] + z[keep].float().sum(0)
 
-        model.run_with_hooks(tokens.to(device), attention_mask=mask.to(device), return_type=None,
+        model.run_with_hooks(tokens, attention_mask=mask, return_type=None,
                              fwd_hooks=[(f"blocks.{layer}.attn.hook_z", accumulate) for layer in layers],
                              stop_at_layer=max(layers) + 1 if max(layers) + 1 < model.cfg.n_layers else None)
         count += int(keep.sum())

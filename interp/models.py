@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-import interp.compat  # noqa: F401  (TransformerLens work-arounds, applied on import)
+import interp.bridge  # noqa: F401  (TransformerLens work-arounds, applied on import)
 from interp.errors import UserError
 
 
@@ -18,23 +18,28 @@ from interp.errors import UserError
 class Alias:
     hf_id: str
     note: str
+    analysis_defaults: dict = field(default_factory=dict)  # analysis → recommended settings
+
+
+# Reasoning models think for thousands of tokens; the refusal-cliff paper samples 8192 new tokens at T=0.7.
+_REASONING = {"refusal_cliff": {"max_new_tokens": 8192, "temperature": 0.7}}
 
 
 # DeepSeek-R1-Distill-Qwen-1.5B is the default real `qwen`: a Qwen2-architecture reasoning model
 # whose chat template opens `<think>`, small enough (28 x 12 = 336 heads) for one GPU or a CPU
 # (refusal_cliff spec §2 recommends it as the toolkit's small test model).
 ALIASES: dict[str, Alias] = {
-    "qwen": Alias("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "small Qwen2 reasoning model (R1 distill)"),
-    "qwen3": Alias("Qwen/Qwen3-0.6B", "Qwen3 0.6B, thinking mode via its chat template"),
-    "r1-7b": Alias("deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", "refusal-cliff paper: R1-7B"),
-    "r1-8b": Alias("deepseek-ai/DeepSeek-R1-Distill-Llama-8B", "refusal-cliff paper: R1-8B"),
-    "r1-14b": Alias("deepseek-ai/DeepSeek-R1-Distill-Qwen-14B", "refusal-cliff paper: R1-14B"),
-    "qwq-32b": Alias("Qwen/QwQ-32B", "refusal-cliff paper: QwQ-32B"),
-    "or1-7b": Alias("Skywork/Skywork-OR1-7B", "refusal-cliff paper: OR1-7B"),
-    "phi4-mini-reasoning": Alias("microsoft/Phi-4-mini-reasoning", "refusal-cliff paper: Phi-4-mini-R"),
-    "qwen3-4b-thinking": Alias("Qwen/Qwen3-4B-Thinking-2507", "refusal-cliff paper: well-aligned control"),
-    "realsafe-r1-7b": Alias("RealSafe/RealSafe-R1-7B", "refusal-cliff paper: safety-aligned control"),
-    "realsafe-r1-8b": Alias("RealSafe/RealSafe-R1-8B", "refusal-cliff paper: safety-aligned control"),
+    "qwen": Alias("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "small Qwen2 reasoning model (R1 distill)", _REASONING),
+    "qwen3": Alias("Qwen/Qwen3-0.6B", "Qwen3 0.6B, thinking mode via its chat template", _REASONING),
+    "r1-7b": Alias("deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", "refusal-cliff paper: R1-7B", _REASONING),
+    "r1-8b": Alias("deepseek-ai/DeepSeek-R1-Distill-Llama-8B", "refusal-cliff paper: R1-8B", _REASONING),
+    "r1-14b": Alias("deepseek-ai/DeepSeek-R1-Distill-Qwen-14B", "refusal-cliff paper: R1-14B", _REASONING),
+    "qwq-32b": Alias("Qwen/QwQ-32B", "refusal-cliff paper: QwQ-32B", _REASONING),
+    "or1-7b": Alias("Skywork/Skywork-OR1-7B", "refusal-cliff paper: OR1-7B", _REASONING),
+    "phi4-mini-reasoning": Alias("microsoft/Phi-4-mini-reasoning", "refusal-cliff paper: Phi-4-mini-R", _REASONING),
+    "qwen3-4b-thinking": Alias("Qwen/Qwen3-4B-Thinking-2507", "refusal-cliff paper: well-aligned control", _REASONING),
+    "realsafe-r1-7b": Alias("RealSafe/RealSafe-R1-7B", "refusal-cliff paper: safety-aligned control", _REASONING),
+    "realsafe-r1-8b": Alias("RealSafe/RealSafe-R1-8B", "refusal-cliff paper: safety-aligned control", _REASONING),
     "qwen3.5": Alias("Qwen/Qwen3.5-0.8B", "gated attention (Qwen3-Next-style gate), smallest real one"),
     "qwen3-next": Alias("Qwen/Qwen3-Next-80B-A3B-Instruct", "gated attention, hybrid, MoE"),
     "gpt2": Alias("openai-community/gpt2", "GPT-2 small"),
@@ -220,9 +225,20 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "auto", dtype: s
                      n_layers=cfg.n_layers, n_heads=cfg.n_heads, d_model=cfg.d_model,
                      device=str(torch_device), dtype=str(torch_dtype).removeprefix("torch."),
                      random_weights=bool(card.get("random_weights")),
-                     analysis_defaults=card.get("analysis_defaults", {}))
+                     analysis_defaults=_recommended_settings(name_or_path, card))
     object.__setattr__(bridge, "_interp_info", info)
     return bridge
+
+
+def _recommended_settings(name: str, card: dict) -> dict:
+    """analysis → settings: the organisms' (one place, `interp.organisms.defaults`), an alias's, or the card's own."""
+    if card.get("organism"):
+        from interp.organisms.defaults import ANALYSIS_DEFAULTS
+
+        return ANALYSIS_DEFAULTS
+    if name in ALIASES:
+        return ALIASES[name].analysis_defaults
+    return card.get("analysis_defaults", {})
 
 
 def _model_card(path: Path) -> dict:

@@ -28,10 +28,8 @@ def sanitize_name(name: str) -> str:
 def prepare_output_dir(
     path: str | Path | None, analysis: str, model_label: str, force: bool = False
 ) -> Path:
-    """Create and return the run directory (default `runs/<analysis>-<model>-<timestamp>`).
-
-    An existing non-empty directory is refused unless `force`; its files are then overwritten, not deleted.
-    """
+    """Return the run directory (default `runs/<analysis>-<model>-<timestamp>`), checked but not created:
+    `write_run` creates it whole at the end. An existing non-empty directory is refused unless `force`."""
     if path is None:
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         out = Path("runs") / f"{sanitize_name(analysis)}-{sanitize_name(model_label)}-{stamp}"
@@ -42,9 +40,37 @@ def prepare_output_dir(
     if out.is_dir() and any(out.iterdir()) and not force:
         raise UserError(
             f"output directory {out} already exists and is not empty; "
-            "pass --force to overwrite its files or choose another --out"
+            "pass --force to replace it or choose another --out"
         )
-    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def write_run(out_dir: str | Path, result, report) -> Path:
+    """Write a finished run atomically: `results.json`, the CSV tables, the result's extra files and
+    `report.html` go into a temporary sibling directory, which is then renamed to `out_dir` (an
+    existing `out_dir`, allowed by `--force`, is replaced only then). A run killed before this
+    leaves nothing that looks complete and nothing that blocks the rerun."""
+    import shutil
+    import tempfile
+
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        write_results(tmp, result.to_dict(), result.tables())
+        if hasattr(result, "write_extras"):
+            result.write_extras(tmp)
+        report.write(tmp / "report.html")
+        if out.is_dir():
+            old = out.with_name(f".{out.name}.replaced")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
 
 
@@ -103,6 +129,15 @@ def to_jsonable(obj: Any) -> Any:
     raise TypeError(f"cannot convert {type(obj).__name__} to JSON")
 
 
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write `text` under a temporary name beside `path`, then rename: readers never see half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
 def write_results(
     out_dir: str | Path, results: dict[str, Any], tables: dict[str, pd.DataFrame]
 ) -> dict[str, Path]:
@@ -111,7 +146,7 @@ def write_results(
     written: dict[str, Path] = {}
     json_path = out / "results.json"
     text = json.dumps(to_jsonable(results), indent=2, allow_nan=False)
-    json_path.write_text(text + "\n", encoding="utf-8")
+    atomic_write_text(json_path, text + "\n")
     written[json_path.name] = json_path
     for name, df in tables.items():
         csv_path = out / f"{sanitize_name(name)}.csv"

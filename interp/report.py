@@ -197,6 +197,11 @@ class Report:
         )
         self._blocks.append(f'<figure><div class="tokens">{spans}</div>{legend}{_figcaption(caption)}</figure>')
 
+    def add_run_section(self, header: Mapping[str, Any]) -> None:
+        """The closing "Run" section: model, config and environment from the run header."""
+        self.add_heading("Run")
+        self.add_config({k: header.get(k) for k in ("model", "config", "environment")})
+
     def render(self) -> str:
         """The complete HTML document."""
         plotly_js = f"<script>{plotly.offline.get_plotlyjs()}</script>" if self._has_figure else ""
@@ -212,16 +217,28 @@ class Report:
 
     def write(self, path: str | Path) -> Path:
         """Write the report to `path` (parent directories created) and return it."""
+        from interp.outputs import atomic_write_text
+
         out = Path(path)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(self.render(), encoding="utf-8")
-        return out
+        return atomic_write_text(out, self.render())
 
     def _toc(self) -> str:
         if len(self._sections) < 2:
             return ""
         items = "".join(f'<li><a href="#{anchor}">{escape(text)}</a></li>' for anchor, text in self._sections)
         return f'<nav class="toc"><strong>Contents</strong><ol>{items}</ol></nav>'
+
+
+def analysis_report(header: Mapping[str, Any]) -> Report:
+    """A report framed for one run: "<analysis> — <model>" title, and a warning when the weights are random."""
+    model = header.get("model") or {}
+    title = header["analysis"] + (f" — {model['name']}" if model.get("name") else "")
+    rep = Report(title=title)
+    if model.get("random_weights"):
+        rep.add_notice("This model has random weights: it was built by the package, not trained. Nothing below "
+                       "says anything about a real model; it only shows the pipeline working.", level="warning")
+    return rep
 
 
 def _cell(value: Any) -> str:

@@ -1,25 +1,21 @@
 """Command line: `python -m interp.run ANALYSIS [options]` writes report.html, results.json and CSVs.
 
-User errors print one line `error: ...` on stderr and exit with code 2.
+The analysis name may stand anywhere among the options. Each analysis's Config fields become
+options (see `interp.analysis`). User errors print one line `error: ...` on stderr and exit 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import sys
 import typing
 from pathlib import Path
 
+from interp.analysis import available, card_defaults, config_for, literal_choices, load_analysis, option_help
 from interp.errors import UserError
 
-# analysis name → (module, the Config field that --dataset sets)
-ANALYSES: dict[str, tuple[str, str]] = {
-    "refusal_cliff": ("analyses.refusal_cliff", "harmful"),
-}
-PLANNED = ("systematic_outliers", "talking_heads", "gated_attention", "skill_unlearning", "instability")
-COMMON_TO_CONFIG = {"batch_size": "batch_size", "seed": "seed", "limit": "limit"}
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -27,113 +23,128 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(message)
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def _field_options(parser: argparse.ArgumentParser, config_cls) -> None:
-    """One `--kebab-name` option per Config field (those not already common options)."""
+    """One `--kebab-name` option per Config field; its help is the field's comment."""
     hints = typing.get_type_hints(config_cls)
+    helps = option_help(config_cls)
     group = parser.add_argument_group("analysis options (defaults follow the paper)")
     for f in dataclasses.fields(config_cls):
-        if f.name in COMMON_TO_CONFIG or f.name == "progress":
+        if f.name == "progress":
             continue
-        flag = "--" + f.name.replace("_", "-")
         hint = hints[f.name]
-        args = typing.get_args(hint)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = f"default: {default!r}"
+        shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
+        help_text = f"{helps.get(f.name, '')} (default: {shown})".strip().replace("%", "%%")
+        choices = literal_choices(hint)
+        kw = dict(default=argparse.SUPPRESS, help=help_text)
         if hint is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
-        elif typing.get_origin(hint) is tuple:
-            group.add_argument(flag, nargs="+", type=args[0], default=argparse.SUPPRESS, help=help_text)
-        else:
-            base = next((a for a in args if a is not type(None)), hint) if args else hint
-            group.add_argument(flag, type=base, default=argparse.SUPPRESS, help=help_text)
+            group.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **kw)
+            continue
+        base = next((a for a in typing.get_args(hint) if a is not type(None)), hint) if typing.get_args(hint) else hint
+        if typing.get_origin(hint) is tuple:
+            base = typing.get_args(hint)[0]
+            kw["nargs"] = "+"
+        if choices is not None:
+            kw["choices"] = choices
+            base = type(choices[0])
+        group.add_argument(_flag(f.name), type=base, metavar=None if choices else f.name.upper(), **kw)
 
 
 def build_parser(analysis: str | None) -> argparse.ArgumentParser:
     from interp.models import DEFAULT_MODEL
 
     parser = _Parser(prog="python -m interp.run", description="Run an interp analysis and write its report.")
-    parser.add_argument("analysis", nargs="?", help="analysis to run (see --list)")
-    parser.add_argument("--list", action="store_true", help="list analyses, model aliases and datasets")
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="alias, Hugging Face id or local directory")
-    parser.add_argument("--out", help="output directory (default runs/<analysis>-<model>-<time>)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
-    parser.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
-    parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--dataset", help="the analysis' main prompt set: a built-in name or a CSV/JSONL/TXT file")
-    parser.add_argument("--limit", type=int, help="use the first N prompts of each set")
-    parser.add_argument("--force", action="store_true", help="write into an existing non-empty output directory")
-    parser.add_argument("--trust-remote-code", action="store_true", help="allow a model's own Python code")
-    parser.add_argument("--allow-pickle", action="store_true", help="allow pickle (.bin) weights")
+    parser.add_argument("analysis", nargs="?", help="the analysis to run (--list shows them)")
+    parser.add_argument("--list", action="store_true", help="list analyses, model names and datasets, then exit")
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"an embedded model, an alias, a Hugging Face id or a local directory (default: {DEFAULT_MODEL})")
+    parser.add_argument("--out", help="output directory (default: runs/<analysis>-<model>-<time>); never overwritten without --force")
+    parser.add_argument("--device", default="auto", help="where the model runs: auto (CUDA if available), cpu or cuda[:N]")
+    parser.add_argument("--dtype", default="auto", choices=DTYPES,
+                        help="weights' dtype: auto is bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--dataset", help="the analysis's main input set: a registered name (--list) or a file")
+    parser.add_argument("--force", action="store_true", help="replace an existing non-empty output directory")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow a model's own Python code to run")
+    parser.add_argument("--allow-pickle", action="store_true", help="allow pickle (.bin) weights, which can run code")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    if analysis in ANALYSES:
-        _field_options(parser, _module(analysis).Config)
+    if analysis is not None:
+        _field_options(parser, load_analysis(analysis).Config)
     return parser
 
 
-def _module(analysis: str):
-    return importlib.import_module(ANALYSES[analysis][0])
-
-
 def list_everything() -> str:
-    from interp.datasets import DATASET_NAMES
+    from interp.datasets import DATASETS
     from interp.models import ALIASES, EMBEDDED
 
-    lines = ["analyses:"] + [f"  {name}" for name in ANALYSES] + [f"  {name} (planned)" for name in PLANNED]
-    lines += ["models (embedded, built offline):"] + [f"  {k:22} {v}" for k, v in EMBEDDED.items()]
+    lines = ["analyses:"] + [f"  {name}" for name in available()]
+    lines += ["models (embedded, offline):"] + [f"  {k:22} {v}" for k, v in EMBEDDED.items()]
     lines += ["model aliases:"] + [f"  {k:22} {a.hf_id}  ({a.note})" for k, a in ALIASES.items()]
-    lines += ["datasets:"] + [f"  {k:22} {v}" for k, v in DATASET_NAMES.items()]
+    lines += ["datasets:"] + [f"  {k:22} [{d.kind}, {'hub' if d.online else 'bundled'}] {d.description}"
+                              for k, d in DATASETS.items()]
     return "\n".join(lines)
 
 
-def config_values(args: argparse.Namespace, analysis: str) -> dict:
-    dataset_field = ANALYSES[analysis][1]
-    names = {f.name for f in dataclasses.fields(_module(analysis).Config)}
-    values = {k: v for k, v in vars(args).items() if k in names and k not in COMMON_TO_CONFIG}
-    for option, name in COMMON_TO_CONFIG.items():
-        if getattr(args, option) is not None:
-            values[name] = getattr(args, option)
+def explicit_options(args: argparse.Namespace, module) -> dict:
+    """The Config values given on the command line (card defaults fill the rest)."""
+    names = {f.name for f in dataclasses.fields(module.Config)}
+    values = {k: v for k, v in vars(args).items() if k in names}
     if args.dataset is not None:
-        values[dataset_field] = args.dataset
+        field = getattr(module, "DATASET_FIELD", None)
+        if field is None:
+            raise UserError(f"{args.analysis} takes no --dataset")
+        values[field] = args.dataset
     values["progress"] = not args.no_progress
     return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
 
 
+def _analysis_in(argv: list[str]) -> str | None:
+    """The analysis named anywhere in `argv` (None if none is)."""
+    names = set(available())
+    return next((a for a in argv if a in names), None)
+
+
 def execute(argv: list[str]) -> Path | None:
     """Parse, run and write; returns the output directory (None for --list)."""
-    analysis = next((a for a in argv if not a.startswith("-")), None)
-    args = build_parser(analysis).parse_args(argv)
+    from interp.outputs import prepare_output_dir, write_run
+
+    args = build_parser(_analysis_in(argv)).parse_args(argv)
     if args.list:
         print(list_everything())
         return None
     if args.analysis is None:
         raise UserError("name an analysis to run (python -m interp.run --list shows them)")
-    if args.analysis not in ANALYSES:
-        planned = " (planned, not implemented yet)" if args.analysis in PLANNED else ""
-        raise UserError(f"unknown analysis {args.analysis!r}{planned}; available: {', '.join(ANALYSES)}")
-    from interp.models import analysis_defaults, load_model, model_label
-    from interp.outputs import prepare_output_dir, write_results
+    module = load_analysis(args.analysis)
+    explicit = explicit_options(args, module)
+    config = module.Config(**explicit)
+    config.validate()
+    if hasattr(module, "preflight"):
+        module.preflight(config)
+    needs_model = getattr(module, "needs_model", lambda c: True)(config)
+    from interp.models import load_model, model_label, resolve_device, resolve_dtype
 
-    module = _module(args.analysis)
-    config = module.Config(**config_values(args, args.analysis))
-    module.preflight(config)
-    out = prepare_output_dir(args.out, args.analysis, model_label(args.model), force=args.force)
-    if args.no_progress:
-        import transformers
+    resolve_dtype(args.dtype, resolve_device(args.device))  # bad --device fails before any directory is made
+    label = model_label(args.model) if needs_model else "no-model"
+    out = prepare_output_dir(args.out, args.analysis, label, force=args.force)
+    model = None
+    if needs_model:
+        if args.no_progress:
+            import transformers
 
-        transformers.utils.logging.disable_progress_bar()
-    model = load_model(args.model, device=args.device, dtype=args.dtype,
-                       trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
-    card_defaults = analysis_defaults(model, args.analysis)
-    if card_defaults:  # the model card's settings, unless given on the command line
-        explicit = config_values(args, args.analysis)
-        config = module.Config(**{**card_defaults, **explicit})
-        print(f"model card settings: {', '.join(f'{k}={v!r}' for k, v in card_defaults.items() if k not in explicit)}",
-              file=sys.stderr)
+            transformers.utils.logging.disable_progress_bar()
+        model = load_model(args.model, device=args.device, dtype=args.dtype,
+                           trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
+        config = config_for(args.analysis, model, **explicit)
+        card = {k: v for k, v in card_defaults(args.analysis, model).items() if k not in explicit}
+        if card:
+            print(f"model card settings: {', '.join(f'{k}={v!r}' for k, v in card.items())}", file=sys.stderr)
+        config.validate(model)
     result = module.run(model, config)
-    write_results(out, result.to_dict(), result.tables())
-    module.write_extras(result, out)
-    module.build_report(result, model.tokenizer).write(out / "report.html")
+    report = module.build_report(result, model.tokenizer if model is not None else None)
+    write_run(out, result, report)
     print(f"wrote {out / 'report.html'}")
     return out
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from interp.capture import capture, pad_left, sdpa_attention, stop_layer_for
+from interp.batching import pad_left
+from interp.bridge import sdpa_attention, stop_layer_for
+from interp.capture import capture
 from interp.errors import UserError
 
 HOOKS = ["ln_final.hook_out", "blocks.0.hook_resid_post", "blocks.1.attn.hook_z"]

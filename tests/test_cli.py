@@ -94,7 +94,7 @@ def test_existing_output_is_never_overwritten(capsys, cli_run, planted, rollouts
 
 @pytest.mark.parametrize("argv, fragment", [
     (["no_such_analysis"], "unknown analysis"),
-    (["talking_heads"], "planned"),
+    (["--model", "organism", "refusal_cliff", "--batch-size", "0"], "batch-size must be at least 1"),
     ([], "name an analysis"),
     (["refusal_cliff", "--model", "notamodel"], "unknown model"),
     (["refusal_cliff", "--model", "./no/such/dir"], "not found"),

@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from interp.datasets import DATASET_NAMES, Rollout, load_prompts, load_rollouts, save_rollouts
+from interp.datasets import DATASETS, Rollout, load_prompts, load_rollouts, save_rollouts
 from interp.errors import UserError
 
 
@@ -21,7 +21,7 @@ def test_builtins(name):
     assert len(prompts) >= 40
     assert len(set(prompts)) == len(prompts)
     assert all(p.strip() == p and p for p in prompts)
-    assert name in DATASET_NAMES
+    assert name in DATASETS and not DATASETS[name].online
 
 
 def test_builtins_have_categories():
@@ -77,9 +77,9 @@ def test_txt_round_trip(tmp_path):
 
 
 def test_unknown_name_lists_choices():
-    msg = raises_one_line("unknown prompt set 'advbenchh'", load_prompts, "advbenchh")
-    assert all(name in msg for name in DATASET_NAMES)
-    assert ".csv" in msg and "file" in msg
+    msg = raises_one_line("unknown dataset 'advbenchh'", load_prompts, "advbenchh")
+    assert all(name in msg for name, d in DATASETS.items() if d.kind == "prompts")
+    assert "file" in msg
 
 
 def test_missing_file(tmp_path):

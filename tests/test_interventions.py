@@ -262,7 +262,7 @@ def test_ablation_active_at_every_decode_step(tiny_model):
     assert all(not hp.fwd_hooks for hp in tiny_model.hook_dict.values())
 
 
-# Regression: transformers 5.2x passes the KV cache as `cache=`; interp.compat forwards it to the
+# Regression: transformers 5.2x passes the KV cache as `cache=`; interp.bridge forwards it to the
 # bridge (without it every cached decode step attended to itself alone).
 
 

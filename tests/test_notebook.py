@@ -1,13 +1,23 @@
-"""The refusal_cliff notebook runs top to bottom through the Python API."""
+"""Every notebook in notebooks/ runs top to bottom through the Python API without an error."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
-NOTEBOOK = Path(__file__).parents[1] / "notebooks" / "refusal_cliff.ipynb"
+NOTEBOOKS = sorted((Path(__file__).parents[1] / "notebooks").glob("*.ipynb"))
+
+
+def execute(path: Path, cwd: Path) -> nbformat.NotebookNode:
+    nb = nbformat.read(path, as_version=4)
+    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}).execute()
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors
+    return nb
 
 
 def test_refusal_cliff_notebook_executes(tmp_path, monkeypatch, planted):
@@ -17,11 +27,16 @@ def test_refusal_cliff_notebook_executes(tmp_path, monkeypatch, planted):
     rollouts = write_rollouts(tmp_path / "rollouts.jsonl", planted_rollouts(planted))
     monkeypatch.setenv("INTERP_MODEL", str(planted.path))
     monkeypatch.setenv("INTERP_ROLLOUTS", str(rollouts))
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    monkeypatch.setenv("INTERP_OPTIONS", json.dumps({"max_new_tokens": 24, "probe_lr": 0.1, "asr_limit": 4,
+                                                     "ablation_fractions": [0.1, 0.25]}))
+    nb = execute(Path(__file__).parents[1] / "notebooks" / "refusal_cliff.ipynb", tmp_path)
     report = tmp_path / "refusal_cliff_report.html"
     assert report.exists() and "plotly" in report.read_text()
-    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
-    assert not [o for o in outputs if o.get("output_type") == "error"]
-    probe_cell = nb.cells[2]["outputs"][-1]["data"]["text/plain"]
-    assert "val_accuracy" in probe_cell
+    assert "val_accuracy" in nb.cells[2]["outputs"][-1]["data"]["text/plain"]
+
+
+@pytest.mark.parametrize("path", [p for p in NOTEBOOKS if p.stem != "refusal_cliff"], ids=lambda p: p.stem)
+def test_analysis_notebook_executes_on_the_organism(path, tmp_path, monkeypatch):
+    monkeypatch.delenv("INTERP_MODEL", raising=False)
+    execute(path, tmp_path)
+    assert list(tmp_path.glob("*.html")), "the notebook writes its report"

@@ -126,12 +126,3 @@ def test_corpus_is_seeded():
     rng = random.Random(0)
     it = C.laundry_item(rng, 4)
     assert it.answer in it.items and it.prompt.count(it.answer) == 1
-
-
-@pytest.mark.parametrize("name", ["standard", "gated"])
-def test_shipped_card_settings_match_the_trainer(name):
-    """A retrained organism gets the same analysis settings as the shipped one."""
-    from interp.organisms.train import ANALYSIS_DEFAULTS
-
-    card = json.loads((ORGANISMS[name] / "interp_model.json").read_text())
-    assert card["analysis_defaults"] == ANALYSIS_DEFAULTS

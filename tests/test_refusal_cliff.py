@@ -174,10 +174,11 @@ def test_non_thinking_chat_model_scores_the_prompt_span(tmp_path):
 @pytest.fixture(scope="module")
 def organism_result():
     """refusal_cliff on the shipped organism with its model card's settings (generation included)."""
-    from interp.models import analysis_defaults, load_model
+    from interp.analysis import config_for
+    from interp.models import load_model
 
     model = load_model("organism", device="cpu")
-    return rc.run(model, rc.Config(**{**analysis_defaults(model, "refusal_cliff"), "progress": False}))
+    return rc.run(model, config_for("refusal_cliff", model, progress=False))
 
 
 def test_organism_shows_a_cliff_for_jailbroken_prompts_only(organism_result):

@@ -160,7 +160,7 @@ def test_write_creates_file(tmp_path: Path) -> None:
 def test_prepare_output_dir_default_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     out = prepare_output_dir(None, "refusal_cliff", "meta-llama/Llama 3.2:1B")
-    assert out.is_dir()
+    assert not out.exists()  # write_run creates it whole
     assert re.fullmatch(r"runs/refusal_cliff-meta-llama_Llama_3\.2_1B-\d{8}-\d{6}", out.as_posix())
 
 
@@ -176,7 +176,7 @@ def test_prepare_output_dir_refuses_non_empty_without_force(tmp_path: Path) -> N
 
 def test_prepare_output_dir_accepts_new_or_empty_dir(tmp_path: Path) -> None:
     assert prepare_output_dir(tmp_path, "a", "m") == tmp_path
-    assert prepare_output_dir(tmp_path / "x" / "y", "a", "m").is_dir()
+    assert prepare_output_dir(tmp_path / "x" / "y", "a", "m") == tmp_path / "x" / "y"
 
 
 def test_prepare_output_dir_refuses_a_file(tmp_path: Path) -> None:

@@ -181,25 +181,10 @@ def main(argv: list[str] | None = None) -> None:
     meta = {"random_weights": False, "organism": True, "arch": a.arch,
             "architecture": type(model).__name__, "gated_attention": a.arch == "qwen3_5",
             "parameters": n_params, "train_seconds": round(train_s, 1),
-            "corpus_tokens": n_tokens, "args": vars(a), "analysis_defaults": ANALYSIS_DEFAULTS}
+            "corpus_tokens": n_tokens, "args": vars(a)}
     (out / "interp_model.json").write_text(json.dumps(meta, indent=1) + "\n")
     (out / "training_log.json").write_text(json.dumps({"args": vars(a), "log": log}, indent=1) + "\n")
     print(f"saved {out} ({train_s:.0f}s training)", flush=True)
-
-
-# Settings the organisms' card recommends per analysis (the CLI applies them unless overridden);
-# measured in interp/organisms/README.md ("refusal_cliff on organism").
-ANALYSIS_DEFAULTS = {
-    "refusal_cliff": {
-        "harmful": "organism-harmful", "harmless": "organism-harmless",
-        "thinking_prefix": "",  # the corpus's main format: "<think>\n" + thinking
-        "probe_mode": "thinking_span",  # the last-token probe is out of distribution on thinking tokens
-        "probe_lr": 0.01, "probe_epochs": 50,  # the paper's 1e-3 x 5 epochs barely moves a 128-wide probe
-        "head_method": "causal",  # the only ranking that finds the marker-reading head (0,2)
-        "max_new_tokens": 96,
-        "asr_regenerate": "response",  # regenerating the thinking under ablation breaks it
-    },
-}
 
 
 if __name__ == "__main__":

@@ -1,0 +1,146 @@
+"""The analysis contract: what an `analyses/<name>.py` module provides, and what callers rely on.
+
+An analysis module defines
+- `Config`: a dataclass inheriting `CommonConfig` (batch_size, seed, limit, progress). Defaults are
+  the paper's. Each field's trailing `# comment` is its command-line help; `Literal[...]` fields are
+  choices (checked by `CommonConfig.validate`, listed in `--help`); tuples take several values;
+  bools become `--x/--no-x`. `Config.validate(model=None)` raises `UserError` for bad values
+  (ranges that need the model, such as layers, only when `model` is given).
+- `run(model, config) -> Result`. `Result.header` is `run_header(...)`; `Result.to_dict()` is the
+  `results.json` content and starts with that header (analysis, model, environment, config);
+  `Result.tables()` maps names to DataFrames (written as CSVs); `Result.write_extras(out_dir)`,
+  if defined, writes further files.
+- `build_report(result, tokenizer) -> Report`, started with `interp.report.analysis_report`.
+Optional: `DATASET_FIELD` (the Config field `--dataset` sets), `preflight(config)` (check input
+files before a model loads), `needs_model(config) -> bool` (False: `run` gets `model=None`).
+
+Every `analyses/*.py` module with `Config` and `run` is found by `available()`; there is no
+registry to edit and no pipeline base class (the analyses differ). Every caller — the CLI,
+notebooks, the figures script, tests — gets its Config from `config_for`: the model card's
+recommended settings first, explicit overrides on top, so Python and the CLI give the same numbers.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import functools
+import importlib
+import inspect
+import pkgutil
+import textwrap
+import typing
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any, Literal
+
+from interp.errors import UserError
+
+ANALYSES_PACKAGE = "analyses"
+
+
+@dataclass
+class CommonConfig:
+    """Options every analysis has."""
+
+    batch_size: int = 8  # sequences per forward pass (numbers do not depend on it)
+    seed: int = 0  # seed for every random choice (splits, sampling, random controls)
+    limit: int | None = None  # use at most N items of each input set (None: all)
+    progress: bool = True  # show progress bars
+
+    def validate(self, model=None) -> None:
+        """Raise UserError for options out of range; `Literal` fields must hold one of their choices."""
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            choices = literal_choices(hints[f.name])
+            value = getattr(self, f.name)
+            if choices is None or value is None:
+                continue
+            values = value if isinstance(value, (tuple, list)) else (value,)
+            bad = [v for v in values if v not in choices]
+            if bad:
+                raise UserError(f"{f.name.replace('_', '-')} must be one of {', '.join(map(str, choices))}; got {bad[0]!r}")
+        require(self.batch_size >= 1, f"batch-size must be at least 1; got {self.batch_size}")
+        require(self.limit is None or self.limit >= 1, f"limit must be at least 1; got {self.limit}")
+
+
+def require(ok: bool, message: str) -> None:
+    """Raise `UserError(message)` unless `ok`."""
+    if not ok:
+        raise UserError(message)
+
+
+def literal_choices(hint) -> tuple | None:
+    """The allowed values of a `Literal[...]` hint (also inside `X | None` or `tuple[Literal, ...]`)."""
+    if typing.get_origin(hint) is Literal:
+        return typing.get_args(hint)
+    for arg in typing.get_args(hint):
+        if arg is not Ellipsis and (found := literal_choices(arg)) is not None:
+            return found
+    return None
+
+
+@functools.cache
+def option_help(config_cls: type) -> dict[str, str]:
+    """Each field's trailing `# comment` in the class body (base classes included): its help text."""
+    helps: dict[str, str] = {}
+    for cls in reversed(config_cls.__mro__):
+        if not dataclasses.is_dataclass(cls):
+            continue
+        try:
+            lines, _ = inspect.getsourcelines(cls)
+        except (OSError, TypeError):
+            continue
+        source = textwrap.dedent("".join(lines))
+        body = source.splitlines()
+        for node in ast.parse(source).body[0].body:
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                line = body[node.end_lineno - 1]
+                if "#" in line[node.end_col_offset:]:
+                    helps[node.target.id] = line[node.end_col_offset:].split("#", 1)[1].strip()
+    return helps
+
+
+def run_header(analysis: str, model, config) -> dict[str, Any]:
+    """The first keys of every `results.json`: analysis, model (None when none was loaded), environment, config."""
+    from interp.models import model_info
+    from interp.outputs import environment_info
+
+    return {"analysis": analysis, "model": model_info(model).to_dict() if model is not None else None,
+            "environment": environment_info(), "config": dataclasses.asdict(config)}
+
+
+def available() -> list[str]:
+    """Names of the analysis modules in the `analyses` package (not imported)."""
+    package = importlib.import_module(ANALYSES_PACKAGE)
+    return sorted(m.name for m in pkgutil.iter_modules(package.__path__) if not m.name.startswith("_"))
+
+
+def load_analysis(name: str) -> ModuleType:
+    """Import `analyses.<name>` and check it follows the contract."""
+    if name not in available():
+        raise UserError(f"unknown analysis {name!r}; available: {', '.join(available())}")
+    module = importlib.import_module(f"{ANALYSES_PACKAGE}.{name}")
+    missing = [a for a in ("Config", "run", "build_report") if not hasattr(module, a)]
+    if missing or not issubclass(module.Config, CommonConfig):
+        raise TypeError(f"analyses/{name}.py breaks the contract: needs Config(CommonConfig), run, build_report")
+    return module
+
+
+def card_defaults(analysis: str, model) -> dict[str, Any]:
+    """Settings the model's card recommends for `analysis` (empty for most models)."""
+    from interp.models import analysis_defaults
+
+    return analysis_defaults(model, analysis) if model is not None else {}
+
+
+def config_for(analysis: str, model=None, **overrides):
+    """`analysis`'s Config for `model`: the model card's defaults, then `overrides` on top."""
+    module = load_analysis(analysis)
+    known = {f.name for f in dataclasses.fields(module.Config)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise UserError(f"{analysis} has no option {unknown[0]!r}")
+    values = {k: v for k, v in card_defaults(analysis, model).items() if k in known}
+    values.update({k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
+    return module.Config(**values)

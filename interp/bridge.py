@@ -1,0 +1,143 @@
+"""Every TransformerLens internal interp relies on, in one module: a TransformerLens upgrade touches this file.
+
+- `sdpa_attention`: attention through PyTorch SDPA (the wrapped HF module) when no hook needs its internals;
+- `stop_layer_for` / `stopped_at`: end a forward after the last block a hook needs (also before the final norm);
+- `readout_point`, `FINAL_NORM`, `hidden_state_hook`: where a readout reads, mapped to bridge hook names;
+- `_patch_kv_cache_keyword`: the compat patch for transformers 5.2x's KV-cache keyword, applied on import.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import types
+from collections.abc import Callable, Iterator, Sequence
+
+from torch import Tensor
+from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
+
+# Hooks that exist only in the bridge's eager re-implementation of attention.
+_EAGER_ONLY = re.compile(r"attn\.(hook_attn_scores|hook_pattern|hook_rot_q|hook_rot_k|hook_cos|hook_sin|hook_q_gate)$")
+_BLOCK = re.compile(r"^blocks\.(\d+)\.")
+
+
+def hidden_state_hook(layer: int | None, n_layers: int) -> str:
+    """HF `hidden_states[layer]` as a bridge hook: L (or None) → final-norm output, l → resid_pre of block l."""
+    if layer is None or layer == n_layers:
+        return FINAL_NORM
+    return "hook_embed" if layer == 0 else f"blocks.{layer - 1}.hook_resid_post"
+
+
+FINAL_NORM = "ln_final.hook_out"
+
+
+def stop_layer_for(hook_names: Sequence[str], n_layers: int) -> int | None:
+    """The first block no requested hook needs (None when a hook after the blocks is needed).
+
+    `stop == n_layers` runs every block but skips the final norm and the unembedding.
+    """
+    layers = []
+    for name in hook_names:
+        m = _BLOCK.match(name)
+        if m is None:
+            if name.startswith(("hook_embed", "embed.", "hook_pos_embed")):
+                layers.append(-1)
+                continue
+            return None
+        layers.append(int(m.group(1)))
+    return max(layers, default=n_layers - 1) + 1
+
+
+def _raise_stop(x, hook):
+    from transformer_lens.model_bridge.exceptions import StopAtLayerException
+
+    raise StopAtLayerException(x)
+
+
+@contextlib.contextmanager
+def stopped_at(model, stop: int | None) -> Iterator[int | None]:
+    """Context for a forward that should end before block `stop`; yields the `stop_at_layer` to pass.
+
+    TransformerLens ignores `stop_at_layer == n_layers` (it still runs the final norm and the
+    unembedding), so that case stops with a hook at the final norm's input instead."""
+    if stop is not None and stop >= model.cfg.n_layers and "ln_final.hook_in" in model.hook_dict:
+        with model.hooks(fwd_hooks=[("ln_final.hook_in", _raise_stop)]):
+            yield None
+    else:
+        yield stop
+
+
+def readout_point(model, hook_name: str) -> tuple[str, int | None, Callable[[Tensor], Tensor]]:
+    """(hook to read, stop layer, transform) that yield `hook_name`'s activations without running
+    anything later: the final-norm output is read as ln_final(last resid_post), skipping the unembed."""
+    n_layers = model.cfg.n_layers
+    if hook_name == FINAL_NORM:
+        return f"blocks.{n_layers - 1}.hook_resid_post", n_layers, model.ln_final
+    return hook_name, stop_layer_for([hook_name], n_layers), lambda x: x
+
+
+def _sdpa_forward(self, *args, **kwargs):
+    """Attention through the wrapped HF module (SDPA kernel); hook_in/q/k/v/z/hook_out still fire."""
+    hidden = kwargs.pop("hidden_states") if "hidden_states" in kwargs else args[0]
+    out, weights = self.original_component(self.hook_in(hidden), **kwargs)
+    return self.hook_out(out), weights
+
+
+def _sdpa_capable(model) -> bool:
+    from transformer_lens.model_bridge.generalized_components.position_embeddings_attention import (
+        PositionEmbeddingsAttentionBridge,
+    )
+
+    blocks = getattr(model, "blocks", [])
+    return len(blocks) > 0 and all(
+        type(b.attn) is PositionEmbeddingsAttentionBridge and not getattr(model.cfg, "gated_q_proj", False)
+        for b in blocks)
+
+
+def _active_hook_names(model) -> list[str]:
+    return [name for name, hp in model.hook_dict.items() if hp.fwd_hooks]
+
+
+@contextlib.contextmanager
+def sdpa_attention(model, needed_hooks: Sequence[str] = ()) -> Iterator[bool]:
+    """Run attention with PyTorch SDPA instead of the bridge's eager re-implementation.
+
+    Only when no requested or active hook needs attention internals (scores, pattern, rotary);
+    otherwise, or for architectures it does not cover, it is a no-op. Yields whether SDPA is on.
+    Not for generation: the bridge's KV cache lives in its eager path.
+    """
+    needs_eager = any(_EAGER_ONLY.search(n) for n in list(needed_hooks) + _active_hook_names(model))
+    if needs_eager or not _sdpa_capable(model):
+        yield False
+        return
+    config = model.original_model.config
+    previous = config._attn_implementation
+    for block in model.blocks:
+        object.__setattr__(block.attn, "forward", types.MethodType(_sdpa_forward, block.attn))
+    config._attn_implementation = "sdpa"
+    try:
+        yield True
+    finally:
+        config._attn_implementation = previous
+        for block in model.blocks:
+            object.__delattr__(block.attn, "forward")
+
+
+def _patch_kv_cache_keyword() -> None:
+    """transformers 5.2x passes the KV cache to attention as `cache=`, but the bridge's attention
+    only reads `past_key_values`/`layer_past`: with the KV cache on, every decode step would attend
+    to itself alone. Forward `cache` under the name the bridge reads."""
+    original = AttentionBridge._update_kv_cache
+    if getattr(original, "_interp_patched", False):
+        return
+
+    def _update_kv_cache(self, key_states, value_states, **kwargs):
+        if kwargs.get("past_key_values") is None and kwargs.get("cache") is not None:
+            kwargs["past_key_values"] = kwargs["cache"]
+        return original(self, key_states, value_states, **kwargs)
+
+    _update_kv_cache._interp_patched = True
+    AttentionBridge._update_kv_cache = _update_kv_cache
+
+
+_patch_kv_cache_keyword()

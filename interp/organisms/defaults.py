@@ -1,0 +1,19 @@
+"""The one place that says which settings the model organisms recommend for each analysis.
+
+`load_model` attaches these to every checkpoint whose card (`interp_model.json`) says
+`"organism": true`; `interp.analysis.config_for` and the CLI apply them unless an option is given.
+Each analysis adds its key here when the organisms need settings other than the paper's.
+"""
+
+ANALYSIS_DEFAULTS: dict[str, dict] = {
+    # measured in interp/organisms/README.md ("refusal_cliff on organism")
+    "refusal_cliff": {
+        "harmful": "organism-harmful", "harmless": "organism-harmless",
+        "thinking_prefix": "",  # the corpus's main format: "<think>\n" + thinking
+        "probe_mode": "thinking_span",  # the last-token probe is out of distribution on thinking tokens
+        "probe_lr": 0.01, "probe_epochs": 50,  # the paper's 1e-3 x 5 epochs barely moves a 128-wide probe
+        "head_method": "causal",  # the only ranking that finds the marker-reading head (0,2)
+        "max_new_tokens": 96,
+        "asr_regenerate": "response",  # regenerating the thinking under ablation breaks it
+    },
+}
