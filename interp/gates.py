@@ -1,0 +1,317 @@
+"""Gated attention (Qiu et al. 2025, arXiv 2505.06708): gate scores, output sparsity, gate interventions.
+
+Gated models (Qwen3-Next, Qwen3.5, `organism-gated`) multiply each head's softmax-attention output
+Y (before `o_proj`) elementwise by a query-dependent gate g = σ(z), z = X W_θ from the same normed
+input as Q/K/V: Y' = Y ⊙ σ(z). The bridge exposes the pre-sigmoid logits z as
+`blocks.L.attn.hook_q_gate` (`[batch, pos, H·d_head]`, head h at `[h·d:(h+1)·d]`), only on the
+full-attention layers; Qwen3-Next / Qwen3.5 linear-attention (Gated DeltaNet) layers have no
+softmax pattern and no such hook (`softmax_layers` lists the layers that do).
+
+- `GateStats`: streamed per-(layer, head) gate statistics (mean, share below 0.1, variance across
+  tokens, per-element means for the mean intervention) and per-layer histograms (bin 0.05).
+- `rebuild_ungated`: Y = pattern @ values (GQA-expanded), the ungated output (`hook_z` is Y' on
+  gated models); `SparsityStats`: share of |Y| < θ, |Y'| < θ and |ḡ·Y| < θ per layer.
+- `implicit_scale`: s(q) = 1 − attention of query q to the first token (a sink key), per head,
+  the quantity An et al. 2025 liken to a gate; defined on any softmax-attention model.
+- Interventions (context managers over the gate hook, gated models only): `force_gates_one`,
+  `gates_to_mean`, `scale_gates`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from interp.errors import UserError
+
+BIN_WIDTH = 0.05
+N_BINS = 20
+LOW_GATE = 0.1
+Head = tuple[int, int]
+
+
+def gate_hook(layer: int) -> str:
+    return f"blocks.{layer}.attn.hook_q_gate"
+
+
+def is_gated(model) -> bool:
+    """Whether the model has a Qwen3-Next-style output gate exposed as `hook_q_gate`."""
+    return bool(getattr(model.cfg, "gated_q_proj", False)) and any(gate_hook(layer) in model.hook_dict
+                                                                   for layer in range(model.cfg.n_layers))
+
+
+def softmax_layers(model) -> list[int]:
+    """Layers with softmax attention (a `hook_pattern`); hybrid linear-attention layers are left out."""
+    return [layer for layer in range(model.cfg.n_layers) if f"blocks.{layer}.attn.hook_pattern" in model.hook_dict]
+
+
+def layer_kinds(model) -> list[str]:
+    """Per layer: "softmax" or "linear" (no softmax pattern: e.g. Gated DeltaNet)."""
+    soft = set(softmax_layers(model))
+    return ["softmax" if layer in soft else "linear" for layer in range(model.cfg.n_layers)]
+
+
+def check_gated(model, what: str = "a gate intervention") -> None:
+    if not is_gated(model):
+        raise UserError(f"{what} needs a gated-attention model (Qwen3-Next / Qwen3.5 / organism-gated); "
+                        "this model has no attention output gate")
+
+
+def split_heads(z: Float[Tensor, "batch pos hd"], n_heads: int) -> Float[Tensor, "batch pos head d_head"]:
+    return z.view(*z.shape[:-1], n_heads, z.shape[-1] // n_heads)
+
+
+def rebuild_ungated(pattern: Float[Tensor, "batch head q k"],
+                    v: Float[Tensor, "batch k kv_head d_head"]) -> Float[Tensor, "batch q head d_head"]:
+    """Y = A · V per query head (GQA: query head h reads KV head h // (H / n_kv)), before any gate."""
+    v = v.repeat_interleave(pattern.shape[1] // v.shape[2], dim=2)
+    return torch.einsum("bhqk,bkhd->bqhd", pattern.to(v.dtype), v)
+
+
+def implicit_scale(pattern: Float[Tensor, "batch head q k"], first: Tensor) -> Float[Tensor, "batch head q"]:
+    """s(q) = 1 − A[q, first] per head: the output share that does not go to the first (sink) token.
+
+    `first[b]` is the index of row b's first real token (left padding)."""
+    idx = first.view(-1, 1, 1, 1).expand(pattern.shape[0], pattern.shape[1], pattern.shape[2], 1)
+    return 1.0 - pattern.gather(-1, idx.to(pattern.device)).squeeze(-1)
+
+
+class GateStats:
+    """Streamed gate statistics over real tokens: per (layer, head, dim) sums, below-0.1 counts, histograms."""
+
+    def __init__(self, layers: Sequence[int], n_heads: int, d_head: int):
+        self.layers = list(layers)
+        shape = (len(self.layers), n_heads, d_head)
+        self.sum = torch.zeros(shape, dtype=torch.float64)
+        self.sum_sq = torch.zeros(shape, dtype=torch.float64)
+        self.low = torch.zeros(shape, dtype=torch.float64)
+        self.min = torch.full((len(self.layers),), float("inf"), dtype=torch.float64)
+        self.max = torch.full((len(self.layers),), float("-inf"), dtype=torch.float64)
+        self.hist = torch.zeros((len(self.layers), N_BINS), dtype=torch.float64)
+        self.count = torch.zeros(len(self.layers), dtype=torch.float64)
+        self.n_heads = n_heads
+
+    def update(self, layer: int, logits: Float[Tensor, "batch pos hd"], mask: Tensor) -> None:
+        """Add the real tokens (`mask` 1) of one batch of gate logits of `layer`."""
+        i = self.layers.index(layer)
+        g = torch.sigmoid(split_heads(logits, self.n_heads)[mask.bool()].double()).cpu()  # [N, H, d]
+        self.sum[i] += g.sum(0)
+        self.sum_sq[i] += (g * g).sum(0)
+        self.low[i] += (g < LOW_GATE).double().sum(0)
+        self.count[i] += g.shape[0]
+        if g.numel():
+            self.min[i] = min(self.min[i], g.min())
+            self.max[i] = max(self.max[i], g.max())
+        bins = (g / BIN_WIDTH).floor().long().clamp(0, N_BINS - 1)
+        self.hist[i] += torch.bincount(bins.flatten(), minlength=N_BINS).double()
+
+    def element_means(self) -> dict[int, Tensor]:
+        """layer → [n_heads, d_head] mean gate score over tokens (the per-head means for `gates_to_mean`)."""
+        return {layer: (self.sum[i] / self.count[i]).float() for i, layer in enumerate(self.layers)}
+
+    def head_rows(self) -> list[dict]:
+        """Rows {layer, head, mean, frac_below_0_1, var_tokens}; var_tokens = variance of each gate
+        element across tokens, averaged over the head's dims (0 for a query-independent gate)."""
+        rows = []
+        for i, layer in enumerate(self.layers):
+            n = self.count[i]
+            mean = self.sum[i] / n
+            var = (self.sum_sq[i] / n - mean ** 2).clamp_min(0.0)
+            for h in range(self.n_heads):
+                rows.append({"layer": layer, "head": h, "mean": float(mean[h].mean()),
+                             "frac_below_0_1": float(self.low[i, h].sum() / (n * mean.shape[1])),
+                             "var_tokens": float(var[h].mean())})
+        return rows
+
+    def layer_rows(self) -> list[dict]:
+        """Per layer: mean, sd, min, max of all gate scores, variance of the head means across heads,
+        and the histogram (shares per 0.05 bin)."""
+        rows = []
+        for i, layer in enumerate(self.layers):
+            n = self.count[i] * self.sum.shape[1] * self.sum.shape[2]
+            mean = self.sum[i].sum() / n
+            head_means = self.sum[i].sum(-1) / (self.count[i] * self.sum.shape[2])
+            rows.append({"layer": layer, "mean": float(mean),
+                         "sd": float((self.sum_sq[i].sum() / n - mean ** 2).clamp_min(0.0).sqrt()),
+                         "min": float(self.min[i]), "max": float(self.max[i]),
+                         "var_heads": float(head_means.var(unbiased=False)),
+                         "histogram": (self.hist[i] / self.hist[i].sum()).tolist()})
+        return rows
+
+
+class SparsityStats:
+    """Per layer, over real query tokens: share of |Y| < θ (ungated), |Y'| < θ (gated), |ḡ·Y| < θ
+    (ungated output scaled by the layer's mean gate: the paper's "mere downscaling" control), and
+    mean |Y|, mean |Y'|."""
+
+    def __init__(self, theta: float):
+        self.theta = theta
+        self.acc: dict[int, dict[str, float]] = {}
+
+    def update(self, layer: int, y: Float[Tensor, "batch q head d"], mask: Tensor,
+               gate: Float[Tensor, "batch q head d"] | None = None, mean_gate: float | None = None) -> None:
+        keep = mask.bool()
+        y = y[keep].abs().double()
+        a = self.acc.setdefault(layer, {"n": 0.0, "ungated": 0.0, "abs_ungated": 0.0,
+                                        "gated": 0.0, "abs_gated": 0.0, "scaled": 0.0})
+        a["n"] += y.numel()
+        a["ungated"] += float((y < self.theta).sum())
+        a["abs_ungated"] += float(y.sum())
+        if gate is not None:
+            yg = y * gate[keep].double()
+            a["gated"] += float((yg < self.theta).sum())
+            a["abs_gated"] += float(yg.sum())
+        if mean_gate is not None:
+            a["scaled"] += float((y * mean_gate < self.theta).sum())
+
+    def rows(self, gated: bool) -> list[dict]:
+        """Rows {layer, ungated, gated} (shares below θ; gated None on an ungated model)."""
+        return [{"layer": layer, "ungated": a["ungated"] / a["n"], "gated": a["gated"] / a["n"] if gated else None}
+                for layer, a in sorted(self.acc.items())]
+
+    def detail_rows(self, gated: bool) -> list[dict]:
+        out = []
+        for layer, a in sorted(self.acc.items()):
+            out.append({"layer": layer, "theta": self.theta, "ungated": a["ungated"] / a["n"],
+                        "gated": a["gated"] / a["n"] if gated else None,
+                        "mean_gate_scaled": a["scaled"] / a["n"] if gated else None,
+                        "mean_abs_ungated": a["abs_ungated"] / a["n"],
+                        "mean_abs_gated": a["abs_gated"] / a["n"] if gated else None})
+        return out
+
+
+def _by_layer(model, heads: Sequence[Head] | None) -> dict[int, list[int]]:
+    """layer → query heads to intervene on (None: every head of every gated layer)."""
+    layers = [layer for layer in range(model.cfg.n_layers) if gate_hook(layer) in model.hook_dict]
+    if heads is None:
+        return {layer: list(range(model.cfg.n_heads)) for layer in layers}
+    out: dict[int, list[int]] = {}
+    for layer, head in heads:
+        if layer not in layers or not 0 <= head < model.cfg.n_heads:
+            raise UserError(f"head ({layer}, {head}) has no gate: gated layers are {layers}, "
+                            f"heads 0..{model.cfg.n_heads - 1}")
+        out.setdefault(layer, []).append(head)
+    return out
+
+
+@contextlib.contextmanager
+def _edit_gates(model, heads: Sequence[Head] | None, edit) -> Iterator[None]:
+    """Apply `edit(z_heads [.., k, d], layer, idx) -> new logits` to the selected heads' gate logits."""
+    check_gated(model)
+    n_heads = model.cfg.n_heads
+
+    def make_hook(layer: int, idx: list[int]):
+        def hook(z, hook):
+            z4 = split_heads(z.clone(), n_heads)
+            z4[..., idx, :] = edit(z4[..., idx, :], layer, idx).to(z.dtype)
+            return z4.flatten(-2)
+        return hook
+
+    fwd = [(gate_hook(layer), make_hook(layer, idx)) for layer, idx in sorted(_by_layer(model, heads).items())]
+    with model.hooks(fwd_hooks=fwd):
+        yield
+
+
+def force_gates_one(model, heads: Sequence[Head] | None = None):
+    """Gates forced to 1 (logit +inf): the selected heads run ungated with the same weights."""
+    return _edit_gates(model, heads, lambda z, layer, idx: torch.full_like(z, float("inf")))
+
+
+def gates_to_mean(model, means: dict[int, Float[Tensor, "head d_head"]], heads: Sequence[Head] | None = None):
+    """Gates set to their per-head mean score (per gate element, over tokens): query dependence removed.
+
+    `means` (layer → [n_heads, d_head]) come from `GateStats.element_means()` on another text split."""
+    def edit(z, layer, idx):
+        m = means[layer][idx].to(z.device).double().clamp(1e-7, 1 - 1e-7)
+        return torch.logit(m).expand_as(z)
+    return _edit_gates(model, heads, edit)
+
+
+def scale_gates(model, alpha: float, heads: Sequence[Head] | None = None):
+    """Gate scores scaled by `alpha` (σ(z) → α·σ(z), any α ≥ 0, also above 1/σ): applied to the gated
+    head output at `hook_z` (= Y ⊙ σ(z)), which is the same product."""
+    check_gated(model)
+    if alpha < 0:
+        raise UserError(f"gate scale alpha must be >= 0, got {alpha}")
+
+    def make_hook(idx: list[int]):
+        def hook(z, hook):  # [batch, pos, head, d_head]
+            out = z.clone()
+            out[:, :, idx] = out[:, :, idx] * alpha
+            return out
+        return hook
+
+    fwd = [(f"blocks.{layer}.attn.hook_z", make_hook(idx)) for layer, idx in sorted(_by_layer(model, heads).items())]
+    return model.hooks(fwd_hooks=fwd)
+
+
+class ScaleStats:
+    """Streamed implicit scale s(q) per (layer, head) over real queries after the first token: mean,
+    sd, and per-layer histograms on the gate bins (to set beside the gate scores)."""
+
+    def __init__(self, layers: Sequence[int], n_heads: int):
+        self.layers = list(layers)
+        self.sum = torch.zeros((len(self.layers), n_heads), dtype=torch.float64)
+        self.sum_sq = torch.zeros_like(self.sum)
+        self.count = torch.zeros((len(self.layers), 1), dtype=torch.float64)
+        self.hist = torch.zeros((len(self.layers), N_BINS), dtype=torch.float64)
+
+    def update(self, layer: int, pattern: Float[Tensor, "batch head q k"], mask: Tensor) -> None:
+        i = self.layers.index(layer)
+        first = mask.long().argmax(-1)                               # first real token per row
+        s = implicit_scale(pattern.float(), first).transpose(1, 2)   # [batch, q, head]
+        keep = mask.bool().clone()
+        keep[torch.arange(len(first)), first] = False                # q >= 1 (query 0 only sees itself)
+        s = s[keep].double().cpu()                                   # [N, head]
+        self.sum[i] += s.sum(0)
+        self.sum_sq[i] += (s * s).sum(0)
+        self.count[i] += s.shape[0]
+        self.hist[i] += torch.bincount((s / BIN_WIDTH).floor().long().clamp(0, N_BINS - 1).flatten(),
+                                       minlength=N_BINS).double()
+
+    def head_rows(self) -> list[dict]:
+        mean = self.sum / self.count
+        sd = (self.sum_sq / self.count - mean ** 2).clamp_min(0.0).sqrt()
+        return [{"layer": layer, "head": h, "mean": float(mean[i, h]), "sd": float(sd[i, h])}
+                for i, layer in enumerate(self.layers) for h in range(mean.shape[1])]
+
+    def histograms(self) -> dict[int, list[float]]:
+        return {layer: (self.hist[i] / self.hist[i].sum()).tolist() for i, layer in enumerate(self.layers)}
+
+
+@torch.no_grad()
+def measure(model, seqs: Sequence[Sequence[int]], *, batch_size: int = 8, theta: float = 1e-2,
+            mean_gate: dict[int, float] | None = None, progress: bool = True):
+    """One streamed pass over `seqs` (token id lists): `(GateStats | None, SparsityStats, ScaleStats)`
+    on the softmax-attention layers. `mean_gate` (layer → ḡ, from another split) enables the
+    |ḡ·Y| < θ control. Stops after the last attention layer."""
+    from interp.batching import padded_batches
+    from interp.bridge import stopped_at
+
+    layers = softmax_layers(model)
+    gated = is_gated(model)
+    n_heads = model.cfg.n_heads
+    gates = GateStats(layers, n_heads, model.cfg.d_head) if gated else None
+    sparsity, scale = SparsityStats(theta), ScaleStats(layers, n_heads)
+    wanted = {f"blocks.{layer}.attn.{h}" for layer in layers
+              for h in ("hook_pattern", "hook_v") + (("hook_q_gate",) if gated else ())}
+    for _, tokens, mask in padded_batches(model, seqs, batch_size, desc="gates", progress=progress):
+        with stopped_at(model, max(layers) + 1) as stop:
+            _, cache = model.run_with_cache(tokens, attention_mask=mask, names_filter=lambda n: n in wanted,
+                                            stop_at_layer=stop, return_type=None)
+        for layer in layers:
+            pattern = cache[f"blocks.{layer}.attn.hook_pattern"].float()
+            y = rebuild_ungated(pattern, cache[f"blocks.{layer}.attn.hook_v"].float())
+            g = None
+            if gated:
+                logits = cache[gate_hook(layer)].float()
+                gates.update(layer, logits, mask)
+                g = torch.sigmoid(split_heads(logits, n_heads))
+            sparsity.update(layer, y, mask, g, None if mean_gate is None else mean_gate.get(layer))
+            scale.update(layer, pattern, mask)
+        del cache
+    return gates, sparsity, scale

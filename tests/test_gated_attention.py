@@ -1,0 +1,203 @@
+"""gated_attention: gate capture, statistics, sparsity, interventions (planted tiny Qwen3.5) and the analysis."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from interp import gates
+
+D_MODEL, N_HEADS, N_KV, D_HEAD = 64, 4, 2, 16
+GATE_CONSTANTS = (0.22, 0.42, 0.62, 0.82)  # planted gate score of each head, every layer, every token
+EMB_CONST, EMB_REST = 2.0, 3.0            # embedding = EMB_CONST on dim 0 + a part of norm EMB_REST elsewhere
+
+
+def _tiny_qwen35(path, layer_types, *, planted: bool, seed: int = 0):
+    """A tiny Qwen3.5 checkpoint. `planted`: every token embeds the same dim-0 value and a rest of
+    fixed norm, so the normed input's dim 0 is the same at every token; gate rows read only dim 0, so
+    head h's gate is GATE_CONSTANTS[h] everywhere. Layer 0's o_proj and MLP write nothing, so layer 1
+    sees the embeddings too; the last layer's o_proj is random (no bias)."""
+    from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
+
+    from interp.tiny import build_tokenizer
+
+    tok = build_tokenizer(512, thinking=False)
+    cfg = Qwen3_5TextConfig(
+        vocab_size=len(tok), hidden_size=D_MODEL, intermediate_size=96, num_hidden_layers=len(layer_types),
+        num_attention_heads=N_HEADS, num_key_value_heads=N_KV, head_dim=D_HEAD, max_position_embeddings=256,
+        tie_word_embeddings=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.pad_token_id, layer_types=list(layer_types), linear_num_value_heads=2,
+        linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16, rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 1.0})
+    cfg.architectures = ["Qwen3_5ForCausalLM"]
+    torch.manual_seed(seed)
+    model = Qwen3_5ForCausalLM(cfg).eval()
+    if planted:
+        with torch.no_grad():
+            emb = model.model.embed_tokens.weight
+            rest = torch.randn(emb.shape[0], D_MODEL - 1)
+            emb[:, 0] = EMB_CONST
+            emb[:, 1:] = EMB_REST * rest / rest.norm(dim=-1, keepdim=True)
+            x0 = EMB_CONST / math.sqrt((EMB_CONST ** 2 + EMB_REST ** 2) / D_MODEL + cfg.rms_norm_eps)
+            for i, layer in enumerate(model.model.layers):
+                layer.input_layernorm.weight.zero_()  # Qwen3.5 norms scale by (1 + w)
+                attn = layer.self_attn
+                for h, c in enumerate(GATE_CONSTANTS):
+                    rows = slice(h * 2 * D_HEAD + D_HEAD, (h + 1) * 2 * D_HEAD)
+                    attn.q_proj.weight[rows] = 0.0
+                    attn.q_proj.weight[rows, 0] = math.log(c / (1 - c)) / x0
+                if i < len(layer_types) - 1:
+                    attn.o_proj.weight.zero_()
+                    layer.mlp.down_proj.weight.zero_()
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def planted_gated_dir(tmp_path_factory):
+    return _tiny_qwen35(tmp_path_factory.mktemp("planted_gated"), ["full_attention"] * 2, planted=True)
+
+
+@pytest.fixture(scope="module")
+def planted_gated(planted_gated_dir):
+    from interp.models import load_model
+
+    return load_model(str(planted_gated_dir), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def hybrid_dir(tmp_path_factory):
+    return _tiny_qwen35(tmp_path_factory.mktemp("hybrid"), ["linear_attention", "full_attention"], planted=False)
+
+
+@pytest.fixture(scope="module")
+def hybrid(hybrid_dir):
+    from interp.models import load_model
+
+    return load_model(str(hybrid_dir), device="cpu")
+
+
+def _seqs(model, n=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    vocab = len(model.tokenizer) - 8
+    return [torch.randint(8, vocab, (int(L),), generator=g).tolist()
+            for L in torch.randint(5, 20, (n,), generator=g)]
+
+
+def test_planted_gate_stats_equal_the_constants(planted_gated):
+    assert gates.is_gated(planted_gated) and gates.softmax_layers(planted_gated) == [0, 1]
+    stats, sparsity, _ = gates.measure(planted_gated, _seqs(planted_gated), batch_size=3, progress=False)
+    rows = stats.head_rows()
+    assert len(rows) == 2 * N_HEADS
+    for r in rows:
+        c = GATE_CONSTANTS[r["head"]]
+        assert r["mean"] == pytest.approx(c, abs=1e-5)
+        assert r["frac_below_0_1"] == 0.0
+        assert r["var_tokens"] == pytest.approx(0.0, abs=1e-9)
+    layer = stats.layer_rows()[0]
+    assert layer["mean"] == pytest.approx(sum(GATE_CONSTANTS) / 4, abs=1e-5)
+    assert layer["var_heads"] == pytest.approx(torch.tensor(GATE_CONSTANTS).var(unbiased=False).item(), abs=1e-5)
+    # histogram: a quarter of the mass in each constant's 0.05 bin
+    for c in GATE_CONSTANTS:
+        assert layer["histogram"][int(c / gates.BIN_WIDTH)] == pytest.approx(0.25)
+    # every element of Y' = c_h · Y: |Y'| < θ at least as often as |Y| < θ
+    assert all(r["gated"] >= r["ungated"] for r in sparsity.rows(gated=True))
+
+
+def test_forcing_gates_to_one_scales_attention_output_by_hand_factor(planted_gated):
+    tokens = torch.tensor([_seqs(planted_gated, 1)[0]])
+    _, base = planted_gated.run_with_cache(tokens, names_filter=lambda n: n.endswith(("hook_attn_out", "hook_z")))
+    heads = [(1, 1), (1, 3)]
+    with gates.force_gates_one(planted_gated, heads):
+        _, forced = planted_gated.run_with_cache(tokens, names_filter=lambda n: n.endswith(("hook_attn_out", "hook_z")))
+    z0, z1 = base["blocks.1.attn.hook_z"], forced["blocks.1.attn.hook_z"]
+    for h in range(N_HEADS):
+        factor = 1 / GATE_CONSTANTS[h] if (1, h) in heads else 1.0
+        torch.testing.assert_close(z1[:, :, h], z0[:, :, h] * factor, rtol=1e-5, atol=1e-6)
+    # all heads forced: o_proj is linear without bias, per-head factors 1/c_h go through it
+    with gates.force_gates_one(planted_gated):
+        _, allf = planted_gated.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_attn_out"))
+    w_o = planted_gated.original_model.model.layers[1].self_attn.o_proj.weight
+    scaled = torch.cat([z0[:, :, h] / GATE_CONSTANTS[h] for h in range(N_HEADS)], -1) @ w_o.T
+    torch.testing.assert_close(allf["blocks.1.hook_attn_out"], scaled, rtol=1e-5, atol=1e-5)
+    # layer 0 writes nothing (zero o_proj), so its attention output stays zero
+    assert base["blocks.0.hook_attn_out"].abs().max() == 0
+
+
+def test_mean_and_scale_interventions(planted_gated):
+    tokens = torch.tensor([_seqs(planted_gated, 1)[0]])
+    _, base = planted_gated.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_z"))
+    means = {layer: torch.full((N_HEADS, D_HEAD), 0.5) for layer in (0, 1)}
+    with gates.gates_to_mean(planted_gated, means, [(1, 0)]):
+        _, m = planted_gated.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_z"))
+    torch.testing.assert_close(m["blocks.1.attn.hook_z"][:, :, 0], base["blocks.1.attn.hook_z"][:, :, 0] * 0.5 / 0.22,
+                               rtol=1e-5, atol=1e-6)
+    with gates.scale_gates(planted_gated, 3.0, [(1, 2)]):
+        _, s = planted_gated.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_z"))
+    torch.testing.assert_close(s["blocks.1.attn.hook_z"][:, :, 2], base["blocks.1.attn.hook_z"][:, :, 2] * 3.0)
+    torch.testing.assert_close(s["blocks.1.attn.hook_z"][:, :, 1], base["blocks.1.attn.hook_z"][:, :, 1])
+
+
+def test_gate_hook_equals_hf_module(hybrid, hybrid_dir):
+    """hook_q_gate fires on the full-attention layer only and equals σ⁻¹ of what HF multiplies by."""
+    from transformers import Qwen3_5ForCausalLM
+
+    assert gates.softmax_layers(hybrid) == [1] and gates.layer_kinds(hybrid) == ["linear", "softmax"]
+    assert gates.gate_hook(0) not in hybrid.hook_dict and gates.gate_hook(1) in hybrid.hook_dict
+    hf = Qwen3_5ForCausalLM.from_pretrained(hybrid_dir).eval()
+    seen = {}
+    attn = hf.model.layers[1].self_attn
+    attn.q_proj.register_forward_hook(lambda m, i, o: seen.__setitem__("q", o))
+    attn.o_proj.register_forward_pre_hook(lambda m, i: seen.__setitem__("o_in", i[0]))
+    tokens = torch.tensor([_seqs(hybrid, 1, seed=3)[0]])
+    with torch.no_grad():
+        hf(tokens)
+    fired = []
+    for layer in range(2):
+        if gates.gate_hook(layer) in hybrid.hook_dict:
+            hybrid.add_hook(gates.gate_hook(layer), lambda x, hook: fired.append(hook.name))
+    _, cache = hybrid.run_with_cache(tokens, names_filter=lambda n: n.startswith("blocks.1.attn.hook_") and n.endswith(("q_gate", "pattern", "_v")))
+    hybrid.reset_hooks()
+    assert fired == [gates.gate_hook(1)]
+    hf_gate = seen["q"].view(1, tokens.shape[1], N_HEADS, 2 * D_HEAD)[..., D_HEAD:]
+    torch.testing.assert_close(gates.split_heads(cache[gates.gate_hook(1)], N_HEADS), hf_gate, rtol=1e-5, atol=1e-6)
+    # what HF feeds o_proj = rebuilt ungated Y ⊙ σ(gate)
+    y = gates.rebuild_ungated(cache["blocks.1.attn.hook_pattern"], cache["blocks.1.attn.hook_v"])
+    torch.testing.assert_close((y * torch.sigmoid(hf_gate)).flatten(-2), seen["o_in"], rtol=1e-4, atol=1e-6)
+
+
+def test_rebuild_equals_hook_z_on_ungated(tiny_model):
+    tokens = torch.tensor([_seqs(tiny_model, 1)[0]])
+    _, cache = tiny_model.run_with_cache(tokens, names_filter=lambda n: n.startswith("blocks.0.attn.hook_") and n.endswith(("_z", "pattern", "_v")))
+    y = gates.rebuild_ungated(cache["blocks.0.attn.hook_pattern"], cache["blocks.0.attn.hook_v"])
+    torch.testing.assert_close(y, cache["blocks.0.attn.hook_z"], rtol=1e-5, atol=1e-6)
+    assert not gates.is_gated(tiny_model)
+    with pytest.raises(Exception, match="gated-attention model"):
+        with gates.force_gates_one(tiny_model):
+            pass
+
+
+def test_measure_batch_invariant_and_independent(hybrid):
+    seqs = _seqs(hybrid, 7, seed=5)
+    a = gates.measure(hybrid, seqs, batch_size=1, progress=False, mean_gate={1: 0.5})
+    b = gates.measure(hybrid, seqs, batch_size=8, progress=False, mean_gate={1: 0.5})
+    for x, y in ((a[0].head_rows(), b[0].head_rows()), (a[1].detail_rows(True), b[1].detail_rows(True)),
+                 (a[2].head_rows(), b[2].head_rows())):
+        for rx, ry in zip(x, y, strict=True):
+            for k in rx:
+                if isinstance(rx[k], float):
+                    assert rx[k] == pytest.approx(ry[k], abs=1e-5), k
+    # independent: plain per-sequence numpy-style computation of gate mean / var / share < 0.1
+    per = []
+    for s in seqs:
+        _, c = hybrid.run_with_cache(torch.tensor([s]), names_filter=lambda n: n == gates.gate_hook(1))
+        per.append(torch.sigmoid(gates.split_heads(c[gates.gate_hook(1)][0], N_HEADS)).double())
+    g = torch.cat(per)  # [tokens, head, d]
+    for r in a[0].head_rows():
+        h = r["head"]
+        assert r["mean"] == pytest.approx(g[:, h].mean().item(), abs=1e-6)
+        assert r["var_tokens"] == pytest.approx(g[:, h].var(0, unbiased=False).mean().item(), abs=1e-6)
+        assert r["frac_below_0_1"] == pytest.approx((g[:, h] < 0.1).double().mean().item(), abs=1e-9)
