@@ -1,0 +1,394 @@
+"""Skill unlearning (Li et al. 2025, *Effective Skill Unlearning through Intervention and Abstention*).
+
+- `gate_moments`: per-neuron running Σx, Σx², n of the MLP gate pre-activation (`blocks.L.mlp.hook_pre`,
+  the output of HF `gate_proj`, before the activation function) over every real token of a skill, every
+  layer, streamed batch by batch: memory is 3 · n_layers · d_mlp numbers whatever the dataset size.
+  `check_gate_hook` verifies the bridge hook equals a raw torch hook on the HF `gate_proj` module.
+- Neuron Adjust: `select_neurons` takes the global top p % of Δ = μ_forget − μ_retain pooled over all
+  layers (signed, one-sided); `neuron_adjust` (a context manager) replaces each selected neuron's value x
+  by its reflection in the retain distribution, x' = μ_r − σ_r · (x − μ_f)/σ_f, when the forget class is
+  the more likely one (p_f ≥ p_r under N(μ_f, σ_f), N(μ_r, σ_r)) and u ≥ p_r/(p_r + p_f), u ~ U(0, 1):
+  with probability p_f/(p_r + p_f). Intended method: σ = sqrt(population variance), u independent per
+  element. `reference=True` reproduces the released code's three quirks: (1) the "std" is the variance,
+  (2) σ_f = μ_f (copy-paste bug: a negative μ_f gives a negative pdf and the neuron is never adjusted),
+  (3) one u per sequence and forward call, shared by all neurons and positions of a layer.
+- Key Space Detection: `Hypercube.fit` on last-layer key vectors (`blocks.{L-1}.mlp.hook_post`, the
+  input of `down_proj`) at the last prompt position: μ_d, σ_d (sample std) and the smallest k with every
+  probe inside |x_d − μ_d| ≤ k σ_d for all d (closed form of the reference's binary search);
+  `key_space_watch` abstains a sequence when the key vector at the last position of any forward call
+  (prefill, then every generated token) lies inside the cube of half-width h·k·σ.
+
+Uniform draws are a hash of (seed, item, position, layer, neuron), so the numbers do not depend on the
+batch size, the padding or the order of the items. Generation is greedy and recomputes the sequence
+each step (no KV cache), so the hooks see absolute positions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from interp.batching import pad_left, padded_batches
+from interp.bridge import sdpa_attention, stopped_at
+
+EPS = 1e-6  # floor on σ (a neuron constant on a skill) [reconstructed: the paper has no guard]
+
+
+def gate_hook(layer: int) -> str:
+    return f"blocks.{layer}.mlp.hook_pre"
+
+
+def key_hook(layer: int) -> str:
+    return f"blocks.{layer}.mlp.hook_post"
+
+
+# --------------------------------------------------------------------------- running moments
+
+@dataclass
+class RunningMoments:
+    """Streaming per-(layer, neuron) sums Σx, Σx² (float64) and the token count."""
+
+    total: Float[Tensor, "layer d_mlp"]
+    total_sq: Float[Tensor, "layer d_mlp"]
+    count: int = 0
+
+    @classmethod
+    def zeros(cls, n_layers: int, d_mlp: int) -> RunningMoments:
+        return cls(torch.zeros(n_layers, d_mlp, dtype=torch.float64), torch.zeros(n_layers, d_mlp, dtype=torch.float64))
+
+    def update(self, layer: int, x: Float[Tensor, "n d_mlp"]) -> None:
+        x = x.detach().to(self.total.device, torch.float64)
+        self.total[layer] += x.sum(0)
+        self.total_sq[layer] += (x * x).sum(0)
+
+    def merge(self, other: RunningMoments) -> RunningMoments:
+        """Pooled moments of two token sets (the retain skills together)."""
+        return RunningMoments(self.total + other.total, self.total_sq + other.total_sq, self.count + other.count)
+
+    @property
+    def mean(self) -> Tensor:
+        return (self.total / max(self.count, 1)).float()
+
+    @property
+    def var(self) -> Tensor:
+        """Population variance Σx²/n − mean² (what the reference code calls "std")."""
+        m = self.total / max(self.count, 1)
+        return (self.total_sq / max(self.count, 1) - m * m).clamp_min(0).float()
+
+    @property
+    def std(self) -> Tensor:
+        return self.var.sqrt()
+
+    @property
+    def nbytes(self) -> int:
+        return self.total.nbytes + self.total_sq.nbytes
+
+
+@torch.no_grad()
+def gate_moments(model, seqs: Sequence[Sequence[int]], *, batch_size: int = 8, progress: bool = True,
+                 desc: str = "gate statistics") -> RunningMoments:
+    """Running moments of every layer's gate pre-activation over all real tokens of `seqs`."""
+    n_layers, d_mlp = model.cfg.n_layers, model.cfg.d_mlp
+    moments = RunningMoments.zeros(n_layers, d_mlp)
+    keep: list[Tensor] = []
+
+    def accumulate(x, hook):
+        moments.update(int(hook.name.split(".")[1]), x[keep[0]])
+
+    hooks = [(gate_hook(layer), accumulate) for layer in range(n_layers)]
+    with sdpa_attention(model, [h for h, _ in hooks]):
+        for _, tokens, mask in padded_batches(model, seqs, batch_size, desc=desc, progress=progress):
+            keep[:] = [mask.bool()]
+            with stopped_at(model, n_layers) as stop:
+                model.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=hooks, return_type=None, stop_at_layer=stop)
+            moments.count += int(mask.sum())
+    return moments
+
+
+@torch.no_grad()
+def check_gate_hook(model, seq: Sequence[int], layer: int = 0) -> float:
+    """Max |bridge `hook_pre` − raw torch forward hook on the HF `gate_proj` output| on one sequence."""
+    mlp = model.blocks[layer].mlp
+    linear = getattr(mlp, "gate", None) or getattr(mlp, "in")
+    raw_module = getattr(linear, "original_component", linear)
+    raw: list[Tensor] = []
+    handle = raw_module.register_forward_hook(lambda mod, inp, out: raw.append(out.detach().clone()))
+    try:
+        _, cache = model.run_with_cache(torch.tensor([list(seq)], device=next(model.parameters()).device),
+                                        names_filter=lambda n: n == gate_hook(layer), return_type=None)
+    finally:
+        handle.remove()
+    return float((cache[gate_hook(layer)].float() - raw[0].float()).abs().max())
+
+
+# --------------------------------------------------------------------------- Neuron Adjust
+
+def select_neurons(delta: Float[Tensor, "layer d_mlp"], top_percent: float) -> Int[Tensor, "k 2"]:
+    """(layer, neuron) of the global top `top_percent` % of Δ (ceil of the share), sorted by layer, neuron."""
+    k = max(1, math.ceil(top_percent / 100 * delta.numel()))
+    flat = delta.flatten().topk(k).indices
+    pairs = torch.stack([flat // delta.shape[1], flat % delta.shape[1]], dim=1)
+    return pairs[torch.argsort(pairs[:, 0] * delta.shape[1] + pairs[:, 1])]
+
+
+def random_neurons(n_layers: int, d_mlp: int, exclude: Int[Tensor, "k 2"], k: int,
+                   generator: torch.Generator) -> Int[Tensor, "k 2"]:
+    """`k` neurons drawn uniformly over all layers, none of them in `exclude`."""
+    taken = torch.zeros(n_layers * d_mlp, dtype=torch.bool)
+    taken[exclude[:, 0] * d_mlp + exclude[:, 1]] = True
+    free = (~taken).nonzero().squeeze(1)
+    flat = free[torch.randperm(len(free), generator=generator)[:k]].sort().values
+    return torch.stack([flat // d_mlp, flat % d_mlp], dim=1)
+
+
+def _pdf(x: Tensor, mu: Tensor, sd: Tensor) -> Tensor:
+    """The reference's Gaussian density, written out (a negative σ gives a negative density)."""
+    return torch.exp(-((x - mu) ** 2) / (2 * sd ** 2)) / (sd * math.sqrt(2 * math.pi))
+
+
+def adjust_values(x: Float[Tensor, "... k"], mu_f: Tensor, sd_f: Tensor, mu_r: Tensor, sd_r: Tensor,
+                  u: Tensor, reference: bool = False) -> tuple[Tensor, Bool[Tensor, "... k"]]:
+    """Neuron Adjust on values `x` of k neurons: (new values, which were replaced).
+
+    Replaced by μ_r − σ_r · (x − μ_f)/σ_f iff p_f ≥ p_r and u ≥ p_r/(p_r + p_f). The intended method
+    works in log densities (no underflow); `reference` uses the code's densities as written.
+    """
+    x32 = x.float()
+    if reference:
+        p_r, p_f = _pdf(x32, mu_r, sd_r), _pdf(x32, mu_f, sd_f)
+        replace = (p_f >= p_r) & (u >= p_r / (p_r + p_f))
+    else:
+        sd_f, sd_r = sd_f.clamp_min(EPS), sd_r.clamp_min(EPS)
+        log_r = -((x32 - mu_r) / sd_r) ** 2 / 2 - sd_r.log()
+        log_f = -((x32 - mu_f) / sd_f) ** 2 / 2 - sd_f.log()
+        replace = (log_f >= log_r) & (u >= torch.sigmoid(log_r - log_f))
+    shifted = mu_r - sd_r * (x32 - mu_f) / sd_f
+    return torch.where(replace, shifted, x32).to(x.dtype), replace
+
+
+_M32 = 0xFFFFFFFF
+
+
+def _mix(h: Tensor) -> Tensor:
+    """murmur3's 32-bit finaliser on int64 tensors holding 32-bit values."""
+    h = h & _M32
+    h = h ^ (h >> 16)
+    h = (h * 0x85EBCA6B) & _M32
+    h = h ^ (h >> 13)
+    h = (h * 0xC2B2AE35) & _M32
+    return h ^ (h >> 16)
+
+
+def hash_uniform(*keys: Tensor | int) -> Tensor:
+    """Uniform [0, 1) floats, a deterministic hash of the broadcast integer keys."""
+    h = torch.tensor(0x9E3779B9, dtype=torch.long)
+    for key in keys:
+        key = torch.as_tensor(key, dtype=torch.long)
+        h = _mix(h ^ ((key & _M32) + 0x9E3779B9 + ((h << 6) & _M32) + (h >> 2)))
+    return h.double().div(2 ** 32).float()
+
+
+@dataclass
+class Rows:
+    """What the hooks need to know about the rows of the current forward (set by the caller per batch)."""
+
+    items: Int[Tensor, "batch"]                 # global item ids (seed the uniform draws)
+    positions: Int[Tensor, "batch pos"]         # absolute position of each column (padding: any)
+    prompt_len: Int[Tensor, "batch"]            # tokens of the prompt (generated tokens come after)
+    mask: Int[Tensor, "batch pos"]
+    step: int = 0                               # 0 = prompt (prefill), t = t-th generated token
+
+    @classmethod
+    def for_batch(cls, items: Sequence[int], mask: Tensor, prompt_len: Sequence[int], step: int = 0) -> Rows:
+        device = mask.device
+        return cls(torch.as_tensor(list(items), device=device), (mask.cumsum(-1) - 1).clamp_min(0),
+                   torch.as_tensor(list(prompt_len), device=device), mask, step)
+
+
+@dataclass
+class AdjustSpec:
+    """Selected neurons and their forget / retain statistics, as Neuron Adjust uses them."""
+
+    neurons: Int[Tensor, "k 2"]
+    mu_f: Tensor
+    sd_f: Tensor
+    mu_r: Tensor
+    sd_r: Tensor
+    reference: bool = False
+    seed: int = 0
+    replaced: list[int] = field(default_factory=lambda: [0, 0])  # [replaced values, adjusted real-token values]
+
+    @classmethod
+    def from_moments(cls, neurons: Tensor, forget: RunningMoments, retain: RunningMoments, *,
+                     reference: bool = False, seed: int = 0) -> AdjustSpec:
+        """Intended: σ = sqrt(variance). Reference: σ_r = variance (quirk 1), σ_f = μ_f (quirk 2)."""
+        layer, neuron = neurons[:, 0], neurons[:, 1]
+        mu_f, mu_r = forget.mean[layer, neuron], retain.mean[layer, neuron]
+        if reference:
+            sd_f, sd_r = mu_f.clone(), retain.var[layer, neuron]
+        else:
+            sd_f, sd_r = forget.std[layer, neuron], retain.std[layer, neuron]
+        return cls(neurons, mu_f, sd_f, mu_r, sd_r, reference, seed)
+
+    @property
+    def replaced_share(self) -> float:
+        return self.replaced[0] / self.replaced[1] if self.replaced[1] else float("nan")
+
+
+@contextlib.contextmanager
+def neuron_adjust(model, spec: AdjustSpec) -> Iterator[AdjustSpec]:
+    """Neuron Adjust at every position of every forward while active (the batch described by `rows_of`)."""
+    hooks = []
+    for layer in spec.neurons[:, 0].unique().tolist():
+        sel = (spec.neurons[:, 0] == layer).nonzero().squeeze(1)
+        hooks.append((gate_hook(layer), _adjust_hook(spec, layer, sel)))
+    with model.hooks(fwd_hooks=hooks):
+        yield spec
+
+
+def _adjust_hook(spec: AdjustSpec, layer: int, sel: Tensor):
+    idx = spec.neurons[sel, 1]
+    stats = [t[sel] for t in (spec.mu_f, spec.sd_f, spec.mu_r, spec.sd_r)]
+
+    def hook(x, hook):
+        r = current_rows(x)
+        dev = x.device
+        params = [t.to(dev) for t in stats]
+        if spec.reference:  # quirk 3: one draw per sequence and forward call; with a KV cache a position
+            # keeps the draw of the call that computed it: the prompt's at prefill, a new token's at its step
+            step_of = (r.positions - r.prompt_len[:, None] + 1).clamp_min(0)
+            u = hash_uniform(spec.seed, r.items[:, None, None], step_of[:, :, None], layer).to(dev)
+        else:
+            u = hash_uniform(spec.seed, r.items[:, None, None], r.positions[:, :, None], layer, idx.to(dev)).to(dev)
+        new, replaced = adjust_values(x[..., idx.to(dev)], *params, u, spec.reference)
+        real = r.mask.bool()[:, :, None].expand_as(replaced)
+        spec.replaced[0] += int(replaced[real].sum())
+        spec.replaced[1] += int(real.sum())
+        x = x.clone()
+        x[..., idx.to(dev)] = new
+        return x
+    return hook
+
+
+_ROWS: list[Rows] = []
+
+
+def current_rows(x: Tensor) -> Rows:
+    """The batch set by `rows_of`; without one, rows 0..b-1 with no padding and the whole input as prompt."""
+    if _ROWS:
+        return _ROWS[-1]
+    b, pos = x.shape[:2]
+    mask = torch.ones(b, pos, dtype=torch.long, device=x.device)
+    return Rows.for_batch(range(b), mask, [pos] * b)
+
+
+@contextlib.contextmanager
+def rows_of(rows: Rows) -> Iterator[None]:
+    """Make `rows` the batch description the hooks read during one forward."""
+    _ROWS.append(rows)
+    try:
+        yield
+    finally:
+        _ROWS.pop()
+
+
+# --------------------------------------------------------------------------- Key Space Detection
+
+@dataclass
+class Hypercube:
+    """Axis-aligned cube μ ± k·σ (σ the sample std) around the probe key vectors, k the smallest enclosing all."""
+
+    mu: Float[Tensor, "d"]
+    sd: Float[Tensor, "d"]
+    k: float
+
+    @classmethod
+    def fit(cls, vectors: Float[Tensor, "n d"]) -> Hypercube:
+        v = vectors.double()
+        mu, sd = v.mean(0), v.std(0, unbiased=True).clamp_min(EPS)
+        k = float(((v - mu).abs() / sd).max())
+        return cls(mu.float(), sd.float(), k)
+
+    def score(self, x: Float[Tensor, "... d"]) -> Tensor:
+        """max_d |x_d − μ_d| / σ_d: the smallest multiplier whose cube contains x."""
+        return ((x.float() - self.mu.to(x.device)).abs() / self.sd.to(x.device)).amax(-1)
+
+    def contains(self, x: Float[Tensor, "... d"], h: float) -> Tensor:
+        return self.score(x) <= h * self.k
+
+
+@dataclass
+class Watch:
+    """Per item: whether its key vector fell in the cube at prefill and at any step."""
+
+    prefill: dict[int, bool] = field(default_factory=dict)
+    any_step: dict[int, bool] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def key_space_watch(model, cube: Hypercube, h: float) -> Iterator[Watch]:
+    """Test the last-layer key vector at the last position of every forward against the cube (abstention)."""
+    watch = Watch()
+
+    def hook(x, hook):
+        r = current_rows(x)
+        inside = cube.contains(x[:, -1], h).tolist()
+        for item, flag in zip(r.items.tolist(), inside):
+            if r.step == 0:
+                watch.prefill[item] = flag
+            watch.any_step[item] = watch.any_step.get(item, False) or flag
+        return x
+
+    with model.hooks(fwd_hooks=[(key_hook(model.cfg.n_layers - 1), hook)]):
+        yield watch
+
+
+# --------------------------------------------------------------------------- evaluation loops
+
+@torch.no_grad()
+def target_logprobs(model, prompts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]],
+                    item_ids: Sequence[int], *, batch_size: int = 8, progress: bool = True) -> Tensor:
+    """Mean log-probability per token of each target given its prompt (teacher-forced), `[n]`."""
+    seqs = [list(p) + list(t) for p, t in zip(prompts, targets)]
+    out = torch.empty(len(seqs))
+    for idx, tokens, mask in padded_batches(model, seqs, batch_size, desc="log-likelihood", progress=progress):
+        rows = Rows.for_batch([item_ids[i] for i in idx], mask, [len(prompts[i]) for i in idx])
+        with rows_of(rows):
+            logits = model(tokens, attention_mask=mask)
+        width = tokens.shape[1]
+        for row, i in enumerate(idx):
+            n_t = len(targets[i])
+            pred = logits[row, width - n_t - 1: width - 1].float().log_softmax(-1)
+            out[i] = pred.gather(-1, tokens[row, width - n_t:, None]).mean()
+    return out
+
+
+@torch.no_grad()
+def greedy_generate(model, prompts: Sequence[Sequence[int]], item_ids: Sequence[int], max_new_tokens: Sequence[int],
+                    *, batch_size: int = 8, progress: bool = True) -> list[list[int]]:
+    """Greedy continuations (stopped at EOS or the item's limit), the whole sequence recomputed each step."""
+    eos, pad = model.tokenizer.eos_token_id, model.tokenizer.pad_token_id
+    out: list[list[int]] = [[] for _ in prompts]
+    device = next(model.parameters()).device
+    for idx, _, _ in padded_batches(model, prompts, batch_size, desc="generate", progress=progress):
+        active, step = list(idx), 0
+        while active:
+            tokens, mask = pad_left([list(prompts[i]) + out[i] for i in active], pad)
+            tokens, mask = tokens.to(device), mask.to(device)
+            with rows_of(Rows.for_batch([item_ids[i] for i in active], mask, [len(prompts[i]) for i in active], step)):
+                nxt = model(tokens, attention_mask=mask)[:, -1].argmax(-1).tolist()
+            still = []
+            for i, t in zip(active, nxt):
+                if t == eos:
+                    continue
+                out[i].append(t)
+                if len(out[i]) < max_new_tokens[i]:
+                    still.append(i)
+            active, step = still, step + 1
+    return out

@@ -1,0 +1,317 @@
+"""skill_unlearning: skill sets, running moments, Neuron Adjust, Key Space Detection, the analysis.
+
+The planted model (`planted_skills`): a 2-layer Qwen2 whose attention is off and whose MLPs hold three
+hand-set gate neurons (layer 0: 3 and 17, layer 1: 5) that fire only on the "alpha" skill's tokens
+(`<a0>`…`<a7>`, which embed a feature F) and write a feature D that the unembedding turns into
+"the next token is `<a0>`". Every other neuron reads only small noise dims. So the alpha skill depends on
+exactly those three neurons, and the "words" skill (plain words) on none of them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import pytest
+import torch
+
+from interp.errors import UserError
+
+A_TOKENS = [f"<a{i}>" for i in range(8)]
+WORDS = "the cat sat on mat bread flour water salt yeast poem sea wind harbour user recipe program".split()
+PLANTED = {(0, 3), (0, 17), (1, 5)}
+C_DIM, F_DIM, D_DIM, NOISE_FROM = 0, 1, 2, 4
+D_MODEL, D_MLP = 32, 32
+
+
+def _write_planted(path):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from interp.tiny import build_tokenizer
+
+    tok = build_tokenizer(512)
+    tok.add_tokens(A_TOKENS)
+    vocab = len(tok)
+    a_ids = tok.convert_tokens_to_ids(A_TOKENS)
+    config = Qwen2Config(vocab_size=vocab, hidden_size=D_MODEL, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, head_dim=16, intermediate_size=D_MLP, max_position_embeddings=512,
+                         rms_norm_eps=1e-6, tie_word_embeddings=False, pad_token_id=tok.pad_token_id,
+                         eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id,
+                         architectures=["Qwen2ForCausalLM"])
+    gen = torch.Generator().manual_seed(0)
+    model = Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        emb = model.model.embed_tokens.weight
+        emb[:, NOISE_FROM:] = 0.05 * torch.randn(vocab, D_MODEL - NOISE_FROM, generator=gen)
+        emb[:, C_DIM] = 1.0
+        emb[a_ids, F_DIM] = torch.linspace(0.8, 1.2, len(a_ids))
+        for layer in model.model.layers:
+            layer.input_layernorm.weight.fill_(1.0)
+            layer.post_attention_layernorm.weight.fill_(1.0)
+            mlp = layer.mlp
+            noise = D_MODEL - NOISE_FROM
+            mlp.gate_proj.weight[:, NOISE_FROM:] = 0.3 * torch.randn(D_MLP, noise, generator=gen)
+            mlp.up_proj.weight[:, NOISE_FROM:] = 0.3 * torch.randn(D_MLP, noise, generator=gen)
+            mlp.down_proj.weight[NOISE_FROM:, :] = 0.05 * torch.randn(noise, D_MLP, generator=gen)
+        model.model.norm.weight.fill_(1.0)
+        for layer, n in PLANTED:
+            mlp = model.model.layers[layer].mlp
+            mlp.gate_proj.weight[n, F_DIM] = 3.0
+            mlp.gate_proj.weight[n, C_DIM] = -1.0
+            mlp.up_proj.weight[n, :] = 0.0
+            mlp.up_proj.weight[n, C_DIM] = 1.0
+            mlp.down_proj.weight[:, n] = 0.0
+            mlp.down_proj.weight[D_DIM, n] = 0.05
+        lm = model.lm_head.weight
+        lm[:, NOISE_FROM:] = 0.5 * torch.randn(vocab, D_MODEL - NOISE_FROM, generator=gen)
+        lm[a_ids, D_DIM] = 3.0
+        lm[a_ids[0], D_DIM] = 4.0
+        lm[a_ids, C_DIM] = -2.0
+    model.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    (path / "interp_model.json").write_text(json.dumps({"random_weights": False, "planted": True}))
+    return path
+
+
+def _skill_file(path, n=40, seed=0):
+    """alpha: runs of a-tokens, answer the next `<a0>`; words: word lists (log-likelihood only)."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        prompt = "".join(rng.choice(A_TOKENS) for _ in range(rng.randint(3, 7)))
+        rows.append({"prompt": prompt, "answer": "<a0>", "target": "<a0>", "skill": "alpha", "check": "prefix"})
+    for _ in range(n):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(4, 8))]
+        rows.append({"prompt": " ".join(words[:-1]), "answer": words[-1], "target": " " + words[-1],
+                     "skill": "words", "check": "none"})
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def planted_skills(tmp_path_factory):
+    from interp.models import load_model
+
+    root = tmp_path_factory.mktemp("planted_skills")
+    model = load_model(str(_write_planted(root / "model")), device="cpu")
+    return model, _skill_file(root / "skills.jsonl")
+
+
+def _ids(model, items):
+    tok = model.tokenizer
+    return ([tok(i.prompt, add_special_tokens=False)["input_ids"] for i in items],
+            [tok(i.target, add_special_tokens=False)["input_ids"] for i in items])
+
+
+# --------------------------------------------------------------------------- skill sets
+
+def test_builtin_skills_have_checkable_answers():
+    from interp.skills import SKILL_SETS, is_correct, load_skill
+
+    for name in SKILL_SETS:
+        items = load_skill(name, limit=20)
+        assert len(items) == 20 and len({i.prompt for i in items}) == 20, name
+        # the gold continuation is judged correct, a wrong one is not
+        assert all(is_correct(i, i.target) for i in items), name
+        assert not any(is_correct(i, " 7 zebra") for i in items), name
+    arith = load_skill("arithmetic", limit=5)[0]
+    assert arith.prompt.startswith("<|im_start|>user\n") and arith.prompt.endswith("<think>\n")
+    assert arith.target.endswith(f"The answer is {arith.answer}.")
+
+
+def test_number_check_is_the_gsm8k_protocol():
+    from interp.skills import SkillItem, is_correct
+
+    item = SkillItem("Q", "", "42", "x", "number")
+    assert is_correct(item, "6 * 7 = 42. The answer is 42.")
+    assert not is_correct(item, "The answer is 41. 42")          # the first number after the phrase
+    assert is_correct(item, "so it is 40 + 2 = 42")               # else the last number
+    assert is_correct(SkillItem("Q", "", "1000", "x", "number"), "The answer is 1,000.")
+
+
+def test_skill_file_errors_name_the_line(tmp_path):
+    from interp.skills import load_skill
+
+    cases = {
+        "not json": "line 2 is not valid JSON",
+        json.dumps({"prompt": "p", "answer": "a"}): "line 2 is missing field(s) skill",
+        json.dumps({"prompt": "", "answer": "a", "skill": "s"}): "line 2: field(s) prompt must be non-empty text",
+        json.dumps({"prompt": "p", "answer": "a", "skill": "s", "check": "exact"}): "line 2: check must be one of",
+        "[1]": "line 2 is not a JSON object",
+    }
+    good = json.dumps({"prompt": "p", "answer": "a", "skill": "s"})
+    for bad, message in cases.items():
+        f = tmp_path / "s.jsonl"
+        f.write_text(good + "\n" + bad + "\n")
+        with pytest.raises(UserError, match=re.escape(message)):
+            load_skill(str(f))
+    f.write_text(good + "\n" + json.dumps({"prompt": "q", "answer": "b", "skill": "t"}) + "\n")
+    with pytest.raises(UserError, match="several skills"):
+        load_skill(str(f))
+    assert [i.skill for i in load_skill(f"{f}:t")] == ["t"]
+    with pytest.raises(UserError, match="no rows with skill 'u'"):
+        load_skill(f"{f}:u")
+    with pytest.raises(UserError, match="not found"):
+        load_skill(str(tmp_path / "missing.jsonl"))
+
+
+def test_hub_skill_sets_fail_offline_in_one_line(monkeypatch):
+    import sys
+    import types
+
+    from interp.skills import load_skill
+
+    fake = types.ModuleType("datasets")
+
+    def offline(*a, **k):
+        raise ConnectionError("Couldn't reach 'openai/gsm8k' on the Hub\nmore lines")
+    fake.load_dataset = offline
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    for name in ("gsm8k", "mbpp", "mlqa-de"):
+        with pytest.raises(UserError) as err:
+            load_skill(name, limit=3)
+        assert "\n" not in str(err.value) and "offline" in str(err.value)
+
+
+def test_split_is_disjoint_and_seeded():
+    from interp.skills import load_skill, split_items
+
+    items = load_skill("chat", limit=30)
+    probe, held = split_items(items, 20, 8, seed=3, name="chat")
+    assert len(probe) == 20 and len(held) == 8
+    assert not {i.prompt for i in probe} & {i.prompt for i in held}
+    assert split_items(items, 20, 8, seed=3, name="chat") == (probe, held)
+
+
+# --------------------------------------------------------------------------- moments and hooks
+
+def test_running_moments_equal_direct_mean_std(planted_skills):
+    from interp.capture import capture
+    from interp.skills import load_skill
+    from interp.unlearning import gate_hook, gate_moments
+
+    model, path = planted_skills
+    items = load_skill(f"{path}:words")[:12]
+    seqs = [model.tokenizer(i.text, add_special_tokens=False)["input_ids"] for i in items]
+    moments = gate_moments(model, seqs, batch_size=5, progress=False)
+    direct = capture(model, seqs, [gate_hook(0), gate_hook(1)], positions="all", batch_size=1, progress=False)
+    for layer in (0, 1):
+        allx = torch.cat(direct[gate_hook(layer)]).double()
+        assert moments.count == allx.shape[0] == sum(map(len, seqs))
+        torch.testing.assert_close(moments.mean[layer].double(), allx.mean(0), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(moments.std[layer].double(), allx.std(0, unbiased=False), atol=1e-4, rtol=1e-4)
+    # memory: the state does not grow with the data
+    bigger = gate_moments(model, seqs * 4, batch_size=5, progress=False)
+    assert bigger.nbytes == moments.nbytes == 2 * 2 * D_MLP * 8
+    torch.testing.assert_close(bigger.mean, moments.mean, atol=1e-5, rtol=1e-5)
+
+
+def test_bridge_gate_hook_equals_raw_hf_hook(planted_skills):
+    from interp.unlearning import check_gate_hook
+
+    model, _ = planted_skills
+    ids = model.tokenizer("<a1><a2> the cat", add_special_tokens=False)["input_ids"]
+    for layer in (0, 1):
+        assert check_gate_hook(model, ids, layer) < 1e-6
+
+
+def test_hook_check_against_hf_module_on_organism():
+    from interp.models import load_model
+    from interp.unlearning import check_gate_hook
+
+    model = load_model("organism", device="cpu")
+    ids = model.tokenizer("Ann has 37 apples.", add_special_tokens=False)["input_ids"]
+    assert check_gate_hook(model, ids, 3) < 1e-6
+
+
+# --------------------------------------------------------------------------- Neuron Adjust pieces
+
+def test_select_neurons_global_top_percent():
+    from interp.unlearning import random_neurons, select_neurons
+
+    delta = torch.zeros(3, 10)
+    delta[2, 4], delta[0, 1], delta[1, 9], delta[0, 0] = 5.0, 4.0, 3.0, -9.0   # signed: -9 is not selected
+    sel = select_neurons(delta, 10.0)                                           # ceil(0.1 * 30) = 3
+    assert sel.tolist() == [[0, 1], [1, 9], [2, 4]]
+    gen = torch.Generator().manual_seed(0)
+    rand = random_neurons(3, 10, sel, 3, gen)
+    assert len(rand) == 3 and not {tuple(r) for r in rand.tolist()} & {(0, 1), (1, 9), (2, 4)}
+
+
+def test_adjust_values_intended_method():
+    from interp.unlearning import adjust_values
+
+    mu_f, sd_f, mu_r, sd_r = torch.tensor(4.0), torch.tensor(1.0), torch.tensor(0.0), torch.tensor(0.5)
+    x = torch.tensor([4.5, 0.1, 2.0])
+    new, replaced = adjust_values(x, mu_f, sd_f, mu_r, sd_r, u=torch.tensor([0.99, 0.99, 0.0]))
+    # 4.5: forget class far more likely, replaced by mu_r - sd_r * z = 0 - 0.5 * 0.5
+    assert replaced.tolist() == [True, False, False] and new[0].item() == pytest.approx(-0.25)
+    assert new[1].item() == pytest.approx(0.1)
+    # replacement probability = forget posterior p_f / (p_f + p_r) where p_f >= p_r
+    x = torch.full((20000,), 1.6)
+    p_f = math.exp(-(1.6 - 4) ** 2 / 2)
+    p_r = math.exp(-(1.6 / 0.5) ** 2 / 2) / 0.5
+    u = torch.rand(20000, generator=torch.Generator().manual_seed(0))
+    _, replaced = adjust_values(x, mu_f, sd_f, mu_r, sd_r, u)
+    assert p_f >= p_r and replaced.float().mean().item() == pytest.approx(p_f / (p_f + p_r), abs=0.02)
+
+
+def test_reference_mode_reproduces_the_three_quirks():
+    from interp.unlearning import AdjustSpec, RunningMoments, adjust_values, hash_uniform
+
+    # forget values of two neurons: neuron 0 has mean -2 (negative), neuron 1 mean 3; retain: mean 0, var 4
+    forget = RunningMoments.zeros(1, 2)
+    forget.update(0, torch.tensor([[-3.0, 2.0], [-1.0, 4.0]]))
+    forget.count = 2
+    retain = RunningMoments.zeros(1, 2)
+    retain.update(0, torch.tensor([[-2.0, -2.0], [2.0, 2.0]]))
+    retain.count = 2
+    neurons = torch.tensor([[0, 0], [0, 1]])
+    ref = AdjustSpec.from_moments(neurons, forget, retain, reference=True)
+    intended = AdjustSpec.from_moments(neurons, forget, retain)
+    # quirk 1: the retain "std" is the variance (4), not 2; quirk 2: the forget std is the forget mean
+    assert ref.sd_r.tolist() == [4.0, 4.0] and intended.sd_r.tolist() == [2.0, 2.0]
+    assert ref.sd_f.tolist() == [-2.0, 3.0] and intended.sd_f.tolist() == [1.0, 1.0]
+    # quirk 2's effect: a negative forget mean gives a negative density, so neuron 0 is never adjusted,
+    # even at its forget mean where the intended method always adjusts
+    x = torch.tensor([[-2.0, 3.0]])
+    _, rep_ref = adjust_values(x, ref.mu_f, ref.sd_f, ref.mu_r, ref.sd_r, torch.ones(1, 2), reference=True)
+    _, rep_int = adjust_values(x, intended.mu_f, intended.sd_f, intended.mu_r, intended.sd_r, torch.ones(1, 2))
+    assert rep_ref.tolist() == [[False, True]] and rep_int.tolist() == [[True, True]]
+    # quirk 3: one draw per sequence and forward call (the same for every position and neuron);
+    # the intended draws differ per position and neuron
+    pos = torch.arange(6)[:, None]
+    shared = hash_uniform(0, 7, torch.zeros_like(pos), 0).expand(6, 2)
+    assert shared.unique().numel() == 1
+    own = hash_uniform(0, 7, pos, 0, torch.arange(2))
+    assert own.unique().numel() == 12
+
+
+def test_hash_uniform_is_uniform_and_deterministic():
+    from interp.unlearning import hash_uniform
+
+    u = hash_uniform(3, torch.arange(1000)[:, None], torch.arange(50))
+    assert u.shape == (1000, 50) and 0 <= u.min() and u.max() < 1
+    assert abs(u.mean().item() - 0.5) < 0.01 and abs(u.var().item() - 1 / 12) < 0.003
+    torch.testing.assert_close(u, hash_uniform(3, torch.arange(1000)[:, None], torch.arange(50)))
+    assert not torch.equal(u, hash_uniform(4, torch.arange(1000)[:, None], torch.arange(50)))
+
+
+def test_hypercube_k_is_the_smallest_enclosing():
+    from interp.unlearning import Hypercube
+
+    v = torch.randn(30, 16, generator=torch.Generator().manual_seed(0))
+    cube = Hypercube.fit(v)
+    assert cube.contains(v, 1.0).all()
+    assert not cube.contains(v, 1.0 - 1e-4).all()
+    # the reference's binary search over [0, 10000] with tolerance 1e-5 finds the same k
+    lo, hi = 0.0, 10000.0
+    while hi - lo > 1e-5:
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if ((v - v.mean(0)).abs() <= mid * v.std(0)).all() else (mid, hi)
+    assert cube.k == pytest.approx(hi, abs=1e-4)
