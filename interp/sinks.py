@@ -1,0 +1,255 @@
+"""Attention-sink metrics per block and head, streamed over batches (memory bounded by one batch).
+
+Metric functions (tensors in, tensors out; `pattern` is `blocks.L.attn.hook_pattern`, `[batch, head, q, k]`,
+`mask` the `[batch, pos]` attention mask of a left-padded batch, None = no padding):
+
+- `first_token_attention(pattern, mask, exclude_first_query=True)` → `[batch, head]`: mean over the
+  real queries of the attention to the first real token, F-Attn of Qiu et al. 2025 (query 0, which
+  attends to itself only in a causal model, is left out by default).
+- `key_attention(pattern, mask, causal=True)` → `[batch, head, pos]`: Gu et al. 2024's
+  α[k] = mean over queries q ≥ k (all queries when `causal=False`) of A[q, k], keys left-aligned
+  (index 0 = the first real token); padded keys are 0.
+- `attention_outlier_keys(pattern, mask, frac=0.1)` → bool `[batch, pos]` (left-aligned): An et al. 2025's
+  rule, column sum of the head-mean pattern ≥ frac · T.
+- `sink_ratio(pattern, keys, mask)` → `[batch, head]`: the share of each head's attention that goes to
+  the keys in `keys` (An et al.'s per-head ratio ρ).
+- `left_align(x, mask)`: move each row's real positions to the front along the last dim.
+
+Streaming: `AttentionStats(n_layers, n_heads, ...)` accumulates those metrics per layer and head;
+`stats.hooks()` gives the forward hooks (pattern, and q/k/v when `qkv_norms`), `stats.begin_batch(indices,
+tokens, mask)` must precede each forward. `attention_metrics(model, seqs, ...)` runs the loop and returns
+the filled `AttentionStats`; read `per_layer()` (rows `{layer, first_token, sink_rate, sink_ratio}`),
+`per_head()` (rows per layer and head), `overall()` (`first_token`, `sink_rate` in %), `other_sinks()`
+(attention-outlier keys after the first token, by position and by token), `outlier_keys` (every attention-outlier key as
+`(layer, sequence, position, token_id)`), `qkv_norm_rows()` and `example` (head-mean pattern of one sequence per layer).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from interp.batching import padded_batches
+from interp.bridge import stopped_at
+
+SINK_EPS = 0.3  # Gu et al. 2024, sink rate threshold ε
+OUTLIER_KEY_FRAC = 0.1  # An et al. 2025, attention-outlier key: column sum ≥ 0.1 · T
+_LAYER = re.compile(r"^blocks\.(\d+)\.")
+
+
+def _starts_lengths(mask: Tensor | None, batch: int, width: int, device) -> tuple[Tensor, Tensor]:
+    if mask is None:
+        return torch.zeros(batch, dtype=torch.long, device=device), torch.full((batch,), width, device=device)
+    mask = mask.to(device)
+    lengths = mask.sum(-1).long()
+    return (width - lengths), lengths
+
+
+def left_align(x: Tensor, mask: Tensor | None) -> Tensor:
+    """Shift each row of a left-padded `[batch, ..., pos]` tensor so its first real position is index 0 (tail 0)."""
+    if mask is None:
+        return x
+    b, width = x.shape[0], x.shape[-1]
+    starts, lengths = _starts_lengths(mask, b, width, x.device)
+    idx = torch.arange(width, device=x.device).expand(b, width) + starts[:, None]
+    valid = torch.arange(width, device=x.device)[None] < lengths[:, None]
+    shape = (b,) + (1,) * (x.dim() - 2) + (width,)
+    gathered = x.gather(-1, idx.clamp_max(width - 1).view(shape).expand_as(x))
+    return gathered * valid.view(shape).to(x.dtype)
+
+
+def _query_mask(mask: Tensor | None, b: int, width: int, device, exclude_first: bool) -> Tensor:
+    starts, _ = _starts_lengths(mask, b, width, device)
+    pos = torch.arange(width, device=device)[None]
+    return pos >= (starts[:, None] + int(exclude_first))
+
+
+def first_token_attention(pattern: Float[Tensor, "batch head q k"], mask: Int[Tensor, "batch pos"] | None = None,
+                          exclude_first_query: bool = True) -> Float[Tensor, "batch head"]:
+    """Mean over real queries of the attention each head pays to the first real token."""
+    b, _, width, _ = pattern.shape
+    starts, _ = _starts_lengths(mask, b, width, pattern.device)
+    to_first = pattern.float().gather(-1, starts.view(b, 1, 1, 1).expand(b, pattern.shape[1], width, 1))[..., 0]
+    qmask = _query_mask(mask, b, width, pattern.device, exclude_first_query).float()
+    return (to_first * qmask[:, None]).sum(-1) / qmask.sum(-1).clamp_min(1)[:, None]
+
+
+def key_attention(pattern: Float[Tensor, "batch head q k"], mask: Int[Tensor, "batch pos"] | None = None,
+                  causal: bool = True) -> Float[Tensor, "batch head k"]:
+    """Gu et al.'s α[k]: mean attention key k receives from queries q ≥ k (every query if not causal); left-aligned."""
+    b, _, width, _ = pattern.shape
+    qmask = _query_mask(mask, b, width, pattern.device, False).float()  # [b, q]
+    received = (pattern.float() * qmask[:, None, :, None])
+    if causal:
+        received = received.tril()
+        pos = torch.arange(width, device=pattern.device)
+        starts, _ = _starts_lengths(mask, b, width, pattern.device)
+        # queries q ≥ k among the real ones: from max(k, start) to the end
+        count = (width - torch.maximum(pos[None], starts[:, None])).float()
+    else:
+        count = qmask.sum(-1, keepdim=True).expand(b, width)
+    alpha = received.sum(-2) / count.clamp_min(1)[:, None]
+    return left_align(alpha, mask)
+
+
+def attention_outlier_keys(pattern: Float[Tensor, "batch head q k"], mask: Int[Tensor, "batch pos"] | None = None,
+                           frac: float = OUTLIER_KEY_FRAC) -> Bool[Tensor, "batch k"]:
+    """Keys whose column sum of the head-mean pattern (over real queries) is ≥ frac · T (left-aligned)."""
+    b, _, width, _ = pattern.shape
+    qmask = _query_mask(mask, b, width, pattern.device, False).float()
+    _, lengths = _starts_lengths(mask, b, width, pattern.device)
+    col = (pattern.float().mean(1) * qmask[:, :, None]).sum(1)  # [b, k]
+    keys = left_align(col, mask) >= frac * lengths[:, None].float()
+    valid = torch.arange(width, device=pattern.device)[None] < lengths[:, None]
+    return keys & valid
+
+
+def sink_ratio(pattern: Float[Tensor, "batch head q k"], keys: Bool[Tensor, "batch k"],
+               mask: Int[Tensor, "batch pos"] | None = None) -> Float[Tensor, "batch head"]:
+    """ρ: share of each head's attention (over real queries) that goes to the keys in `keys` (left-aligned)."""
+    b, _, width, _ = pattern.shape
+    qmask = _query_mask(mask, b, width, pattern.device, False).float()
+    col = left_align((pattern.float() * qmask[:, None, :, None]).sum(-2), mask)  # [b, head, k]
+    return (col * keys[:, None].float()).sum(-1) / col.sum(-1).clamp_min(1e-12)
+
+
+class AttentionStats:
+    """Streaming accumulator of the sink metrics per layer and head (see the module docstring)."""
+
+    def __init__(self, n_layers: int, n_heads: int, layers: Sequence[int] | None = None, *, eps: float = SINK_EPS,
+                 exclude_first_query: bool = True, causal: bool = True, outlier_frac: float = OUTLIER_KEY_FRAC,
+                 qkv_norms: bool = False, example: int | None = None):
+        self.layers = list(range(n_layers)) if layers is None else sorted(layers)
+        self.n_heads, self.eps, self.causal = n_heads, eps, causal
+        self.exclude_first_query, self.outlier_frac, self.qkv_norms = exclude_first_query, outlier_frac, qkv_norms
+        z = torch.zeros(n_layers, n_heads, dtype=torch.float64)
+        self.first_sum, self.sink_count, self.ratio_sum = z.clone(), z.clone(), z.clone()
+        self.n_seqs = torch.zeros(n_layers, dtype=torch.long)
+        self.outlier_keys: list[tuple[int, int, int, int]] = []  # (layer, sequence, position, token_id)
+        self.norm_sums: dict = defaultdict(lambda: torch.zeros(2, dtype=torch.float64))  # (layer, q|k|v, sink?) → [sum, n]
+        self.example_index, self.example = example, {}
+        self._batch = None
+        self._norms: dict = {}
+
+    def hooks(self) -> list[tuple[str, object]]:
+        fwd = [(f"blocks.{layer}.attn.hook_pattern", self._pattern_hook) for layer in self.layers]
+        if self.qkv_norms:
+            fwd += [(f"blocks.{layer}.attn.hook_{w}", self._qkv_hook) for layer in self.layers for w in "qkv"]
+        return fwd
+
+    def begin_batch(self, indices: Sequence[int], tokens: Tensor, mask: Tensor | None) -> None:
+        """Set the batch the next forward's hooks see (its sequence indices, tokens and mask)."""
+        self._batch = (list(indices), tokens, mask)
+        self._norms = {}
+
+    def _qkv_hook(self, x, hook):
+        which = hook.name.rsplit(".", 2)[-2][-1] if hook.name.endswith("hook_out") else hook.name[-1]
+        self._norms[(int(_LAYER.match(hook.name).group(1)), which)] = x.detach().float().norm(dim=-1).mean(-1)
+
+    def _pattern_hook(self, pattern, hook):
+        self.update(int(_LAYER.match(hook.name).group(1)), pattern.detach())
+
+    @torch.no_grad()
+    def update(self, layer: int, pattern: Float[Tensor, "batch head q k"]) -> None:
+        """Add one layer's pattern for the current batch."""
+        indices, tokens, mask = self._batch
+        b = pattern.shape[0]
+        self.first_sum[layer] += first_token_attention(pattern, mask, self.exclude_first_query).double().sum(0).cpu()
+        alpha = key_attention(pattern, mask, self.causal)
+        sinks = alpha > self.eps  # [b, head, k]
+        self.sink_count[layer] += sinks[:, :, 0].double().sum(0).cpu()
+        keys = attention_outlier_keys(pattern, mask, self.outlier_frac)
+        self.ratio_sum[layer] += sink_ratio(pattern, keys, mask).double().sum(0).cpu()
+        self.n_seqs[layer] += b
+        toks = left_align(tokens, mask).cpu()
+        for row, pos in keys.nonzero().tolist():
+            self.outlier_keys.append((layer, indices[row], pos, int(toks[row, pos])))
+        for w in "qkv" if self.qkv_norms else "":
+            norms = left_align(self._norms.pop((layer, w)), mask).cpu()  # [b, pos]
+            valid = left_align(torch.ones_like(tokens) if mask is None else mask, mask).bool().cpu()
+            kc = keys.cpu()
+            for is_sink, sel in ((True, kc & valid), (False, ~kc & valid)):
+                self.norm_sums[(layer, w, is_sink)] += torch.tensor([norms[sel].double().sum(), sel.sum()])
+        if self.example_index is not None and self.example_index in indices:
+            row = indices.index(self.example_index)
+            n = int(mask[row].sum()) if mask is not None else pattern.shape[-1]
+            self.example[layer] = pattern[row, :, -n:, -n:].float().mean(0).cpu()
+
+    def per_head(self) -> list[dict]:
+        """Rows {layer, head, first_token, sink_rate (% of sequences with α[0] > ε), sink_ratio}."""
+        rows = []
+        for layer in self.layers:
+            n = max(int(self.n_seqs[layer]), 1)
+            for h in range(self.n_heads):
+                rows.append({"layer": layer, "head": h, "first_token": float(self.first_sum[layer, h] / n),
+                             "sink_rate": float(100 * self.sink_count[layer, h] / n),
+                             "sink_ratio": float(self.ratio_sum[layer, h] / n)})
+        return rows
+
+    def per_layer(self) -> list[dict]:
+        """Rows {layer, first_token (F-Attn), sink_rate (Gu's Sink^ε[0], %), sink_ratio (mean ρ over heads)}."""
+        rows = []
+        for layer in self.layers:
+            n = max(int(self.n_seqs[layer]), 1) * self.n_heads
+            rows.append({"layer": layer, "first_token": float(self.first_sum[layer].sum() / n),
+                         "sink_rate": float(100 * self.sink_count[layer].sum() / n),
+                         "sink_ratio": float(self.ratio_sum[layer].sum() / n)})
+        return rows
+
+    def overall(self) -> dict:
+        """{first_token: F-Attn averaged over layers, sink_rate: Gu's Sink^ε[0] in % of heads × layers × sequences}."""
+        n = max(int(self.n_seqs[self.layers].sum()), 1) * self.n_heads
+        return {"first_token": float(self.first_sum[self.layers].sum() / n),
+                "sink_rate": float(100 * self.sink_count[self.layers].sum() / n)}
+
+    def other_sinks(self, tokenizer=None, top: int = 20) -> list[dict]:
+        """Keys other than the first that draw attention (An et al.'s attention-outlier rule), most frequent first:
+        rows {layer, position, share} (share of sequences) and by token {layer, token_id, token, share}."""
+        by_pos = Counter((layer, pos) for layer, _, pos, _ in self.outlier_keys if pos > 0)
+        by_tok = Counter((layer, tid) for layer, _, pos, tid in self.outlier_keys if pos > 0)
+        rows = [{"layer": layer, "position": pos, "token_id": None, "token": None,
+                 "share": c / max(int(self.n_seqs[layer]), 1)} for (layer, pos), c in by_pos.most_common(top)]
+        rows += [{"layer": layer, "position": None, "token_id": tid,
+                  "token": tokenizer.decode([tid]) if tokenizer is not None else None,
+                  "share": c / max(int(self.n_seqs[layer]), 1)} for (layer, tid), c in by_tok.most_common(top)]
+        return rows
+
+    def qkv_norm_rows(self) -> list[dict]:
+        """Rows {layer, vector (q|k|v), sink_norm, other_norm}: mean per-head norms at attention-outlier keys vs elsewhere."""
+        rows = []
+        for layer in self.layers:
+            for w in "qkv":
+                s, o = self.norm_sums.get((layer, w, True)), self.norm_sums.get((layer, w, False))
+                if s is None:
+                    continue
+                rows.append({"layer": layer, "vector": w,
+                             "sink_norm": float(s[0] / s[1]) if s[1] else None,
+                             "other_norm": float(o[0] / o[1]) if o[1] else None})
+        return rows
+
+
+@torch.no_grad()
+def attention_metrics(model, seqs: Sequence[Sequence[int]], *, batch_size: int = 8, layers: Sequence[int] | None = None,
+                      eps: float = SINK_EPS, exclude_first_query: bool = True, causal: bool = True,
+                      outlier_frac: float = OUTLIER_KEY_FRAC, qkv_norms: bool = False, example: int | None = None,
+                      fwd_hooks: Sequence = (), progress: bool = True) -> AttentionStats:
+    """Run `seqs` batch by batch with pattern hooks on `layers` (default all) and return the filled stats.
+
+    The forward stops after the last layer needed; `fwd_hooks` (e.g. an intervention) run alongside.
+    Memory holds one batch's activations at a time.
+    """
+    stats = AttentionStats(model.cfg.n_layers, model.cfg.n_heads, layers, eps=eps,
+                           exclude_first_query=exclude_first_query, causal=causal, outlier_frac=outlier_frac,
+                           qkv_norms=qkv_norms, example=example)
+    stop = max(stats.layers) + 1
+    for idx, tokens, mask in padded_batches(model, seqs, batch_size, desc="attention", progress=progress):
+        stats.begin_batch(idx, tokens, mask)
+        with stopped_at(model, stop) as stop_at_layer:
+            model.run_with_hooks(tokens, attention_mask=mask, return_type=None, stop_at_layer=stop_at_layer,
+                                 fwd_hooks=list(fwd_hooks) + stats.hooks())
+    return stats

@@ -1,0 +1,82 @@
+"""Sink metrics against hand-computed values, padding invariance, and streaming = one-shot."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from interp import sinks
+
+
+def _causal(rows):
+    """A [1, 1, T, T] pattern from lower-triangular rows."""
+    return torch.tensor(rows, dtype=torch.float32)[None, None]
+
+
+P = _causal([[1.0, 0.0, 0.0, 0.0],
+             [0.6, 0.4, 0.0, 0.0],
+             [0.5, 0.2, 0.3, 0.0],
+             [0.1, 0.1, 0.4, 0.4]])
+
+
+def test_first_token_attention_hand_values():
+    assert sinks.first_token_attention(P).item() == pytest.approx((0.6 + 0.5 + 0.1) / 3)
+    assert sinks.first_token_attention(P, exclude_first_query=False).item() == pytest.approx((1 + 0.6 + 0.5 + 0.1) / 4)
+
+
+def test_key_attention_is_gu_alpha():
+    alpha = sinks.key_attention(P)[0, 0]
+    expected = [(1 + 0.6 + 0.5 + 0.1) / 4, (0.4 + 0.2 + 0.1) / 3, (0.3 + 0.4) / 2, 0.4 / 1]
+    assert alpha.tolist() == pytest.approx(expected)
+    # bidirectional: every query counts for every key
+    full = torch.full((1, 1, 3, 3), 1 / 3)
+    assert sinks.key_attention(full, causal=False)[0, 0].tolist() == pytest.approx([1 / 3] * 3)
+
+
+def test_outlier_keys_and_ratio():
+    keys = sinks.attention_outlier_keys(P, frac=0.5)  # column sums 2.2, 0.7, 0.7, 0.4 ≥ 2.0?
+    assert keys[0].tolist() == [True, False, False, False]
+    assert sinks.sink_ratio(P, keys).item() == pytest.approx(2.2 / 4)
+    keys = sinks.attention_outlier_keys(P, frac=0.1)  # ≥ 0.4: every key
+    assert keys[0].all()
+
+
+def test_left_padding_gives_the_same_metrics():
+    padded = torch.zeros(1, 1, 6, 6)
+    padded[0, 0, 2:, 2:] = P[0, 0]
+    padded[0, 0, :2, :2] = 0.5  # garbage rows of padded queries must be ignored
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1]])
+    assert torch.allclose(sinks.first_token_attention(padded, mask), sinks.first_token_attention(P))
+    assert torch.allclose(sinks.key_attention(padded, mask)[..., :4], sinks.key_attention(P))
+    assert sinks.key_attention(padded, mask)[..., 4:].abs().max() == 0
+    k_pad, k = sinks.attention_outlier_keys(padded, mask, 0.5), sinks.attention_outlier_keys(P, frac=0.5)
+    assert k_pad[0, :4].tolist() == k[0].tolist() and not k_pad[0, 4:].any()
+    assert torch.allclose(sinks.sink_ratio(padded, k_pad, mask), sinks.sink_ratio(P, k))
+
+
+def test_streaming_equals_one_shot():
+    torch.manual_seed(0)
+    b, h, t = 6, 3, 5
+    pattern = torch.rand(b, h, t, t).tril()
+    pattern = pattern / pattern.sum(-1, keepdim=True)
+    tokens = torch.randint(0, 50, (b, t))
+
+    def run(splits):
+        stats = sinks.AttentionStats(1, h, eps=0.5, example=0)
+        for idx in splits:
+            stats.begin_batch(idx, tokens[idx], None)
+            stats.update(0, pattern[idx])
+        return stats
+
+    one, streamed = run([list(range(b))]), run([[0, 1], [2], [3, 4, 5]])
+    for a, b_ in zip(one.per_head(), streamed.per_head(), strict=True):
+        assert a == pytest.approx(b_)
+    assert sorted(one.outlier_keys) == sorted(streamed.outlier_keys)
+    # per-layer values against a direct computation
+    f = sinks.first_token_attention(pattern).mean()
+    alpha0 = sinks.key_attention(pattern)[..., 0]
+    row = one.per_layer()[0]
+    assert 0 < row["sink_rate"] < 100
+    assert row["first_token"] == pytest.approx(float(f))
+    assert row["sink_rate"] == pytest.approx(100 * float((alpha0 > 0.5).float().mean()))
+    assert torch.allclose(one.example[0], pattern[0].mean(0))
