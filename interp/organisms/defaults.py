@@ -16,4 +16,10 @@ ANALYSIS_DEFAULTS: dict[str, dict] = {
         "max_new_tokens": 96,
         "asr_regenerate": "response",  # regenerating the thinking under ablation breaks it
     },
+    # measured in docs/instability.md ("On the organisms")
+    "instability": {
+        "tasks": "arithmetic",  # the organisms' own word-problem chats (checkable "The answer is N.")
+        "max_new_tokens": 96,  # a trace is 30-70 tokens
+        "windows": (8, 16, 32),  # prefixes scaled to the short traces (paper-style 32/64/128 exceed them)
+    },
 }
