@@ -333,3 +333,39 @@ def early_late(scores: Sequence[float], positions: Sequence[float], correct: Seq
     else:
         summary = {"early_accuracy": None, "late_accuracy": None, "n_early": 0, "n_late": 0}
     return summary, rows
+
+
+# --------------------------------------------------------------------------- a local model's distributions
+
+@torch.no_grad()
+def teacher_forced(model, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], *,
+                   top_k: int = 20, batch_size: int = 8, progress: bool = True) -> list[dict[str, Tensor]]:
+    """One teacher-forced forward over prompt + completion per trace: the T next-token distributions
+    `logits[P−1 : P+T−1]` (temperature 1, whatever the sampling temperature was).
+
+    Per trace, on the CPU: `topk_ids`, `topk_logprobs` [T, k] (log-softmax over the full vocabulary,
+    then its k largest), `chosen` [T] (log-prob of the generated token), `full_entropy` [T] and `full_jsd` [T] (consecutive steps, D_1 = 0), computed
+    batch by batch on the model's device so no [T, vocab] tensor outlives its trace.
+    """
+    from interp.batching import padded_batches
+    from interp.bridge import sdpa_attention
+
+    seqs = [list(p) + list(c) for p, c in zip(prompts, completions)]
+    if any(len(c) == 0 for c in completions):
+        raise ValueError("every completion needs at least one token")
+    out: list[dict[str, Tensor] | None] = [None] * len(seqs)
+    with sdpa_attention(model):
+        for idx, tokens, mask in padded_batches(model, seqs, batch_size, desc="teacher-forced", progress=progress):
+            logits = model(tokens, attention_mask=mask, return_type="logits")
+            width = tokens.shape[1]
+            for row, i in enumerate(idx):
+                start = width - len(seqs[i]) + len(prompts[i]) - 1
+                lp = torch.log_softmax(logits[row, start:start + len(completions[i])].float(), -1)
+                values, ids = torch.topk(lp, min(top_k, lp.shape[-1]), -1)
+                jsd = torch.zeros(lp.shape[0], device=lp.device)
+                jsd[1:] = full_jsd(lp[1:], lp[:-1])
+                chosen = lp.gather(-1, torch.as_tensor(list(completions[i]), device=lp.device)[:, None])[:, 0]
+                out[i] = {"topk_ids": ids.cpu(), "topk_logprobs": values.double().cpu(), "chosen": chosen.cpu(),
+                          "full_entropy": entropy(lp).cpu(), "full_jsd": jsd.cpu()}
+            del logits
+    return out  # type: ignore[return-value]

@@ -162,7 +162,7 @@ def _planted_traces(n=60, steps=40, seed=0, spike=True):
             logits[at] = torch.randn(50, generator=g) * 0.3    # flat: high entropy, big shift
         full = torch.log_softmax(logits, -1)
         lp, ids = torch.topk(full, 10, -1)
-        traces.append(ins.TraceDists(str(i), correct, [f"t{j}" for j in range(steps)], ids, lp))
+        traces.append(ins.TraceDists(str(i), correct, [f"<t{j}>" for j in range(steps)], ids, lp))
     return traces
 
 
@@ -248,3 +248,137 @@ def test_reader_empty_missing_and_duplicate(tmp_path):
         load_traces(tmp_path / "nope.jsonl")
     with pytest.raises(UserError, match="line 2: id 'a' already used on line 1"):
         load_traces(_write(tmp_path, [GOOD, GOOD], "dup.jsonl"))
+
+
+# --------------------------------------------------------------------------- the local-model path
+
+def _hf_reference(model, prompt, completion, k):
+    """Independent: the HF module on the unpadded sequence, plain torch."""
+    ids = torch.tensor([list(prompt) + list(completion)])
+    logits = model.original_model(input_ids=ids).logits[0].float()
+    lp = torch.log_softmax(logits[len(prompt) - 1: len(prompt) - 1 + len(completion)], -1)
+    p = lp.exp()
+    h = -(p * lp).sum(-1)
+    m = 0.5 * (p[1:] + p[:-1])
+    d = 0.5 * ((p[1:] * (lp[1:] - m.log())).sum(-1) + (p[:-1] * (lp[:-1] - m.log())).sum(-1))
+    values, idx = torch.topk(lp, k, -1)
+    return values, idx, h, torch.cat([torch.zeros(1), d])
+
+
+def test_teacher_forced_matches_hf_and_batch_size(tiny_model):
+    g = torch.Generator().manual_seed(0)
+    vocab = tiny_model.cfg.d_vocab
+    prompts = [torch.randint(5, 200, (n,), generator=g).tolist() for n in (3, 9, 5, 12, 4, 7, 6, 10)]
+    comps = [torch.randint(5, 200, (n,), generator=g).tolist() for n in (6, 2, 11, 4, 8, 1, 5, 9)]
+    one = ins.teacher_forced(tiny_model, prompts, comps, top_k=5, batch_size=1, progress=False)
+    eight = ins.teacher_forced(tiny_model, prompts, comps, top_k=5, batch_size=8, progress=False)
+    assert vocab > 5
+    for i, (a, b) in enumerate(zip(one, eight)):
+        values, idx, h, d = _hf_reference(tiny_model, prompts[i], comps[i], 5)
+        for x in (a, b):
+            assert torch.equal(x["topk_ids"], idx)
+            assert torch.allclose(x["topk_logprobs"].float(), values, atol=1e-5)
+            assert torch.allclose(x["full_entropy"], h, atol=1e-5)
+            assert torch.allclose(x["full_jsd"], d, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- the analysis
+
+KEYS = {"auc", "auc_ci", "baselines", "buckets", "early_late", "traces"}
+
+
+def _jsonl_of(traces, path, names=lambda i: f"tok{i}"):
+    """Planted traces written as OpenAI logprobs JSONL."""
+    from interp.traces import trace_record
+
+    with open(path, "w", encoding="utf-8") as f:
+        for t in traces:
+            alts = [[(names(int(i)), float(v)) for i, v in zip(ids, lps)] for ids, lps in zip(t.topk_ids, t.topk_logprobs)]
+            f.write(json.dumps(trace_record(t.id, t.correct, t.tokens, alts, [a[0][1] for a in alts])) + "\n")
+    return path
+
+
+def test_cli_on_planted_traces_finds_late_spikes(tmp_path, capsys):
+    from interp.run import main
+
+    path = _jsonl_of(_planted_traces(n=40, steps=30), tmp_path / "planted.jsonl", names=lambda i: f"<b>{i}</b>")
+    out = tmp_path / "run"
+    assert main(["instability", "--traces", str(path), "--top-k", "10", "--out", str(out), "--no-progress",
+                 "--n-boot", "300", "--windows", "5", "30"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert KEYS <= set(res) and res["model"] is None
+    assert res["auc"] > 0.95 and res["auc_ci"][0] > 0.85 and len(res["auc_ci"]) == 2
+    assert set(res["baselines"]) == {"mean_entropy", "final_entropy", "length"}
+    assert set(res["early_late"]) == {"early_accuracy", "late_accuracy", "n_early", "n_late"}
+    assert all(set(r) == {"low", "high", "accuracy", "n"} for r in res["buckets"])
+    assert all(set(r) == {"id", "correct", "peak", "peak_position", "length"} for r in res["traces"])
+    assert all(r["peak_position"] > 0.5 for r in res["traces"] if not r["correct"])
+    # the prefix before the spikes carries no signal, the whole trace does
+    warn = {w["window"]: w["auc"] for w in res["early_warning"]}
+    assert warn[30] > 0.95 and abs(warn[5] - 0.5) < 0.3
+    html = (out / "report.html").read_text()
+    assert "&lt;t3&gt;" in html and "<t3>" not in html      # generated tokens are shown escaped
+
+
+def _cli_error(capsys, argv):
+    from interp.run import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err and err.count("\n") == 1
+    return err
+
+
+def test_cli_errors(tmp_path, capsys):
+    for line, message in MALFORMED[:1] + MALFORMED[9:10]:
+        path = _write(tmp_path, [line], "bad.jsonl")
+        assert message in _cli_error(capsys, ["instability", "--traces", str(path), "--out", str(tmp_path / "o")])
+    empty = _write(tmp_path, [""], "empty.jsonl")
+    assert "is empty" in _cli_error(capsys, ["instability", "--traces", str(empty), "--out", str(tmp_path / "o")])
+    good = _write(tmp_path, [GOOD, {**GOOD, "id": "b", "correct": False}], "good.jsonl")
+    assert "needs a local model" in _cli_error(capsys, ["instability", "--traces", str(good), "--distribution", "full"])
+    assert "top-k must be at least 1" in _cli_error(capsys, ["instability", "--traces", str(good), "--top-k", "0"])
+    assert "lam must be" in _cli_error(capsys, ["instability", "--traces", str(good), "--lam", "-1"])
+    tasks = _write(tmp_path, [{"prompt": "2+2?"}], "tasks.jsonl")
+    assert "missing field(s) answer" in _cli_error(capsys, ["instability", "--dataset", str(tasks)])
+    assert "unknown dataset" in _cli_error(capsys, ["instability", "--dataset", "nope"])
+
+
+@pytest.fixture(scope="module")
+def organism():
+    from interp.models import load_model
+
+    return load_model("organism", device="cpu")
+
+
+def test_local_model_path_matches_jsonl_and_batch_size(organism, tmp_path):
+    from analyses import instability as an
+    from interp.analysis import config_for
+
+    kw = dict(limit=8, max_new_tokens=40, n_boot=200, progress=False)
+    cfg = config_for("instability", organism, batch_size=8, **kw)
+    assert cfg.tasks == "arithmetic"                     # the organisms' card settings
+    res = an.run(organism, cfg)
+    one = an.run(organism, config_for("instability", organism, batch_size=1, **kw))
+    assert [r["id"] for r in res.trace_rows] == [r["id"] for r in one.trace_rows]
+    for a, b in zip(res.trace_rows, one.trace_rows):
+        assert a["correct"] == b["correct"] and a["length"] == b["length"]
+        assert a["peak"] == pytest.approx(b["peak"], abs=1e-5) and a["peak_position"] == b["peak_position"]
+    # correctness is the task's own check on the generated text
+    from interp.skills import is_correct, load_skill
+
+    items = load_skill("arithmetic", 8)
+    for r, rec in zip(res.trace_rows, res.records):
+        assert r["correct"] == is_correct(items[int(r["id"])], rec["completion"])
+    # the same distributions through the external JSONL path give the same numbers
+    res.write_extras(tmp_path)
+    ext = an.run(None, an.Config(traces=str(tmp_path / "traces.jsonl"), n_boot=200, progress=False,
+                                 windows=cfg.windows))
+    for a, b in zip(res.trace_rows, ext.trace_rows):
+        for k in ("id", "correct", "length", "peak_position", "mean_entropy", "final_entropy"):
+            assert a[k] == pytest.approx(b[k], abs=1e-9), k
+        assert a["peak"] == pytest.approx(b["peak"], abs=1e-9)
+    for k in ("auc", "baselines", "buckets", "early_late", "early_warning"):
+        assert getattr(res, k) == getattr(ext, k) or json.dumps(getattr(res, k)) == json.dumps(getattr(ext, k)), k
+    html = an.build_report(res, organism.tokenizer).render()
+    assert "Failure prediction" in html and "Reconstructed choices" in html
