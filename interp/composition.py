@@ -1,0 +1,236 @@
+"""Composition between attention heads from weights alone: whole-head scores and per-SVD-component scores.
+
+Talking Heads (Merullo, Eickhoff & Pavlick, NeurIPS 2024) decomposes a writer head's OV matrix
+``OV_s = Σ_i σ_i u_i v_iᵀ`` (TransformerLens row-vector convention: ``x @ OV``; ``u_i`` reads,
+``v_i`` writes) and scores each rank-1 component against a reader head in a later layer:
+
+- ``q``: the reader's query side, ``CS_i = ‖v_iᵀ QK_d‖ / ‖QK_d‖_F`` (``QK = W_Q W_Kᵀ``);
+- ``k``: the reader's key side, ``CS_i = ‖QK_d v_i‖ / ‖QK_d‖_F``;
+- ``v``: the reader's OV, ``CS_i = ‖v_iᵀ OV_d‖ / ‖OV_d‖_F``.
+
+σ_i cancels, so only the write direction counts. The whole-head composition score of Elhage et al.
+(2021), ``‖OV_s M_d‖_F / (‖OV_s‖_F ‖M_d‖_F)``, is the σ²-weighted RMS of the component scores,
+``CS² = Σ_i σ_i² CS_i² / Σ_i σ_i²``: one strong component with a small σ is diluted in it.
+
+Every reader matrix M is reduced to a factor ``R = U_M S_M / ‖S_M‖`` (its SVD), so that
+``CS_i = ‖v_iᵀ R‖``; the scan is one einsum per (reader layer, chunk of writer layers), so memory
+stays bounded on 7B-size models. Norm folding (``fold_norms``): the reader's input-norm gain and
+the q/k-norm gains (Qwen3) are multiplied into W_Q / W_K / W_V, and LayerNorm models' writer
+outputs are centred, as TransformerLens' ``fold_ln`` + ``center_writing_weights`` do; the gains
+are read by evaluating each norm module on a vector of ones, so zero-centred RMSNorms (Qwen3.5)
+fold too. Rotary: ``QK`` is the bilinear form at relative offset 0; ``rotary_invariant`` scores use
+W_Q (mode q) or W_K (mode k) alone, which rotary (orthogonal, applied after the projection) cannot
+change. GQA: a reader's key/value side is its KV group's, expanded to every query head of the
+group (per query head in q and v modes; the k-mode ``rotary_invariant`` score is the group's).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens import FactoredMatrix
+
+from interp.errors import UserError
+
+MODES = ("q", "k", "v")
+
+
+@dataclass
+class HeadWeights:
+    """Attention weights in TransformerLens layout (K/V not expanded under GQA)."""
+
+    W_Q: Float[Tensor, "layer head d_model d_head"]
+    W_K: Float[Tensor, "layer kv d_model d_head"]
+    W_V: Float[Tensor, "layer kv d_model d_head"]
+    W_O: Float[Tensor, "layer head d_head d_model"]
+
+    @property
+    def n_layers(self) -> int:
+        return self.W_Q.shape[0]
+
+    @property
+    def n_heads(self) -> int:
+        return self.W_Q.shape[1]
+
+    @property
+    def group(self) -> int:
+        return self.W_Q.shape[1] // self.W_K.shape[1]
+
+    def expand(self, w: Tensor) -> Tensor:
+        """KV-head tensor [.., kv, ...] → one copy per query head (head h uses kv head h // group)."""
+        return w.repeat_interleave(self.group, dim=-3)
+
+
+def _norm_gain(norm, width: int) -> Tensor:
+    """The per-dim gain of an RMSNorm module (its output on a vector of ones, eps aside)."""
+    with torch.no_grad():
+        p = next(norm.parameters())
+        return norm(torch.ones(1, 1, width, dtype=p.dtype, device=p.device))[0, 0].float().cpu()
+
+
+def head_weights(model, fold_norms: bool = True) -> HeadWeights:
+    """The bridge's W_Q, W_K, W_V, W_O (float32, CPU), with norm gains folded in when `fold_norms`."""
+    cfg = model.cfg
+    try:
+        W_Q, W_K, W_V, W_O = (w.detach().float().cpu().clone() for w in (model.W_Q, model.W_K, model.W_V, model.W_O))
+    except (AttributeError, RuntimeError) as exc:
+        raise UserError(f"this model's attention weights cannot be stacked per layer ({type(exc).__name__}); "
+                        "talking_heads needs attention in every layer") from None
+    if not fold_norms:
+        return HeadWeights(W_Q, W_K, W_V, W_O)
+    layer_norm = getattr(cfg, "normalization_type", "RMS") in ("LN", "LNPre")
+    for layer, block in enumerate(model.blocks):
+        gain = block.ln1.weight.detach().float().cpu() if layer_norm else _norm_gain(block.ln1, cfg.d_model)
+        for w in (W_Q, W_K, W_V):
+            w[layer] *= gain[:, None]
+        attn = block.attn
+        if getattr(attn, "q_norm", None) is not None:
+            W_Q[layer] *= _norm_gain(attn.q_norm, cfg.d_head)
+        if getattr(attn, "k_norm", None) is not None:
+            W_K[layer] *= _norm_gain(attn.k_norm, cfg.d_head)
+    if layer_norm:
+        W_O = W_O - W_O.mean(-1, keepdim=True)
+    return HeadWeights(W_Q, W_K, W_V, W_O)
+
+
+def writer_svd(w: HeadWeights, layers: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
+    """Per-head SVD of OV = W_V W_O: (S [layer, head, r], V [layer, head, d_model, r]), σ descending;
+    the columns of V are the write directions v_i."""
+    layers = range(w.n_layers) if layers is None else layers
+    S, V = [], []
+    for layer in layers:
+        _, s, v = FactoredMatrix(w.expand(w.W_V[layer]), w.W_O[layer]).svd()
+        S.append(s)
+        V.append(v)
+    return torch.stack(S), torch.stack(V)
+
+
+def reader_factor(w: HeadWeights, layer: int, mode: str, rotary_invariant: bool = False
+                  ) -> Float[Tensor, "head d_model rank"]:
+    """R with ‖vᵀ R‖ = ‖vᵀ M‖ / ‖M‖_F for the reader matrix M of `mode` (q: QK, k: QKᵀ, v: OV);
+    `rotary_invariant` uses W_Q (q) or W_K (k) alone."""
+    Q, K = w.W_Q[layer], w.expand(w.W_K[layer])
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}")
+    if rotary_invariant:
+        if mode == "v":
+            raise ValueError("the rotary-invariant score is for modes q and k")
+        A = Q if mode == "q" else K
+        return A / A.flatten(-2).norm(dim=-1)[:, None, None]
+    if mode == "q":
+        fm = FactoredMatrix(Q, K.transpose(-1, -2))
+    elif mode == "k":
+        fm = FactoredMatrix(K, Q.transpose(-1, -2))
+    else:
+        fm = FactoredMatrix(w.expand(w.W_V[layer]), w.W_O[layer])
+    U, S, _ = fm.svd()
+    return U * (S / S.norm(dim=-1, keepdim=True))[:, None, :]
+
+
+@dataclass
+class Scan:
+    """Per-component composition scores of one mode. `scores[lw, hw, i, lr, hr]` is NaN unless lw < lr."""
+
+    mode: str
+    scores: Float[Tensor, "layer head comp layer head"]
+    sigma: Float[Tensor, "layer head comp"]
+    rotary_invariant: Tensor | None = None
+
+    def whole_head(self) -> Float[Tensor, "layer head layer head"]:
+        """Elhage et al.'s whole-head score from the identity CS² = Σ σ_i² CS_i² / Σ σ_i²."""
+        weight = (self.sigma ** 2 / (self.sigma ** 2).sum(-1, keepdim=True))[..., None, None]
+        return (weight * self.scores ** 2).sum(2).sqrt()
+
+    def null(self) -> tuple[Tensor, Tensor]:
+        """Empirical null per reader head: (mean, sd) of all components of all earlier heads."""
+        n_layers, n_heads = self.scores.shape[3:]
+        mu = torch.full((n_layers, n_heads), float("nan"))
+        sd = torch.full((n_layers, n_heads), float("nan"))
+        for lr in range(1, n_layers):
+            pool = self.scores[:lr, :, :, lr].flatten(0, 2)   # [n_components, reader head]
+            mu[lr], sd[lr] = pool.mean(0), pool.std(0)
+        return mu, sd
+
+    def z(self) -> Tensor:
+        mu, sd = self.null()
+        return (self.scores - mu) / sd.clamp_min(1e-12)
+
+    def channel_rank(self, energy: float = 0.8) -> Tensor:
+        """Smallest k whose top-k components by σ_i² CS_i² hold ≥ `energy` of Σ_i σ_i² CS_i², per head pair."""
+        e = (self.sigma ** 2)[..., None, None] * self.scores ** 2
+        e = e.sort(dim=2, descending=True).values
+        share = e.cumsum(2) / e.sum(2, keepdim=True)
+        return (share < energy - 1e-9).sum(2) + 1
+
+
+def scan(w: HeadWeights, mode: str, *, S: Tensor | None = None, V: Tensor | None = None,
+         rotary_invariant: bool = True, chunk_layers: int = 4, progress: bool = False) -> Scan:
+    """Score every writer component against every reader head in a later layer, one reader layer at a
+    time and `chunk_layers` writer layers per einsum (memory ∝ chunk_layers · heads² · rank²)."""
+    if S is None or V is None:
+        S, V = writer_svd(w)
+    n_layers, n_heads, r = S.shape
+    scores = torch.full((n_layers, n_heads, r, n_layers, n_heads), float("nan"))
+    rot = scores.clone() if rotary_invariant and mode != "v" else None
+    for lr in tqdm(range(1, n_layers), desc=f"composition {mode}", disable=not progress, leave=False):
+        factors = [(scores, reader_factor(w, lr, mode))]
+        if rot is not None:
+            factors.append((rot, reader_factor(w, lr, mode, rotary_invariant=True)))
+        for out, R in factors:
+            for start in range(0, lr, chunk_layers):
+                stop = min(lr, start + chunk_layers)
+                C = torch.einsum("lhdi,gdj->lhigj", V[start:stop], R)
+                out[start:stop, :, :, lr] = C.norm(dim=-1)
+    return Scan(mode, scores, S, rot)
+
+
+def gaussian_baseline(d_model: int, d_head: int, n_draws: int = 20, seed: int = 0) -> dict[str, float]:
+    """Scores of Gaussian random writer/reader heads of this size (QK reader, rank d_head):
+    mean per-component score, mean of the max over a head's components, mean whole-head score."""
+    g = torch.Generator().manual_seed(seed)
+    comp, top, whole = [], [], []
+    for _ in range(n_draws):
+        a, b, q, k = (torch.randn(d_model, d_head, generator=g) for _ in range(4))
+        _, s, v = FactoredMatrix(a, b.T).svd()          # writer OV
+        U, S, _ = FactoredMatrix(q, k.T).svd()          # reader QK
+        R = U * (S / S.norm())
+        cs = (v.T @ R).norm(dim=-1)
+        comp.append(cs.mean())
+        top.append(cs.max())
+        whole.append(((s ** 2 * cs ** 2).sum() / (s ** 2).sum()).sqrt())
+    mean = lambda xs: float(torch.stack(xs).mean())
+    return {"component_mean": mean(comp), "component_max": mean(top), "whole_head": mean(whole),
+            "n_draws": n_draws, "d_model": d_model, "d_head": d_head}
+
+
+def channel_rows(s: Scan, z: Tensor, *, min_z: float, min_score: float, limit: int | None = None) -> list[dict]:
+    """Components that clear both thresholds (z against the empirical null and an absolute score),
+    strongest first, as `channels` rows."""
+    keep = (z > min_z) & (s.scores > min_score)
+    idx = keep.nonzero().tolist()
+    rows = []
+    for lw, hw, i, lr, hr in idx:
+        row = {"writer_layer": lw, "writer_head": hw, "component": i, "reader_layer": lr, "reader_head": hr,
+               "mode": s.mode, "score": float(s.scores[lw, hw, i, lr, hr]), "z": float(z[lw, hw, i, lr, hr]),
+               "singular_value": float(s.sigma[lw, hw, i])}
+        if s.rotary_invariant is not None:
+            row["rotary_invariant"] = float(s.rotary_invariant[lw, hw, i, lr, hr])
+        rows.append(row)
+    rows.sort(key=lambda r: -r["score"])
+    return rows[:limit] if limit else rows
+
+
+def whole_head_rows(s: Scan, energy: float = 0.8) -> list[dict]:
+    """`whole_head` rows for every (earlier writer, reader) pair, with the best component's score
+    and the channel rank beside the diluted whole-head score."""
+    whole, best, rank = s.whole_head(), s.scores.amax(2), s.channel_rank(energy)
+    n_layers, n_heads = whole.shape[:2]
+    return [{"writer_layer": lw, "writer_head": hw, "reader_layer": lr, "reader_head": hr, "mode": s.mode,
+             "score": float(whole[lw, hw, lr, hr]), "max_component_score": float(best[lw, hw, lr, hr]),
+             "channel_rank": int(rank[lw, hw, lr, hr])}
+            for lr in range(1, n_layers) for hr in range(n_heads) for lw in range(lr) for hw in range(n_heads)]
