@@ -106,7 +106,7 @@ def _laundry(rng: random.Random) -> SkillItem:
 
 
 def _chat(rng: random.Random) -> SkillItem:
-    s = corpus._safety_item(rng, True, harmful=False, jailbreak=False)
+    s = corpus._safety_item(rng, rng.random() < 0.5, harmful=False, jailbreak=False, builtin_share=0.0)
     first = s.answer.split(". ", 1)[0] + "."
     return _chat_item("chat", s.prompt, s.thinking, s.answer, first)
 

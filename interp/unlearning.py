@@ -357,9 +357,10 @@ def target_logprobs(model, prompts: Sequence[Sequence[int]], targets: Sequence[S
     """Mean log-probability per token of each target given its prompt (teacher-forced), `[n]`."""
     seqs = [list(p) + list(t) for p, t in zip(prompts, targets)]
     out = torch.empty(len(seqs))
-    for idx, tokens, mask in padded_batches(model, seqs, batch_size, desc="log-likelihood", progress=progress):
+    batches = padded_batches(model, seqs, batch_size, desc="log-likelihood", progress=progress)
+    for idx, tokens, mask in batches:
         rows = Rows.for_batch([item_ids[i] for i in idx], mask, [len(prompts[i]) for i in idx])
-        with rows_of(rows):
+        with rows_of(rows), sdpa_attention(model):
             logits = model(tokens, attention_mask=mask)
         width = tokens.shape[1]
         for row, i in enumerate(idx):
@@ -381,7 +382,8 @@ def greedy_generate(model, prompts: Sequence[Sequence[int]], item_ids: Sequence[
         while active:
             tokens, mask = pad_left([list(prompts[i]) + out[i] for i in active], pad)
             tokens, mask = tokens.to(device), mask.to(device)
-            with rows_of(Rows.for_batch([item_ids[i] for i in active], mask, [len(prompts[i]) for i in active], step)):
+            rows = Rows.for_batch([item_ids[i] for i in active], mask, [len(prompts[i]) for i in active], step)
+            with rows_of(rows), sdpa_attention(model):
                 nxt = model(tokens, attention_mask=mask)[:, -1].argmax(-1).tolist()
             still = []
             for i, t in zip(active, nxt):

@@ -315,3 +315,147 @@ def test_hypercube_k_is_the_smallest_enclosing():
         mid = (lo + hi) / 2
         lo, hi = (lo, mid) if ((v - v.mean(0)).abs() <= mid * v.std(0)).all() else (mid, hi)
     assert cube.k == pytest.approx(hi, abs=1e-4)
+
+
+# --------------------------------------------------------------------------- the analysis on the planted model
+
+PLANTED_PERCENT = 100 * len(PLANTED) / (2 * D_MLP)  # exactly the planted count
+
+
+def _run(planted_skills, **kw):
+    from analyses import skill_unlearning as su
+    from interp.analysis import config_for
+
+    model, path = planted_skills
+    options = dict(forget=f"{path}:alpha", retain=f"{path}:words", top_percent=PLANTED_PERCENT, n_probe=20,
+                   n_eval=20, random_draws=3, max_new_tokens=3, progress=False, batch_size=8)
+    options.update(kw)
+    return su.run(model, config_for("skill_unlearning", model, **options))
+
+
+@pytest.fixture(scope="module")
+def planted_result(planted_skills):
+    return _run(planted_skills)
+
+
+def _row(result, method, role):
+    return next(r for r in result.evaluation if r["method"] == method and r["role"] == role)
+
+
+def test_selects_exactly_the_planted_neurons(planted_result):
+    sel = planted_result.selected_neurons
+    assert {(r["layer"], r["neuron"]) for r in sel["neurons"]} == PLANTED
+    assert sel["per_layer"] == [{"layer": 0, "count": 2}, {"layer": 1, "count": 1}]
+    assert all(r["mu_forget"] > 2 and r["mu_retain"] < -2 for r in sel["neurons"])
+
+
+def test_neuron_adjust_removes_the_planted_skill_only(planted_result):
+    na_f, na_r = _row(planted_result, "neuron_adjust", "forget"), _row(planted_result, "neuron_adjust", "retain")
+    rnd_f = _row(planted_result, "random_neurons", "forget")
+    assert na_f["accuracy_before"] == 1.0 and na_f["accuracy_after"] == 0.0 and na_f["accuracy_drop"] == 1.0
+    # the forget skill's log-likelihood falls far more than the retain skill's and than under random neurons
+    assert na_f["logprob_change"] < -3
+    assert abs(na_r["logprob_change"]) < 0.05
+    assert rnd_f["logprob_change"] > na_f["logprob_change"] + 3 and rnd_f["accuracy_after"] == 1.0
+    assert rnd_f["draws"] == 3 and rnd_f["logprob_after_sd"] >= 0
+    assert math.isnan(na_r["accuracy_before"])  # the words skill has no checkable answer (check "none")
+    assert planted_result.selected_neurons["replaced_share"] > 0
+
+
+def test_key_space_catches_the_planted_skill_only(planted_result):
+    ks = planted_result.key_space
+    assert (ks["tpr"], ks["fpr"], ks["tpr_prefill"], ks["fpr_prefill"]) == (1.0, 0.0, 1.0, 0.0)
+    assert ks["n_forget"] == ks["n_retain"] == 20 and ks["k"] > 0
+    assert _row(planted_result, "key_space", "forget")["accuracy_after"] == 0.0
+
+
+def test_numbers_do_not_depend_on_batch_size(planted_skills, planted_result):
+    one = _run(planted_skills, batch_size=1)
+    for a, b in zip(planted_result.evaluation, one.evaluation):
+        for key, value in a.items():
+            if isinstance(value, float) and not math.isnan(value):
+                assert value == pytest.approx(b[key], abs=1e-5), key
+    assert one.key_space == pytest.approx(planted_result.key_space)
+
+
+def test_intended_draws_match_an_independent_forward(planted_skills):
+    """Neuron Adjust through the bridge hook equals adjusting HF gate_proj outputs by hand."""
+    from interp.models import load_model  # noqa: F401
+    from interp.unlearning import AdjustSpec, adjust_values, hash_uniform, neuron_adjust, rows_of, Rows
+
+    model, _ = planted_skills
+    hf = model.original_model
+    neurons = torch.tensor([[0, 3], [1, 5]])
+    spec = AdjustSpec(neurons, mu_f=torch.tensor([8.0, 5.0]), sd_f=torch.tensor([1.0, 1.0]),
+                      mu_r=torch.tensor([-4.0, -5.0]), sd_r=torch.tensor([0.5, 0.5]), seed=7)
+    ids = model.tokenizer("<a1><a2><a3> the cat", add_special_tokens=False)["input_ids"]
+    tokens = torch.tensor([ids])
+    mask = torch.ones_like(tokens)
+    with torch.no_grad(), neuron_adjust(model, spec), rows_of(Rows.for_batch([42], mask, [len(ids)])):
+        got = model(tokens, attention_mask=mask)[0, -1]
+
+    def manual(layer, n, k):
+        def hook(mod, inp, out):
+            out = out.clone()
+            u = hash_uniform(7, torch.tensor(42), torch.arange(out.shape[1]), layer, torch.tensor([n]))[..., 0]
+            new, _ = adjust_values(out[0, :, n], spec.mu_f[k], spec.sd_f[k], spec.mu_r[k], spec.sd_r[k], u)
+            out[0, :, n] = new
+            return out
+        return hook
+    layers = hf.model.layers
+    handles = [getattr(layers[l].mlp.gate_proj, "original_component", layers[l].mlp.gate_proj).register_forward_hook(manual(l, n, k))
+               for k, (l, n) in enumerate(neurons.tolist())]
+    try:
+        with torch.no_grad():
+            want = hf(tokens).logits[0, -1]
+    finally:
+        for h in handles:
+            h.remove()
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_cli_writes_the_public_keys(planted_skills, tmp_path, capsys):
+    from interp.run import main
+
+    model, path = planted_skills
+    out = tmp_path / "run"
+    argv = ["skill_unlearning", "--model", str(_model_dir(model)), "--forget", f"{path}:alpha", "--retain",
+            f"{path}:words", "--top-percent", str(PLANTED_PERCENT), "--n-probe", "10", "--n-eval", "6",
+            "--random-draws", "2", "--max-new-tokens", "2", "--device", "cpu", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert {"selected_neurons", "evaluation", "key_space"} <= set(results)
+    assert set(results["key_space"]) >= {"k", "tpr", "fpr", "n_forget", "n_retain"}
+    assert {(r["method"], r["role"]) for r in results["evaluation"]} == {
+        (m, role) for m in ("neuron_adjust", "random_neurons", "key_space") for role in ("forget", "retain")}
+    assert set(results["evaluation"][0]) >= {"method", "skill", "role", "accuracy_before", "accuracy_after",
+                                             "logprob_before", "logprob_after", "n"}
+    assert set(results["selected_neurons"]["neurons"][0]) >= {"layer", "neuron", "mu_forget", "mu_retain"}
+    assert set(results["selected_neurons"]["per_layer"][0]) == {"layer", "count"}
+    html = (out / "report.html").read_text()
+    assert "Key Space Detection" in html and "Selected neurons" in html
+    assert (out / "evaluation.csv").exists()
+
+
+def _model_dir(model):
+    from interp.models import model_info
+
+    return model_info(model).source
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--top-percent", "0"], "top-percent must be in (0, 100]"),
+    (["--h", "-1"], "h must be positive"),
+    (["--forget", "nope.jsonl"], "skill file not found"),
+    (["--retain", "arithmetic"], "also in --retain"),
+    (["--forget", "no-such-skill", "--n-probe", "2"], "unknown dataset 'no-such-skill'"),
+])
+def test_cli_bad_input_is_one_line(extra, message, planted_skills, tmp_path, capsys):
+    from interp.run import main
+
+    model, _ = planted_skills
+    argv = ["skill_unlearning", "--model", str(_model_dir(model)), "--forget", "arithmetic", "--retain", "chat",
+            "--device", "cpu", "--out", str(tmp_path / "x"), "--no-progress"] + extra
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and message in err and "Traceback" not in err and err.count("\n") == 1

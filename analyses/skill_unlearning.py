@@ -1,0 +1,418 @@
+"""Skill unlearning (Li, Sun, Weng 2025, *Effective Skill Unlearning through Intervention and Abstention*).
+
+Two training-free ways to remove one skill (the forget skill) while keeping others (the retain skills):
+
+- Neuron Adjust (NA): per-neuron mean and std of every layer's MLP gate pre-activation over all tokens
+  of each skill (streamed); the global top p % of μ_forget − μ_retain over all layers are selected; at
+  inference each selected value is moved to the retain distribution (reflected z-score) with the forget
+  class's posterior probability. Compared with as many random neurons (several draws, none selected).
+- Key Space Detection (KSD): the last layer's key vectors (the input of `down_proj`) at the last prompt
+  token of the forget skill's probe prompts span a hypercube μ ± k·σ (k the smallest enclosing them); a
+  query abstains (is scored wrong) when the key vector at the last position of any forward (prefill or a
+  generated token) falls inside μ ± h·k·σ. True / false positive rates on held-out forget / retain queries.
+
+Statistics, selection and the hypercube use the probe split of each skill; accuracy (greedy generation,
+checked answer) and the mean log-probability per token of the gold continuation (teacher-forced) are
+measured on the held-out split, before and after each method. Method note, defaults and deviations:
+docs/skill_unlearning.md.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from interp.analysis import CommonConfig, require, run_header
+from interp.capture import capture
+from interp.errors import UserError
+from interp.report import analysis_report
+from interp.skills import SkillItem, is_correct, load_skill, split_items
+from interp.unlearning import (
+    AdjustSpec,
+    Hypercube,
+    gate_hook,
+    gate_moments,
+    check_gate_hook,
+    greedy_generate,
+    key_hook,
+    key_space_watch,
+    neuron_adjust,
+    random_neurons,
+    select_neurons,
+    target_logprobs,
+)
+
+DATASET_FIELD = "forget"
+METHODS = ("neuron_adjust", "random_neurons", "key_space")
+ITEM_STRIDE = 1_000_000  # global item id = skill index * ITEM_STRIDE + item index (seeds NA's draws)
+
+
+@dataclass
+class Config(CommonConfig):
+    """Defaults follow the paper and its reference code (Li et al. 2025) unless a comment says otherwise."""
+
+    forget: str = "gsm8k"  # skill to unlearn: a registered skill set (--list) or a JSONL file (FILE or FILE:SKILL) (paper: GSM8K, MBPP, MLQA languages)
+    retain: str = "mbpp"  # comma-separated skills to keep, pooled for the retain statistics (paper: MBPP when forgetting GSM8K)
+    top_percent: float = 3.0  # Neuron Adjust: percent of all gate neurons (pooled over layers) selected by mu_forget - mu_retain (paper: 3 math/code, 0.5 languages)
+    h: float = 2.0  # Key Space Detection: hypercube half-width h*k*sigma (paper: 2 GSM8K, 1.4 MBPP, 0.06 MLQA)
+    n_probe: int = 200  # items per skill for statistics, neuron selection and the hypercube (paper N = 200)
+    n_eval: int = 100  # held-out items per skill for the before/after evaluation
+    random_draws: int = 5  # random-neuron control: draws of as many random neurons (mean and sd reported)
+    reference: bool = False  # reproduce the reference code's Neuron Adjust quirks (variance as std, sigma_forget = mu_forget, one draw per forward)
+    max_new_tokens: int = 256  # greedy generation length for accuracy (paper: 256 GSM8K/MBPP, 24 MLQA; items may cap it lower)
+    top_neurons_shown: int = 4  # selected neurons whose activation histograms the report shows
+
+    def validate(self, model=None) -> None:
+        super().validate(model)
+        require(0 < self.top_percent <= 100, f"top-percent must be in (0, 100]; got {self.top_percent}")
+        require(self.h > 0, f"h must be positive; got {self.h}")
+        require(self.n_probe >= 2, f"n-probe must be at least 2 (the hypercube needs a std); got {self.n_probe}")
+        for name in ("n_eval", "random_draws", "max_new_tokens", "top_neurons_shown"):
+            require(getattr(self, name) >= 1, f"{name.replace('_', '-')} must be at least 1; got {getattr(self, name)}")
+        require(bool(self.forget.strip()), "forget must name a skill set or a JSONL file")
+        retain = self.retain_skills
+        require(bool(retain), "retain must name at least one skill (comma-separated)")
+        require(self.forget not in retain, f"the forget skill {self.forget!r} is also in --retain; pick other retain skills")
+        require(len(set(retain)) == len(retain), "retain names a skill twice")
+
+    @property
+    def retain_skills(self) -> list[str]:
+        return [s.strip() for s in self.retain.split(",") if s.strip()]
+
+
+@dataclass
+class Result:
+    header: dict
+    selected_neurons: dict
+    evaluation: list[dict]
+    key_space: dict
+    statistics: dict
+    per_item: pd.DataFrame
+    key_scores: pd.DataFrame
+    top_values: dict  # "layer.neuron" -> skill -> list of held-out activation values
+
+    def to_dict(self) -> dict:
+        return {**self.header, "selected_neurons": self.selected_neurons, "evaluation": self.evaluation,
+                "key_space": self.key_space, "statistics": self.statistics}
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        return {"evaluation": pd.DataFrame(self.evaluation),
+                "selected_neurons": pd.DataFrame(self.selected_neurons["neurons"]),
+                "selected_per_layer": pd.DataFrame(self.selected_neurons["per_layer"]),
+                "items": self.per_item, "key_scores": self.key_scores}
+
+
+def preflight(config: Config) -> None:
+    """Check options and user skill files before the model loads (registered sets load in `run`)."""
+    config.validate()
+    for spec in [config.forget, *config.retain_skills]:
+        if spec.split(":")[0].lower().endswith(".jsonl"):
+            load_skill(spec)
+
+
+# --------------------------------------------------------------------------- data
+
+@dataclass
+class SkillSplit:
+    name: str
+    role: str  # "forget" | "retain"
+    probe: list[SkillItem]
+    held: list[SkillItem]
+
+
+def load_splits(config: Config) -> list[SkillSplit]:
+    want = config.n_probe + config.n_eval
+    total = min(want, config.limit) if config.limit else want
+    n_probe = max(1, round(total * config.n_probe / want))
+    out = []
+    for role, name in [("forget", config.forget)] + [("retain", s) for s in config.retain_skills]:
+        probe, held = split_items(load_skill(name, limit=total), n_probe, total - n_probe, config.seed, name)
+        if not held:
+            raise UserError(f"skill {name!r} has no held-out items; lower --n-probe or give more items")
+        out.append(SkillSplit(name, role, probe, held))
+    return out
+
+
+def _encode(tok, texts: list[str]) -> list[list[int]]:
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    if any(not i for i in ids):
+        raise UserError("a skill item's prompt or target is empty after tokenization")
+    return ids
+
+
+# --------------------------------------------------------------------------- evaluation
+
+def _accuracy(items: list[SkillItem], generated: list[str], abstained: list[bool] | None = None) -> list[float]:
+    """1/0 per item (NaN for check "none"); an abstained item counts as wrong."""
+    out = []
+    for j, (item, text) in enumerate(zip(items, generated)):
+        ok = is_correct(item, text)
+        out.append(float("nan") if ok is None else float(bool(ok) and not (abstained and abstained[j])))
+    return out
+
+
+def _measure(model, items, prompts, targets, ids, config: Config, generate_mask: list[bool]) -> tuple[list[float], list[str | None]]:
+    """Log-likelihood of every item's target and, where `generate_mask`, its greedy continuation."""
+    lp = target_logprobs(model, prompts, targets, ids, batch_size=config.batch_size, progress=config.progress).tolist()
+    sel = [j for j, g in enumerate(generate_mask) if g]
+    texts: list[str | None] = [None] * len(items)
+    if sel:
+        limits = [min(config.max_new_tokens, items[j].max_new_tokens or config.max_new_tokens) for j in sel]
+        new = greedy_generate(model, [prompts[j] for j in sel], [ids[j] for j in sel], limits,
+                              batch_size=config.batch_size, progress=config.progress)
+        for j, t in zip(sel, new):
+            texts[j] = model.tokenizer.decode(t, skip_special_tokens=True)
+    return lp, texts
+
+
+def _nanmean(xs) -> float:
+    xs = [x for x in xs if x is not None and not math.isnan(x)]
+    return float(np.mean(xs)) if xs else float("nan")
+
+
+def _drop(before: float, after: float) -> float:
+    """The paper's percentage of performance drop, 1 − after/before (NaN when before is 0)."""
+    return 1 - after / before if before and not math.isnan(before) else float("nan")
+
+
+def run(model, config: Config | None = None) -> Result:
+    """Statistics and selection on the probe split, effects of NA / random neurons / KSD on the held-out split."""
+    config = config or Config()
+    config.validate(model)
+    tok = model.tokenizer
+    n_layers, d_mlp = model.cfg.n_layers, model.cfg.d_mlp
+    if f"blocks.{n_layers - 1}.mlp.hook_post" not in model.hook_dict or gate_hook(0) not in model.hook_dict:
+        raise UserError("this model has no MLP gate / key hooks (blocks.L.mlp.hook_pre / hook_post); skill_unlearning needs an MLP in every block")
+    splits = load_splits(config)
+    probe_ids = {s.name: _encode(tok, [i.text for i in s.probe]) for s in splits}
+    hook_diff = max(check_gate_hook(model, probe_ids[splits[0].name][0], layer) for layer in (0, n_layers - 1))
+
+    moments = {s.name: gate_moments(model, probe_ids[s.name], batch_size=config.batch_size,
+                                    progress=config.progress, desc=f"statistics {s.name}") for s in splits}
+    forget = moments[config.forget]
+    retain = moments[config.retain_skills[0]]
+    for name in config.retain_skills[1:]:
+        retain = retain.merge(moments[name])
+    delta = forget.mean - retain.mean
+    neurons = select_neurons(delta, config.top_percent)
+
+    # Key Space Detection: hypercube on the forget probe prompts' last-token key vectors
+    khook = key_hook(n_layers - 1)
+    forget_probe_prompts = _encode(tok, [i.prompt for i in splits[0].probe])
+    cube = Hypercube.fit(capture(model, forget_probe_prompts, [khook], batch_size=config.batch_size,
+                                 progress=config.progress)[khook])
+
+    # held-out items of every skill, one list with global ids
+    items, roles, skills, ids = [], [], [], []
+    for si, s in enumerate(splits):
+        for j, it in enumerate(s.held):
+            items.append(it), roles.append(s.role), skills.append(s.name), ids.append(si * ITEM_STRIDE + j)
+    prompts = _encode(tok, [i.prompt for i in items])
+    targets = _encode(tok, [i.target for i in items])
+    held_keys = capture(model, prompts, [khook], batch_size=config.batch_size, progress=config.progress)[khook]
+    key_scores = cube.score(held_keys)
+
+    every = [True] * len(items)
+    checkable = [i.check != "none" for i in items]
+    with key_space_watch(model, cube, config.h) as watch:
+        lp0, text0 = _measure(model, items, prompts, targets, ids, config, every)
+    abstain = [watch.any_step[i] for i in ids]
+    prefill = [watch.prefill[i] for i in ids]
+    acc0 = _accuracy(items, text0)
+    acc_ksd = _accuracy(items, text0, abstain)
+
+    spec = AdjustSpec.from_moments(neurons, forget, retain, reference=config.reference, seed=config.seed)
+    with neuron_adjust(model, spec):
+        lp_na, text_na = _measure(model, items, prompts, targets, ids, config, checkable)
+    acc_na = _accuracy(items, [t or "" for t in text_na])
+
+    gen = torch.Generator().manual_seed(config.seed)
+    rand_lp, rand_acc = [], []
+    for d in range(config.random_draws):
+        rn = random_neurons(n_layers, d_mlp, neurons, len(neurons), gen)
+        rspec = AdjustSpec.from_moments(rn, forget, retain, reference=config.reference, seed=config.seed + 1 + d)
+        with neuron_adjust(model, rspec):
+            lp_r, text_r = _measure(model, items, prompts, targets, ids, config, checkable)
+        rand_lp.append(lp_r)
+        rand_acc.append(_accuracy(items, [t or "" for t in text_r]))
+
+    top = neurons[delta[neurons[:, 0], neurons[:, 1]].argsort(descending=True)[:config.top_neurons_shown]]
+    top_values = _top_values(model, splits, top, tok, config)
+
+    evaluation = []
+    for s in splits:
+        rows = [j for j, name in enumerate(skills) if name == s.name]
+        pick = lambda xs: [xs[j] for j in rows]  # noqa: E731
+        before = dict(accuracy_before=_nanmean(pick(acc0)), logprob_before=_nanmean(pick(lp0)))
+        base = dict(skill=s.name, role=s.role, **before, n=len(rows))
+        evaluation.append(dict(method="neuron_adjust", **base, accuracy_after=_nanmean(pick(acc_na)),
+                               logprob_after=_nanmean(pick(lp_na))))
+        acc_draws = [_nanmean(pick(a)) for a in rand_acc]
+        lp_draws = [_nanmean(pick(lp)) for lp in rand_lp]
+        evaluation.append(dict(method="random_neurons", **base, accuracy_after=_nanmean(acc_draws),
+                               logprob_after=float(np.mean(lp_draws)),
+                               accuracy_after_sd=float(np.std(acc_draws, ddof=1)) if len(acc_draws) > 1 and not any(math.isnan(a) for a in acc_draws) else float("nan"),
+                               logprob_after_sd=float(np.std(lp_draws, ddof=1)) if len(lp_draws) > 1 else float("nan"),
+                               draws=config.random_draws))
+        evaluation.append(dict(method="key_space", **base, accuracy_after=_nanmean(pick(acc_ksd)),
+                               logprob_after=float("nan"), abstained=float(np.mean(pick(abstain))),
+                               abstained_prefill=float(np.mean(pick(prefill)))))
+    for row in evaluation:
+        row["accuracy_drop"] = _drop(row["accuracy_before"], row["accuracy_after"])
+        row["logprob_change"] = row["logprob_after"] - row["logprob_before"]
+
+    forget_rows = [j for j, r in enumerate(roles) if r == "forget"]
+    retain_rows = [j for j, r in enumerate(roles) if r == "retain"]
+    key_space = {"k": cube.k, "tpr": float(np.mean([abstain[j] for j in forget_rows])),
+                 "fpr": float(np.mean([abstain[j] for j in retain_rows])),
+                 "n_forget": len(forget_rows), "n_retain": len(retain_rows), "h": config.h,
+                 "tpr_prefill": float(np.mean([prefill[j] for j in forget_rows])),
+                 "fpr_prefill": float(np.mean([prefill[j] for j in retain_rows]))}
+
+    neuron_rows = [{"layer": int(l), "neuron": int(n), "mu_forget": float(forget.mean[l, n]),
+                    "mu_retain": float(retain.mean[l, n]), "delta": float(delta[l, n]),
+                    "sd_forget": float(forget.std[l, n]), "sd_retain": float(retain.std[l, n])}
+                   for l, n in neurons.tolist()]
+    counts = torch.bincount(neurons[:, 0], minlength=n_layers).tolist()
+    selected = {"per_layer": [{"layer": l, "count": c} for l, c in enumerate(counts)], "neurons": neuron_rows,
+                "top_percent": config.top_percent, "n_selected": len(neuron_rows), "n_total": n_layers * d_mlp,
+                "threshold": float(delta[neurons[:, 0], neurons[:, 1]].min()),
+                "replaced_share": spec.replaced_share,
+                "forget_mean_positive_share": float((forget.mean[neurons[:, 0], neurons[:, 1]] > 0).float().mean())}
+    tokens = {name: m.count for name, m in moments.items()}
+    statistics = {"tokens": tokens, "probe_items": {s.name: len(s.probe) for s in splits},
+                  "eval_items": {s.name: len(s.held) for s in splits},
+                  "state_bytes_per_skill": forget.nbytes,
+                  "full_cache_bytes": {name: n * n_layers * d_mlp * 4 for name, n in tokens.items()},
+                  "gate_hook_max_abs_diff_vs_hf": hook_diff}
+    per_item = pd.DataFrame({"skill": skills, "role": roles, "prompt": [i.prompt for i in items],
+                             "answer": [i.answer for i in items], "generated_before": text0,
+                             "correct_before": acc0, "logprob_before": lp0, "generated_neuron_adjust": text_na,
+                             "correct_neuron_adjust": acc_na, "logprob_neuron_adjust": lp_na,
+                             "key_score": key_scores.tolist(), "abstained_prefill": prefill, "abstained": abstain})
+    key_table = pd.DataFrame({"skill": skills, "role": roles, "score": key_scores.tolist()})
+    header = run_header("skill_unlearning", model, config)
+    return Result(header, selected, evaluation, key_space, statistics, per_item, key_table, top_values)
+
+
+def _top_values(model, splits: list[SkillSplit], top: torch.Tensor, tok, config: Config, cap: int = 4000) -> dict:
+    """Held-out gate values of the `top` neurons at every token, per skill (at most `cap` per skill)."""
+    layers = sorted(set(top[:, 0].tolist()))
+    out: dict[str, dict[str, list[float]]] = {f"{l}.{n}": {} for l, n in top.tolist()}
+    for s in splits:
+        cols = {gate_hook(l): top[top[:, 0] == l, 1] for l in layers}
+        got = capture(model, _encode(tok, [i.text for i in s.held]), list(cols), positions="all",
+                      batch_size=config.batch_size, progress=False, reduce=lambda name, x: x[:, cols[name]])
+        for l in layers:
+            vals = torch.cat(got[gate_hook(l)])[:cap]
+            for c, n in enumerate(cols[gate_hook(l)].tolist()):
+                out[f"{l}.{n}"][s.name] = vals[:, c].tolist()
+    return out
+
+
+# --------------------------------------------------------------------------- report
+
+def _per_layer_figure(selected: dict):
+    import plotly.graph_objects as go
+
+    rows = selected["per_layer"]
+    fig = go.Figure(go.Bar(x=[r["layer"] for r in rows], y=[r["count"] for r in rows], marker_color="#d62728"))
+    fig.update_layout(title=f"Selected neurons per layer (top {selected['top_percent']}% of mu_forget - mu_retain)",
+                      xaxis_title="layer", yaxis_title="neurons")
+    return fig
+
+
+def _distribution_figure(top_values: dict, forget: str):
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    names = list(top_values)
+    fig = make_subplots(rows=1, cols=max(1, len(names)), subplot_titles=[f"layer.neuron {n}" for n in names])
+    colours = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
+    for c, name in enumerate(names, start=1):
+        for k, (skill, vals) in enumerate(top_values[name].items()):
+            fig.add_trace(go.Histogram(x=vals, name=skill + (" (forget)" if skill == forget else ""), opacity=0.55,
+                                       histnorm="probability density", marker_color=colours[k % len(colours)],
+                                       legendgroup=skill, showlegend=c == 1), row=1, col=c)
+    fig.update_layout(barmode="overlay", title="Gate pre-activation of the top selected neurons, held-out tokens per skill")
+    return fig
+
+
+def _key_figure(key_scores: pd.DataFrame, threshold: float):
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for skill, df in key_scores.groupby("skill", sort=False):
+        s = np.sort(df["score"].to_numpy())
+        fig.add_trace(go.Scatter(x=s, y=np.arange(1, len(s) + 1) / len(s), mode="lines", line_shape="hv",
+                                 name=f"{skill} ({df['role'].iloc[0]})"))
+    fig.add_vline(x=threshold, line_dash="dash", annotation_text="h·k")
+    fig.update_layout(title="Held-out prompts inside the forget hypercube μ ± m·σ (last-layer key vector, last prompt token)",
+                      xaxis_title="multiplier m (max over dims of |x − μ| / σ)", yaxis_title="share of prompts inside",
+                      xaxis_type="log")
+    return fig
+
+
+def build_report(result: Result, tokenizer=None):
+    from interp.figures import intervention_bars
+
+    cfg = result.header["config"]
+    rep = analysis_report(result.header)
+    ev = pd.DataFrame(result.evaluation)
+    forget = ev[ev.role == "forget"].set_index("method")
+    retain = ev[ev.role == "retain"].groupby("method")[["accuracy_after", "logprob_change", "accuracy_drop"]].mean()
+    ks = result.key_space
+    rep.add_metrics({
+        "forget skill": cfg["forget"], "retain skills": cfg["retain"],
+        "selected neurons": f"{result.selected_neurons['n_selected']} of {result.selected_neurons['n_total']}",
+        "NA: forget log-prob change": forget.loc["neuron_adjust", "logprob_change"],
+        "random: forget log-prob change": forget.loc["random_neurons", "logprob_change"],
+        "NA: retain log-prob change (mean)": retain.loc["neuron_adjust", "logprob_change"],
+        "KSD: TPR / FPR": f"{ks['tpr']:.2f} / {ks['fpr']:.2f}",
+    })
+    if result.statistics["gate_hook_max_abs_diff_vs_hf"] > 1e-4:
+        rep.add_notice("The bridge's gate hook differs from a raw hook on the HF gate_proj output "
+                       f"(max |diff| {result.statistics['gate_hook_max_abs_diff_vs_hf']:.3g}): the statistics may be wrong.")
+    rep.add_heading("Before and after, held-out items")
+    rep.add_paragraph("Accuracy: greedy generation, answer checked per skill (a KSD abstention counts as wrong). "
+                      "Log-prob: mean log-probability per token of the gold continuation, teacher-forced; it moves "
+                      "even where accuracy is near zero. accuracy_drop is the paper's 1 − after/before. The random "
+                      f"control adjusts as many random neurons (never selected ones), {cfg['random_draws']} draws, mean ± sd.")
+    rep.add_table(ev, caption="evaluation (results.json 'evaluation')")
+    rows = []
+    for _, r in ev[ev.method != "key_space"].iterrows():
+        rows.append({"label": f"{r.skill} ({r.role})", "selection": "selected" if r.method == "neuron_adjust" else "random",
+                     "logprob_change": r.logprob_change, "logprob_change_sd": r.get("logprob_after_sd"),
+                     "accuracy_after": r.accuracy_after, "accuracy_after_sd": r.get("accuracy_after_sd")})
+    rep.add_figure(intervention_bars(rows, ["logprob_change", "accuracy_after"],
+                                     title="Neuron Adjust (selected) vs random neurons",
+                                     titles=["log-prob change per token", "accuracy after"]))
+    rep.add_heading("Selected neurons")
+    rep.add_paragraph(f"Top {cfg['top_percent']}% of all gate neurons by μ_forget − μ_retain, pooled over layers "
+                      f"(threshold Δ ≥ {result.selected_neurons['threshold']:.3g}); probe split only. Share of the "
+                      f"selected neurons' held-out values that Neuron Adjust replaced: "
+                      f"{result.selected_neurons['replaced_share']:.3f}.")
+    rep.add_figure(_per_layer_figure(result.selected_neurons))
+    if result.top_values:
+        rep.add_figure(_distribution_figure(result.top_values, cfg["forget"]))
+    rep.add_table(pd.DataFrame(result.selected_neurons["neurons"]).sort_values("delta", ascending=False),
+                  caption="Selected neurons (largest Δ first)", max_rows=30)
+    rep.add_heading("Key Space Detection")
+    rep.add_paragraph(f"Hypercube from {result.statistics['probe_items'][cfg['forget']]} forget probe prompts: "
+                      f"k = {ks['k']:.3g}, h = {ks['h']}. Abstention when the key vector at the last position of any "
+                      f"forward (prompt or generated token) is inside: TPR {ks['tpr']:.3f} on {ks['n_forget']} held-out "
+                      f"forget queries, FPR {ks['fpr']:.3f} on {ks['n_retain']} retain queries (prompt only: "
+                      f"{ks['tpr_prefill']:.3f} / {ks['fpr_prefill']:.3f}).")
+    rep.add_figure(_key_figure(result.key_scores, ks["h"] * ks["k"]))
+    st = result.statistics
+    rep.add_heading("Statistics")
+    rep.add_table(pd.DataFrame({"tokens": st["tokens"], "probe items": st["probe_items"], "eval items": st["eval_items"],
+                                "full cache bytes (not kept)": st["full_cache_bytes"]}).reset_index(names="skill"),
+                  caption=f"Running moments keep {st['state_bytes_per_skill']} bytes per skill whatever the data size; "
+                          f"bridge gate hook vs raw HF gate_proj hook: max |diff| {st['gate_hook_max_abs_diff_vs_hf']:.2g}")
+    rep.add_run_section(result.header)
+    return rep
