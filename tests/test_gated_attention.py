@@ -201,3 +201,124 @@ def test_measure_batch_invariant_and_independent(hybrid):
         assert r["mean"] == pytest.approx(g[:, h].mean().item(), abs=1e-6)
         assert r["var_tokens"] == pytest.approx(g[:, h].var(0, unbiased=False).mean().item(), abs=1e-6)
         assert r["frac_below_0_1"] == pytest.approx((g[:, h] < 0.1).double().mean().item(), abs=1e-9)
+
+
+# ---------------------------------------------------------------- the analysis
+
+SMALL = dict(seq_len=16, n_chunks=8, random_draws=2, alphas=(2.0,), progress=False, compare="none")
+
+
+def _run(model, **overrides):
+    from analyses import gated_attention as ga
+    from interp.analysis import config_for
+
+    config = config_for("gated_attention", model, **{**SMALL, **overrides})
+    return ga, ga.run(model, config)
+
+
+def test_analysis_on_planted_gated_model(planted_gated):
+    ga, result = _run(planted_gated)
+    d = result.to_dict()
+    for key in ("gated", "gates", "sparsity", "attention", "m_act", "interventions"):
+        assert key in d
+    assert d["gated"] is True and d["analysis"] == "gated_attention"
+    assert {tuple(sorted(r)) for r in d["gates"]} == {("frac_below_0_1", "head", "layer", "mean", "var_tokens")}
+    for r in d["gates"]:
+        assert r["mean"] == pytest.approx(GATE_CONSTANTS[r["head"]], abs=1e-5)
+    assert [sorted(r) for r in d["sparsity"]] == [["gated", "layer", "ungated"]] * 2
+    assert [sorted(r) for r in d["attention"]] == [["first_token", "layer", "sink_rate"]] * 2
+    rows = d["interventions"]
+    assert all({"what", "heads", "loss", "first_token", "m_act"} <= set(r) for r in rows)
+    assert rows[0]["what"] == "none"
+    # head selection on the selection split: the lowest planted gate (head 0) in both layers
+    selected = next(r for r in rows if r["selection"] == "selected")
+    assert sorted(map(tuple, selected["heads"])) == [(0, 0), (1, 0)]
+    random_row = next(r for r in rows if r["selection"] == "random" and r["what"] == selected["what"])
+    assert random_row["n_draws"] == 2 and "loss_sd" in random_row
+    for draw in random_row["heads"]:
+        assert len(draw) == 2 and not {tuple(h) for h in draw} & {(0, 0), (1, 0)}
+    # layer 0 writes nothing (zero o_proj): gates of layer-0 heads cannot change the loss; forcing
+    # all gates to 1 changes it
+    forced = next(r for r in rows if r["what"] == "gates=1" and r["selection"] == "all")
+    assert forced["loss"] != pytest.approx(rows[0]["loss"], abs=1e-4)
+    html = ga.build_report(result, planted_gated.tokenizer).render()
+    assert "mean gate score" in html and "Gate interventions" in html
+    assert set(result.tables()) >= {"gates", "sparsity", "attention", "interventions"}
+
+
+def test_analysis_numbers_do_not_depend_on_batch_size(hybrid):
+    _, a = _run(hybrid, batch_size=1)
+    _, b = _run(hybrid, batch_size=8)
+
+    def flat(x, path=""):
+        if isinstance(x, dict):
+            for k, v in x.items():
+                if k not in ("config", "environment"):
+                    yield from flat(v, f"{path}.{k}")
+        elif isinstance(x, list):
+            for i, v in enumerate(x):
+                yield from flat(v, f"{path}[{i}]")
+        else:
+            yield path, x
+
+    fa, fb = dict(flat(a.to_dict())), dict(flat(b.to_dict()))
+    assert fa.keys() == fb.keys()
+    for k, v in fa.items():
+        if isinstance(v, float):
+            assert v == pytest.approx(fb[k], rel=1e-4, abs=1e-5), k
+        else:
+            assert v == fb[k], k
+
+
+def test_hybrid_linear_layers_are_not_zeros(hybrid):
+    ga, result = _run(hybrid)
+    d = result.to_dict()
+    assert d["layer_kinds"] == ["linear", "softmax"]
+    assert d["attention"][0] == {"layer": 0, "first_token": None, "sink_rate": None}
+    assert d["sparsity"][0] == {"layer": 0, "ungated": None, "gated": None}
+    assert d["attention"][1]["first_token"] > 0 and {r["layer"] for r in d["gates"]} == {1}
+    assert "no softmax pattern" in ga.build_report(result, hybrid.tokenizer).render()
+
+
+def test_ungated_model_and_compare(tiny_model, planted_gated_dir):
+    ga, result = _run(tiny_model, compare=str(planted_gated_dir))
+    d = result.to_dict()
+    assert set(d["models"]) == {str(planted_gated_dir), tiny_model._interp_info.name} or len(d["models"]) == 2
+    ungated, gated = list(d["models"].values())
+    assert ungated["gated"] is False and ungated["gates"] == [] and ungated["interventions"] == []
+    assert all(r["gated"] is None and 0 <= r["ungated"] <= 1 for r in ungated["sparsity"])
+    assert all(0 <= r["mean"] <= 1 for r in ungated["implicit_scale"])
+    assert gated["gated"] is True and gated["gates"] and gated["interventions"]
+    html = ga.build_report(result, tiny_model.tokenizer).render()
+    assert "has no attention output gate" in html and "Side by side" in html
+
+
+def test_implicit_scale_matches_first_token_attention(tiny_model):
+    """s(q) averaged over queries ≥ 1 is 1 − F-Attn of the shared sink metrics, head by head."""
+    _, result = _run(tiny_model)
+    d = result.to_dict()
+    f_attn = {(r["layer"], r["head"]): r["first_token"] for r in d["attention_heads"]}
+    for r in d["implicit_scale"]:
+        assert r["mean"] == pytest.approx(1 - f_attn[(r["layer"], r["head"])], abs=1e-5)
+
+
+def test_cli_runs_and_refuses_gate_interventions_on_ungated(tmp_path, capsys, tiny_dir, planted_gated_dir):
+    from interp.run import main
+
+    out = tmp_path / "run"
+    code = main(["gated_attention", "--model", str(planted_gated_dir), "--out", str(out), "--no-progress",
+                 "--seq-len", "16", "--n-chunks", "6", "--random-draws", "2", "--alphas", "0.5"])
+    assert code == 0, capsys.readouterr().err
+    import json
+
+    d = json.loads((out / "results.json").read_text())
+    assert d["gated"] is True and len(d["gates"]) == 2 * N_HEADS
+    assert (out / "report.html").exists() and (out / "interventions.csv").exists()
+    code = main(["gated_attention", "--model", str(tiny_dir), "--out", str(tmp_path / "x"), "--interventions", "on"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error:") and "gated-attention model" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    for bad in (["--select-fraction", "0.8"], ["--sparsity-threshold", "0"], ["--n-chunks", "1"]):
+        code = main(["gated_attention", "--model", str(tiny_dir), "--out", str(tmp_path / "y"), *bad])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith("error:") and "Traceback" not in err, bad

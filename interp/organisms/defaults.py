@@ -22,4 +22,8 @@ ANALYSIS_DEFAULTS: dict[str, dict] = {
         "max_new_tokens": 96,  # a trace is 30-70 tokens
         "windows": (8, 16, 32),  # prefixes scaled to the short traces (paper-style 32/64/128 exceed them)
     },
+    # measured in docs/gated_attention.md ("On the organisms")
+    "gated_attention": {
+        "texts": "organism-plain",  # the organisms' own plain text (natural prose is out of their distribution)
+    },
 }

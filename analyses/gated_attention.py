@@ -1,0 +1,523 @@
+"""Gated attention (Qiu et al. 2025, *Gated Attention for LLMs*, arXiv 2505.06708), side by side with an ungated model.
+
+A gated model multiplies each head's softmax-attention output Y by a query-dependent sigmoid gate
+before `o_proj`: Y' = Y ⊙ σ(X W_θ) (position G1, elementwise, head-specific: Qwen3-Next, Qwen3.5,
+`organism-gated`). The paper finds the gates sparse (mean score 0.116, most scores < 0.5), the
+gated output sparser than mere down-scaling explains, and the attention sink (first-token
+attention 0.467 → 0.048) and massive activations (M-Act 1053 → 94) gone.
+
+Per model, on a text set chunked to `seq_len` tokens and split in two (a selection part and a
+held-out part, seeded):
+
+1. Gate scores σ(z) from `blocks.L.attn.hook_q_gate` (gated models): per layer and head the mean,
+   the share below 0.1 and the variance across tokens (of each gate element, averaged over the
+   head's dims: the query dependence); per layer the histogram (bin 0.05), sd, min, max and the
+   variance of the head means across heads.
+2. Output sparsity: share of |Y| < θ (Y rebuilt as pattern · values, since `hook_z` is Y' on gated
+   models), of |Y'| < θ, and of |ḡ·Y| < θ with ḡ the layer's mean gate from the selection part
+   (the paper's control: sparsity beyond down-scaling).
+3. Sink metrics (`interp.sinks`): first-token attention (F-Attn, queries ≥ 1) and Gu et al.'s sink
+   rate (share of heads with α[0] > ε = 0.3), per layer; M-Act (`interp.outliers`).
+4. The implicit scale s(q) = 1 − A[q, first token] per head (An et al. 2025's hypothesised gate
+   of ungated models), on every model, beside the gate scores.
+5. Gate interventions (gated models; the toolkit's probes, not the paper's): gates forced to 1
+   (the same weights ungated), set to their per-element mean over the selection part (query
+   dependence removed), scaled by α → held-out (and in-sample) loss, first-token attention and
+   M-Act; on every gated head, and on the heads selected on the selection part (lowest mean gate,
+   or highest token variance) against random heads of the same number, never overlapping, several
+   draws (mean ± sd).
+
+Qwen3-Next / Qwen3.5 linear-attention (Gated DeltaNet) layers have no softmax pattern: their rows
+carry null and the report says "no softmax pattern". `--compare MODEL` runs a second model the same
+way; by default an organism is paired with its twin (`organism` ↔ `organism-gated`).
+Method, defaults and deviations: docs/gated_attention.md.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import torch
+
+from interp import gates
+from interp.analysis import CommonConfig, require, run_header
+from interp.batching import padded_batches
+from interp.errors import UserError
+from interp.figures import intervention_bars, layer_head_heatmap
+from interp.models import model_info
+from interp.report import analysis_report
+
+DATASET_FIELD = "texts"
+ORGANISM_TEXTS = "organism-plain"
+TWINS = {"organism": "organism-gated", "organism-gated": "organism"}
+PUBLIC_KEYS = ("gated", "gates", "sparsity", "attention", "m_act", "interventions")
+
+
+@dataclass
+class Config(CommonConfig):
+    texts: str = "natural-text"  # text set (also --dataset) (a registered name, see --list, or a .txt file); paper: held-out LM test data
+    seq_len: int = 64  # tokens per chunk (Gu et al.'s sink rate is defined at T = 64; the paper evaluates at 4096)
+    n_chunks: int = 64  # chunks of the text set used (fewer if the text is shorter)
+    bos: bool = False  # start each chunk with a BOS-like token (Qwen tokenizers add none; the papers' code adds none)
+    selection_fraction: float = 0.5  # share of chunks for head selection and gate means; the rest is held out
+    sparsity_threshold: float = 0.01  # θ: share of |output| < θ (paper Fig. 5: 1e-2 and 1e-3)
+    sink_epsilon: float = 0.3  # sink rate threshold ε on α[0] (Gu et al. 2024)
+    interventions: Literal["auto", "on", "off"] = "auto"  # gate interventions: auto = on gated models only, on = required
+    alphas: tuple[float, ...] = (0.5, 2.0)  # gate scale factors α (σ(z) → α·σ(z)); toolkit probe, not in the paper
+    select_fraction: float = 0.25  # share of gated heads selected for the head-level interventions (at most 0.5)
+    select_by: Literal["low_mean", "high_var"] = "low_mean"  # head selection: lowest mean gate, or highest variance across tokens
+    random_draws: int = 5  # random-head control draws (same number of heads, never the selected ones)
+    compare: str = "auto"  # second model side by side: a model name/path, none, or auto (an organism's twin)
+
+    def validate(self, model=None) -> None:
+        super().validate(model)
+        require(self.seq_len >= 2, f"seq-len must be at least 2; got {self.seq_len}")
+        require(self.n_chunks >= 2, f"n-chunks must be at least 2 (one to select on, one held out); got {self.n_chunks}")
+        require(0 < self.selection_fraction < 1, f"selection-fraction must be in (0, 1); got {self.selection_fraction}")
+        require(self.sparsity_threshold > 0, f"sparsity-threshold must be > 0; got {self.sparsity_threshold}")
+        require(0 < self.sink_epsilon < 1, f"sink-epsilon must be in (0, 1); got {self.sink_epsilon}")
+        require(all(a >= 0 for a in self.alphas), f"alphas must be >= 0; got {self.alphas}")
+        require(0 < self.select_fraction <= 0.5, f"select-fraction must be in (0, 0.5] so random heads can avoid "
+                                                  f"the selected ones; got {self.select_fraction}")
+        require(self.random_draws >= 1, f"random-draws must be at least 1; got {self.random_draws}")
+        if model is not None:
+            n_ctx = getattr(model.cfg, "n_ctx", None)
+            require(not n_ctx or self.seq_len <= n_ctx, f"seq-len {self.seq_len} exceeds the model's context {n_ctx}")
+            require(self.interventions != "on" or gates.is_gated(model),
+                    "--interventions on needs a gated-attention model (this one has no attention output gate); "
+                    "use --interventions auto or off")
+            require(bool(gates.softmax_layers(model)), "the model has no softmax-attention layer to measure")
+
+
+def _organism_plain(limit: int | None) -> list[str]:
+    from interp.organisms.corpus import plain_passages
+
+    return plain_passages(200 if limit is None else limit, seed=1)
+
+
+def _register_texts() -> None:
+    """The organisms' own plain text (held-out passages of their corpus), as a text set."""
+    import interp.texts  # noqa: F401  (registers the shared text sets first)
+    from interp.datasets import DATASETS, Dataset, register
+
+    if ORGANISM_TEXTS not in DATASETS:
+        register(ORGANISM_TEXTS, Dataset("texts", "held-out plain-text passages in the organisms' corpus format "
+                                                  "(prose, Laundry-List sentences, code, word problems)",
+                                         online=False, load=_organism_plain))
+
+
+_register_texts()
+
+
+def preflight(config: Config) -> None:
+    """Check the options and that the text set loads, before any model is loaded."""
+    from interp.datasets import load_dataset
+
+    config.validate()
+    load_dataset(config.texts, "texts")
+
+
+def compare_name(model, config: Config) -> str | None:
+    """The second model's name: `compare`, or for "auto" the organism twin (None: one model)."""
+    if config.compare == "none":
+        return None
+    if config.compare == "auto":
+        return TWINS.get(model_info(model).name) if model is not None else None
+    return config.compare
+
+
+# ---------------------------------------------------------------- measurements
+
+@dataclass
+class ModelResult:
+    """Everything measured on one model (the public keys, then details for the report and tables)."""
+
+    name: str
+    gated: bool
+    gates: list[dict]
+    sparsity: list[dict]
+    attention: list[dict]
+    m_act: float | None
+    interventions: list[dict]
+    layer_kinds: list[str]
+    gate_layers: list[dict] = field(default_factory=list)
+    sparsity_detail: list[dict] = field(default_factory=list)
+    implicit_scale: list[dict] = field(default_factory=list)
+    scale_histograms: dict = field(default_factory=dict)
+    attention_heads: list[dict] = field(default_factory=list)
+    m_act_layers: list[dict] = field(default_factory=list)
+    selected_heads: list[list[int]] = field(default_factory=list)
+    text: dict = field(default_factory=dict)
+
+    def public(self) -> dict:
+        return {"gated": self.gated, "gates": self.gates, "sparsity": self.sparsity, "attention": self.attention,
+                "m_act": self.m_act, "interventions": self.interventions}
+
+    def details(self) -> dict:
+        return {"layer_kinds": self.layer_kinds, "gate_layers": self.gate_layers,
+                "sparsity_detail": self.sparsity_detail, "implicit_scale": self.implicit_scale,
+                "attention_heads": self.attention_heads, "m_act_layers": self.m_act_layers,
+                "selected_heads": self.selected_heads, "text": self.text}
+
+
+def text_set(model, config: Config):
+    """The chunked text set for `model`'s tokenizer."""
+    from interp.datasets import load_dataset
+    from interp.texts import chunk_texts
+
+    texts = load_dataset(config.texts, "texts")
+    return chunk_texts(model.tokenizer, texts, config.seq_len, config.n_chunks, bos=config.bos, source=config.texts)
+
+
+class _Evaluation:
+    """One streamed pass with interventions active: loss, sink metrics and M-Act."""
+
+    def __init__(self, model, layers, config: Config):
+        from interp.outliers import ResidualStats
+        from interp.sinks import AttentionStats
+
+        self.model = model
+        self.attention = AttentionStats(model.cfg.n_layers, model.cfg.n_heads, layers, eps=config.sink_epsilon)
+        self.residual = ResidualStats(model.cfg.n_layers, down=False)
+        self.nll, self.count = 0.0, 0
+
+    @torch.no_grad()
+    def run(self, seqs, config: Config, desc: str):
+        model = self.model
+        for idx, tokens, mask in padded_batches(model, seqs, config.batch_size, desc=desc, progress=config.progress):
+            self.attention.begin_batch(idx, tokens, mask)
+            self.residual.begin_batch(idx, tokens, mask)
+            logits = model.run_with_hooks(tokens, attention_mask=mask,
+                                          fwd_hooks=self.attention.hooks() + self.residual.hooks())
+            self.nll_update(logits, tokens, mask)
+        return self
+
+    def nll_update(self, logits, tokens, mask) -> None:
+        lp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, tokens[:, 1:, None])[..., 0]
+        keep = (mask[:, :-1] * mask[:, 1:]).bool()
+        self.nll -= float(lp[keep].double().sum())
+        self.count += int(keep.sum())
+
+    def m_act(self) -> float:
+        from interp.outliers import m_act
+
+        return m_act(self.residual.layer_max())
+
+    def m_act_layers(self) -> list[dict]:
+        return [{"layer": r["layer"], "max_abs": r["max_abs"]} for r in self.residual.profile()]
+
+    def summary(self) -> dict:
+        return {"loss": self.nll / max(self.count, 1), "first_token": self.attention.overall()["first_token"],
+                "m_act": self.m_act()}
+
+
+def _evaluate(model, layers, seqs, config: Config, desc: str) -> dict:
+    return _Evaluation(model, layers, config).run(seqs, config, desc).summary()
+
+
+def _select_heads(rows: list[dict], k: int, by: str) -> list[tuple[int, int]]:
+    key = (lambda r: (r["mean"], r["layer"], r["head"])) if by == "low_mean" else \
+          (lambda r: (-r["var_tokens"], r["layer"], r["head"]))
+    return [(r["layer"], r["head"]) for r in sorted(rows, key=key)[:k]]
+
+
+def _interventions(model, layers, fit, held, gate_fit: gates.GateStats, config: Config) -> tuple[list[dict], list]:
+    """Rows {what, heads, selection, loss, first_token, m_act, loss_in_sample, ...} (random rows: means and sds)."""
+    means = gate_fit.element_means()
+    all_heads = [(layer, h) for layer in gate_fit.layers for h in range(model.cfg.n_heads)]
+    k = max(1, round(config.select_fraction * len(all_heads)))
+    selected = _select_heads(gate_fit.head_rows(), k, config.select_by)
+    rest = [h for h in all_heads if h not in selected]
+    rng = random.Random(config.seed)
+    draws = [sorted(rng.sample(rest, k)) for _ in range(config.random_draws)]
+    kinds = [("gates=1", lambda hs: gates.force_gates_one(model, hs)),
+             ("gates=mean", lambda hs: gates.gates_to_mean(model, means, hs))]
+    kinds += [(f"gates×{a:g}", lambda hs, a=a: gates.scale_gates(model, a, hs)) for a in config.alphas]
+
+    def measure(context, tag):
+        with context:
+            out = _evaluate(model, layers, held, config, f"{tag} held-out")
+            out["loss_in_sample"] = _evaluate(model, layers, fit, config, f"{tag} selection")["loss"]
+        return out
+
+    import contextlib
+
+    base = measure(contextlib.nullcontext(), "baseline")
+    rows = [{"what": "none", "heads": [], "selection": "none", "n_heads": 0, **base}]
+    for what, make in kinds:
+        rows.append({"what": what, "heads": [list(h) for h in all_heads], "selection": "all", "n_heads": len(all_heads),
+                     **measure(make(None), what)})
+        rows.append({"what": what, "heads": [list(h) for h in selected], "selection": "selected", "n_heads": k,
+                     **measure(make(selected), what)})
+        results = [measure(make(d), f"{what} random {i}") for i, d in enumerate(draws)]
+        row = {"what": what, "heads": [[list(h) for h in d] for d in draws], "selection": "random", "n_heads": k,
+               "n_draws": len(draws)}
+        for metric in ("loss", "first_token", "m_act", "loss_in_sample"):
+            values = np.array([r[metric] for r in results], dtype=float)
+            row[metric] = float(values.mean())
+            row[f"{metric}_sd"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+        rows.append(row)
+    return rows, selected
+
+
+def analyse_model(model, config: Config) -> ModelResult:
+    """All measurements on one model."""
+    from interp.texts import split_indices
+
+    name = model_info(model).name
+    layers = gates.softmax_layers(model)
+    kinds = gates.layer_kinds(model)
+    gated = gates.is_gated(model)
+    require(config.interventions != "on" or gated,
+            f"--interventions on needs a gated-attention model; {name} has no attention output gate")
+    chunks = text_set(model, config)
+    fit_idx, held_idx = split_indices(len(chunks), config.selection_fraction, config.seed)
+    fit, held = [chunks.chunks[i] for i in fit_idx], [chunks.chunks[i] for i in held_idx]
+
+    gate_fit = None
+    mean_gate = None
+    if gated:
+        gate_fit, _, _ = gates.measure(model, fit, batch_size=config.batch_size, theta=config.sparsity_threshold,
+                                       progress=config.progress)
+        mean_gate = {r["layer"]: r["mean"] for r in gate_fit.layer_rows()}
+    gate_held, sparsity, scale = gates.measure(model, held, batch_size=config.batch_size,
+                                               theta=config.sparsity_threshold, mean_gate=mean_gate,
+                                               progress=config.progress)
+    evaluation = _Evaluation(model, layers, config).run(held, config, "sinks")
+    per_layer = {r["layer"]: r for r in evaluation.attention.per_layer()}
+    attention = [{"layer": layer, "first_token": per_layer[layer]["first_token"] if layer in per_layer else None,
+                  "sink_rate": per_layer[layer]["sink_rate"] if layer in per_layer else None}
+                 for layer in range(model.cfg.n_layers)]
+    sparsity_rows = {r["layer"]: r for r in sparsity.rows(gated)}
+    sparsity_out = [sparsity_rows.get(layer, {"layer": layer, "ungated": None, "gated": None})
+                    for layer in range(model.cfg.n_layers)]
+
+    interventions, selected = [], []
+    if gated and config.interventions != "off":
+        interventions, selected = _interventions(model, layers, fit, held, gate_fit, config)
+    first = chunks.first_token_summary()
+    return ModelResult(
+        name=name, gated=gated, gates=gate_held.head_rows() if gated else [], sparsity=sparsity_out,
+        attention=attention, m_act=evaluation.m_act(), interventions=interventions, layer_kinds=kinds,
+        gate_layers=gate_held.layer_rows() if gated else [], sparsity_detail=sparsity.detail_rows(gated),
+        implicit_scale=scale.head_rows(), scale_histograms=scale.histograms(),
+        attention_heads=evaluation.attention.per_head(), m_act_layers=evaluation.m_act_layers(),
+        selected_heads=[list(h) for h in selected],
+        text={"source": chunks.source, "seq_len": chunks.seq_len, "bos": chunks.bos, "n_selection": len(fit),
+              "n_held_out": len(held), "first_token": first["token"], "first_token_share": first["share"],
+              "loss": evaluation.summary()["loss"]})
+
+
+# ---------------------------------------------------------------- result
+
+@dataclass
+class Result:
+    header: dict  # run_header: analysis, model, environment, config
+    results: dict[str, ModelResult]  # model name → measurements (the run's model first)
+
+    @property
+    def primary(self) -> ModelResult:
+        return next(iter(self.results.values()))
+
+    def to_dict(self) -> dict:
+        if len(self.results) == 1:
+            r = self.primary
+            return {**self.header, **r.public(), **r.details()}
+        return {**self.header, "models": {name: {**r.public(), **r.details()} for name, r in self.results.items()}}
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        def frame(attr):
+            rows = [{"model": name, **row} for name, r in self.results.items() for row in getattr(r, attr)]
+            return pd.DataFrame(rows)
+
+        interventions = frame("interventions")
+        if not interventions.empty:
+            interventions["heads"] = interventions["heads"].map(str)
+        return {"gates": frame("gates"), "gate_layers": frame("gate_layers").drop(columns="histogram", errors="ignore"),
+                "sparsity": frame("sparsity_detail"), "attention": frame("attention"),
+                "attention_heads": frame("attention_heads"), "implicit_scale": frame("implicit_scale"),
+                "interventions": interventions}
+
+
+def run(model, config: Config) -> Result:
+    """Measure `model` (and the comparison model, loaded on the same device and dtype)."""
+    from interp.models import load_model
+
+    config.validate(model)
+    results = {}
+    first = analyse_model(model, config)
+    results[first.name] = first
+    header = run_header("gated_attention", model, config)
+    other_name = compare_name(model, config)
+    if other_name is not None:
+        info = model_info(model)
+        other = load_model(other_name, device=info.device, dtype=info.dtype)
+        other_config = config if config.interventions != "on" or gates.is_gated(other) else \
+            _replace(config, interventions="auto")
+        second = analyse_model(other, other_config)
+        key = second.name if second.name not in results else f"{second.name} (compare)"
+        second.name = key
+        results[key] = second
+        header["compare_model"] = model_info(other).to_dict()
+    return Result(header=header, results=results)
+
+
+def _replace(config: Config, **changes) -> Config:
+    import dataclasses
+
+    return dataclasses.replace(config, **changes)
+
+
+# ---------------------------------------------------------------- report
+
+def _fmt_heads(heads) -> str:
+    return " ".join(f"L{layer}H{h}" for layer, h in heads)
+
+
+def _gate_histograms(r: ModelResult) -> go.Figure:
+    centres = [(i + 0.5) * gates.BIN_WIDTH for i in range(gates.N_BINS)]
+    fig = go.Figure()
+    for row in r.gate_layers:
+        fig.add_trace(go.Scatter(x=centres, y=row["histogram"], mode="lines+markers", name=f"gate, layer {row['layer']}"))
+    for layer, hist in r.scale_histograms.items():
+        fig.add_trace(go.Scatter(x=centres, y=hist, mode="lines", line=dict(dash="dot"),
+                                 name=f"s(q) = 1 − A[q, first], layer {layer}", visible="legendonly" if r.gated else True))
+    fig.update_layout(title=f"{r.name}: gate scores σ(z) per layer (bin 0.05)" if r.gated else
+                      f"{r.name}: implicit scale s(q) per layer (bin 0.05)",
+                      xaxis_title="score", yaxis_title="share of scores", xaxis_range=[0, 1])
+    return fig
+
+
+def _grid(rows: list[dict], n_layers: int, n_heads: int, key: str) -> np.ndarray:
+    grid = np.full((n_layers, n_heads), np.nan)
+    for row in rows:
+        grid[row["layer"], row["head"]] = row[key]
+    return grid
+
+
+def _sparsity_figure(r: ModelResult) -> go.Figure:
+    fig = go.Figure()
+    rows = [row for row in r.sparsity_detail]
+    x = [f"layer {row['layer']}" for row in rows]
+    fig.add_trace(go.Bar(x=x, y=[row["ungated"] for row in rows], name="|Y| < θ (ungated, pattern · values)"))
+    if r.gated:
+        fig.add_trace(go.Bar(x=x, y=[row["gated"] for row in rows], name="|Y ⊙ σ(z)| < θ (gated)"))
+        fig.add_trace(go.Bar(x=x, y=[row["mean_gate_scaled"] for row in rows], name="|ḡ·Y| < θ (mean-gate control)"))
+    theta = rows[0]["theta"] if rows else None
+    fig.update_layout(title=f"{r.name}: share of attention-output elements below θ = {theta:g}", barmode="group",
+                      yaxis_title="share", yaxis_range=[0, 1])
+    return fig
+
+
+def _sink_figure(results: dict[str, ModelResult]) -> go.Figure:
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=2, subplot_titles=["first-token attention (F-Attn)", "sink rate (% of heads, α[0] > ε)"])
+    for name, r in results.items():
+        rows = [row for row in r.attention if row["first_token"] is not None]
+        x = [row["layer"] for row in rows]
+        fig.add_trace(go.Bar(x=x, y=[row["first_token"] for row in rows], name=name, legendgroup=name), row=1, col=1)
+        fig.add_trace(go.Bar(x=x, y=[row["sink_rate"] for row in rows], name=name, legendgroup=name, showlegend=False),
+                      row=1, col=2)
+    fig.update_layout(title="Sink metrics per layer", barmode="group")
+    fig.update_xaxes(title_text="layer")
+    return fig
+
+
+def _attention_table(r: ModelResult) -> pd.DataFrame:
+    rows = []
+    for row, kind in zip(r.attention, r.layer_kinds):
+        if kind == "linear":
+            rows.append({"layer": row["layer"], "first_token": "no softmax pattern", "sink_rate": "no softmax pattern"})
+        else:
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _intervention_table(r: ModelResult) -> pd.DataFrame:
+    rows = []
+    for row in r.interventions:
+        heads = ("all gated heads" if row["selection"] == "all" else
+                 f"{row['n_draws']} draws of {row['n_heads']}" if row["selection"] == "random" else _fmt_heads(row["heads"]))
+        out = {"what": row["what"], "selection": row["selection"], "heads": heads}
+        for metric in ("loss", "loss_in_sample", "first_token", "m_act"):
+            out[metric] = row[metric]
+            if f"{metric}_sd" in row:
+                out[f"{metric} sd"] = row[f"{metric}_sd"]
+        rows.append(out)
+    return pd.DataFrame(rows)
+
+
+def _model_section(rep, r: ModelResult, n_layers: int, n_heads: int) -> None:
+    rep.add_heading(f"{r.name}: {'gated' if r.gated else 'ungated'} attention")
+    linear = [i for i, kind in enumerate(r.layer_kinds) if kind == "linear"]
+    overall_gate = float(np.mean([row["mean"] for row in r.gates])) if r.gates else None
+    soft = [row for row in r.attention if row["first_token"] is not None]
+    rep.add_metrics({
+        "gated": r.gated, "mean gate score": overall_gate if r.gated else "no gates",
+        "first-token attention": float(np.mean([row["first_token"] for row in soft])),
+        "sink rate (%)": float(np.mean([row["sink_rate"] for row in soft])),
+        "M-Act": r.m_act, "held-out loss": r.text["loss"]})
+    if linear:
+        rep.add_paragraph(f"Layers {', '.join(map(str, linear))} are linear attention (Gated DeltaNet): no softmax "
+                          "pattern, no sink metrics, no softmax gate; they are left out, not counted as zeros.")
+    if not r.gated:
+        rep.add_notice(f"{r.name} has no attention output gate: no gate statistics or gate interventions; the "
+                       "implicit scale s(q) = 1 − attention to the first token stands in for a gate.", level="info")
+    rep.add_figure(_gate_histograms(r), "Gated models: σ(z) over every token, head and dim of each layer (held-out part); "
+                   "dotted (click the legend on gated models): the implicit scale s(q) of every head and query ≥ 1.")
+    if r.gated:
+        rep.add_figure(layer_head_heatmap(_grid(r.gates, n_layers, n_heads, "mean"), f"{r.name}: mean gate score",
+                                          "mean σ(z)", diverging=False))
+        rep.add_figure(layer_head_heatmap(_grid(r.gates, n_layers, n_heads, "var_tokens"),
+                                          f"{r.name}: gate variance across tokens (query dependence)", "variance",
+                                          diverging=False))
+        rep.add_table(pd.DataFrame(r.gate_layers).drop(columns="histogram"),
+                      "Per layer: gate score mean, sd, min, max; var_heads = variance of the head means across heads.")
+    rep.add_figure(layer_head_heatmap(_grid(r.implicit_scale, n_layers, n_heads, "mean"),
+                                      f"{r.name}: implicit scale s(q) = 1 − A[q, first token], mean over queries ≥ 1",
+                                      "mean s(q)", diverging=False))
+    rep.add_figure(_sparsity_figure(r), "Y rebuilt from pattern and values; the mean-gate control scales Y by the layer's "
+                   "mean gate from the selection part (sparsity beyond down-scaling shows as gated > control).")
+    rep.add_table(_attention_table(r), f"Sink metrics per layer (held-out part; first token: {r.text['first_token']!r} "
+                  f"in {100 * r.text['first_token_share']:.0f}% of chunks).")
+    if r.interventions:
+        rep.add_heading("Gate interventions", level=3)
+        rep.add_paragraph(f"Selected heads ({'lowest mean gate' if r.selected_heads else ''} on the selection part): "
+                          f"{_fmt_heads(r.selected_heads)}. Loss, first-token attention and M-Act on the held-out part; "
+                          "loss_in_sample on the selection part. Random rows: mean and sd over the draws.")
+        base = r.interventions[0]
+        bars = [{**row, "label": row["what"]} for row in r.interventions if row["selection"] in ("selected", "random")]
+        rep.add_figure(intervention_bars(bars, ["loss", "first_token", "m_act"], baseline=base,
+                                         title=f"{r.name}: selected heads vs random heads"))
+        rep.add_table(_intervention_table(r), "Interventions (none = no intervention).")
+
+
+def build_report(result: Result, tokenizer=None):
+    rep = analysis_report(result.header)
+    names = list(result.results)
+    rep.add_paragraph("Gated attention (Qiu et al. 2025): gate scores σ(z) of a sigmoid output gate per head, the "
+                      "sparsity of the attention output before and after gating, the sink metrics (first-token "
+                      "attention, sink rate) and M-Act, and what happens when the gates are forced to 1, set to "
+                      "their mean or scaled. " + (f"Models side by side: {', '.join(names)}." if len(names) > 1 else ""))
+    if len(names) > 1:
+        rep.add_heading("Side by side")
+        rep.add_table(pd.DataFrame([{
+            "model": name, "gated": r.gated,
+            "mean gate score": float(np.mean([row["mean"] for row in r.gates])) if r.gates else "no gates",
+            "first-token attention": float(np.mean([row["first_token"] for row in r.attention if row["first_token"] is not None])),
+            "sink rate (%)": float(np.mean([row["sink_rate"] for row in r.attention if row["sink_rate"] is not None])),
+            "M-Act": r.m_act, "held-out loss": r.text["loss"],
+            "mean s(q)": float(np.mean([row["mean"] for row in r.implicit_scale]))} for name, r in result.results.items()]))
+    rep.add_figure(_sink_figure(result.results), "F-Attn: mean attention to the first token over queries ≥ 1 and heads; "
+                   "sink rate: share of heads whose first token gets α[0] > ε (Gu et al. 2024), in %.")
+    models = [result.header["model"]] + ([result.header["compare_model"]] if "compare_model" in result.header else [])
+    for r, info in zip(result.results.values(), models):
+        _model_section(rep, r, info["n_layers"], info["n_heads"])
+    rep.add_run_section(result.header)
+    return rep
