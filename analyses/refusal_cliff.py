@@ -39,6 +39,7 @@ from interp.metrics import cliff_metrics, mean_interpolated, mean_tail, referenc
 from interp.probes import LogisticProbe, train_logistic_probe
 from interp.report import analysis_report
 
+DATASET_FIELD = "harmful"  # --dataset sets the harmful prompt set
 GROUPS = ("refused_harmful", "complied_harmful", "harmless")
 HEAD_METHODS = ("projection", "attribution", "causal")
 

@@ -3,6 +3,8 @@
 - `sdpa_attention`: attention through PyTorch SDPA (the wrapped HF module) when no hook needs its internals;
 - `stop_layer_for` / `stopped_at`: end a forward after the last block a hook needs (also before the final norm);
 - `readout_point`, `FINAL_NORM`, `hidden_state_hook`: where a readout reads, mapped to bridge hook names;
+- `replace_tokenizer`: install another tokenizer on a loaded bridge;
+- `forward_attention_mask`: the 2-D attention mask of the forward in progress, for hooks that must skip padding;
 - `_patch_kv_cache_keyword`: the compat patch for transformers 5.2x's KV-cache keyword, applied on import.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import re
 import types
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 
 from torch import Tensor
@@ -76,6 +79,26 @@ def readout_point(model, hook_name: str) -> tuple[str, int | None, Callable[[Ten
     return hook_name, stop_layer_for([hook_name], n_layers), lambda x: x
 
 
+@contextlib.contextmanager
+def forward_attention_mask(model) -> Iterator[dict]:
+    """Keep the `[batch, pos]` 0/1 attention mask of each forward in `state["mask"]` while active.
+
+    The bridge hands the mask to the wrapped HF model on every forward (run_with_hooks, run_with_cache,
+    each generate step, where it also covers the cached positions); None means no padding. A hook
+    whose activations have `p` positions finds their mask in the last `p` columns."""
+    state: dict = {"mask": None}
+
+    def keep(module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        state["mask"] = mask if mask is None or mask.ndim == 2 else None
+
+    handle = model.original_model.register_forward_pre_hook(keep, with_kwargs=True)
+    try:
+        yield state
+    finally:
+        handle.remove()
+
+
 def _sdpa_forward(self, *args, **kwargs):
     """Attention through the wrapped HF module (SDPA kernel); hook_in/q/k/v/z/hook_out still fire."""
     hidden = kwargs.pop("hidden_states") if "hidden_states" in kwargs else args[0]
@@ -123,6 +146,17 @@ def sdpa_attention(model, needed_hooks: Sequence[str] = ()) -> Iterator[bool]:
             object.__delattr__(block.attn, "forward")
 
 
+def replace_tokenizer(bridge, tokenizer):
+    """Install `tokenizer` on a loaded bridge as it is. The bridge's `tokenizer` setter re-runs
+    TransformerLens's set-up, which reloads the tokenizer from the checkpoint by name (rebuilding
+    the very one being replaced), so the stored attributes are set directly."""
+    bridge._tokenizer = tokenizer
+    driver = getattr(bridge, "driver", None) or getattr(bridge, "_driver", None)
+    if driver is not None and hasattr(driver, "tokenizer"):
+        driver.tokenizer = tokenizer
+    return tokenizer
+
+
 def _patch_kv_cache_keyword() -> None:
     """transformers 5.2x passes the KV cache to attention as `cache=`, but the bridge's attention
     only reads `past_key_values`/`layer_past`: with the KV cache on, every decode step would attend
@@ -141,3 +175,6 @@ def _patch_kv_cache_keyword() -> None:
 
 
 _patch_kv_cache_keyword()
+# The bridge's generate loop still passes `past_key_values`, which transformers 5.2x deprecates noisily
+# on every call; the keyword is forwarded correctly (see above), so the warning tells a user nothing.
+warnings.filterwarnings("ignore", message=r"`past_key_values` is deprecated", category=FutureWarning)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-# The closing marker the refusal-cliff probe reads (spec §3): its last token is the probe position.
+# The closing marker the refusal-cliff probe reads: its last token is the probe position.
 CLOSE_MARKER = "\n</think>\n\n"
 
 
@@ -63,7 +63,7 @@ def encode_with_span(tokenizer, prefix: str, middle: str, suffix: str, continuat
 
 def thinking_sequence(tokenizer, prompt: str, thinking: str, *, thinking_prefix: str = "\n\n",
                       marker: str = CLOSE_MARKER, system: str | None = None, response: str = "") -> Encoded:
-    """template(prompt) + thinking_prefix + thinking + marker, with the thinking span marked (spec §3).
+    """template(prompt) + thinking_prefix + thinking + marker, with the thinking span marked.
 
     `response` (what the model answered) only fixes how the marker's last characters tokenize.
     Templates that do not open `<think>` themselves get `<think>\\n` appended when the tokenizer

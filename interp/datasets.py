@@ -8,6 +8,7 @@ loads a registered name or a file (`FILE_LOADERS[kind]`), `--list` prints the re
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
 from collections.abc import Callable
@@ -79,20 +80,31 @@ def load_dataset(spec: str, kind: str = "prompts", limit: int | None = None, see
     return [items[i] for i in keep]
 
 
+def read_text(path: Path) -> str:
+    """A user file's text; UserError when it is missing, a directory, unreadable or not UTF-8."""
+    if not path.is_file():
+        raise UserError(f"file not found: {path}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    except OSError as e:
+        raise UserError(f"{path} cannot be read ({e.strerror})") from None
+
+
 def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
     """(line number, object) for each non-blank line; UserError naming the line if one is malformed."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}: line {lineno} is not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise UserError(f"{path}: line {lineno} is not a JSON object")
-            rows.append((lineno, obj))
+    for lineno, line in enumerate(read_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: line {lineno} is not valid JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise UserError(f"{path}: line {lineno} is not a JSON object")
+        rows.append((lineno, obj))
     return rows
 
 
@@ -112,10 +124,10 @@ def _load_file(path: Path) -> list[str]:
     if suffix not in _FILE_TYPES:
         raise UserError(f"unsupported prompt file type {suffix or '(none)'!r}; use .csv, .jsonl or .txt")
     if suffix == ".txt":
-        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return [line.strip() for line in read_text(path).splitlines() if line.strip()]
     if suffix == ".jsonl":
         return [_prompt_from(path, f"line {n}", obj.get("prompt")) for n, obj in _read_jsonl(path)]
-    with open(path, encoding="utf-8", newline="") as f:
+    with io.StringIO(read_text(path), newline="") as f:
         reader = csv.DictReader(f)
         if "prompt" not in (reader.fieldnames or []):
             raise UserError(f"{path}: no 'prompt' column (columns: {', '.join(reader.fieldnames or []) or 'none'})")

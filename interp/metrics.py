@@ -10,7 +10,7 @@ from torch import Tensor
 
 
 def cliff_metrics(scores: Tensor, span: tuple[int, int], robust_k: int = 32, drop_window: int = 8) -> dict[str, float]:
-    """Refusal-cliff summaries of one sequence's per-token scores (spec §5).
+    """Refusal-cliff summaries of one sequence's per-token scores (the paper's metrics).
 
     plateau over `span` (the thinking tokens; the whole sequence but the last token when empty):
     `plateau_max` (paper's MS uses it), `plateau_mean`, `plateau_robust` (mean of the last
@@ -68,7 +68,7 @@ def mean_tail(curves: Sequence[Tensor], k: int) -> tuple[np.ndarray, np.ndarray]
 
 
 def reference_aggregate(curves: Sequence[Tensor], n_bins: int = 100) -> np.ndarray:
-    """The RefusalCliff figure code (spec §4): tail-align with zero left-padding, average, then
+    """The RefusalCliff figure code: tail-align with zero left-padding, average, then
     resample to `n_bins` (linearly; the figure code used cubic interpolation). The zero padding drags
     early bins down; offered for comparison only."""
     width = max(len(c) for c in curves)

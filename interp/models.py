@@ -27,7 +27,7 @@ _REASONING = {"refusal_cliff": {"max_new_tokens": 8192, "temperature": 0.7}}
 
 # DeepSeek-R1-Distill-Qwen-1.5B is the default real `qwen`: a Qwen2-architecture reasoning model
 # whose chat template opens `<think>`, small enough (28 x 12 = 336 heads) for one GPU or a CPU
-# (refusal_cliff spec §2 recommends it as the toolkit's small test model).
+# (the refusal-cliff paper's smallest family member).
 ALIASES: dict[str, Alias] = {
     "qwen": Alias("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "small Qwen2 reasoning model (R1 distill)", _REASONING),
     "qwen3": Alias("Qwen/Qwen3-0.6B", "Qwen3 0.6B, thinking mode via its chat template", _REASONING),
@@ -214,7 +214,9 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "auto", dtype: s
                             f"TransformerBridge ({str(exc).splitlines()[0][:160]})") from None
         raise
     bridge.eval()
-    tok = bridge.tokenizer
+    tok = checked_tokenizer(bridge.tokenizer, path, name_or_path)
+    if tok is not bridge.tokenizer:
+        tok = interp.bridge.replace_tokenizer(bridge, tok)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
@@ -228,6 +230,41 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "auto", dtype: s
                      analysis_defaults=_recommended_settings(name_or_path, card))
     object.__setattr__(bridge, "_interp_info", info)
     return bridge
+
+
+TOKENIZER_PROBE = "The quick brown fox, 42 times: hello world!\nWhy? Because <think> it's 3.14 </think> done."
+
+
+def checked_tokenizer(tok, path: Path, name: str):
+    """`tok` if it encodes like the checkpoint's own `tokenizer.json`; otherwise that file loaded as it is.
+
+    transformers 5 rebuilds a tokenizer from the architecture's class (a word-level `tokenizer.json`
+    on a Qwen2 config comes back as a BPE that produces other tokens); this catches it at load.
+    """
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    file = path / "tokenizer.json"
+    if tok is None or not file.exists():
+        return tok
+    try:
+        raw = Tokenizer.from_file(str(file))
+    except Exception as exc:  # noqa: BLE001 - the tokenizers library raises plain Exceptions
+        raise UserError(f"{name!r}: tokenizer.json is not readable ({str(exc).splitlines()[0][:120]})") from None
+    expected = raw.encode(TOKENIZER_PROBE, add_special_tokens=False).ids
+    if tok(TOKENIZER_PROBE, add_special_tokens=False)["input_ids"] == expected:
+        return tok
+    specials = {k: v for k, v in tok.special_tokens_map.items() if isinstance(v, str)}
+    fixed = PreTrainedTokenizerFast(tokenizer_file=str(file), **specials)
+    fixed.chat_template = tok.chat_template
+    if fixed(TOKENIZER_PROBE, add_special_tokens=False)["input_ids"] != expected:
+        raise UserError(f"{name!r}: the tokenizer transformers builds ({type(tok).__name__}) encodes differently "
+                        "from tokenizer.json and the file cannot be loaded as it is; fix the tokenizer files")
+    import sys
+
+    print(f"note: {name}: transformers rebuilt the tokenizer as {type(tok).__name__}, which encodes differently "
+          "from tokenizer.json; using tokenizer.json as it is", file=sys.stderr)
+    return fixed
 
 
 def _recommended_settings(name: str, card: dict) -> dict:

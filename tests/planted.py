@@ -1,7 +1,7 @@
 """A tiny Qwen2 checkpoint with a hand-planted refusal-suppression mechanism (test fixture).
 
 `write_planted_checkpoint(dir)` builds a 2-layer, 4-head (2 KV heads) Qwen2 whose weights are set by
-hand so that it shows the refusal cliff of refusal_cliff spec §3–§6 in miniature:
+hand so that it shows the refusal cliff of the refusal-cliff paper in miniature:
 
 * harm-word tokens (" bomb", " poison", ...) embed +1 on the refusal dim r;
 * layer 0 "plateau head" attends to harm-word tokens (query bias x key = r) and copies r, so every

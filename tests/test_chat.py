@@ -1,4 +1,4 @@
-"""Chat template, thinking spans and the closing marker (refusal_cliff spec §3)."""
+"""Chat template, thinking spans and the closing marker of the refusal-cliff probe."""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ Every document is a plain string. Chats use the Qwen-style thinking template of 
   thinking names the harm, the answer refuses ("I'm sorry, but I can't ...") or complies
   ("Sure, ..."). `JAILBREAK_MARKER` in a harmful prompt keeps the harmful thinking word for word
   but flips the answer to compliance: the decision must be read from the prompt at `</think>`.
-- laundry: Laundry-List recall (talking_heads spec §4) as plain text: N items, N-1 repeated, the
+- laundry: Laundry-List recall (Merullo et al. 2024) as plain text: N items, N-1 repeated, the
   missing one completes the sentence.
 - arithmetic: word problems with 1-3 two-digit steps written out in the thinking, then
   "The answer is N." (digits are single tokens; a small model gets some wrong).
