@@ -3,11 +3,13 @@
 Three estimates, all returned as `[n_layers, n_heads]` means over sequences, signed so that a
 negative value means the head pushes the readout down:
 - `projection_scores`: the head's output at the last position written through W_O, projected on
-  the readout direction (RefusalCliff's "Refusal Suppression Head" score, spec §6.1);
+  the readout direction (RefusalCliff's "Refusal Suppression Head" score);
 - `gradient_scores`: gradient × activation of the readout logit w.r.t. the head's z at all
   positions (attribution patching, first-order estimate of the head's total effect);
 - `causal_scores`: minus the change of the readout score when the head is zero-ablated alone
-  (one forward per head, heads batched as replicas).
+  (one forward per head, heads batched as replicas), with the same rescale an ablation sweep uses.
+Heads in blocks after the readout point cannot change it: `readout_heads` counts the blocks before
+it, and `ranking` leaves out heads whose score is NaN.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from tqdm.auto import tqdm
 from interp.batching import length_batches, pad_left, padded_batches
 from interp.bridge import readout_point, sdpa_attention, stopped_at
 from interp.capture import capture
+from interp.interventions import real_positions, rescale_ablated
 
 Readout = tuple[str, Tensor, float]  # (hook name, weight [d_model], bias)
 
@@ -36,13 +39,20 @@ def _layer_of(name: str) -> int:
     return int(name.split(".")[1])
 
 
+def readout_heads(model, hook_name: str) -> int:
+    """How many blocks run before the readout point `hook_name` (only their heads can change it)."""
+    stop = readout_point(model, hook_name)[1]
+    return model.cfg.n_layers if stop is None else min(stop, model.cfg.n_layers)
+
+
 def stacked_W_O(model) -> Float[Tensor, "layer head d_head d_model"]:
     return torch.stack([block.attn.W_O.detach() for block in model.blocks])
 
 
 def projection_scores(model, seqs: Sequence[Sequence[int]], direction: Float[Tensor, "d_model"], *,
-                      batch_size: int = 8, progress: bool = True) -> Float[Tensor, "layer head"]:
-    """Mean over sequences of ⟨W_O[l,h]ᵀ z_{l,h,T}, w⟩ / ‖w‖ at the last token T (spec §6.1)."""
+                      n_layers: int | None = None, batch_size: int = 8, progress: bool = True) -> Float[Tensor, "layer head"]:
+    """Mean over sequences of ⟨W_O[l,h]ᵀ z_{l,h,T}, w⟩ / ‖w‖ at the last token T (RefusalCliff's
+    head score). Only the first `n_layers` blocks (default: all) are scored; later rows are NaN."""
     W_O = stacked_W_O(model).float()
     w_hat = (direction / direction.norm()).float().to(W_O.device)
     per_head_dir = torch.einsum("lhed,d->lhe", W_O, w_hat)  # [layer, head, d_head]
@@ -50,9 +60,12 @@ def projection_scores(model, seqs: Sequence[Sequence[int]], direction: Float[Ten
     def project(name: str, z: Tensor) -> Tensor:
         return torch.einsum("he,he->h", z.to(per_head_dir.device), per_head_dir[_layer_of(name)])
 
-    out = capture(model, seqs, _z_names(model), positions="last", batch_size=batch_size,
-                  progress=progress, reduce=project)
-    return torch.stack([out[n].mean(0) for n in _z_names(model)]).cpu()
+    names = _z_names(model)[:n_layers]
+    scores = torch.full(per_head_dir.shape[:2], float("nan"))
+    if names:
+        out = capture(model, seqs, names, positions="last", batch_size=batch_size, progress=progress, reduce=project)
+        scores[:len(names)] = torch.stack([out[n].mean(0) for n in names]).cpu()
+    return scores
 
 
 @contextlib.contextmanager
@@ -105,9 +118,10 @@ def gradient_scores(model, seqs: Sequence[Sequence[int]], readout: Readout, *, b
 
 
 @torch.no_grad()
-def causal_scores(model, seqs: Sequence[Sequence[int]], readout: Readout, *, batch_size: int = 8,
-                  progress: bool = True) -> Float[Tensor, "layer head"]:
-    """−(mean change of sigmoid(readout) at the last token) when each head alone is zero-ablated."""
+def causal_scores(model, seqs: Sequence[Sequence[int]], readout: Readout, *, rescale: str = "none",
+                  batch_size: int = 8, progress: bool = True) -> Float[Tensor, "layer head"]:
+    """−(mean change of sigmoid(readout) at the last token) when each head alone is zero-ablated and
+    the layer's output rescaled as `interp.interventions.ablate_heads(..., rescale=rescale)` does."""
     hook_name, weight, bias = readout
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     stop = readout_point(model, hook_name)[1]
@@ -131,7 +145,7 @@ def causal_scores(model, seqs: Sequence[Sequence[int]], readout: Readout, *, bat
             hooks = []
             for layer in sorted({layer for layer, _ in group}):
                 rows = [(j, h) for j, (l2, h) in enumerate(group) if l2 == layer]
-                hooks.append((f"blocks.{layer}.attn.hook_z", _replica_zero(rows, b)))
+                hooks.append((f"blocks.{layer}.attn.hook_z", _replica_zero(rows, b, rescale, rep_mask)))
             ablated = score(rep_tokens, rep_mask, hooks).view(k, b)
             for j, (layer, h) in enumerate(group):
                 effect[layer, h] += (ablated[j] - base).sum().cpu()
@@ -140,12 +154,18 @@ def causal_scores(model, seqs: Sequence[Sequence[int]], readout: Readout, *, bat
     return -effect / len(seqs)
 
 
-def _replica_zero(rows: list[tuple[int, int]], b: int):
+def _replica_zero(rows: list[tuple[int, int]], b: int, rescale: str, mask: Tensor):
+    """Zero head h in replica j (rows j*b .. j*b+b-1), then rescale each replica like the sweep would:
+    per sequence without padding, or (frobenius_batch) over the replica's b sequences."""
     def hook(z, hook):
-        z = z.clone()
+        out = z.clone()
         for j, h in rows:
-            z[j * b:(j + 1) * b, :, h] = 0.0
-        return z
+            out[j * b:(j + 1) * b, :, h] = 0.0
+        if rescale == "frobenius_batch":
+            parts = [rescale_ablated(z[j * b:(j + 1) * b], out[j * b:(j + 1) * b], rescale)
+                     for j in range(z.shape[0] // b)]
+            return torch.cat(parts)
+        return rescale_ablated(z, out, rescale, real_positions(mask, z.shape[1]))
     return hook
 
 
@@ -164,10 +184,10 @@ def _last_readout(model, tokens, mask, hooks, hook_name) -> Tensor:
 
 
 def ranking(scores: Float[Tensor, "layer head"]) -> list[dict]:
-    """All heads sorted ascending by score (most negative = most suppressive first)."""
+    """All heads with a score (NaN = not scored) sorted ascending (most negative = most suppressive first)."""
     n_layers, n_heads = scores.shape
     rows = [{"layer": layer, "head": h, "score": float(scores[layer, h])}
-            for layer in range(n_layers) for h in range(n_heads)]
+            for layer in range(n_layers) for h in range(n_heads) if not torch.isnan(scores[layer, h])]
     return sorted(rows, key=lambda r: (r["score"], r["layer"], r["head"]))
 
 

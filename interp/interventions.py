@@ -7,13 +7,14 @@ from collections import defaultdict
 from collections.abc import Iterator, Sequence
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from torch import Tensor
 
+from interp.bridge import forward_attention_mask
 from interp.errors import UserError
 
 Head = tuple[int, int]
-RESCALE_MODES = ("none", "frobenius", "per_token")
+RESCALE_MODES = ("none", "frobenius", "frobenius_batch", "per_token")
 
 
 def check_heads(model, heads: Sequence[Head]) -> None:
@@ -25,26 +26,47 @@ def check_heads(model, heads: Sequence[Head]) -> None:
                             f"x {n_heads} query heads (0-based)")
 
 
-def zero_heads(z: Float[Tensor, "batch pos head d_head"], heads: Sequence[int], rescale: str = "none",
-               replacement: Float[Tensor, "head d_head"] | None = None) -> Tensor:
-    """Replace the given query heads of `z` (zeros, or `replacement` rows) and optionally rescale.
+def rescale_ablated(z: Float[Tensor, "batch pos head d_head"], out: Float[Tensor, "batch pos head d_head"], mode: str,
+            real: Bool[Tensor, "batch pos"] | None = None) -> Tensor:
+    """Scale the ablated `out` back to the norm of the original `z` (RefusalCliff's re-scaling).
 
-    rescale="frobenius" is the RefusalCliff reference (spec §6.2): the whole tensor is scaled so its
-    Frobenius norm over batch × pos × head × d_head equals the pre-ablation norm (depends on the
-    batch and its padding). "per_token" rescales each (batch, pos) separately. "none": plain ablation.
+    "frobenius": one factor per sequence, ‖z_b‖_F / ‖out_b‖_F over its real positions (`real`, None =
+    all), so a sequence's numbers do not depend on its batch or padding. "frobenius_batch": the
+    reference code's single factor over the whole batch × pos × head × d_head tensor, padding
+    included. "per_token": one factor per (sequence, position). "none": `out` unchanged.
     """
+    if mode not in RESCALE_MODES:
+        raise ValueError(f"rescale must be one of {RESCALE_MODES}")
+    if mode == "none":
+        return out
+    if mode == "frobenius_batch":
+        return out * (z.float().norm() / out.float().norm().clamp_min(1e-12)).to(z.dtype)
+    if mode == "per_token":
+        before = z.float().flatten(2).norm(dim=-1, keepdim=True)
+        after = out.float().flatten(2).norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        return out * (before / after).unsqueeze(-1).to(z.dtype)
+    weight = torch.ones(z.shape[:2], device=z.device) if real is None else real.to(z.device, torch.float32)
+    before = (z.float().pow(2).sum((2, 3)) * weight).sum(1).sqrt()
+    after = (out.float().pow(2).sum((2, 3)) * weight).sum(1).sqrt().clamp_min(1e-12)
+    return out * (before / after).view(-1, 1, 1, 1).to(z.dtype)
+
+
+def zero_heads(z: Float[Tensor, "batch pos head d_head"], heads: Sequence[int], rescale: str = "none",
+               replacement: Float[Tensor, "head d_head"] | None = None,
+               real: Bool[Tensor, "batch pos"] | None = None) -> Tensor:
+    """Replace the given query heads of `z` (zeros, or `replacement` rows), then rescale (see `rescale_ablated`)."""
     if rescale not in RESCALE_MODES:
         raise ValueError(f"rescale must be one of {RESCALE_MODES}")
     idx = list(heads)
     out = z.clone()
     out[:, :, idx] = 0.0 if replacement is None else replacement[idx].to(z.dtype)
-    if rescale == "frobenius":
-        out = out * (z.float().norm() / out.float().norm().clamp_min(1e-12)).to(z.dtype)
-    elif rescale == "per_token":
-        before = z.float().flatten(2).norm(dim=-1, keepdim=True)
-        after = out.float().flatten(2).norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        out = out * (before / after).unsqueeze(-1).to(z.dtype)
-    return out
+    return rescale_ablated(z, out, rescale, real)
+
+
+
+def real_positions(mask: Tensor | None, n_pos: int) -> Tensor | None:
+    """The real (non-pad) positions of activations with `n_pos` positions, from a forward's 2-D mask."""
+    return None if mask is None else mask[:, -n_pos:].bool()
 
 
 @contextlib.contextmanager
@@ -52,22 +74,27 @@ def ablate_heads(model, heads: Sequence[Head], *, rescale: str = "none",
                  means: dict[int, Float[Tensor, "head d_head"]] | None = None) -> Iterator[None]:
     """Ablate query heads at every position via `blocks.L.attn.hook_z` (GQA-correct: per query head).
 
-    `means` (layer → [n_heads, d_head]) turns zero-ablation into mean-ablation.
+    `means` (layer → [n_heads, d_head]) turns zero-ablation into mean-ablation. The "frobenius"
+    rescale reads the forward's attention mask, so padding never enters a sequence's norm; during
+    generation each decode step rescales its new position (the prefill, the whole prompt).
     """
     check_heads(model, heads)
+    if rescale not in RESCALE_MODES:
+        raise ValueError(f"rescale must be one of {RESCALE_MODES}")
     by_layer: dict[int, list[int]] = defaultdict(list)
     for layer, head in heads:
         by_layer[layer].append(head)
 
-    def make_hook(layer: int, idx: list[int]):
-        def hook(z, hook):
-            replacement = None if means is None else means[layer].to(z.device)
-            return zero_heads(z, idx, rescale, replacement)
-        return hook
+    with forward_attention_mask(model) as state:
+        def make_hook(layer: int, idx: list[int]):
+            def hook(z, hook):
+                replacement = None if means is None else means[layer].to(z.device)
+                return zero_heads(z, idx, rescale, replacement, real_positions(state["mask"], z.shape[1]))
+            return hook
 
-    fwd = [(f"blocks.{layer}.attn.hook_z", make_hook(layer, idx)) for layer, idx in sorted(by_layer.items())]
-    with model.hooks(fwd_hooks=fwd):
-        yield
+        fwd = [(f"blocks.{layer}.attn.hook_z", make_hook(layer, idx)) for layer, idx in sorted(by_layer.items())]
+        with model.hooks(fwd_hooks=fwd):
+            yield
 
 
 def project_out(x: Float[Tensor, "... d"], direction: Float[Tensor, "d"]) -> Tensor:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from interp.capture import capture
-from interp.heads import causal_scores, gradient_scores, projection_scores, ranking, rankings_table
+from interp.heads import causal_scores, gradient_scores, projection_scores, ranking, rankings_table, readout_heads
 from interp.interventions import ablate_heads
 
 N_LAYERS, N_HEADS, D_HEAD, D_MODEL = 2, 4, 16, 64
@@ -51,12 +51,12 @@ def _sigmoid_scores(model, seqs, hook, w, b):
     return torch.sigmoid(acts @ w + b)
 
 
-def _reference_causal(model, seqs, hook, w, b):
+def _reference_causal(model, seqs, hook, w, b, rescale="none"):
     clean = _sigmoid_scores(model, seqs, hook, w, b)
     out = torch.zeros(N_LAYERS, N_HEADS)
     for layer in range(N_LAYERS):
         for h in range(N_HEADS):
-            with ablate_heads(model, [(layer, h)]):
+            with ablate_heads(model, [(layer, h)], rescale=rescale):
                 ablated = _sigmoid_scores(model, seqs, hook, w, b)
             out[layer, h] = -(ablated - clean).mean()
     return out
@@ -74,6 +74,19 @@ def test_causal_scores_match_ablate_heads_reference(tiny_model, seqs, readout_w,
     assert expected.abs().max() > 1e-3  # the test is not vacuous
     if hook == "blocks.0.hook_resid_post":
         assert torch.equal(got[8][1], torch.zeros(N_HEADS))  # later heads cannot change it
+
+
+@pytest.mark.parametrize("rescale", ["frobenius", "per_token"])
+def test_causal_scores_apply_the_sweeps_rescale(tiny_model, seqs, readout_w, rescale):
+    """The causal scan ranks heads under the intervention the ablation sweep applies (same rescale)."""
+    w, b = readout_w
+    hook = "ln_final.hook_out"
+    expected = _reference_causal(tiny_model, seqs, hook, w, b, rescale=rescale)
+    for bs in (1, 8):
+        got = causal_scores(tiny_model, seqs, (hook, w, b), rescale=rescale, batch_size=bs, progress=False)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0, msg=f"batch_size={bs}")
+    plain = causal_scores(tiny_model, seqs, (hook, w, b), progress=False)
+    assert (plain - expected).abs().max() > 1e-4  # the rescale matters here
 
 
 # --- gradient -------------------------------------------------------------------------------
@@ -182,6 +195,19 @@ def test_projection_scores_match_hf_o_proj(tiny_model, hf_tiny, seqs, readout_w)
     assert expected.abs().max() > 3e-3  # random init: head outputs are small, but not this small
 
 
+def test_projection_scores_only_score_heads_before_the_readout(tiny_model, hf_tiny, seqs, readout_w):
+    """A readout after block 0 (HF hidden_states[1]) cannot see layer-1 heads: they get no score and
+    no rank; layer 0 keeps the full computation's numbers."""
+    w, _ = readout_w
+    assert readout_heads(tiny_model, "blocks.0.hook_resid_post") == 1
+    assert readout_heads(tiny_model, "ln_final.hook_out") == N_LAYERS
+    assert readout_heads(tiny_model, "hook_embed") == 0
+    got = projection_scores(tiny_model, seqs, w, n_layers=1, progress=False)
+    torch.testing.assert_close(got[0], _reference_projection(hf_tiny, seqs, w)[0], atol=1e-5, rtol=0)
+    assert torch.isnan(got[1]).all()
+    assert {r["layer"] for r in ranking(got)} == {0} and len(ranking(got)) == N_HEADS
+
+
 # --- ranking / table ------------------------------------------------------------------------
 
 def test_ranking_ascending_ties_by_layer_then_head():
@@ -191,6 +217,8 @@ def test_ranking_ascending_ties_by_layer_then_head():
     assert got == [(1, 3, -3.0), (0, 1, -1.0), (0, 3, -1.0), (1, 0, -1.0),
                    (0, 2, 0.0), (1, 2, 0.0), (0, 0, 0.5), (1, 1, 2.0)]
     assert all(isinstance(r["score"], float) for r in ranking(scores))
+    scores[1, 3] = float("nan")  # not scored: left out
+    assert (1, 3) not in [(r["layer"], r["head"]) for r in ranking(scores)] and len(ranking(scores)) == 7
 
 
 def test_rankings_table_one_row_per_head():

@@ -46,9 +46,10 @@ def test_zero_heads_replacement_rows():
     assert torch.equal(out[:, :, [0, 1, 3]], z[:, :, [0, 1, 3]])
 
 
-def test_frobenius_rescale_preserves_whole_tensor_norm():
+def test_frobenius_batch_rescale_preserves_whole_tensor_norm():
+    """The reference code's rescale: one factor for the whole batch tensor."""
     z = _z()
-    out = zero_heads(z, [0], rescale="frobenius")
+    out = zero_heads(z, [0], rescale="frobenius_batch")
     torch.testing.assert_close(out.norm(), z.norm())
     assert torch.all(out[:, :, 0] == 0)
     # one common factor for every entry of the other heads
@@ -56,6 +57,27 @@ def test_frobenius_rescale_preserves_whole_tensor_norm():
     torch.testing.assert_close(ratio, torch.full_like(ratio, float(z.norm() / zero_heads(z, [0]).norm())))
     # so per-token norms are generally not preserved
     assert not torch.allclose(out.flatten(2).norm(dim=-1), z.flatten(2).norm(dim=-1))
+
+
+def test_frobenius_rescale_is_per_sequence_and_ignores_padding():
+    z = _z()
+    real = torch.ones(2, 5, dtype=torch.bool)
+    real[1, :2] = False  # row 1 is left-padded by two positions
+    out = zero_heads(z, [0], rescale="frobenius", real=real)
+    assert torch.all(out[:, :, 0] == 0)
+    for b in range(2):
+        torch.testing.assert_close(out[b][real[b]].norm(), z[b][real[b]].norm())
+    # row 1 equals the same sequence scored alone, unpadded, whatever the pad positions hold
+    alone = zero_heads(z[1:, 2:], [0], rescale="frobenius")
+    torch.testing.assert_close(out[1, 2:], alone[0])
+    garbage = z.clone()
+    garbage[1, :2] = 100.0
+    torch.testing.assert_close(zero_heads(garbage, [0], rescale="frobenius", real=real)[1, 2:], alone[0])
+    # and row 0 does not depend on row 1
+    torch.testing.assert_close(out[0], zero_heads(z[:1], [0], rescale="frobenius")[0])
+    # while the reference's batch-wide factor does
+    batch = zero_heads(garbage, [0], rescale="frobenius_batch")
+    assert not torch.allclose(batch[1, 2:], alone[0])
 
 
 def test_per_token_rescale_preserves_each_position_norm():
@@ -117,6 +139,52 @@ def test_ablate_heads_matches_raw_hf(tiny_model, hf_tiny, heads):
     reference = _hf_logits_with_heads_zeroed(hf_tiny, tokens, heads)
     torch.testing.assert_close(ablated, reference, atol=1e-4, rtol=0)
     assert (ablated - clean).abs().max() > 1e-3  # the ablation did something
+
+
+def _hf_final_state_rescaled(hf, ids, heads):
+    """Final-norm state at the last token of one unpadded sequence with `heads` zeroed at o_proj's input
+    and each layer's input rescaled to its pre-ablation Frobenius norm (the intended method, by hand)."""
+    handles = []
+    by_layer: dict[int, list[int]] = {}
+    for layer, head in heads:
+        by_layer.setdefault(layer, []).append(head)
+    for layer, hs in by_layer.items():
+        def pre_hook(module, args, hs=hs):
+            x = args[0].clone()
+            for h in hs:
+                x[..., h * D_HEAD:(h + 1) * D_HEAD] = 0.0
+            x = x * (args[0].norm() / x.norm())
+            return (x,) + tuple(args[1:])
+        handles.append(hf.model.layers[layer].self_attn.o_proj.register_forward_pre_hook(pre_hook))
+    try:
+        with torch.no_grad():
+            return hf(torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0, -1]
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def test_frobenius_ablation_is_independent_of_batch_size_and_padding(tiny_model, hf_tiny):
+    """Same sequences (different lengths), batch 1 vs 8: the same final states under a rescaled
+    ablation; each matches an unpadded HF forward with the rescale done by hand. The reference's
+    batch-wide factor does depend on the batch (so the comparison is not vacuous)."""
+    tok = tiny_model.tokenizer
+    texts = ["How do I bake bread?", "Sure, here is a short poem about the sea and the wind over the harbour.",
+             "Plants use light.", "Boil water, pour it over the tea, wait three minutes and remove the leaves."]
+    seqs = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    heads = [(0, 1), (1, 3)]
+
+    def final(mode, bs):
+        with ablate_heads(tiny_model, heads, rescale=mode):
+            return capture(tiny_model, seqs, ["ln_final.hook_out"], batch_size=bs, progress=False)["ln_final.hook_out"]
+
+    one, eight = final("frobenius", 1), final("frobenius", 8)
+    torch.testing.assert_close(one, eight, atol=1e-5, rtol=0)
+    for s, got in zip(seqs, one):
+        torch.testing.assert_close(got, _hf_final_state_rescaled(hf_tiny, s, heads), atol=1e-4, rtol=0)
+    plain = final("none", 1)
+    assert (one - plain).abs().max() > 1e-3  # the rescale changes the numbers
+    assert (final("frobenius_batch", 1) - final("frobenius_batch", 8)).abs().max() > 1e-4
 
 
 def test_hooks_removed_after_context(tiny_model):
