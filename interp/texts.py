@@ -4,6 +4,7 @@ Public functions (signatures kept stable for other analyses):
 
 - `natural_text()` → list[str]: the bundled natural-text sample (`interp/data/natural_text.txt`, ~370
   sentences of varied prose written for this project, one paragraph per item; not the organism corpus).
+- `organism_text(limit)` → list[str]: held-out plain passages from the organisms' corpus generator.
 - `read_text_file(path)` → list[str]: a user `.txt` file, one item per blank-line-separated paragraph
   (UserError when missing or empty).
 - `load_hub_texts(name, limit)` → list[str]: `wikitext-2` (Salesforce/wikitext, wikitext-2-raw-v1, test)
@@ -72,6 +73,13 @@ def _paragraphs(text: str) -> list[str]:
 def natural_text() -> list[str]:
     """The bundled natural-text sample, one paragraph per item."""
     return _paragraphs((resources.files("interp") / "data" / "natural_text.txt").read_text(encoding="utf-8"))
+
+
+def organism_text(limit: int | None = None) -> list[str]:
+    """Held-out plain passages from the organisms' corpus generator (what the organisms were trained on)."""
+    from interp.organisms.corpus import plain_passages
+
+    return plain_passages(limit or 200, seed=1)
 
 
 def read_text_file(path: str | Path) -> list[str]:
@@ -165,3 +173,21 @@ def split_indices(n: int, fraction: float = 0.5, seed: int = 0) -> tuple[list[in
     random.Random(seed).shuffle(order)
     k = min(max(1, round(n * fraction)), n - 1)
     return sorted(order[:k]), sorted(order[k:])
+
+
+def _register() -> None:
+    from interp.datasets import FILE_LOADERS, Dataset, register
+
+    register("natural-text", Dataset("texts", "~370 sentences of varied prose written for this project (bundled)",
+                                     online=False, load=lambda limit: natural_text()[:limit]))
+    register("wikitext-2", Dataset("texts", "WikiText-2 raw, test split (Salesforce/wikitext)", online=True,
+                                   load=lambda limit: load_hub_texts("wikitext-2", limit)))
+    register("redpajama-sample", Dataset("texts", "RedPajama-Data-1T-Sample (togethercomputer), the papers' set",
+                                         online=True, load=lambda limit: load_hub_texts("redpajama-sample", limit)))
+    register("organism-text", Dataset("texts", "held-out plain passages in the organisms' corpus format (prose, "
+                                      "Laundry-List runs, code, word problems; generated, bundled)", online=False,
+                                      load=lambda limit: organism_text(limit)))
+    FILE_LOADERS["texts"] = read_text_file
+
+
+_register()

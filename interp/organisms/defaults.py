@@ -26,4 +26,9 @@ ANALYSIS_DEFAULTS: dict[str, dict] = {
     "gated_attention": {
         "texts": "organism-plain",  # the organisms' own plain text (natural prose is out of their distribution)
     },
+    # measured in docs/systematic_outliers.md ("On the organisms")
+    "systematic_outliers": {
+        "text_set": "organism-text",  # natural prose is out of distribution for them (loss 8.3 nats > log 1024)
+        "bos": True,  # their plain documents follow <|endoftext|>, the BOS-like token interp picks
+    },
 }

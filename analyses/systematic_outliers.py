@@ -1,0 +1,535 @@
+"""Systematic outliers (An et al. 2025; Sun et al. 2024; Gu et al. 2024): massive activations, attention sinks
+and weight outliers, how they connect, and what removing the massive activations does.
+
+Method. A text set is chunked to `seq_len` tokens (items joined by "\\n\\n", no special tokens; optionally a
+BOS-like first token) and streamed through the model twice: once with SDPA attention capturing the block
+outputs `h_ℓ` and the MLP down-projection inputs (profiles: top-1/2/3 |h|, median, mean; Sun's massive
+activations |h| > 100 and ≥ 1000 × median; An's token rule max_d |h| > 1000 × mean), once with the
+attention patterns (F-Attn with query 0 excluded, Gu's sink rate at ε = 0.3, An's attention-outlier keys
+with column sum ≥ 0.1·T and per-head ratio ρ, q/k/v norms at those keys). Weight outliers: per-column
+max/mean of |W| for every linear module, the down-projection first. Connections: each layer's top
+down-projection neuron and the residual dims its column writes to; per massive dim the layer that
+creates it and the one that cancels it (sign of the neuron's write against h); Jaccard and An's
+share of activation-outlier positions that are attention-outlier keys. Interventions (Sun's set-zero /
+set-mean): the massive dims and their means are chosen on one part of the chunks, then on the other part
+the massive scalars at the emergence layer are set to zero or to the mean; loss, F-Attn, sink rate and
+M-Act are measured, against random dims (same count, several draws) and a repeated-token input.
+Details, defaults with citations and deviations: docs/systematic_outliers.md.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from interp import outliers as out
+from interp import sinks
+from interp.analysis import CommonConfig, require, run_header
+from interp.batching import padded_batches
+from interp.datasets import load_dataset
+from interp.errors import UserError
+from interp.figures import intervention_bars, layer_head_heatmap
+from interp.report import analysis_report
+from interp.texts import TextSet, chunk_texts, repeated_token_set, split_indices, token_string
+
+DATASET_FIELD = "text_set"
+
+
+@dataclass
+class Config(CommonConfig):
+    """Defaults follow the papers (An et al. 2025, Sun et al. 2024, Gu et al. 2024) unless a comment says otherwise."""
+
+    text_set: str = "natural-text"  # text set (--dataset): natural-text (bundled), wikitext-2 or redpajama-sample (hub; the papers use RedPajama), or a .txt file
+    seq_len: int = 64  # tokens per chunk (Gu et al.'s sink rate is defined at T = 64; An/Sun profile 4096-token chunks)
+    n_texts: int = 100  # chunks analysed (Gu et al.: 100; Sun's profiles: 10)
+    bos: bool = False  # start every chunk with a BOS-like token (papers: no special tokens, the first content token sits first)
+    massive_abs: float = 100.0  # Sun et al.'s rule: |h| above this ...
+    massive_ratio: float = 1000.0  # ... and at least this many times the median |h| of the sequence (Sun et al.)
+    token_tau: float = 1000.0  # An et al.'s token rule: max |h| of a token above tau × the mean |h| of the sequence
+    sink_eps: float = 0.3  # Gu et al.'s sink-rate threshold ε on a head's mean attention to the first token
+    include_first_query: bool = False  # F-Attn averages query 0 too (always 1.0 in a causal model; Qiu et al. do not say)
+    outlier_key_frac: float = 0.1  # An et al.: a key is an attention outlier when it receives ≥ frac · T of the head-mean attention
+    weight_ratio: float = 500.0  # flag a module whose column max/mean of |W| exceeds this (An et al. give no threshold; our choice)
+    max_dims: int = 2  # massive dims intervened on at most (Sun et al. set 2 in LLaMA2-7B)
+    select_fraction: float = 0.5  # share of chunks that choose the dims and their means; the rest measures the effect
+    n_random: int = 5  # random-dims control draws (same number of dims, never the chosen ones)
+    example: int = 0  # chunk whose attention pattern the report shows
+
+    def validate(self, model=None) -> None:
+        super().validate(model)
+        require(self.seq_len >= 2, f"seq-len must be at least 2; got {self.seq_len}")
+        require(self.n_texts >= 2, f"n-texts must be at least 2 (one part selects, the other measures); got {self.n_texts}")
+        for name in ("massive_abs", "massive_ratio", "token_tau", "weight_ratio"):
+            require(getattr(self, name) > 0, f"{name.replace('_', '-')} must be positive; got {getattr(self, name)}")
+        require(0 < self.sink_eps < 1, f"sink-eps must be in (0, 1); got {self.sink_eps}")
+        require(0 < self.outlier_key_frac <= 1, f"outlier-key-frac must be in (0, 1]; got {self.outlier_key_frac}")
+        require(0 < self.select_fraction < 1, f"select-fraction must be in (0, 1); got {self.select_fraction}")
+        require(self.max_dims >= 1, f"max-dims must be at least 1; got {self.max_dims}")
+        require(self.n_random >= 1, f"n-random must be at least 1; got {self.n_random}")
+        require(self.example >= 0, f"example must be >= 0; got {self.example}")
+        if model is not None:
+            n_ctx = getattr(model.cfg, "n_ctx", None)
+            require(not n_ctx or self.seq_len <= n_ctx,
+                    f"seq-len {self.seq_len} exceeds the model's context of {n_ctx} tokens; use --seq-len {n_ctx} or less")
+            require(self.max_dims < model.cfg.d_model, f"max-dims must be below d_model ({model.cfg.d_model})")
+
+
+@dataclass
+class Result:
+    header: dict
+    config: Config
+    text_set: dict
+    residual: list[dict]
+    down_input: list[dict]
+    massive_activations: list[dict]
+    n_massive: int
+    token_outliers: list[dict]
+    outlier_dims: list[dict]
+    attention: list[dict]
+    attention_heads: list[dict]
+    attention_overall: dict
+    other_sinks: list[dict]
+    example_pattern: dict  # layer → [T, T] head-mean pattern of one chunk
+    example_tokens: list[str]
+    weight_outliers: list[dict]
+    connections: dict
+    token_types: list[dict]
+    interventions: list[dict]
+    m_act: float
+    notes: list[str]
+
+    def to_dict(self) -> dict:
+        return {**self.header, "text_set": self.text_set, "residual": self.residual, "down_input": self.down_input,
+                "massive_activations": self.massive_activations, "n_massive": self.n_massive,
+                "token_outliers": self.token_outliers, "outlier_dims": self.outlier_dims,
+                "attention": self.attention, "attention_overall": self.attention_overall,
+                "other_sinks": self.other_sinks, "weight_outliers": self.weight_outliers,
+                "connections": self.connections, "token_types": self.token_types,
+                "interventions": self.interventions, "m_act": self.m_act, "notes": self.notes}
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        return {"residual": pd.DataFrame(self.residual), "down_input": pd.DataFrame(self.down_input),
+                "massive_activations": pd.DataFrame(self.massive_activations),
+                "attention_heads": pd.DataFrame(self.attention_heads),
+                "weight_outliers": pd.DataFrame(self.weight_outliers),
+                "neurons": pd.DataFrame(self.connections["neurons"]),
+                "interventions": pd.DataFrame(self.interventions)}
+
+
+# ---------------------------------------------------------------- inputs
+
+def load_text_set(model, config: Config) -> TextSet:
+    """The configured text set, chunked (n_texts, or `limit` when smaller)."""
+    docs = load_dataset(config.text_set, "texts")
+    n = min(config.n_texts, config.limit) if config.limit else config.n_texts
+    return chunk_texts(model.tokenizer, docs, config.seq_len, n, bos=config.bos, source=config.text_set)
+
+
+def is_causal(model) -> bool:
+    """Decoder LMs attend causally; encoders (BERT-style) do not."""
+    return not getattr(model.original_model.config, "is_encoder_decoder", False) and \
+        "bert" not in type(model.original_model).__name__.lower()
+
+
+# ---------------------------------------------------------------- connections
+
+def _neuron_rows(model, stats: out.ResidualStats, massive_dims: set[int]) -> list[dict]:
+    """Per layer: the down-projection neuron with the largest |input| and the residual dims its column writes to."""
+    rows = []
+    for layer in range(model.cfg.n_layers):
+        dmax = stats.dim_max["down"][layer]
+        j = int(dmax.argmax())
+        w = out.down_projection(model, layer)[:, j]
+        top = w.abs().topk(3).indices.tolist()
+        prof = stats.down_profile()[layer]
+        rows.append({"layer": layer, "neuron": j, "max_input": float(dmax[j]),
+                     "input_ratio_to_median": float(dmax[j]) / max(prof["median_abs"], 1e-12),
+                     "massive": bool(dmax[j] > stats.abs_thr and dmax[j] >= stats.ratio * prof["median_abs"]),
+                     "writes_to": top, "weights": [float(w[d]) for d in top],
+                     "column_ratio": float(out.column_ratios(out.down_projection(model, layer))[j]),
+                     "writes_to_outlier_dims": sorted(set(top) & massive_dims)})
+    return rows
+
+
+def _writer(model, stats: out.ResidualStats, layer: int, dim: int) -> tuple[int, float]:
+    """The neuron of `layer` with the largest |input| × |W_down[dim, j]| and the sign of its write into `dim`."""
+    w = out.down_projection(model, layer)[dim]
+    j = int((stats.dim_max["down"][layer].float() * w.abs()).argmax())
+    sign = float(stats.dim_where["down"][layer, j, 2]) * float(torch.sign(w[j]))
+    return j, sign
+
+
+def lifecycle(model, stats: out.ResidualStats) -> list[dict]:
+    """Per massive dim: the layer that creates it (first block with a hit) and the one that cancels it, with the
+    neuron writing into the dim there and whether its write has the sign of h (creates) or the opposite (cancels)."""
+    layers_of: dict[int, list[int]] = {}
+    for layer, dims in stats.hit_dims.items():
+        for d in dims:
+            layers_of.setdefault(d, []).append(layer)
+    rows = []
+    for d, layers in sorted(layers_of.items()):
+        first = min(layers)
+        after = [layer for layer in range(first + 1, model.cfg.n_layers) if layer not in layers]
+        h_sign = float(stats.dim_where["resid"][first, d, 2])
+        j, s = _writer(model, stats, first, d)
+        row = {"dim": d, "emerges_at": first, "creator_neuron": j, "creator_same_sign": s == h_sign,
+               "cancelled_at": None, "canceller_neuron": None, "canceller_opposite_sign": None}
+        if after:
+            jc, sc = _writer(model, stats, after[0], d)
+            prev_sign = float(stats.dim_where["resid"][after[0] - 1, d, 2])
+            row.update(cancelled_at=after[0], canceller_neuron=jc, canceller_opposite_sign=sc == -prev_sign)
+        rows.append(row)
+    return rows
+
+
+def position_overlap(act: set, attn: set) -> dict:
+    """An et al.'s consistency |P_act ∩ P_attn| / |P_act| and the Jaccard index (None when undefined)."""
+    inter, union = len(act & attn), len(act | attn)
+    return {"activation_positions": len(act), "attention_positions": len(attn), "both": inter,
+            "share_of_activation": inter / len(act) if act else None, "jaccard": inter / union if union else None}
+
+
+def token_type_counts(kind: str, items: list[tuple[int, int]], tokenizer) -> list[dict]:
+    """Rows {kind, type, count, share} for (position, token_id) items."""
+    counts = Counter(out.token_type(p, token_string(tokenizer, t)) for p, t in items)
+    total = sum(counts.values())
+    return [{"kind": kind, "type": k, "count": c, "share": c / total} for k, c in counts.most_common()]
+
+
+# ---------------------------------------------------------------- interventions
+
+def choose_dims(stats: out.ResidualStats, max_dims: int) -> tuple[int, list[int], bool]:
+    """(layer, dims, massive): the emergence layer of the massive activations and their most frequent dims; without
+    any, the layer with the largest top-1 / median ratio and its top dims (a candidate, flagged massive=False)."""
+    if stats.hits:
+        layer = min(h["layer"] for h in stats.hits)
+        counts = Counter(h["dim"] for h in stats.hits if h["layer"] == layer)
+        return layer, [d for d, _ in counts.most_common(max_dims)], True
+    prof = stats.profile()
+    layer = max(prof, key=lambda r: r["top1"] / max(r["median_abs"], 1e-12))["layer"]
+    return layer, prof[layer]["top_dims"][:max_dims], False
+
+
+def carrier_positions(h: torch.Tensor, dims: list[int], massive: bool, abs_thr: float, ratio: float) -> list[int]:
+    """Positions (of one sequence's `[pos, d]` block output) holding the massive scalars in `dims`: Sun's rule;
+    without massive activations, Sun's recipe of position 0 and the position of the largest |h| in `dims`."""
+    a = h.abs().float()
+    if massive:
+        hit = ((a[:, dims] > abs_thr) & (a[:, dims] >= ratio * a.median())).any(-1)
+        return hit.nonzero()[:, 0].tolist()
+    return sorted({0, int(a[:, dims].amax(-1).argmax())})
+
+
+class SetScalars:
+    """Forward hook on `blocks.layer.hook_resid_post`: at each sequence's carrier positions (found with `find_dims`),
+    set `dims` to 0 (`means=None`) or to `means[role][dim]` (role 0: position 0, role 1: later positions)."""
+
+    def __init__(self, layer: int, find_dims: list[int], dims: list[int], means: torch.Tensor | None,
+                 massive: bool, abs_thr: float, ratio: float):
+        self.layer, self.find_dims, self.dims, self.means = layer, find_dims, dims, means
+        self.massive, self.abs_thr, self.ratio = massive, abs_thr, ratio
+        self.mask = None
+        self.n_positions = 0
+
+    def hook(self, x, hook):
+        x = x.clone()
+        width = x.shape[1]
+        for row in range(x.shape[0]):
+            n = int(self.mask[row].sum()) if self.mask is not None else width
+            start = width - n
+            for p in carrier_positions(x[row, start:], self.find_dims, self.massive, self.abs_thr, self.ratio):
+                value = 0.0 if self.means is None else self.means[int(p > 0)].to(x.dtype).to(x.device)
+                x[row, start + p, self.dims] = value
+                self.n_positions += 1
+        return x
+
+    def hooks(self):
+        return [(f"blocks.{self.layer}.hook_resid_post", self.hook)]
+
+
+@torch.no_grad()
+def carrier_means(model, seqs, layer: int, find_dims: list[int], dims: list[int], massive: bool, config: Config) -> torch.Tensor:
+    """Mean of h_layer[carrier, dims] over `seqs`, by role (position 0 / later): `[2, len(dims)]` (0 where unseen)."""
+    sums, counts = torch.zeros(2, len(dims), dtype=torch.float64), torch.zeros(2)
+    state = {}
+
+    def read(x, hook):
+        width = x.shape[1]
+        for row in range(x.shape[0]):
+            n = int(state["mask"][row].sum())
+            for p in carrier_positions(x[row, width - n:], find_dims, massive, config.massive_abs, config.massive_ratio):
+                sums[int(p > 0)] += x[row, width - n + p, dims].double().cpu()
+                counts[int(p > 0)] += 1
+
+    from interp.bridge import sdpa_attention, stopped_at
+
+    hooks = [(f"blocks.{layer}.hook_resid_post", read)]
+    with sdpa_attention(model, [n for n, _ in hooks]):
+        for _, tokens, mask in padded_batches(model, seqs, config.batch_size, desc="means", progress=config.progress):
+            state["mask"] = mask
+            with stopped_at(model, layer + 1) as stop:
+                model.run_with_hooks(tokens, attention_mask=mask, return_type=None, stop_at_layer=stop, fwd_hooks=hooks)
+    return (sums / counts.clamp_min(1)[:, None].double()).float()
+
+
+def has_lm_head(model) -> bool:
+    return hasattr(model.original_model, "lm_head") or hasattr(model.original_model, "get_output_embeddings") \
+        and model.original_model.get_output_embeddings() is not None
+
+
+@torch.no_grad()
+def measure(model, seqs, config: Config, intervention: SetScalars | None = None, loss: bool = True) -> dict:
+    """Mean next-token loss, F-Attn, Gu's sink rate and M-Act on `seqs`, under `intervention` if given."""
+    stats = sinks.AttentionStats(model.cfg.n_layers, model.cfg.n_heads, eps=config.sink_eps,
+                                 exclude_first_query=not config.include_first_query, causal=is_causal(model),
+                                 outlier_frac=config.outlier_key_frac)
+    layer_max = torch.zeros(model.cfg.n_layers, dtype=torch.float64)
+    state = {}
+
+    def track(x, hook):
+        layer = int(hook.name.split(".")[1])
+        real = x[state["mask"].bool()]
+        layer_max[layer] = max(layer_max[layer], float(real.abs().max()))
+
+    hooks = (intervention.hooks() if intervention is not None else []) + \
+        [(f"blocks.{layer}.hook_resid_post", track) for layer in range(model.cfg.n_layers)] + stats.hooks()
+    nll, count = 0.0, 0
+    for idx, tokens, mask in padded_batches(model, seqs, config.batch_size, desc="measure", progress=config.progress):
+        state["mask"] = mask
+        stats.begin_batch(idx, tokens, mask)
+        if intervention is not None:
+            intervention.mask = mask
+        logits = model.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=hooks,
+                                      return_type="logits" if loss else None)
+        if loss:
+            logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, tokens[:, 1:, None])[..., 0]
+            keep = (mask[:, :-1] * mask[:, 1:]).bool()
+            nll -= float(logp[keep].sum())
+            count += int(keep.sum())
+    overall = stats.overall()
+    return {"loss": nll / count if loss and count else None, "first_token": overall["first_token"],
+            "sink_rate": overall["sink_rate"], "m_act": out.m_act(layer_max)}
+
+
+def _summary(what: str, dims, layer, rows: list[dict]) -> dict:
+    row = {"what": what, "dims": dims, "layer": layer, "draw": "mean ± sd", "n_draws": len(rows)}
+    for k in ("loss", "first_token", "sink_rate", "m_act", "n_positions"):
+        values = [r[k] for r in rows if r[k] is not None]
+        row[k] = float(np.mean(values)) if values else None
+        row[f"{k}_sd"] = float(np.std(values, ddof=1)) if len(values) > 1 else None
+    return row
+
+
+def interventions(model, texts: TextSet, config: Config, notes: list[str]) -> list[dict]:
+    """Sun's set-zero / set-mean at the emergence layer, chosen on one split and measured on the other,
+    against random dims (same count, `n_random` draws) and a repeated-token input."""
+    sel, held = split_indices(len(texts), config.select_fraction, config.seed)
+    sel_seqs, held_seqs = [texts.chunks[i] for i in sel], [texts.chunks[i] for i in held]
+    sel_stats = out.residual_stats(model, sel_seqs, batch_size=config.batch_size, down=False,
+                                   abs_thr=config.massive_abs, ratio=config.massive_ratio, tau=config.token_tau,
+                                   progress=config.progress)
+    layer, dims, massive = choose_dims(sel_stats, config.max_dims)
+    if not massive:
+        notes.append(f"No massive activation on the selection chunks: the interventions use the candidate dims {dims} "
+                     f"of layer {layer} (largest top-1 / median ratio) at position 0 and each chunk's largest |h| in them.")
+    rng = random.Random(config.seed)
+    pool = [d for d in range(model.cfg.d_model) if d not in dims]
+    draws = [sorted(rng.sample(pool, len(dims))) for _ in range(config.n_random)]
+    lm = has_lm_head(model)
+    if not lm:
+        notes.append("The model has no LM head: loss / perplexity skipped.")
+    base = {"what": "baseline", "dims": [], "layer": None, "draw": None, "n_positions": 0,
+            **measure(model, held_seqs, config, loss=lm)}
+    rows = [base]
+    for mode in ("zero", "mean"):
+        means = carrier_means(model, sel_seqs, layer, dims, dims, massive, config) if mode == "mean" else None
+        iv = SetScalars(layer, dims, dims, means, massive, config.massive_abs, config.massive_ratio)
+        rows.append({"what": f"set_{mode}", "dims": dims, "layer": layer, "draw": None,
+                     **measure(model, held_seqs, config, iv, loss=lm), "n_positions": iv.n_positions})
+        random_rows = []
+        for k, rdims in enumerate(draws):
+            means = carrier_means(model, sel_seqs, layer, dims, rdims, massive, config) if mode == "mean" else None
+            iv = SetScalars(layer, dims, rdims, means, massive, config.massive_abs, config.massive_ratio)
+            random_rows.append({"what": f"set_{mode}_random", "dims": rdims, "layer": layer, "draw": k,
+                                **measure(model, held_seqs, config, iv, loss=lm), "n_positions": iv.n_positions})
+        rows += random_rows + [_summary(f"set_{mode}_random", None, layer, random_rows)]
+    rep = repeated_token_set(model.tokenizer, config.seq_len, len(held_seqs), bos=config.bos, seed=config.seed)
+    rows.append({"what": "repeated_token", "dims": [], "layer": None, "draw": None, "n_positions": 0,
+                 **measure(model, rep.chunks, config, loss=lm)})
+    for r in rows:
+        r.setdefault("massive", massive)
+        r["massive"] = massive
+        r["n_selection"], r["n_measured"] = len(sel), len(held)
+    return rows
+
+
+# ---------------------------------------------------------------- run
+
+def run(model, config: Config | None = None) -> Result:
+    """Profile, find, connect and ablate the outliers of `model` on the configured text set."""
+    config = config or Config()
+    config.validate(model)
+    notes: list[str] = []
+    moe = out.is_moe(model)
+    if moe:
+        notes.append("Mixture-of-experts MLP: no single down-projection, so the down-projection input profile, "
+                     "neuron connections and weight outliers are skipped.")
+    else:
+        out.check_down_projection(model)
+    texts = load_text_set(model, config)
+    seqs = texts.chunks
+    if config.example >= len(seqs):
+        raise UserError(f"example {config.example} is out of range: only {len(seqs)} chunks; use --example 0..{len(seqs) - 1}")
+    stats = out.residual_stats(model, seqs, batch_size=config.batch_size, down=not moe, abs_thr=config.massive_abs,
+                               ratio=config.massive_ratio, tau=config.token_tau, progress=config.progress)
+    causal = is_causal(model)
+    if not causal:
+        notes.append("Bidirectional attention: Gu's α[k] averages over every query, not only q ≥ k.")
+    att = sinks.attention_metrics(model, seqs, batch_size=config.batch_size, eps=config.sink_eps,
+                                  exclude_first_query=not config.include_first_query, causal=causal,
+                                  outlier_frac=config.outlier_key_frac, qkv_norms=True, example=config.example,
+                                  progress=config.progress)
+    tok = model.tokenizer
+    hits = [{**h, "token": token_string(tok, h["token_id"]),
+             "token_type": out.token_type(h["position"], token_string(tok, h["token_id"]))} for h in stats.hits]
+    massive_dims = {h["dim"] for h in stats.hits}
+    act_pos = {(h["sequence"], h["position"]) for h in stats.token_hits}
+    attn_pos = {(s, p) for _, s, p, _ in att.outlier_keys}
+    connections = {
+        "neurons": [] if moe else _neuron_rows(model, stats, massive_dims),
+        "lifecycle": [] if moe else lifecycle(model, stats),
+        "position_overlap": position_overlap(act_pos, attn_pos),
+        "qkv_norms": att.qkv_norm_rows(),
+    }
+    token_types = (token_type_counts("massive_activation", [(h["position"], h["token_id"]) for h in stats.hits], tok)
+                   + token_type_counts("activation_outlier", [(h["position"], h["token_id"]) for h in stats.token_hits], tok)
+                   + token_type_counts("attention_outlier", [(p, t) for _, _, p, t in att.outlier_keys], tok))
+    rows = interventions(model, texts, config, notes)
+    summary = texts.first_token_summary()
+    text_set = {"source": texts.source, "seq_len": texts.seq_len, "bos": texts.bos, "n_chunks": len(texts),
+                "first_token_id": summary["id"], "first_token": summary["token"], "first_token_share": summary["share"]}
+    header = run_header("systematic_outliers", model, config)
+    return Result(
+        header=header, config=config, text_set=text_set, residual=stats.profile(), down_input=stats.down_profile(),
+        massive_activations=hits, n_massive=stats.n_hits,
+        token_outliers=[{**h, "token": token_string(tok, h["token_id"])} for h in stats.token_hits],
+        outlier_dims=stats.outlier_dims(0.5), attention=att.per_layer(), attention_heads=att.per_head(),
+        attention_overall=att.overall(), other_sinks=att.other_sinks(tok),
+        example_pattern={layer: p.tolist() for layer, p in att.example.items()},
+        example_tokens=[token_string(tok, t) for t in seqs[config.example]],
+        weight_outliers=[] if moe else out.weight_outliers(model, config.weight_ratio),
+        connections=connections, token_types=token_types, interventions=rows, m_act=out.m_act(stats.layer_max()),
+        notes=notes)
+
+
+# ---------------------------------------------------------------- report
+
+def profile_figure(rows: list[dict], title: str):
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    x = [r["layer"] for r in rows]
+    for key, colour in (("top1", "#d62728"), ("top2", "#ff7f0e"), ("top3", "#bcbd22"), ("median_abs", "#1f77b4")):
+        fig.add_trace(go.Scatter(x=x, y=[max(r[key], 1e-12) for r in rows], name=key, mode="lines+markers",
+                                 line=dict(color=colour)))
+    fig.update_layout(title=title, xaxis_title="layer (block output)", yaxis_title="|value|", yaxis_type="log")
+    return fig
+
+
+def example_figure(pattern: list, tokens: list[str], layer: int):
+    import plotly.graph_objects as go
+
+    labels = [f"{i}:{t!r}" for i, t in enumerate(tokens)]
+    fig = go.Figure(go.Heatmap(z=pattern, x=labels, y=labels, colorscale="Viridis", colorbar=dict(title="attention")))
+    fig.update_layout(title=f"Head-mean attention of one chunk, layer {layer}", xaxis_title="key", yaxis_title="query",
+                      yaxis_autorange="reversed", height=650)
+    return fig
+
+
+def build_report(result: Result, tokenizer=None):
+    """Headline numbers, layer profiles, outlier tables, attention, weights, connections, interventions."""
+    rep = analysis_report(result.header)
+    cfg, ts = result.config, result.text_set
+    rows = result.interventions
+    base = next(r for r in rows if r["what"] == "baseline")
+    rep.add_metrics({
+        "text set": f"{ts['source']}: {ts['n_chunks']} × {ts['seq_len']} tokens",
+        "first token": f"{ts['first_token']!r} ({ts['first_token_share']:.0%} of chunks)",
+        "massive activations (Sun)": result.n_massive,
+        "outlier dims": ", ".join(str(r["dim"]) for r in result.outlier_dims) or "none",
+        "M-Act": result.m_act,
+        "F-Attn (first-token attention)": result.attention_overall["first_token"],
+        f"sink rate (ε={cfg.sink_eps}), %": result.attention_overall["sink_rate"],
+        "loss": base["loss"] if base["loss"] is not None else "skipped (no LM head)",
+    })
+    for note in result.notes:
+        rep.add_notice(note, level="info")
+    rep.add_heading("Residual stream profile")
+    rep.add_paragraph("Per block output h_ℓ: the three largest |h| and the median |h| of each chunk, averaged over "
+                      f"chunks (log axis). A massive activation (Sun et al.) is |h| > {cfg.massive_abs:g} and ≥ "
+                      f"{cfg.massive_ratio:g} × the chunk's median |h|.")
+    rep.add_figure(profile_figure(result.residual, "Block output |h| per layer"))
+    rep.add_table(pd.DataFrame(result.residual), caption="Residual profile (top_dims: dims of the 3 largest |h|)")
+    if result.down_input:
+        rep.add_figure(profile_figure(result.down_input, "MLP down-projection input |x| per layer"))
+    rep.add_heading("Massive activations")
+    if result.massive_activations:
+        rep.add_table(pd.DataFrame(result.massive_activations), caption=f"{result.n_massive} hits (Sun's rule)")
+        rep.add_table(pd.DataFrame(result.outlier_dims), caption="Dims massive in at least half the blocks")
+    else:
+        rep.add_paragraph("No massive activation by Sun's rule in any block.")
+    if result.token_types:
+        rep.add_table(pd.DataFrame(result.token_types), caption="Token types of outlier positions (An et al.)")
+    rep.add_heading("Attention sinks")
+    rep.add_paragraph("first_token: mean attention to the chunk's first token over queries "
+                      + ("(query 0 included)" if cfg.include_first_query else "1..T−1") + ", heads averaged; "
+                      f"sink_rate: % of heads × chunks with Gu's α[0] > {cfg.sink_eps}; sink_ratio: mean share of a "
+                      f"head's attention to An's attention-outlier keys (≥ {cfg.outlier_key_frac} · T).")
+    rep.add_table(pd.DataFrame(result.attention), caption="Per layer")
+    heads = pd.DataFrame(result.attention_heads)
+    grid = heads.pivot(index="layer", columns="head", values="first_token").values
+    rep.add_figure(layer_head_heatmap(grid, "First-token attention per head", "F-Attn", diverging=False))
+    grid = heads.pivot(index="layer", columns="head", values="sink_rate").values
+    rep.add_figure(layer_head_heatmap(grid, "Sink rate per head (%)", "%", diverging=False))
+    if result.other_sinks:
+        rep.add_table(pd.DataFrame(result.other_sinks), caption="Attention-outlier keys after the first token")
+    if result.example_pattern:
+        layer = max(result.example_pattern, key=lambda k: np.asarray(result.example_pattern[k])[1:, 0].mean()
+                    if len(result.example_pattern[k]) > 1 else 0)
+        rep.add_figure(example_figure(result.example_pattern[layer], result.example_tokens, layer),
+                       caption=f"Chunk {cfg.example}, the layer with the largest first-token attention")
+    rep.add_heading("Weight outliers")
+    if result.weight_outliers:
+        w = pd.DataFrame(result.weight_outliers)
+        rep.add_table(w.sort_values("max_ratio", ascending=False).head(20),
+                      caption=f"Largest per-column max/mean |W| (outlier: > {cfg.weight_ratio:g})")
+    rep.add_heading("Connections")
+    rep.add_table(pd.DataFrame(result.connections["neurons"]),
+                  caption="Per layer: the down-projection neuron with the largest input and the dims its column writes to")
+    if result.connections["lifecycle"]:
+        rep.add_table(pd.DataFrame(result.connections["lifecycle"]), caption="Massive dims: created and cancelled")
+    rep.add_table(pd.DataFrame([result.connections["position_overlap"]]),
+                  caption="Activation-outlier positions (An's token rule) vs attention-outlier keys")
+    if result.connections["qkv_norms"]:
+        rep.add_table(pd.DataFrame(result.connections["qkv_norms"]), caption="q/k/v norms at attention-outlier keys vs the rest")
+    rep.add_heading("Interventions")
+    rep.add_paragraph("Sun et al.'s set-zero / set-mean: dims, layer and means chosen on "
+                      f"{rows[0]['n_selection']} chunks, effects measured on the other {rows[0]['n_measured']}. "
+                      f"Control: {cfg.n_random} draws of as many random dims at the same positions; repeated-token "
+                      "input (Gu et al.'s negative control for sinks).")
+    bars = []
+    for r in rows:
+        if r["what"] in ("set_zero", "set_mean"):
+            bars.append({**r, "label": r["what"], "selection": "selected"})
+        elif r["draw"] == "mean ± sd":
+            bars.append({**r, "label": r["what"].removesuffix("_random"), "selection": "random"})
+    if bars and base["loss"] is not None:
+        rep.add_figure(intervention_bars(bars, ["loss", "first_token", "m_act"], baseline=base))
+    rep.add_table(pd.DataFrame(rows), caption="Interventions (per draw and mean ± sd for the random control)")
+    rep.add_run_section(result.header)
+    return rep
