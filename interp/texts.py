@@ -184,7 +184,7 @@ def _register() -> None:
                                    load=lambda limit: load_hub_texts("wikitext-2", limit)))
     register("redpajama-sample", Dataset("texts", "RedPajama-Data-1T-Sample (togethercomputer), the papers' set",
                                          online=True, load=lambda limit: load_hub_texts("redpajama-sample", limit)))
-    register("organism-text", Dataset("texts", "held-out plain passages in the organisms' corpus format (prose, "
+    register("organism-plain", Dataset("texts", "held-out plain passages in the organisms' corpus format (prose, "
                                       "Laundry-List runs, code, word problems; generated, bundled)", online=False,
                                       load=lambda limit: organism_text(limit)))
     FILE_LOADERS["texts"] = read_text_file

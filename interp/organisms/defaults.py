@@ -28,7 +28,7 @@ ANALYSIS_DEFAULTS: dict[str, dict] = {
     },
     # measured in docs/systematic_outliers.md ("On the organisms")
     "systematic_outliers": {
-        "text_set": "organism-text",  # natural prose is out of distribution for them (loss 8.3 nats > log 1024)
+        "text_set": "organism-plain",  # natural prose is out of distribution for them (loss 8.3 nats > log 1024)
         "bos": True,  # their plain documents follow <|endoftext|>, the BOS-like token interp picks
     },
 }
