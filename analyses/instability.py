@@ -337,6 +337,44 @@ def _pick(rows: list[dict]) -> list[dict]:
     return picked
 
 
+def signal_figure(result: Result, trace_id: str) -> go.Figure:
+    """I_t, D_t and H_t of one trace over its generated tokens (hover: the token), peak marked."""
+    r = next(x for x in result.trace_rows if x["id"] == trace_id)
+    sig, toks = result.signals[trace_id], result.tokens[trace_id]
+    fig = go.Figure()
+    x = list(range(1, len(sig["I"]) + 1))
+    for key, name, colour in (("I", "I = D + λH", "#d62728"), ("D", "D (JSD)", "#1f77b4"), ("H", "H (entropy)", "#7f7f7f")):
+        fig.add_trace(go.Scatter(x=x, y=sig[key], name=name, mode="lines", line=dict(color=colour),
+                                 text=toks, hovertemplate="step %{x}: %{text}<br>%{y:.3f}<extra></extra>"))
+    fig.add_vline(x=r["peak_step"], line_dash="dot")
+    fig.update_layout(title=f"trace {trace_id} ({'right' if r['correct'] else 'wrong'}), peak {r['peak']:.3f} at "
+                      f"r = {r['peak_position']:.2f}", xaxis_title="generated token", yaxis_title="nats", height=320)
+    return fig
+
+
+def roc_figure(result: Result) -> go.Figure:
+    """ROC curves of the peak strength and the baselines for predicting a wrong answer."""
+    fig = go.Figure()
+    names = {"peak": f"peak S (AUC {_fmt(result.auc)})", **{b: f"{b} (AUC {_fmt(result.baselines[b])})" for b in BASELINES}}
+    for key, curve in result.roc.items():
+        fig.add_trace(go.Scatter(x=curve["fpr"], y=curve["tpr"], name=names[key], mode="lines",
+                                 line=dict(width=3 if key == "peak" else 1.5)))
+    fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], name="chance", mode="lines", line=dict(dash="dash", color="#aaa")))
+    fig.update_layout(title="ROC: predicting a wrong answer", xaxis_title="false-positive rate (right traces flagged)",
+                      yaxis_title="true-positive rate (wrong traces flagged)", height=420)
+    return fig
+
+
+def bucket_figure(result: Result) -> go.Figure:
+    """Accuracy per quantile bucket of the peak strength (n per bar)."""
+    fig = go.Figure(go.Bar(x=[f"{r['low']:.3f}–{r['high']:.3f}" for r in result.buckets],
+                           y=[r["accuracy"] for r in result.buckets],
+                           text=[f"n={r['n']}" for r in result.buckets], textposition="outside"))
+    fig.update_layout(title="accuracy per quantile bucket of S", xaxis_title="peak strength S", yaxis_title="accuracy",
+                      yaxis_range=[0, 1.1], height=360)
+    return fig
+
+
 def build_report(result: Result, tokenizer=None) -> Report:
     c = result.config
     rep = analysis_report(result.header)
@@ -369,29 +407,13 @@ def build_report(result: Result, tokenizer=None) -> Report:
     rep.add_heading("Signal over the steps")
     for r in _pick(rows):
         sig, toks = result.signals[r["id"]], result.tokens[r["id"]]
-        fig = go.Figure()
-        x = list(range(1, len(sig["I"]) + 1))
-        for key, name, colour in (("I", "I = D + λH", "#d62728"), ("D", "D (JSD)", "#1f77b4"), ("H", "H (entropy)", "#7f7f7f")):
-            fig.add_trace(go.Scatter(x=x, y=sig[key], name=name, mode="lines", line=dict(color=colour),
-                                     text=toks, hovertemplate="step %{x}: %{text}<br>%{y:.3f}<extra></extra>"))
-        fig.add_vline(x=r["peak_step"], line_dash="dot")
         label = "right" if r["correct"] else "wrong"
-        fig.update_layout(title=f"trace {r['id']} ({label}), peak {r['peak']:.3f} at r = {r['peak_position']:.2f}",
-                          xaxis_title="generated token", yaxis_title="nats", height=320)
-        rep.add_figure(fig)
+        rep.add_figure(signal_figure(result, r["id"]))
         top = max(max(sig["I"]), 1e-9)
         rep.add_token_view(toks, sig["I"], caption=f"trace {r['id']} ({label}): tokens coloured by I_t", vmin=0, vmax=top)
 
     rep.add_heading("Failure prediction")
-    fig = go.Figure()
-    names = {"peak": f"peak S (AUC {_fmt(result.auc)})", **{b: f"{b} (AUC {_fmt(result.baselines[b])})" for b in BASELINES}}
-    for key, curve in result.roc.items():
-        fig.add_trace(go.Scatter(x=curve["fpr"], y=curve["tpr"], name=names[key], mode="lines",
-                                 line=dict(width=3 if key == "peak" else 1.5)))
-    fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], name="chance", mode="lines", line=dict(dash="dash", color="#aaa")))
-    fig.update_layout(title="ROC: predicting a wrong answer", xaxis_title="false-positive rate (right traces flagged)",
-                      yaxis_title="true-positive rate (wrong traces flagged)", height=420)
-    rep.add_figure(fig)
+    rep.add_figure(roc_figure(result))
     table = [{"score": "peak S", "auc": result.auc}] + [{"score": b, "auc": v} for b, v in result.baselines.items()] + \
         [{"score": k, "auc": v} for k, v in result.variants.items()]
     rep.add_table(pd.DataFrame(table), caption="ROC-AUC for predicting a wrong answer (higher score = wrong); the "
@@ -401,13 +423,8 @@ def build_report(result: Result, tokenizer=None) -> Report:
         rep.add_table(pd.DataFrame(result.auc_by_k), caption="AUC of the peak at other k (k_available: entries present).")
 
     rep.add_heading("Accuracy by peak strength")
-    b = pd.DataFrame(result.buckets)
-    fig = go.Figure(go.Bar(x=[f"{r['low']:.3f}–{r['high']:.3f}" for r in result.buckets], y=b["accuracy"],
-                           text=[f"n={n}" for n in b["n"]], textposition="outside"))
-    fig.update_layout(title="accuracy per quantile bucket of S", xaxis_title="peak strength S", yaxis_title="accuracy",
-                      yaxis_range=[0, 1.1], height=360)
-    rep.add_figure(fig)
-    rep.add_table(b)
+    rep.add_figure(bucket_figure(result))
+    rep.add_table(pd.DataFrame(result.buckets))
 
     rep.add_heading("Early vs late peaks")
     el = result.early_late
