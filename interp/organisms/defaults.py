@@ -31,4 +31,10 @@ ANALYSIS_DEFAULTS: dict[str, dict] = {
         "text_set": "organism-plain",  # natural prose is out of distribution for them (loss 8.3 nats > log 1024)
         "bos": True,  # their plain documents follow <|endoftext|>, the BOS-like token interp picks
     },
+    # measured in docs/talking_heads.md ("On the organisms")
+    "talking_heads": {
+        "n_items": (2, 3, 4, 5, 6),  # recall is at chance from N = 6 on (model card); longer lists add only noise
+        "prompts_per_cell": 30,  # 600 prompts per split keep the 7-alpha sweep with 5 random draws near a minute
+        "batch_size": 64,  # 1M-parameter model: bigger batches are faster on CPU (numbers do not depend on it)
+    },
 }

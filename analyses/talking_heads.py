@@ -1,0 +1,449 @@
+"""Talking Heads (Merullo, Eickhoff & Pavlick, NeurIPS 2024): low-rank communication channels between heads.
+
+1. Weights alone: every rank-1 SVD component of every writer head's OV is scored against every
+   reader head in a later layer (query side, key side or OV; `interp.composition`), beside the
+   whole-head composition score of Elhage et al. (2021) that dilutes a strong small-σ component.
+   A component is a channel when it clears the empirical null of its reader (z) and twice the
+   Gaussian random baseline of the model's size; the channel rank of a head pair is the 80 %
+   energy rule.
+2. The Laundry List task (`interp.laundry`): accuracy among the list items, full-vocabulary top-1
+   and the logit difference to the strongest distractor, by list length and answer position.
+3. On a selection split of Laundry List prompts: the mover head (END attends to the answer item
+   rather than the repeated ones), the components writing into it (top composition scores), each
+   screened by ablating it (its effect on the mover's attention; Fig. 2's "inhibition score"); the
+   strongest form the edit set. On a held-out split: scale them by α (hook on hook_z; the W_O
+   weight edit gives the same logits, `edit_agreement`) against as many random components of the
+   same heads (several draws, mean ± sd), plus the in-sample numbers.
+4. Activation view: residual streams at the list tokens, read where the mover reads, projected on
+   the channel directions, and their PCA coloured by list position (the paper's positional index).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import torch
+
+from interp import composition as comp
+from interp import laundry as ll
+from interp.analysis import CommonConfig, require, run_header
+from interp.capture import capture
+from interp.channels import scale_components
+from interp.figures import band
+from interp.report import analysis_report
+
+TEMPLATES = Literal["laundry", "bag", "market", "park"]
+
+
+@dataclass
+class Config(CommonConfig):
+    """Defaults follow the paper where it is known; the rest are the method note's proposals (docs/talking_heads.md)."""
+
+    mode: tuple[Literal["q", "k", "v"], ...] = ("q", "k", "v")  # composition modes scanned (q: reader's query side, k: key side, v: OV); the edit uses the first
+    fold_norms: bool = True  # fold the norm gains into the weights before scoring (the paper's processed GPT-2 weights)
+    min_z: float = 3.0  # a channel's score must exceed the reader's empirical null mean + this many sd
+    min_baseline_ratio: float = 2.0  # ... and this multiple of the Gaussian baseline's max over a head's components
+    energy: float = 0.8  # channel rank: fewest components holding this share of σ²·score² (80 % rule)
+    baseline_draws: int = 20  # Gaussian random heads drawn for the baseline
+    n_items: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8, 9, 10)  # Laundry List lengths N (2-10)
+    templates: tuple[TEMPLATES, ...] = ("laundry", "bag", "market", "park")  # Laundry List surface templates (objects, objects, food, names)
+    prompts_per_cell: int = 200  # prompts per (N, answer position) cell, in each split
+    alpha: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0)  # factors the edited components are scaled by
+    edit_components: int = 2  # components in the edit set (the paper's channels are 1-2 components per head)
+    candidates: int = 8  # top components into the mover screened on the selection split
+    random_draws: int = 5  # random control draws (same heads, as many components, disjoint from the edit set)
+    edit_method: Literal["hook", "weight"] = "hook"  # the sweep's edit: hook_z hook or W_O weight edit (same logits)
+    view_prompts: int = 200  # held-out prompts in the activation view
+
+    def validate(self, model=None) -> None:
+        super().validate(model)
+        require(len(self.mode) > 0, "mode needs at least one of q, k, v")
+        require(len(self.templates) > 0, "templates needs at least one template")
+        require(all(2 <= n <= 10 for n in self.n_items) and self.n_items, "n-items must be between 2 and 10")
+        require(len(self.alpha) > 0 and all(a >= 0 for a in self.alpha), "alpha needs values >= 0")
+        require(0 < self.energy <= 1, f"energy must be in (0, 1]; got {self.energy}")
+        require(self.min_baseline_ratio >= 0, f"min-baseline-ratio must be >= 0; got {self.min_baseline_ratio}")
+        for name in ("baseline_draws", "prompts_per_cell", "edit_components", "candidates", "random_draws", "view_prompts"):
+            require(getattr(self, name) >= 1, f"{name.replace('_', '-')} must be at least 1; got {getattr(self, name)}")
+        require(self.candidates >= self.edit_components, "candidates must be at least edit-components")
+        if model is not None:
+            require(model.cfg.n_layers >= 2, "talking_heads needs a model with at least 2 layers")
+            require(self.edit_components < model.cfg.d_head,
+                    f"edit-components must be below d_head ({model.cfg.d_head}) to leave random components")
+
+
+@dataclass
+class Result:
+    header: dict
+    config: Config
+    baseline: dict
+    channels: list[dict]
+    whole_head: list[dict]
+    laundry_list: list[dict]
+    mover: dict
+    candidates: list[dict]
+    edits: list[dict]
+    edit_agreement: float
+    first_token_scoring: bool
+    activation_view: dict
+    view_points: pd.DataFrame
+    reader_components: pd.DataFrame  # every component's score into the mover (report bars)
+    grids: dict  # mode -> (whole-head grid, best-component grid), writer × reader
+
+    def to_dict(self) -> dict:
+        return {**self.header, "channels": self.channels, "whole_head": self.whole_head,
+                "laundry_list": self.laundry_list, "edits": self.edits, "edit_agreement": self.edit_agreement,
+                "baseline": self.baseline, "mover": self.mover, "candidates": self.candidates,
+                "first_token_scoring": self.first_token_scoring, "activation_view": self.activation_view}
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        return {"channels": pd.DataFrame(self.channels), "whole_head": pd.DataFrame(self.whole_head),
+                "laundry_list": pd.DataFrame(self.laundry_list), "edits": pd.DataFrame(self.edits),
+                "candidates": pd.DataFrame(self.candidates), "activation_view": self.view_points}
+
+
+# ---------------------------------------------------------------- pieces
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    a = np.asarray(values, dtype=float)
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
+
+
+def pick_mover(attention: torch.Tensor, layers: list[int]) -> dict:
+    """The head whose END attention prefers the answer item over the repeated ones the most."""
+    mean = attention.mean(0)  # [layer, head]
+    j, h = divmod(int(mean.argmax()), mean.shape[1])
+    return {"layer": layers[j], "head": h, "attention_preference": float(mean[j, h]),
+            "per_head": {f"{layers[a]}.{b}": float(mean[a, b]) for a in range(mean.shape[0]) for b in range(mean.shape[1])}}
+
+
+def candidate_components(s: comp.Scan, z: torch.Tensor, layer: int, head: int, k: int, min_z: float,
+                         min_score: float) -> list[dict]:
+    """The k components with the highest score into reader (layer, head)."""
+    block = s.scores[:layer, :, :, layer, head]
+    order = block.flatten().argsort(descending=True)[:k]
+    out = []
+    for flat in order.tolist():
+        lw, rest = divmod(flat, block.shape[1] * block.shape[2])
+        hw, i = divmod(rest, block.shape[2])
+        score, zz = float(block[lw, hw, i]), float(z[lw, hw, i, layer, head])
+        out.append({"writer_layer": lw, "writer_head": hw, "component": i, "score": score, "z": zz,
+                    "singular_value": float(s.sigma[lw, hw, i]), "channel": zz > min_z and score > min_score})
+    return out
+
+
+def directions(V: torch.Tensor, components: list[tuple[int, int, int]]) -> dict[tuple[int, int], torch.Tensor]:
+    """(layer, head) → [d_model, k] write directions of the given (layer, head, component) triples."""
+    by_head: dict[tuple[int, int], list[int]] = {}
+    for layer, head, i in components:
+        by_head.setdefault((layer, head), []).append(i)
+    return {lh: V[lh[0], lh[1]][:, idx] for lh, idx in by_head.items()}
+
+
+def random_components(chosen: list[tuple[int, int, int]], rank: int, rng: random.Random) -> list[tuple[int, int, int]]:
+    """As many random components of the same heads as `chosen`, none of them chosen."""
+    out = []
+    for (layer, head) in dict.fromkeys((lw, hw) for lw, hw, _ in chosen):
+        taken = {i for lw, hw, i in chosen if (lw, hw) == (layer, head)}
+        free = [i for i in range(rank) if i not in taken]
+        out += [(layer, head, i) for i in rng.sample(free, len(taken))]
+    return out
+
+
+def position_eta2(x: torch.Tensor, labels: torch.Tensor) -> float:
+    """Share of the variance of `x` ([n, k]) explained by the group means of `labels`."""
+    x = x - x.mean(0)
+    total = float((x ** 2).sum())
+    between = sum(float((labels == g).sum()) * float((x[labels == g].mean(0) ** 2).sum()) for g in labels.unique())
+    return between / total if total > 0 else float("nan")
+
+
+def activation_view(model, enc: ll.Encoded, prompts: list[ll.LaundryPrompt], layer: int, basis_dirs: torch.Tensor,
+                    config: Config) -> tuple[dict, pd.DataFrame]:
+    """Residual streams at the first-list item tokens (blocks.<layer>.hook_resid_pre) projected on the
+    orthonormalised channel directions, their PCA, and how much of them list position explains."""
+    hook = f"blocks.{layer}.hook_resid_pre"
+    acts = capture(model, enc.ids, [hook], positions=enc.item_positions, batch_size=config.batch_size,
+                   progress=config.progress)[hook]
+    X = torch.cat(acts)
+    pos = torch.cat([torch.arange(p.n_items) for p in prompts])
+    n_items = torch.cat([torch.full((p.n_items,), p.n_items) for p in prompts])
+    B, _ = torch.linalg.qr(basis_dirs)
+    proj = X @ B
+    centred = proj - proj.mean(0)
+    _, s, vh = torch.linalg.svd(centred, full_matrices=False)
+    k = min(3, vh.shape[0])
+    pcs = centred @ vh[:k].T
+    g = torch.Generator().manual_seed(config.seed)
+    rand_B, _ = torch.linalg.qr(torch.randn(X.shape[1], B.shape[1], generator=g))
+    view = {"hook": hook, "dimensions": B.shape[1],
+            "explained_variance": [float(v) for v in (s[:k] ** 2 / (s ** 2).sum())],
+            "position_eta2": position_eta2(proj, pos), "position_eta2_random_subspace": position_eta2(X @ rand_B, pos),
+            "position_eta2_full_residual": position_eta2(X, pos), "n_tokens": int(X.shape[0])}
+    points = pd.DataFrame({"n_items": n_items.numpy(), "position": pos.numpy(),
+                           **{f"pc{i + 1}": pcs[:, i].numpy() for i in range(k)}})
+    return view, points
+
+
+# ---------------------------------------------------------------- run
+
+def run(model, config: Config) -> Result:
+    config.validate(model)
+    cfg, tok = model.cfg, model.tokenizer
+    torch.manual_seed(config.seed)
+    rng = random.Random(config.seed)
+
+    # 1. weights
+    w = comp.head_weights(model, fold_norms=config.fold_norms)
+    S, V = comp.writer_svd(w)
+    scans = {m: comp.scan(w, m, S=S, V=V, progress=config.progress) for m in dict.fromkeys(config.mode)}
+    baseline = comp.gaussian_baseline(cfg.d_model, cfg.d_head, config.baseline_draws, config.seed)
+    min_score = config.min_baseline_ratio * baseline["component_max"]
+    baseline["channel_min_score"] = min_score
+    zs = {m: s.z() for m, s in scans.items()}
+    channels = sorted((r for m, s in scans.items() for r in comp.channel_rows(s, zs[m], min_z=config.min_z, min_score=min_score)),
+                      key=lambda r: -r["score"])
+    whole = [r for s in scans.values() for r in comp.whole_head_rows(s, config.energy)]
+    grids = {m: (_pair_grid(s.whole_head()), _pair_grid(s.scores.amax(2))) for m, s in scans.items()}
+
+    # 2. Laundry List, two disjoint splits
+    template_ids = sorted({ll.TEMPLATE_NAMES.index(t) for t in config.templates})
+    pools, multi = ll.item_pools(tok, template_ids)
+    per_cell = config.prompts_per_cell if config.limit is None else min(config.prompts_per_cell, config.limit)
+    sel = ll.make_prompts(pools, config.n_items, per_cell, config.seed)
+    held = ll.make_prompts(pools, config.n_items, per_cell, config.seed + 1, exclude=frozenset(p.text for p in sel))
+    enc_sel, enc_held = ll.encode(tok, sel), ll.encode(tok, held)
+    evaluate = lambda ps, enc, desc: ll.evaluate(model, ps, enc, batch_size=config.batch_size,
+                                                 progress=config.progress, desc=desc)
+    base_held, base_sel = evaluate(held, enc_held, "laundry list (held-out)"), evaluate(sel, enc_sel, "laundry list (selection)")
+    laundry_rows = ll.table(held, base_held)
+
+    # 3. mover, candidates and their screening on the selection split
+    layers = list(range(1, cfg.n_layers))
+    attention = ll.item_attention(model, enc_sel, sel, layers, batch_size=config.batch_size, progress=config.progress)
+    mover = pick_mover(attention, layers)
+    ml, mh = mover["layer"], mover["head"]
+    edit_mode = config.mode[0]
+    cands = candidate_components(scans[edit_mode], zs[edit_mode], ml, mh, config.candidates, config.min_z, min_score)
+    base_pref = attention[:, layers.index(ml), mh].mean()
+    for c in cands:
+        dirs = directions(V, [(c["writer_layer"], c["writer_head"], c["component"])])
+        with scale_components(model, dirs, 0.0):
+            ablated = ll.item_attention(model, enc_sel, sel, [ml], batch_size=config.batch_size)[:, 0, mh].mean()
+        c["ablation_effect"] = float(base_pref - ablated)  # > 0: removing it lowers the mover's preference
+    ranked = sorted(cands, key=lambda c: -c["ablation_effect"])
+    chosen = [(c["writer_layer"], c["writer_head"], c["component"]) for c in ranked[:config.edit_components]]
+    for c in cands:
+        c["edited"] = (c["writer_layer"], c["writer_head"], c["component"]) in chosen
+    mover.update({"mode": edit_mode, "edit_set": [list(c) for c in chosen]})
+
+    # 4. α sweep: the edit set against random components of the same heads
+    chosen_dirs = directions(V, chosen)
+    draws = [random_components(chosen, S.shape[-1], rng) for _ in range(config.random_draws)]
+    edits = []
+    for alpha in config.alpha:
+        for split, ps, enc, base in (("held_out", held, enc_held, base_held), ("selection", sel, enc_sel, base_sel)):
+            if alpha == 1.0:
+                sc = base
+            else:
+                with scale_components(model, chosen_dirs, alpha, config.edit_method):
+                    sc = evaluate(ps, enc, f"edit α={alpha:g} ({split})")
+            edits.append({"alpha": alpha, "components": len(chosen), "accuracy": float(sc["correct"].mean()),
+                          "logit_diff": float(sc["logit_diff"].mean()), "top1_accuracy": float(sc["top1"].mean()),
+                          "selection": "channel", "split": split})
+        acc, diff = [], []
+        for draw in draws:
+            if alpha == 1.0:
+                sc = base_held
+            else:
+                with scale_components(model, directions(V, draw), alpha, config.edit_method):
+                    sc = evaluate(held, enc_held, f"random α={alpha:g}")
+            acc.append(float(sc["correct"].mean()))
+            diff.append(float(sc["logit_diff"].mean()))
+        (a, a_sd), (d, d_sd) = _mean_sd(acc), _mean_sd(diff)
+        edits.append({"alpha": alpha, "components": len(chosen), "accuracy": a, "accuracy_sd": a_sd, "logit_diff": d,
+                      "logit_diff_sd": d_sd, "selection": "random", "split": "held_out", "n_draws": len(draws)})
+
+    agreement = edit_agreement(model, chosen_dirs, enc_held.ids[:16], [0.0, max(config.alpha)], config.batch_size)
+
+    # 5. activation view at the mover's input
+    view_n = min(config.view_prompts, len(held))
+    view_idx = sorted(random.Random(config.seed).sample(range(len(held)), view_n))
+    view_prompts = [held[i] for i in view_idx]
+    view_enc = ll.Encoded([enc_held.ids[i] for i in view_idx], [enc_held.item_positions[i] for i in view_idx],
+                          [enc_held.candidates[i] for i in view_idx], enc_held.multi_token)
+    basis = torch.cat(list(directions(V, [(c["writer_layer"], c["writer_head"], c["component"]) for c in cands]).values()), dim=1)
+    view, points = activation_view(model, view_enc, view_prompts, ml, basis, config)
+
+    s = scans[edit_mode]
+    mu, sd = s.null()
+    bars = pd.DataFrame([{"writer": f"{lw}.{hw}", "component": i, "score": float(s.scores[lw, hw, i, ml, mh]),
+                          "singular_value": float(S[lw, hw, i])}
+                         for lw in range(ml) for hw in range(cfg.n_heads) for i in range(S.shape[-1])])
+    mover["null_mean"], mover["null_sd"] = float(mu[ml, mh]), float(sd[ml, mh])
+    return Result(header=run_header("talking_heads", model, config), config=config, baseline=baseline,
+                  channels=channels, whole_head=whole, laundry_list=laundry_rows, mover=mover, candidates=cands,
+                  edits=edits, edit_agreement=agreement, first_token_scoring=enc_held.multi_token or enc_sel.multi_token,
+                  activation_view=view, view_points=points, reader_components=bars, grids=grids)
+
+
+def _pair_grid(x: torch.Tensor) -> np.ndarray:
+    """[Lw, Hw, Lr, Hr] → [(Lw·Hw), (Lr·Hr)] with NaN where the writer is not earlier."""
+    n_layers, n_heads = x.shape[:2]
+    return x.reshape(n_layers * n_heads, n_layers * n_heads).numpy()
+
+
+def edit_agreement(model, dirs, ids, alphas, batch_size: int) -> float:
+    """max |logit difference| between the hook_z edit and the W_O weight edit (last-token logits)."""
+    worst = 0.0
+    for alpha in alphas:
+        with scale_components(model, dirs, alpha, "hook"):
+            hook = ll.last_logits(model, ids, batch_size=batch_size)
+        with scale_components(model, dirs, alpha, "weight"):
+            weight = ll.last_logits(model, ids, batch_size=batch_size)
+        worst = max(worst, float((hook - weight).abs().max()))
+    return worst
+
+
+# ---------------------------------------------------------------- report
+
+def _labels(n_layers: int, n_heads: int) -> list[str]:
+    return [f"{layer}.{h}" for layer in range(n_layers) for h in range(n_heads)]
+
+
+def pair_heatmap(grid: np.ndarray, labels: list[str], title: str) -> go.Figure:
+    fig = go.Figure(go.Heatmap(z=grid, x=labels, y=labels, colorscale="Viridis", colorbar=dict(title="score"),
+                               hovertemplate="writer %{y} → reader %{x}: %{z:.3f}<extra></extra>"))
+    fig.update_layout(title=title, xaxis_title="reader head (layer.head)", yaxis_title="writer head (layer.head)",
+                      yaxis_autorange="reversed")
+    return fig
+
+
+def component_bars(result: Result) -> go.Figure:
+    df, m, b = result.reader_components, result.mover, result.baseline
+    df = df.sort_values("score", ascending=False).reset_index(drop=True)
+    fig = go.Figure(go.Bar(x=list(range(len(df))), y=df["score"], marker_color="#1f77b4",
+                           customdata=np.stack([df["writer"], df["component"], df["singular_value"]], axis=1),
+                           hovertemplate="writer %{customdata[0]} component %{customdata[1]} (σ=%{customdata[2]:.3g}): %{y:.3f}<extra></extra>"))
+    for y, text, dash in [(b["component_mean"], "Gaussian mean", "dot"),
+                          (b["channel_min_score"], f"{result.config.min_baseline_ratio:g}× Gaussian max", "dash"),
+                          (m["null_mean"] + result.config.min_z * m["null_sd"], f"null + {result.config.min_z:g} sd", "dashdot")]:
+        fig.add_hline(y=y, line_dash=dash, annotation_text=text)
+    fig.update_layout(title=f"Every earlier component's {m['mode']}-composition score into the mover {m['layer']}.{m['head']}, sorted",
+                      xaxis_title="component rank", yaxis_title="score")
+    return fig
+
+
+def accuracy_figure(rows: list[dict]) -> go.Figure:
+    df = pd.DataFrame([r for r in rows if r["position"] is None])
+    fig = go.Figure()
+    for col, name in (("accuracy", "accuracy among items"), ("top1_accuracy", "full-vocabulary top-1")):
+        fig.add_trace(go.Scatter(x=df["n_items"], y=df[col], mode="lines+markers", name=name))
+    fig.add_trace(go.Scatter(x=df["n_items"], y=1 / df["n_items"], mode="lines", name="chance (1/N)", line=dict(dash="dash")))
+    fig.update_layout(title="Laundry List accuracy vs number of items (held-out split)", xaxis_title="N items",
+                      yaxis_title="accuracy")
+    return fig
+
+
+def position_heatmap(rows: list[dict]) -> go.Figure:
+    df = pd.DataFrame([r for r in rows if r["position"] is not None])
+    grid = df.pivot(index="n_items", columns="position", values="accuracy")
+    fig = go.Figure(go.Heatmap(z=grid.values, x=[int(c) + 1 for c in grid.columns], y=grid.index, colorscale="Viridis",
+                               colorbar=dict(title="accuracy")))
+    fig.update_layout(title="Accuracy by answer position × N", xaxis_title="answer position (1 = first)", yaxis_title="N items")
+    return fig
+
+
+def pca_figure(points: pd.DataFrame, view: dict) -> go.Figure:
+    fig = go.Figure()
+    sample = points.sample(min(len(points), 3000), random_state=0) if len(points) else points
+    for pos in sorted(sample["position"].unique()):
+        part = sample[sample["position"] == pos]
+        fig.add_trace(go.Scatter(x=part["pc1"], y=part["pc2"] if "pc2" in part else 0 * part["pc1"], mode="markers",
+                                 name=f"position {pos + 1}", marker=dict(size=4, opacity=0.6)))
+    fig.update_layout(title=f"List-item residuals ({view['hook']}) on the channel directions: PC1 vs PC2",
+                      xaxis_title="PC1", yaxis_title="PC2")
+    return fig
+
+
+def sweep_figure(edits: list[dict], metric: str, label: str) -> go.Figure:
+    fig = go.Figure()
+    for split, colour in (("held_out", "#d62728"), ("selection", "#ff9896")):
+        part = [r for r in edits if r["selection"] == "channel" and r["split"] == split]
+        fig.add_trace(go.Scatter(x=[r["alpha"] for r in part], y=[r[metric] for r in part], mode="lines+markers",
+                                 name=f"edit set ({split.replace('_', '-')})", line=dict(color=colour)))
+    rand = [r for r in edits if r["selection"] == "random"]
+    band(fig, [r["alpha"] for r in rand], [r[metric] for r in rand], [r[f"{metric}_sd"] for r in rand],
+         "random components (held-out, mean ± sd)", "#7f7f7f", markers=True)
+    fig.update_layout(title=f"{label} vs α", xaxis_title="α (component scale)", yaxis_title=label)
+    return fig
+
+
+def build_report(result: Result, tokenizer=None):
+    cfg, m = result.config, result.mover
+    rep = analysis_report(result.header)
+    if result.first_token_scoring:
+        rep.add_notice("Some list items are several tokens for this tokenizer: every item is scored by its first "
+                       "token (items sharing a first token were dropped from the pools).", "warning")
+    held = {r["alpha"]: r for r in result.edits if r["selection"] == "channel" and r["split"] == "held_out"}
+    rand = {r["alpha"]: r for r in result.edits if r["selection"] == "random"}
+    best = max(held, key=lambda a: held[a]["accuracy"])
+    per_n = {r["n_items"]: r for r in result.laundry_list if r["position"] is None}
+    headline = {"channels found": len(result.channels),
+                "Gaussian baseline (component mean / max)": f"{result.baseline['component_mean']:.3f} / {result.baseline['component_max']:.3f}",
+                "mover head": f"{m['layer']}.{m['head']}",
+                "edit set": ", ".join(f"{a}.{b}#{c}" for a, b, c in m["edit_set"]),
+                **{f"accuracy N={n}": f"{r['accuracy']:.2f} (chance {1 / n:.2f})" for n, r in list(per_n.items())[:4]},
+                f"held-out accuracy α=1 → best α={best:g}": f"{held[1.0]['accuracy'] if 1.0 in held else float('nan'):.3f} → {held[best]['accuracy']:.3f}",
+                f"random control at α={best:g}": f"{rand[best]['accuracy']:.3f} ± {rand[best]['accuracy_sd']:.3f}",
+                "hook vs weight edit, max |Δlogit|": f"{result.edit_agreement:.2e}"}
+    rep.add_metrics(headline)
+    rep.add_heading("Composition from weights")
+    rep.add_paragraph("Each writer head's OV is split into rank-1 SVD components σ u vᵀ; a component's score against a "
+                      "reader is ‖vᵀ M‖/‖M‖_F with M the reader's QK (q: query side, k: key side, offset-0 rotary) or OV "
+                      "(v). The whole-head score (Elhage et al.) is the σ²-weighted RMS of the component scores, so a "
+                      "strong component with a small σ is diluted in it: compare the two heatmaps of each mode. "
+                      f"Norm gains folded: {cfg.fold_norms}.")
+    labels = _labels(result.header["model"]["n_layers"], result.header["model"]["n_heads"]) if result.header.get("model") else None
+    for mode, (whole_grid, best_grid) in result.grids.items():
+        labels = labels or [str(i) for i in range(whole_grid.shape[0])]
+        rep.add_figure(pair_heatmap(whole_grid, labels, f"{mode}-composition, whole head"))
+        rep.add_figure(pair_heatmap(best_grid, labels, f"{mode}-composition, best single component"))
+    rep.add_figure(component_bars(result))
+    if result.channels:
+        rep.add_table(pd.DataFrame(result.channels).head(30), caption=f"Channels: components above both thresholds "
+                      f"(z > {cfg.min_z:g} against the reader's null and > {result.baseline['channel_min_score']:.3f}), strongest first")
+    else:
+        rep.add_paragraph("No component clears both channel thresholds.")
+    wh = pd.DataFrame(result.whole_head).sort_values("max_component_score", ascending=False).head(20)
+    rep.add_table(wh, caption="Head pairs with the strongest single component, beside their diluted whole-head score and channel rank")
+    rep.add_heading("Laundry List")
+    rep.add_paragraph("Accuracy = the answer's logit is the largest among the N list items; top-1 = largest over the "
+                      "vocabulary; logit difference = answer − strongest other item. Held-out split.")
+    rep.add_figure(accuracy_figure(result.laundry_list))
+    rep.add_figure(position_heatmap(result.laundry_list))
+    rep.add_heading("Positional index in the channel subspace")
+    v = result.activation_view
+    rep.add_paragraph(f"Residual streams at the first-list item tokens ({v['hook']}), projected on the "
+                      f"{v['dimensions']} orthonormalised write directions of the components screened into the mover. "
+                      f"List position explains {v['position_eta2']:.1%} of their variance (a random subspace of the same "
+                      f"size: {v['position_eta2_random_subspace']:.1%}; the whole residual: {v['position_eta2_full_residual']:.1%}).")
+    rep.add_figure(pca_figure(result.view_points, v))
+    rep.add_heading("Editing the channel")
+    rep.add_paragraph(f"Mover head {m['layer']}.{m['head']}: END attends to the answer item more than to the repeated "
+                      f"ones (selection split, {m['attention_preference']:.3f}). Its top {cfg.candidates} "
+                      f"{m['mode']}-composition components were each ablated on the selection split; the "
+                      f"{cfg.edit_components} that lowered the mover's preference most form the edit set, scaled by α "
+                      f"({cfg.edit_method} edit) on the held-out split. Control: as many random components of the same "
+                      f"heads, {cfg.random_draws} draws.")
+    rep.add_table(pd.DataFrame(result.candidates), caption="Screened components (ablation_effect > 0: removing it lowers the mover's preference for the answer)")
+    rep.add_figure(sweep_figure(result.edits, "accuracy", "Laundry List accuracy"))
+    rep.add_figure(sweep_figure(result.edits, "logit_diff", "logit difference"))
+    rep.add_table(pd.DataFrame(result.edits), caption="Edit sweep")
+    rep.add_run_section(result.header)
+    return rep
