@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from interp.errors import UserError
-from interp.probes import LogisticProbe, diff_of_means, train_logistic_probe
+from interp.probes import LogisticProbe, diff_of_means, fit_logistic_probe, train_logistic_probe
 
 
 def planted(n_pos=200, n_neg=200, d=32, margin=3.0, seed=0):
@@ -236,3 +236,75 @@ def test_no_groups_unchanged_and_equal_to_singleton_groups(seed):
     assert plain.epoch_val_accuracy == singleton.epoch_val_accuracy
     assert (plain.best_epoch, plain.train_accuracy, plain.val_accuracy) == \
         (singleton.best_epoch, singleton.train_accuracy, singleton.val_accuracy)
+
+
+# --- L-BFGS probe trained to convergence (the analysis default) ------------------------------
+
+def offset_blobs(seed=0, n=200, d=32, margin=2.5, offset=10.0):
+    """Two classes ±margin along a clean unit direction, around a large common offset (like real
+    activations: big mean, small class difference)."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(d, generator=g)
+    u /= u.norm()
+    y = torch.cat([torch.ones(n, dtype=torch.long), torch.zeros(n, dtype=torch.long)])
+    X = torch.randn(2 * n, d, generator=g) + offset * torch.randn(d, generator=g) + margin * (2 * y[:, None].float() - 1) * u
+    return X, y, u
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_default_recipe_fits_a_clean_direction_the_paper_recipe_misses(seed):
+    X, y, u = offset_blobs(seed)
+    paper = train_logistic_probe(X, y)  # Adam 1e-3, 5 epochs, batch 64
+    fitted = fit_logistic_probe(X, y)
+    assert paper.val_accuracy < 0.7  # near chance
+    assert fitted.val_accuracy >= 0.95 and fitted.train_accuracy >= 0.95
+    assert torch.cosine_similarity(fitted.weight, u, dim=0) > 0.8
+    assert fitted.recipe == "lbfgs" and paper.recipe == "paper"
+    assert torch.equal(fitted.train_idx, paper.train_idx) and torch.equal(fitted.val_idx, paper.val_idx)
+
+
+def test_lbfgs_reaches_the_penalised_optimum():
+    """At the returned weights the gradient of mean BCE + l2/2 ‖w‖² on standardised training features,
+    written out in numpy, vanishes."""
+    X, y, _ = offset_blobs(3, n=80, d=12, margin=1.0)
+    probe = fit_logistic_probe(X, y)
+    Xt = X[probe.train_idx].double().numpy()
+    yt = y[probe.train_idx].double().numpy()
+    mean, std = Xt.mean(0), Xt.std(0)
+    w_std = probe.weight.double().numpy() * std  # the weight on standardised features
+    b_std = probe.bias + float(probe.weight.double().numpy() @ mean)
+    Xs = (Xt - mean) / std
+    p = 1 / (1 + np.exp(-(Xs @ w_std + b_std)))
+    grad_w = Xs.T @ (p - yt) / len(yt) + probe.l2 * w_std
+    grad_b = (p - yt).mean()
+    assert np.abs(grad_w).max() < 1e-4 and abs(grad_b) < 1e-4
+    assert np.abs(w_std).max() > 0.1  # not a trivial solution
+
+
+def test_l2_strength_is_picked_on_validation_loss():
+    X, y, _ = offset_blobs(4, n=60, d=24, margin=0.8)
+    probe = fit_logistic_probe(X, y, l2_grid=(1e-3, 1e-1, 10.0))
+    assert [r["l2"] for r in probe.l2_search] == [1e-3, 1e-1, 10.0]
+    assert probe.l2 == min(probe.l2_search, key=lambda r: r["val_loss"])["l2"]
+    chosen = next(r for r in probe.l2_search if r["l2"] == probe.l2)
+    Xv, yv = X[probe.val_idx], y[probe.val_idx]
+    logits = Xv @ probe.weight + probe.bias
+    assert ((logits >= 0) == yv.bool()).float().mean().item() == pytest.approx(probe.val_accuracy)
+    assert chosen["val_accuracy"] == probe.val_accuracy
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, yv.float()).item()
+    assert loss == pytest.approx(chosen["val_loss"], rel=1e-4)
+    # the strengths give different probes: a stronger penalty shrinks the weight
+    norms = [fit_logistic_probe(X, y, l2_grid=(l2,)).weight.norm() for l2 in (1e-3, 10.0)]
+    assert norms[0] > 2 * norms[1]
+
+
+def test_lbfgs_without_validation_split_keeps_the_strongest_penalty():
+    X, y, _ = planted(n_pos=2, n_neg=2, d=4)
+    probe = fit_logistic_probe(X, y, l2_grid=(0.01, 1.0))
+    assert probe.val_is_train and probe.l2 == 1.0
+
+
+def test_lbfgs_bad_l2_is_a_user_error():
+    X, y, _ = planted(d=4)
+    with pytest.raises(UserError, match="l2"):
+        fit_logistic_probe(X, y, l2_grid=(0.0,))
