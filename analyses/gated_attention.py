@@ -35,6 +35,8 @@ Method, defaults and deviations: docs/gated_attention.md.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import random
 from dataclasses import dataclass, field
 from typing import Literal
@@ -47,7 +49,6 @@ import torch
 from interp import gates
 from interp.analysis import CommonConfig, require, run_header
 from interp.batching import padded_batches
-from interp.errors import UserError
 from interp.figures import intervention_bars, layer_head_heatmap
 from interp.models import model_info
 from interp.report import analysis_report
@@ -212,8 +213,9 @@ class _Evaluation:
         return [{"layer": r["layer"], "max_abs": r["max_abs"]} for r in self.residual.profile()]
 
     def summary(self) -> dict:
-        return {"loss": self.nll / max(self.count, 1), "first_token": self.attention.overall()["first_token"],
-                "m_act": self.m_act()}
+        overall = self.attention.overall()
+        return {"loss": self.nll / max(self.count, 1), "first_token": overall["first_token"],
+                "sink_rate": overall["sink_rate"], "m_act": self.m_act()}
 
 
 def _evaluate(model, layers, seqs, config: Config, desc: str) -> dict:
@@ -227,7 +229,8 @@ def _select_heads(rows: list[dict], k: int, by: str) -> list[tuple[int, int]]:
 
 
 def _interventions(model, layers, fit, held, gate_fit: gates.GateStats, config: Config) -> tuple[list[dict], list]:
-    """Rows {what, heads, selection, loss, first_token, m_act, loss_in_sample, ...} (random rows: means and sds)."""
+    """Rows {what, heads, selection, n_heads, loss, first_token, sink_rate, m_act, loss_in_sample} (held-out
+    part, loss also on the selection part); random rows: means over the draws and `<metric>_sd`."""
     means = gate_fit.element_means()
     all_heads = [(layer, h) for layer in gate_fit.layers for h in range(model.cfg.n_heads)]
     k = max(1, round(config.select_fraction * len(all_heads)))
@@ -245,8 +248,6 @@ def _interventions(model, layers, fit, held, gate_fit: gates.GateStats, config: 
             out["loss_in_sample"] = _evaluate(model, layers, fit, config, f"{tag} selection")["loss"]
         return out
 
-    import contextlib
-
     base = measure(contextlib.nullcontext(), "baseline")
     rows = [{"what": "none", "heads": [], "selection": "none", "n_heads": 0, **base}]
     for what, make in kinds:
@@ -257,7 +258,7 @@ def _interventions(model, layers, fit, held, gate_fit: gates.GateStats, config: 
         results = [measure(make(d), f"{what} random {i}") for i, d in enumerate(draws)]
         row = {"what": what, "heads": [[list(h) for h in d] for d in draws], "selection": "random", "n_heads": k,
                "n_draws": len(draws)}
-        for metric in ("loss", "first_token", "m_act", "loss_in_sample"):
+        for metric in ("loss", "first_token", "sink_rate", "m_act", "loss_in_sample"):
             values = np.array([r[metric] for r in results], dtype=float)
             row[metric] = float(values.mean())
             row[f"{metric}_sd"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
@@ -358,19 +359,13 @@ def run(model, config: Config) -> Result:
         info = model_info(model)
         other = load_model(other_name, device=info.device, dtype=info.dtype)
         other_config = config if config.interventions != "on" or gates.is_gated(other) else \
-            _replace(config, interventions="auto")
+            dataclasses.replace(config, interventions="auto")
         second = analyse_model(other, other_config)
         key = second.name if second.name not in results else f"{second.name} (compare)"
         second.name = key
         results[key] = second
         header["compare_model"] = model_info(other).to_dict()
     return Result(header=header, results=results)
-
-
-def _replace(config: Config, **changes) -> Config:
-    import dataclasses
-
-    return dataclasses.replace(config, **changes)
 
 
 # ---------------------------------------------------------------- report
@@ -414,6 +409,11 @@ def _sparsity_figure(r: ModelResult) -> go.Figure:
     return fig
 
 
+def uniform_first_token(seq_len: int) -> float:
+    """F-Attn of a head attending uniformly (query q gives 1/(q+1) to the first token), queries 1..T−1."""
+    return float(np.mean([1 / (q + 1) for q in range(1, seq_len)]))
+
+
 def _sink_figure(results: dict[str, ModelResult]) -> go.Figure:
     from plotly.subplots import make_subplots
 
@@ -439,13 +439,13 @@ def _attention_table(r: ModelResult) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _intervention_table(r: ModelResult) -> pd.DataFrame:
+def intervention_table(r: ModelResult) -> pd.DataFrame:
     rows = []
     for row in r.interventions:
         heads = ("all gated heads" if row["selection"] == "all" else
                  f"{row['n_draws']} draws of {row['n_heads']}" if row["selection"] == "random" else _fmt_heads(row["heads"]))
         out = {"what": row["what"], "selection": row["selection"], "heads": heads}
-        for metric in ("loss", "loss_in_sample", "first_token", "m_act"):
+        for metric in ("loss", "loss_in_sample", "first_token", "sink_rate", "m_act"):
             out[metric] = row[metric]
             if f"{metric}_sd" in row:
                 out[f"{metric} sd"] = row[f"{metric}_sd"]
@@ -453,7 +453,10 @@ def _intervention_table(r: ModelResult) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _model_section(rep, r: ModelResult, n_layers: int, n_heads: int) -> None:
+SELECT_LABELS = {"low_mean": "lowest mean gate", "high_var": "highest gate variance across tokens"}
+
+
+def _model_section(rep, r: ModelResult, n_layers: int, n_heads: int, select_by: str) -> None:
     rep.add_heading(f"{r.name}: {'gated' if r.gated else 'ungated'} attention")
     linear = [i for i, kind in enumerate(r.layer_kinds) if kind == "linear"]
     overall_gate = float(np.mean([row["mean"] for row in r.gates])) if r.gates else None
@@ -462,6 +465,7 @@ def _model_section(rep, r: ModelResult, n_layers: int, n_heads: int) -> None:
         "gated": r.gated, "mean gate score": overall_gate if r.gated else "no gates",
         "first-token attention": float(np.mean([row["first_token"] for row in soft])),
         "sink rate (%)": float(np.mean([row["sink_rate"] for row in soft])),
+        "F-Attn if attention were uniform": uniform_first_token(r.text["seq_len"]),
         "M-Act": r.m_act, "held-out loss": r.text["loss"]})
     if linear:
         rep.add_paragraph(f"Layers {', '.join(map(str, linear))} are linear attention (Gated DeltaNet): no softmax "
@@ -488,14 +492,14 @@ def _model_section(rep, r: ModelResult, n_layers: int, n_heads: int) -> None:
                   f"in {100 * r.text['first_token_share']:.0f}% of chunks).")
     if r.interventions:
         rep.add_heading("Gate interventions", level=3)
-        rep.add_paragraph(f"Selected heads ({'lowest mean gate' if r.selected_heads else ''} on the selection part): "
+        rep.add_paragraph(f"Selected heads ({SELECT_LABELS[select_by]} on the selection part): "
                           f"{_fmt_heads(r.selected_heads)}. Loss, first-token attention and M-Act on the held-out part; "
                           "loss_in_sample on the selection part. Random rows: mean and sd over the draws.")
         base = r.interventions[0]
         bars = [{**row, "label": row["what"]} for row in r.interventions if row["selection"] in ("selected", "random")]
         rep.add_figure(intervention_bars(bars, ["loss", "first_token", "m_act"], baseline=base,
                                          title=f"{r.name}: selected heads vs random heads"))
-        rep.add_table(_intervention_table(r), "Interventions (none = no intervention).")
+        rep.add_table(intervention_table(r), "Interventions (none = no intervention).")
 
 
 def build_report(result: Result, tokenizer=None):
@@ -518,6 +522,6 @@ def build_report(result: Result, tokenizer=None):
                    "sink rate: share of heads whose first token gets α[0] > ε (Gu et al. 2024), in %.")
     models = [result.header["model"]] + ([result.header["compare_model"]] if "compare_model" in result.header else [])
     for r, info in zip(result.results.values(), models):
-        _model_section(rep, r, info["n_layers"], info["n_heads"])
+        _model_section(rep, r, info["n_layers"], info["n_heads"], result.header["config"]["select_by"])
     rep.add_run_section(result.header)
     return rep
