@@ -39,15 +39,29 @@ def cliff_metrics(scores: Tensor, span: tuple[int, int], robust_k: int = 32, dro
 
 
 def interpolate_curve(scores: Tensor, n_bins: int = 100) -> np.ndarray:
-    """Resample one sequence's scores onto `n_bins` evenly spaced normalised positions (0..1)."""
-    y = scores.float().cpu().numpy()
+    """One sequence's scores averaged over `n_bins` equal bins of normalised position.
+
+    Token i owns the interval [i/len, (i+1)/len); bin j covers [j/n_bins, (j+1)/n_bins) and gets the
+    overlap-weighted mean of the tokens' scores. A long sequence's bin is the mean of its tokens
+    (no token is skipped, as sampling would); a short one repeats each token over the bins it covers.
+    Bin j's centre is (j + 0.5) / n_bins.
+    """
+    y = scores.float().cpu().numpy().astype(np.float64)
+    # integral of the step function from 0 to each token boundary, then at each bin edge
+    cumulative = np.concatenate([[0.0], np.cumsum(y) / len(y)])
+    at_edges = np.interp(np.linspace(0, 1, n_bins + 1), np.linspace(0, 1, len(y) + 1), cumulative)
+    return np.diff(at_edges) * n_bins
+
+
+def _resample_linear(y: np.ndarray, n_bins: int) -> np.ndarray:
+    """Linear interpolation of `y` onto `n_bins` evenly spaced points from its first to its last value."""
     if len(y) == 1:
         return np.full(n_bins, y[0])
     return np.interp(np.linspace(0, 1, n_bins), np.linspace(0, 1, len(y)), y)
 
 
 def mean_interpolated(curves: Sequence[Tensor], n_bins: int = 100) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and standard error over sequences of per-sequence interpolated curves."""
+    """Mean and standard error over sequences of per-sequence bin-averaged curves (`interpolate_curve`)."""
     stack = np.stack([interpolate_curve(c, n_bins) for c in curves])
     return stack.mean(0), stack.std(0, ddof=1) / np.sqrt(len(stack)) if len(stack) > 1 else np.zeros(n_bins)
 
@@ -75,4 +89,4 @@ def reference_aggregate(curves: Sequence[Tensor], n_bins: int = 100) -> np.ndarr
     padded = np.zeros((len(curves), width))
     for i, c in enumerate(curves):
         padded[i, width - len(c):] = c.float().cpu().numpy()
-    return interpolate_curve(torch.from_numpy(padded.mean(0)), n_bins)
+    return _resample_linear(padded.mean(0), n_bins)

@@ -83,34 +83,43 @@ def test_cliff_metrics_accepts_bfloat16():
 
 # --- mean_interpolated ----------------------------------------------------------------------
 
-def _by_hand_interp(y: list[float], n_bins: int) -> np.ndarray:
-    """Linear interpolation written out: bin j at t = j/(n_bins-1), sample i at i/(len-1)."""
-    y = np.asarray(y, dtype=np.float64)
-    if len(y) == 1:
-        return np.full(n_bins, y[0])
-    out = np.empty(n_bins)
+def _by_hand_bins(y: list[float], n_bins: int) -> np.ndarray:
+    """Token i owns [i/L, (i+1)/L); bin j = [j/n, (j+1)/n) gets the overlap-weighted mean, written out."""
+    L = len(y)
+    out = np.zeros(n_bins)
     for j in range(n_bins):
-        x = j / (n_bins - 1) * (len(y) - 1)
-        lo = min(int(math.floor(x)), len(y) - 2)
-        frac = x - lo
-        out[j] = (1 - frac) * y[lo] + frac * y[lo + 1]
+        lo, hi = j / n_bins, (j + 1) / n_bins
+        for i, v in enumerate(y):
+            overlap = max(0.0, min(hi, (i + 1) / L) - max(lo, i / L))
+            out[j] += v * overlap * n_bins
     return out
 
 
 CURVES = [[0.0, 1.0, 0.5], [0.2, 0.4, 0.8, 1.0, 0.0], [0.6], [1.0, 0.0]]
 
 
-def test_interpolate_curve_matches_hand_interpolation():
+def test_interpolate_curve_matches_hand_binning():
     for c in CURVES:
-        np.testing.assert_allclose(interpolate_curve(torch.tensor(c), 7), _by_hand_interp(c, 7), atol=1e-7)
-    # the endpoints are the first and last score exactly
-    got = interpolate_curve(torch.tensor(CURVES[1]), 11)
-    assert got[0] == pytest.approx(0.2) and got[-1] == pytest.approx(0.0)
+        np.testing.assert_allclose(interpolate_curve(torch.tensor(c), 7), _by_hand_bins(c, 7), atol=1e-7)
+    # a long sequence: each bin is the plain mean of its tokens; a short one repeats its tokens
+    y = torch.arange(8.0)
+    np.testing.assert_allclose(interpolate_curve(y, 4), [0.5, 2.5, 4.5, 6.5], atol=1e-6)
+    np.testing.assert_allclose(interpolate_curve(torch.tensor([1.0, 3.0, 5.0]), 6), [1, 1, 3, 3, 5, 5], atol=1e-6)
+
+
+def test_interpolate_curve_averages_instead_of_sampling():
+    """A one-token spike in a long sequence lands in its bin with weight 1/tokens-per-bin and the curve
+    keeps the sequence's mean; sampling 100 points of 1000 would miss it."""
+    y = torch.zeros(1000)
+    y[505] = 1.0
+    curve = interpolate_curve(y, 100)
+    assert curve[50] == pytest.approx(0.1) and np.count_nonzero(curve) == 1
+    assert curve.mean() == pytest.approx(float(y.mean()))
 
 
 def test_mean_interpolated_matches_numpy_by_hand():
     n_bins = 7
-    stack = np.stack([_by_hand_interp(c, n_bins) for c in CURVES])
+    stack = np.stack([_by_hand_bins(c, n_bins) for c in CURVES])
     want_mean = stack.mean(0)
     dev = stack - want_mean
     want_se = np.sqrt((dev ** 2).sum(0) / (len(CURVES) - 1)) / np.sqrt(len(CURVES))  # ddof=1
@@ -118,14 +127,14 @@ def test_mean_interpolated_matches_numpy_by_hand():
     assert mean.shape == se.shape == (n_bins,)
     np.testing.assert_allclose(mean, want_mean, atol=1e-6)
     np.testing.assert_allclose(se, want_se, atol=1e-6)
-    # bin 3 by hand: t = 0.5 -> 1.0, 0.8, 0.6, 0.5
-    assert mean[3] == pytest.approx((1.0 + 0.8 + 0.6 + 0.5) / 4, abs=1e-6)
+    # bin 3 = [3/7, 4/7) by hand: inside the middle token of the first three curves; half 1.0, half 0.0 in the last
+    assert mean[3] == pytest.approx((1.0 + 0.8 + 0.6 + (0.5 * 1.0 + 0.5 * 0.0)) / 4, abs=1e-6)
 
 
 def test_mean_interpolated_single_curve_has_zero_error():
-    mean, se = mean_interpolated([torch.tensor([0.0, 1.0])], 5)
-    np.testing.assert_allclose(mean, [0.0, 0.25, 0.5, 0.75, 1.0], atol=1e-7)
-    np.testing.assert_array_equal(se, np.zeros(5))
+    mean, se = mean_interpolated([torch.tensor([0.0, 1.0])], 4)
+    np.testing.assert_allclose(mean, [0.0, 0.0, 1.0, 1.0], atol=1e-7)
+    np.testing.assert_array_equal(se, np.zeros(4))
 
 
 # --- mean_tail ------------------------------------------------------------------------------
