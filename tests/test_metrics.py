@@ -190,6 +190,6 @@ def test_reference_aggregate_resamples_padded_mean():
     curves = [torch.tensor([2.0, 4.0]), torch.tensor([1.0, 1.0, 1.0])]
     # padded: [0, 2, 4] and [1, 1, 1] -> mean [0.5, 1.5, 2.5]; 5 bins at t = 0, .25, .5, .75, 1
     np.testing.assert_allclose(reference_aggregate(curves, 5), [0.5, 1.0, 1.5, 2.0, 2.5], atol=1e-7)
-    # equal lengths: identical to the interpolated mean
+    # equal lengths: no padding, the plain mean [1, 1, 1.5] resampled linearly at t = 0, 1/8, ..., 1
     same = [torch.tensor([0.0, 1.0, 3.0]), torch.tensor([2.0, 1.0, 0.0])]
-    np.testing.assert_allclose(reference_aggregate(same, 9), mean_interpolated(same, 9)[0], atol=1e-7)
+    np.testing.assert_allclose(reference_aggregate(same, 9), [1, 1, 1, 1, 1, 1.125, 1.25, 1.375, 1.5], atol=1e-7)
