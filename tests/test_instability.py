@@ -382,3 +382,28 @@ def test_local_model_path_matches_jsonl_and_batch_size(organism, tmp_path):
         assert getattr(res, k) == getattr(ext, k) or json.dumps(getattr(res, k)) == json.dumps(getattr(ext, k)), k
     html = an.build_report(res, organism.tokenizer).render()
     assert "Failure prediction" in html and "Reconstructed choices" in html
+
+
+def test_user_task_file_and_offline_hub(organism, tmp_path, monkeypatch):
+    from analyses import instability as an
+    from interp.organisms import corpus
+    from interp.skills import load_skill
+
+    items = load_skill("arithmetic", 3)
+    path = _write(tmp_path, [{"prompt": it.prompt, "answer": int(it.answer)} for it in items] +
+                  [{"prompt": items[0].prompt, "answer": "So"}], "tasks.jsonl")
+    tasks = an.load_tasks(str(path))
+    assert [t.check for t in tasks] == ["number"] * 3 + ["contains"]
+    res = an.run(organism, an.Config(tasks=str(path), max_new_tokens=40, n_boot=100, progress=False, windows=(8,)))
+    by_id = {r["id"]: r for r in res.trace_rows}
+    assert by_id["3"]["correct"] is True          # "So <name> has ..." is in every organism trace
+    assert corpus.THINK_CLOSE.strip() in "".join(res.tokens["0"])
+    for bad, message in [("{", "line 1 is not valid JSON"), ({"prompt": "x", "answer": ""}, "must be non-empty"),
+                         ({"prompt": "x", "answer": "1", "check": "none"}, "check must be number")]:
+        with pytest.raises(UserError, match=message):
+            an.load_tasks(str(_write(tmp_path, [bad], "bad.jsonl")))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError) as e:
+        an.load_tasks("gsm8k")
+    assert "gsm8k" in str(e.value) and "\n" not in str(e.value)
