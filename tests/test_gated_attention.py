@@ -14,26 +14,30 @@ GATE_CONSTANTS = (0.22, 0.42, 0.62, 0.82)  # planted gate score of each head, ev
 EMB_CONST, EMB_REST = 2.0, 3.0            # embedding = EMB_CONST on dim 0 + a part of norm EMB_REST elsewhere
 
 
-def _tiny_qwen35(path, layer_types, *, planted: bool, seed: int = 0):
-    """A tiny Qwen3.5 checkpoint. `planted`: every token embeds the same dim-0 value and a rest of
+def _tiny_qwen35(path, layer_types, *, planted: bool, seed: int = 0, arch: str = "qwen3_5"):
+    """A tiny Qwen3.5 (or, `arch="qwen3_next"`, Qwen3-Next with a small MoE) checkpoint. `planted`: every token embeds the same dim-0 value and a rest of
     fixed norm, so the normed input's dim 0 is the same at every token; gate rows read only dim 0, so
     head h's gate is GATE_CONSTANTS[h] everywhere. Layer 0's o_proj and MLP write nothing, so layer 1
     sees the embeddings too; the last layer's o_proj is random (no bias)."""
-    from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
+    from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig, Qwen3NextConfig, Qwen3NextForCausalLM
 
     from interp.tiny import build_tokenizer
 
     tok = build_tokenizer(512, thinking=False)
-    cfg = Qwen3_5TextConfig(
+    config_cls, model_cls = (Qwen3_5TextConfig, Qwen3_5ForCausalLM) if arch == "qwen3_5" else \
+        (Qwen3NextConfig, Qwen3NextForCausalLM)
+    extra = {} if arch == "qwen3_5" else dict(moe_intermediate_size=32, shared_expert_intermediate_size=32,
+                                               num_experts=4, num_experts_per_tok=2)
+    cfg = config_cls(**extra,
         vocab_size=len(tok), hidden_size=D_MODEL, intermediate_size=96, num_hidden_layers=len(layer_types),
         num_attention_heads=N_HEADS, num_key_value_heads=N_KV, head_dim=D_HEAD, max_position_embeddings=256,
         tie_word_embeddings=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
         bos_token_id=tok.pad_token_id, layer_types=list(layer_types), linear_num_value_heads=2,
         linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16, rms_norm_eps=1e-6,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 1.0})
-    cfg.architectures = ["Qwen3_5ForCausalLM"]
+    cfg.architectures = [model_cls.__name__]
     torch.manual_seed(seed)
-    model = Qwen3_5ForCausalLM(cfg).eval()
+    model = model_cls(cfg).eval()
     if planted:
         with torch.no_grad():
             emb = model.model.embed_tokens.weight
@@ -141,13 +145,25 @@ def test_mean_and_scale_interventions(planted_gated):
     torch.testing.assert_close(s["blocks.1.attn.hook_z"][:, :, 1], base["blocks.1.attn.hook_z"][:, :, 1])
 
 
-def test_gate_hook_equals_hf_module(hybrid, hybrid_dir):
-    """hook_q_gate fires on the full-attention layer only and equals σ⁻¹ of what HF multiplies by."""
-    from transformers import Qwen3_5ForCausalLM
+@pytest.fixture(scope="module")
+def next_dir(tmp_path_factory):
+    return _tiny_qwen35(tmp_path_factory.mktemp("next"), ["linear_attention", "full_attention"], planted=False,
+                        arch="qwen3_next")
 
+
+@pytest.mark.parametrize("arch", ["qwen3_5", "qwen3_next"])
+def test_gate_hook_equals_hf_module(arch, request):
+    """hook_q_gate fires on the full-attention layer only and equals σ⁻¹ of what HF multiplies by
+    (hybrid Qwen3.5 and Qwen3-Next: layer 0 linear attention, layer 1 full attention)."""
+    from transformers import AutoModelForCausalLM
+
+    from interp.models import load_model
+
+    hybrid_dir = request.getfixturevalue("hybrid_dir" if arch == "qwen3_5" else "next_dir")
+    hybrid = request.getfixturevalue("hybrid") if arch == "qwen3_5" else load_model(str(hybrid_dir), device="cpu")
     assert gates.softmax_layers(hybrid) == [1] and gates.layer_kinds(hybrid) == ["linear", "softmax"]
     assert gates.gate_hook(0) not in hybrid.hook_dict and gates.gate_hook(1) in hybrid.hook_dict
-    hf = Qwen3_5ForCausalLM.from_pretrained(hybrid_dir).eval()
+    hf = AutoModelForCausalLM.from_pretrained(hybrid_dir).eval()
     seen = {}
     attn = hf.model.layers[1].self_attn
     attn.q_proj.register_forward_hook(lambda m, i, o: seen.__setitem__("q", o))
