@@ -1,0 +1,319 @@
+"""talking_heads: planted channel found by the per-component scan, numpy cross-checks, the whole-head
+identity, hook edit = weight edit (GQA), Laundry List generator/scoring, the analysis end to end on a
+tokenizer that splits the items, and CLI errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from interp import composition as comp
+from interp import laundry as ll
+from interp.channels import scale_components
+from interp.errors import UserError
+
+D_MODEL, D_HEAD, N_HEADS, N_KV = 64, 16, 4, 2
+WRITER, READER = (0, 1), (1, 2)  # the planted pair; writer uses KV head 0, reader KV head 1
+SMALL_SIGMA = 0.1
+
+
+def _orthonormal(g, d, k):
+    return torch.linalg.qr(torch.randn(d, k, generator=g))[0]
+
+
+@pytest.fixture(scope="module")
+def planted_channel(tmp_path_factory):
+    """A tiny GQA Qwen2 whose head (0,1) writes u in its smallest-σ OV component (σ = 0.1 against 1-2 for
+    the other 15) and whose head (1,2) reads u on the query side (rank-1 W_Q along u)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from interp.tiny import build_tokenizer
+
+    path = tmp_path_factory.mktemp("planted_channel")
+    tok = build_tokenizer(512)
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=D_MODEL, num_hidden_layers=2, num_attention_heads=N_HEADS,
+                      num_key_value_heads=N_KV, head_dim=D_HEAD, intermediate_size=64, max_position_embeddings=512,
+                      tie_word_embeddings=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    u = torch.nn.functional.normalize(torch.randn(D_MODEL, generator=g), dim=0)
+    with torch.no_grad():
+        a0, a1 = model.model.layers[0].self_attn, model.model.layers[1].self_attn
+        layer, head = WRITER
+        kv = head // (N_HEADS // N_KV)
+        P = _orthonormal(g, D_MODEL, D_HEAD)                     # read directions
+        Q = _orthonormal(g, D_MODEL, D_HEAD - 1)
+        Q = torch.cat([Q - torch.outer(u, u @ Q), u[:, None]], 1)  # write directions, the last one u
+        Q = torch.linalg.qr(Q)[0] * torch.sign(torch.linalg.qr(Q)[1].diagonal())
+        s = torch.cat([torch.linspace(2.0, 1.0, D_HEAD - 1), torch.tensor([SMALL_SIGMA])])  # distinct σ
+        a0.v_proj.weight[kv * D_HEAD:(kv + 1) * D_HEAD] = P.T    # W_V[kv] = P
+        a0.o_proj.weight[:, head * D_HEAD:(head + 1) * D_HEAD] = (torch.diag(s) @ Q.T).T  # W_O[h] = diag(s) Qᵀ
+        rl, rh = READER
+        q = torch.zeros(D_HEAD, D_MODEL)
+        q[0] = 3 * u
+        a1.q_proj.weight[rh * D_HEAD:(rh + 1) * D_HEAD] = q      # W_Q[h] = u e_0ᵀ
+    model.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    (path / "interp_model.json").write_text(json.dumps({"random_weights": False}))
+    return path, u
+
+
+@pytest.fixture(scope="module")
+def channel_model(planted_channel):
+    from interp.models import load_model
+
+    return load_model(str(planted_channel[0]), device="cpu")
+
+
+def _hf_weights(path):
+    from safetensors.torch import load_file
+
+    sd = load_file(str(path / "model.safetensors"))
+    out = []
+    for layer in range(2):
+        p = f"model.layers.{layer}.self_attn."
+        out.append({k: sd[p + f"{k}_proj.weight"].double().numpy() for k in "qkvo"})
+    return out
+
+
+# ---------------------------------------------------------------- composition
+
+def test_planted_channel_ranked_first_while_whole_head_is_diluted(channel_model, planted_channel):
+    w = comp.head_weights(channel_model)
+    s = comp.scan(w, "q")
+    z = s.z()
+    rows = comp.channel_rows(s, z, min_z=3.0, min_score=2 * comp.gaussian_baseline(D_MODEL, D_HEAD, 5)["component_max"])
+    top = rows[0]
+    assert (top["writer_layer"], top["writer_head"], top["component"]) == (*WRITER, D_HEAD - 1)
+    assert (top["reader_layer"], top["reader_head"]) == READER and top["mode"] == "q"
+    assert top["score"] > 0.95 and top["singular_value"] == pytest.approx(SMALL_SIGMA, rel=1e-3)
+    whole = s.whole_head()[WRITER[0], WRITER[1], READER[0], READER[1]]
+    assert whole < 0.1  # diluted by the 15 components with σ in [1, 2]: ≈ 0.017
+    pairs = {(r["writer_layer"], r["writer_head"], r["reader_layer"], r["reader_head"]): r
+             for r in comp.whole_head_rows(s)}
+    row = pairs[(*WRITER, *READER)]
+    assert row["score"] == pytest.approx(float(whole)) and row["max_component_score"] > 0.95
+    # into that reader, the whole-head score prefers other writers; the component scan does not
+    into_reader = [r for r in pairs.values() if (r["reader_layer"], r["reader_head"]) == READER]
+    assert max(into_reader, key=lambda r: r["score"]) is not row
+    assert max(into_reader, key=lambda r: r["max_component_score"]) is row
+
+
+def test_component_scores_match_numpy(channel_model, planted_channel):
+    """Per-component scores of every mode against an independent numpy computation from the HF weights."""
+    hf = _hf_weights(planted_channel[0])
+    group = N_HEADS // N_KV
+    w = comp.head_weights(channel_model, fold_norms=False)
+    scans = {m: comp.scan(w, m) for m in comp.MODES}
+    for h in range(N_HEADS):
+        kv = h // group
+        W_V = hf[0]["v"][kv * D_HEAD:(kv + 1) * D_HEAD].T         # [d, dh]
+        W_O = hf[0]["o"][:, h * D_HEAD:(h + 1) * D_HEAD].T        # [dh, d]
+        U, S, Vt = np.linalg.svd(W_V @ W_O)
+        V = Vt[:D_HEAD].T                                         # write directions
+        for r in range(N_HEADS):
+            rk = r // group
+            W_Q = hf[1]["q"][r * D_HEAD:(r + 1) * D_HEAD].T
+            W_K = hf[1]["k"][rk * D_HEAD:(rk + 1) * D_HEAD].T
+            OV_r = hf[1]["v"][rk * D_HEAD:(rk + 1) * D_HEAD].T @ hf[1]["o"][:, r * D_HEAD:(r + 1) * D_HEAD].T
+            QK = W_Q @ W_K.T
+            expected = {"q": np.linalg.norm(V.T @ QK, axis=1) / np.linalg.norm(QK),
+                        "k": np.linalg.norm(V.T @ QK.T, axis=1) / np.linalg.norm(QK),
+                        "v": np.linalg.norm(V.T @ OV_r, axis=1) / np.linalg.norm(OV_r)}
+            for m, exp in expected.items():
+                got = scans[m].scores[0, h, :, 1, r].double().numpy()
+                np.testing.assert_allclose(got, exp, atol=2e-5)
+            rot = scans["q"].rotary_invariant[0, h, :, 1, r].double().numpy()
+            np.testing.assert_allclose(rot, np.linalg.norm(V.T @ W_Q, axis=1) / np.linalg.norm(W_Q), atol=2e-5)
+
+
+def test_whole_head_identity_matches_transformerlens(channel_model):
+    """CS² = Σ σ² CS_i² / Σ σ² reproduces TransformerLens' all_composition_scores in every mode."""
+    w = comp.head_weights(channel_model, fold_norms=False)
+    for m, name in (("q", "Q"), ("k", "K"), ("v", "V")):
+        ours = comp.scan(w, m).whole_head()
+        tl = torch.tensor(channel_model.all_composition_scores(name).detach().numpy())
+        mask = ~torch.isnan(ours)
+        assert mask.sum() == N_HEADS * N_HEADS
+        torch.testing.assert_close(ours[mask], tl[mask], atol=1e-5, rtol=0)
+
+
+def test_fold_norms_matches_transformerlens_processing(tmp_path):
+    """Folded W_Q/W_K/W_V equal TransformerLens' process_weights (fold_ln) on an RMSNorm model with gains ≠ 1."""
+    from transformer_lens.weight_processing import ProcessWeights
+
+    from interp.models import load_model
+    from interp.tiny import write_tiny_checkpoint
+
+    path = write_tiny_checkpoint(tmp_path / "m", "qwen2", seed=3)
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(path / "model.safetensors"))
+    g = torch.Generator().manual_seed(0)
+    for k in sd:
+        if k.endswith("input_layernorm.weight"):
+            sd[k] = 0.5 + torch.rand(sd[k].shape, generator=g)
+    save_file(sd, str(path / "model.safetensors"), metadata={"format": "pt"})
+    model = load_model(str(path), device="cpu")
+    ours = comp.head_weights(model, fold_norms=True)
+    processed = ProcessWeights.process_weights(dict(model.state_dict()), model.cfg, fold_ln=True,
+                                               center_writing_weights=True, center_unembed=False,
+                                               fold_value_biases=False, adapter=model.adapter)
+    for name, mine in (("W_Q", ours.W_Q), ("W_K", ours.W_K), ("W_V", ours.W_V)):
+        for layer in range(model.cfg.n_layers):
+            key = ProcessWeights._get_param_key(f"blocks.{layer}.attn.{name}", model.adapter)
+            theirs = ProcessWeights.convert_tensor_to_tl_format(key, processed, processed[key], model.cfg, model.adapter, layer)
+            torch.testing.assert_close(mine[layer], theirs.float(), atol=1e-5, rtol=1e-5)
+
+
+def test_channel_rank_and_gaussian_baseline():
+    sigma = torch.tensor([2.0, 1.0, 0.5])[None, None]                      # one writer head
+    scores = torch.full((1, 1, 3, 2, 1), float("nan"))
+    scores[0, 0, :, 1, 0] = torch.tensor([0.1, 0.9, 0.1])
+    s = comp.Scan("q", scores, sigma)
+    # energies σ²·CS²: 0.04, 0.81, 0.0025 → the top one holds 95 %
+    assert int(s.channel_rank(0.8)[0, 0, 1, 0]) == 1
+    assert int(s.channel_rank(0.99)[0, 0, 1, 0]) == 2
+    expected = ((sigma[0, 0] ** 2 * scores[0, 0, :, 1, 0] ** 2).sum() / (sigma ** 2).sum()).sqrt()
+    assert float(s.whole_head()[0, 0, 1, 0]) == pytest.approx(float(expected))
+    base = comp.gaussian_baseline(768, 64, n_draws=10)
+    assert base["component_mean"] == pytest.approx(1 / np.sqrt(768), rel=0.1)   # method note: 0.0359 at d=768
+    assert base["component_max"] > base["component_mean"]
+
+
+# ---------------------------------------------------------------- edits
+
+@torch.no_grad()
+def test_hook_edit_equals_weight_edit_and_scales_the_component(channel_model):
+    """Hook and W_O edits give the same logits (GQA model) and the weight edit scales exactly σ_i u_i v_iᵀ."""
+    w = comp.head_weights(channel_model)
+    S, V = comp.writer_svd(w)
+    dirs = {(0, 1): V[0, 1][:, [0, D_HEAD - 1]], (0, 2): V[0, 2][:, [3]], (1, 3): V[1, 3][:, [2]]}
+    tokens = torch.tensor([channel_model.tokenizer("How do I bake bread? Mix flour and water.")["input_ids"]])
+    base = channel_model(tokens)
+    before = channel_model.W_O.detach().clone()
+    for alpha in (0.0, 2.5):
+        with scale_components(channel_model, dirs, alpha, "hook"):
+            hooked = channel_model(tokens)
+        with scale_components(channel_model, dirs, alpha, "weight"):
+            weighted = channel_model(tokens)
+            OV = (w.expand(channel_model.W_V[0].detach()) @ channel_model.W_O[0].detach())[1]
+        scale = max(1.0, float(hooked.detach().abs().max()))
+        assert float((hooked - weighted).abs().max()) <= 1e-5 * scale
+        assert float((hooked - base).abs().max()) > 1e-3
+        OV0 = w.expand(w.W_V[0])[1] @ w.W_O[0, 1]
+        U, s_, Vt = torch.linalg.svd(OV0.double())
+        expected = OV0.double() + (alpha - 1) * sum(s_[i] * torch.outer(U[:, i], Vt[i]) for i in (0, D_HEAD - 1))
+        torch.testing.assert_close(OV.double(), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(channel_model.W_O, before)  # restored
+
+
+# ---------------------------------------------------------------- Laundry List
+
+def test_laundry_prompts_balanced_and_encoded(channel_model):
+    tok = channel_model.tokenizer
+    pools, multi = ll.item_pools(tok, range(3))
+    assert multi  # this tiny tokenizer splits the items
+    with pytest.raises(UserError, match="distinct first tokens"):  # its names share first tokens
+        ll.make_prompts(ll.item_pools(tok, [3])[0], (2, 3), 1, seed=0)
+    prompts = ll.make_prompts(pools, (2, 3, 5), 4, seed=0)
+    assert len(prompts) == 4 * (2 + 3 + 5)
+    for n in (2, 3, 5):
+        assert sorted(p.position for p in prompts if p.n_items == n) == sorted(list(range(n)) * 4)
+    other = ll.make_prompts(pools, (2, 3, 5), 4, seed=1, exclude=frozenset(p.text for p in prompts))
+    assert not {p.text for p in prompts} & {p.text for p in other}
+    enc = ll.encode(tok, prompts)
+    for p, ids, positions in zip(prompts, enc.ids, enc.item_positions):
+        second = p.text.split(". ", 1)[1]
+        assert p.answer not in second.split() and all(w in second for w in p.items if w != p.answer)
+        for w, (a, b), i in zip(p.items, p.spans, positions):
+            assert p.text[a:b] == w
+            assert tok.decode(ids[i]).strip() and w.startswith(tok.decode(ids[i]).strip())
+        assert len(set(enc.candidates[prompts.index(p)])) == p.n_items
+
+
+def test_laundry_scoring_matches_full_forward(channel_model):
+    tok = channel_model.tokenizer
+    pools, _ = ll.item_pools(tok, range(3))
+    prompts = ll.make_prompts(pools, (3, 4), 2, seed=0)
+    enc = ll.encode(tok, prompts)
+    logits = ll.last_logits(channel_model, enc.ids, batch_size=3)
+    scores = ll.score(logits, enc, prompts)
+    for i, p in enumerate(prompts):
+        full = channel_model(torch.tensor([enc.ids[i]]))[0, -1].detach()
+        torch.testing.assert_close(logits[i], full, atol=1e-4, rtol=1e-4)
+        items = full[enc.candidates[i]]
+        answer = items[p.position]
+        others = torch.cat([items[:p.position], items[p.position + 1:]])
+        assert scores["correct"][i] == float(answer > others.max())
+        assert scores["logit_diff"][i] == pytest.approx(float(answer - others.max()), abs=1e-4)
+        assert scores["top1"][i] == float(int(full.argmax()) == enc.candidates[i][p.position])
+    rows = ll.table(prompts, scores)
+    assert {(r["n_items"], r["position"]) for r in rows} == {(3, 0), (3, 1), (3, 2), (3, None), (4, 0), (4, 1), (4, 2), (4, 3), (4, None)}
+
+
+# ---------------------------------------------------------------- the analysis
+
+SMALL = dict(n_items=(2, 3), templates=("laundry", "bag", "market"), prompts_per_cell=4, alpha=(0.0, 1.0, 3.0), candidates=3, edit_components=1,
+             random_draws=5, baseline_draws=4, view_prompts=8, progress=False)
+
+
+def test_analysis_end_to_end_with_first_token_scoring(channel_model, tmp_path):
+    from analyses import talking_heads as th
+    from interp.analysis import config_for
+
+    result = th.run(channel_model, config_for("talking_heads", channel_model, batch_size=8, **SMALL))
+    d = result.to_dict()
+    for key in ("channels", "whole_head", "laundry_list", "edits", "edit_agreement"):
+        assert key in d
+    assert d["first_token_scoring"] is True
+    c = d["channels"][0]
+    assert set(c) >= {"writer_layer", "writer_head", "component", "reader_layer", "reader_head", "mode", "score", "z",
+                      "singular_value"}
+    assert (c["writer_layer"], c["writer_head"], c["component"], c["reader_layer"], c["reader_head"]) == (*WRITER, D_HEAD - 1, *READER)
+    assert all(set(r) >= {"writer_layer", "writer_head", "reader_layer", "reader_head", "mode", "score"} for r in d["whole_head"])
+    assert all(set(r) >= {"n_items", "position", "accuracy", "top1_accuracy", "logit_diff", "n"} for r in d["laundry_list"])
+    rand = [r for r in d["edits"] if r["selection"] == "random"]
+    chan = [r for r in d["edits"] if r["selection"] == "channel"]
+    assert rand and chan and all(r["n_draws"] == 5 and "accuracy_sd" in r and "logit_diff_sd" in r for r in rand)
+    assert all(set(r) >= {"alpha", "components", "accuracy", "logit_diff", "selection"} for r in d["edits"])
+    assert d["edit_agreement"] < 1e-4
+    edit_set = {tuple(x) for x in d["mover"]["edit_set"]}
+    out = tmp_path / "r.html"
+    th.build_report(result, channel_model.tokenizer).write(out)
+    text = out.read_text()
+    assert "first token" in text and "Editing the channel" in text
+    # batch size does not change the numbers
+    again = th.run(channel_model, config_for("talking_heads", channel_model, batch_size=1, **SMALL))
+    for a, b in zip(d["edits"], again.to_dict()["edits"]):
+        for k in ("accuracy", "logit_diff"):
+            assert a[k] == pytest.approx(b[k], abs=1e-5)
+    for a, b in zip(d["laundry_list"], again.to_dict()["laundry_list"]):
+        assert a["logit_diff"] == pytest.approx(b["logit_diff"], abs=1e-5)
+    assert {tuple(x) for x in again.to_dict()["mover"]["edit_set"]} == edit_set
+
+
+def test_random_control_is_disjoint_from_the_edit_set():
+    import random
+
+    from analyses.talking_heads import random_components
+
+    chosen = [(0, 1, 15), (0, 1, 3), (1, 2, 0)]
+    for seed in range(20):
+        draw = random_components(chosen, 16, random.Random(seed))
+        assert len(draw) == len(chosen) and not set(draw) & set(chosen)
+        assert sorted((lw, hw) for lw, hw, _ in draw) == sorted((lw, hw) for lw, hw, _ in chosen)
+
+
+@pytest.mark.parametrize("args", [["--n-items", "1"], ["--alpha", "-1"], ["--mode", "x"], ["--energy", "0"],
+                                  ["--random-draws", "0"], ["--templates", "park", "--n-items", "3"]])
+def test_cli_rejects_bad_options(planted_channel, tmp_path, capsys, args):
+    from interp.run import main
+
+    code = main(["talking_heads", "--model", str(planted_channel[0]), "--out", str(tmp_path / "o"), "--no-progress", *args])
+    err = capsys.readouterr().err
+    assert code == 2 and "error:" in err and "Traceback" not in err
