@@ -116,7 +116,7 @@ def bos_token(tokenizer) -> tuple[int, str]:
     if tokenizer.bos_token_id is not None and tokenizer.bos_token_id != tokenizer.eos_token_id:
         return tokenizer.bos_token_id, tokenizer.bos_token
     tid = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    if isinstance(tid, int) and tid != tokenizer.unk_token_id:
+    if isinstance(tid, int) and tokenizer.convert_ids_to_tokens(tid) == "<|endoftext|>":
         return tid, "<|endoftext|>"
     if tokenizer.eos_token_id is not None:
         return tokenizer.eos_token_id, tokenizer.eos_token

@@ -1,0 +1,350 @@
+"""systematic_outliers: planted massive activation and sink, metric functions, text sets, bad inputs.
+
+The planted model (`planted_outliers`) is a 2-layer Qwen2 with hand-set weights:
+* the BOS-like token `<|endoftext|>` embeds e_F and nothing else; other tokens carry N(0, 1) noise on dims ≥ 8;
+* layer 0 head 0 attends to the BOS feature by construction (query bias QB on head dim 7, key = e_F feature):
+  A[q, 0] = e^s / (e^s + q) with s = QB · x̂_F / √d_head, the other heads are uniform; no value/output;
+* layer 0 MLP neuron J fires only on the BOS token and its down-projection column writes DG · act into dim D_STAR:
+  a massive activation (≈ 6400) at the first token from block 0 on;
+* layer 1 head 0 attends to keys with a large D_STAR (the sink) and copies content dims of the other tokens:
+  with the massive value in place most of its attention parks on the BOS token, without it the head spreads
+  attention and changes the logits (so set-zero changes the loss, set-mean does not).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from interp import outliers, sinks, texts
+from interp.errors import UserError
+
+F_DIM, D_STAR, NOISE_FROM = 0, 5, 8
+D_MODEL, D_HEAD, D_MLP = 64, 16, 32
+J = 3
+QB, KG, GG, UG, DG = 2.0, 1.0, 1.0, 1.0, 100.0
+EPS = 1e-6
+
+
+def write_planted_outliers(path: Path) -> Path:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from interp.tiny import build_tokenizer
+
+    tok = build_tokenizer(512)
+    vocab = len(tok)
+    bos = tok.convert_tokens_to_ids("<|endoftext|>")
+    config = Qwen2Config(vocab_size=vocab, hidden_size=D_MODEL, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=D_HEAD, intermediate_size=D_MLP, max_position_embeddings=128,
+                         rope_theta=1e6, rms_norm_eps=EPS, tie_word_embeddings=False, pad_token_id=tok.pad_token_id,
+                         eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id, architectures=["Qwen2ForCausalLM"])
+    if getattr(config, "rope_parameters", None) is not None:
+        config.rope_parameters["rope_theta"] = 1e6
+    gen = torch.Generator().manual_seed(0)
+    model = Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        emb = model.model.embed_tokens.weight
+        emb[:, NOISE_FROM:] = torch.randn(vocab, D_MODEL - NOISE_FROM, generator=gen)
+        emb[bos] = 0.0
+        emb[bos, F_DIM] = 1.0
+        for layer in model.model.layers:
+            layer.input_layernorm.weight.fill_(1.0)
+            layer.post_attention_layernorm.weight.fill_(1.0)
+        model.model.norm.weight.fill_(1.0)
+        a0, a1 = model.model.layers[0].self_attn, model.model.layers[1].self_attn
+        a0.q_proj.bias[7] = QB                      # head 0, head dim 7 (slowest rotary pair)
+        a0.k_proj.weight[7, F_DIM] = KG             # kv head 0 reads the BOS feature
+        m0 = model.model.layers[0].mlp
+        m0.gate_proj.weight[J, F_DIM] = GG
+        m0.up_proj.weight[J, F_DIM] = UG
+        m0.down_proj.weight[D_STAR, J] = DG
+        a1.q_proj.bias[7] = QB
+        a1.k_proj.weight[7, D_STAR] = KG            # the sink key is the massive dim
+        for i in range(D_HEAD):                     # head 0 copies 16 content dims of the keys it attends to
+            a1.v_proj.weight[i, NOISE_FROM + i] = 1.0
+            a1.o_proj.weight[NOISE_FROM + 16 + i, i] = 3.0
+        model.lm_head.weight.copy_(torch.randn(vocab, D_MODEL, generator=gen))
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    (path / "interp_model.json").write_text(json.dumps({"random_weights": False, "planted": True}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def planted_dir(tmp_path_factory):
+    return write_planted_outliers(tmp_path_factory.mktemp("planted_outliers"))
+
+
+@pytest.fixture(scope="module")
+def pmodel(planted_dir):
+    from interp.models import load_model
+
+    return load_model(str(planted_dir), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("texts") / "prose.txt"
+    path.write_text("\n\n".join(texts.natural_text()[:20]), encoding="utf-8")
+    return path
+
+
+def _chunks(model, n=12, seq_len=16, bos=True):
+    return texts.chunk_texts(model.tokenizer, texts.natural_text()[:20], seq_len, n, bos=bos)
+
+
+def _same(a: dict, b: dict, rel: float = 1e-5) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        if isinstance(a[k], float) and b[k] is not None:
+            assert a[k] == pytest.approx(b[k], rel=rel, abs=1e-6), k
+        else:
+            assert a[k] == b[k], k
+
+
+def _bos_score() -> float:
+    xhat = 1.0 / math.sqrt(1.0 / D_MODEL + EPS)   # RMSNorm of e_F
+    return QB * KG * xhat / math.sqrt(D_HEAD)
+
+
+# ---------------------------------------------------------------- planted sink
+
+def test_planted_head_first_token_attention_and_sink_rate(pmodel):
+    ts = _chunks(pmodel, n=6, seq_len=16)
+    assert ts.first_tokens[0] == "<|endoftext|>" and ts.first_token_summary()["share"] == 1.0
+    stats = sinks.attention_metrics(pmodel, ts.chunks, batch_size=4, layers=[0], progress=False)
+    e, T = math.exp(_bos_score()), 16
+    planted_f = np.mean([e / (e + q) for q in range(1, T)])
+    planted_alpha = np.mean([e / (e + q) for q in range(T)])
+    uniform_f = np.mean([1 / (q + 1) for q in range(1, T)])
+    uniform_alpha = np.mean([1 / (q + 1) for q in range(T)])
+    heads = {r["head"]: r for r in stats.per_head()}
+    assert heads[0]["first_token"] == pytest.approx(planted_f, abs=1e-4)
+    assert heads[1]["first_token"] == pytest.approx(uniform_f, abs=1e-5)
+    assert planted_alpha > 0.3 > uniform_alpha
+    assert heads[0]["sink_rate"] == 100.0 and heads[1]["sink_rate"] == 0.0
+    assert stats.per_layer()[0]["sink_rate"] == pytest.approx(25.0)
+    assert stats.per_layer()[0]["first_token"] == pytest.approx((planted_f + 3 * uniform_f) / 4, abs=1e-4)
+
+    # repeated-token control without the BOS-like token: nothing carries the sink feature, every head is uniform
+    rep = texts.repeated_token_set(pmodel.tokenizer, T, 4, bos=False, seed=0)
+    assert len(set(rep.chunks[0])) == 1
+    ctrl = sinks.attention_metrics(pmodel, rep.chunks, batch_size=4, layers=[0], progress=False)
+    assert ctrl.overall()["sink_rate"] == 0.0
+    assert ctrl.overall()["first_token"] == pytest.approx(uniform_f, abs=1e-5)
+
+
+def test_attention_and_residual_stats_do_not_depend_on_batching(pmodel):
+    ts = _chunks(pmodel, n=10, seq_len=16)
+    seqs = [c[: 6 + i] for i, c in enumerate(ts.chunks)]  # different lengths: left padding in a batch
+    a1 = sinks.attention_metrics(pmodel, seqs, batch_size=1, qkv_norms=True, progress=False)
+    a8 = sinks.attention_metrics(pmodel, seqs, batch_size=8, qkv_norms=True, progress=False)
+    for x, y in zip(a1.per_head(), a8.per_head(), strict=True):
+        _same(x, y)
+    assert sorted(a1.outlier_keys) == sorted(a8.outlier_keys)
+    for x, y in zip(a1.qkv_norm_rows(), a8.qkv_norm_rows(), strict=True):
+        _same(x, y)
+    r1 = outliers.residual_stats(pmodel, seqs, batch_size=1, progress=False)
+    r8 = outliers.residual_stats(pmodel, seqs, batch_size=8, progress=False)
+    for x, y in zip(r1.profile() + r1.down_profile(), r8.profile() + r8.down_profile(), strict=True):
+        _same(x, y)
+    assert len(r1.hits) == len(r8.hits)
+
+
+# ---------------------------------------------------------------- planted massive activation
+
+def test_residual_stats_find_the_planted_massive_activation(pmodel, planted_dir):
+    ts = _chunks(pmodel, n=8, seq_len=16)
+    # tau 100: in a 16 × 64 chunk one 6400 lifts the mean |h| to ≈ 7, so An's 1000 × mean cannot fire
+    stats = outliers.residual_stats(pmodel, ts.chunks, batch_size=4, tau=100, progress=False)
+    assert stats.n_hits == 2 * len(ts)  # one per chunk in each block
+    assert {(h["layer"], h["position"], h["dim"]) for h in stats.hits} == {(0, 0, D_STAR), (1, 0, D_STAR)}
+    assert [r["dim"] for r in stats.outlier_dims()] == [D_STAR]
+    expected = DG * UG * 8 * (GG * 8) * torch.sigmoid(torch.tensor(GG * 8.0)).item()  # silu(8)·8·DG
+    assert stats.hits[0]["value"] == pytest.approx(expected, rel=1e-3)
+    assert stats.profile()[0]["top_dims"][0] == D_STAR
+    assert stats.down_profile()[0]["top_dims"][0] == J
+    assert {h["position"] for h in stats.token_hits} == {0}  # An's token rule too
+    # independent computation: a plain HF forward's hidden states
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(planted_dir).eval()
+    outs = {}
+    for i, layer in enumerate(hf.model.layers):  # decoder-layer outputs (HF's last hidden state is after the final norm)
+        layer.register_forward_hook(lambda mod, args, output, i=i: outs.__setitem__(i, output[0] if isinstance(output, tuple) else output))
+    with torch.no_grad():
+        hf(torch.tensor(ts.chunks))
+    for layer in (0, 1):
+        a = outs[layer].abs()
+        top1 = a.flatten(1).max(1).values.mean().item()
+        median = a.flatten(1).median(1).values.mean().item()
+        assert stats.profile()[layer]["top1"] == pytest.approx(top1, rel=1e-4)
+        assert stats.profile()[layer]["median_abs"] == pytest.approx(median, rel=1e-4)
+    assert outliers.m_act(stats.layer_max()) == pytest.approx(np.mean([outs[i].abs().max().item() for i in (0, 1)]), rel=1e-4)
+
+
+def test_analysis_reports_layer_dim_neuron_and_interventions(pmodel, text_file, tmp_path):
+    from analyses import systematic_outliers as so
+    from interp.analysis import config_for
+
+    cfg = config_for("systematic_outliers", pmodel, text_set=str(text_file), seq_len=16, n_texts=16, bos=True,
+                     n_random=3, progress=False)
+    res = so.run(pmodel, cfg)
+    d = res.to_dict()
+    for key in ("residual", "massive_activations", "outlier_dims", "attention", "weight_outliers", "connections",
+                "interventions"):
+        assert key in d
+    assert set(d["residual"][0]) >= {"layer", "max_abs", "median_abs", "mean_abs", "top_dims"}
+    assert set(d["attention"][0]) >= {"layer", "first_token", "sink_rate"}
+    assert d["outlier_dims"][0]["dim"] == D_STAR
+    neuron = d["connections"]["neurons"][0]
+    assert neuron["neuron"] == J and neuron["writes_to"][0] == D_STAR and neuron["weights"][0] == pytest.approx(DG)
+    assert neuron["writes_to_outlier_dims"] == [D_STAR] and neuron["max_input"] == pytest.approx(64 * 0.99966, rel=1e-3)
+    life = d["connections"]["lifecycle"][0]
+    assert (life["dim"], life["emerges_at"], life["creator_neuron"], life["creator_same_sign"]) == (D_STAR, 0, J, True)
+    down0 = next(r for r in d["weight_outliers"] if r["layer"] == 0 and r["module"] == "down")
+    assert down0["top_columns"][0] == J
+    assert d["attention"][1]["sink_rate"] == pytest.approx(25.0)  # layer 1 head 0 parks on the massive token
+    rows = {(r["what"], r["draw"]): r for r in d["interventions"]}
+    base, zero, mean = rows[("baseline", None)], rows[("set_zero", None)], rows[("set_mean", None)]
+    assert zero["dims"] == [D_STAR] and zero["layer"] == 0 and zero["massive"] is True
+    assert zero["n_positions"] == base["n_measured"]  # one carrier (the first token) per measured chunk
+    assert abs(zero["loss"] - base["loss"]) > 1e-2
+    assert abs(mean["loss"] - base["loss"]) < 1e-5
+    assert zero["first_token"] < base["first_token"] - 0.05 and zero["m_act"] < base["m_act"] / 10
+    ctrl = rows[("set_zero_random", "mean ± sd")]
+    assert ctrl["n_draws"] == 3 and abs(ctrl["loss"] - base["loss"]) < 1e-3 and ctrl["loss_sd"] is not None
+    draws = [r for r in d["interventions"] if r["what"] == "set_zero_random" and r["draw"] != "mean ± sd"]
+    assert len(draws) == 3 and all(D_STAR not in r["dims"] for r in draws)
+    assert base["n_selection"] + base["n_measured"] == 16
+    assert ("repeated_token", None) in rows
+    rep = so.build_report(res, pmodel.tokenizer)
+    html = rep.render()
+    assert "Interventions" in html and "&lt;|endoftext|&gt;" in html
+    assert set(res.tables()) >= {"residual", "attention_heads", "interventions"}
+
+
+# ---------------------------------------------------------------- metric functions
+
+def test_massive_rule_token_rule_and_token_types():
+    h = torch.full((4, 8), 0.1)
+    h[0, 3] = -500.0
+    h[2, 1] = 150.0   # > 100 but 150 / 0.1 = 1500 ≥ 1000: massive too
+    h[3, 2] = 90.0    # below the absolute threshold
+    assert outliers.massive_hits(h).tolist() == [[0, 3], [2, 1]]
+    assert outliers.massive_hits(h, ratio=2000).tolist() == [[0, 3]]
+    mean = h.abs().mean().item()
+    assert outliers.outlier_tokens(h, tau=500 / mean - 1).tolist() == [0]
+    vals, dims = outliers.top_k_abs(h, 3)
+    assert vals.tolist() == pytest.approx([500, 150, 90]) and dims.tolist() == [3, 1, 2]
+    assert outliers.token_type(0, "Summer") == "initial"
+    assert outliers.token_type(3, ".") == "strong_delimiter"
+    assert outliers.token_type(5, "\n") == "strong_delimiter"
+    assert outliers.token_type(4, " the") == "weak_semantic"
+    assert outliers.token_type(4, " warm") == "other"
+    assert outliers.m_act([10.0, 20.0, 60.0]) == pytest.approx(30.0)
+
+
+def test_column_ratios_against_numpy():
+    w = torch.randn(6, 5, generator=torch.Generator().manual_seed(0))
+    a = np.abs(w.numpy())
+    assert outliers.column_ratios(w).numpy() == pytest.approx(a.max(0) / (a.mean(0) + 1e-8), rel=1e-5)
+
+
+def test_streamed_stats_hold_no_per_sequence_tensors(pmodel):
+    """Memory is bounded by the batch: the accumulators' tensors do not grow with the number of chunks."""
+    ts = _chunks(pmodel, n=40, seq_len=16)
+
+    def tensor_bytes(obj):
+        total = 0
+        for v in vars(obj).values():
+            items = v.values() if isinstance(v, dict) else [v]
+            total += sum(t.numel() * t.element_size() for t in items if isinstance(t, torch.Tensor))
+        return total
+
+    small = [sinks.attention_metrics(pmodel, ts.chunks[:4], progress=False),
+             outliers.residual_stats(pmodel, ts.chunks[:4], progress=False)]
+    big = [sinks.attention_metrics(pmodel, ts.chunks, progress=False),
+           outliers.residual_stats(pmodel, ts.chunks, progress=False)]
+    for s, b in zip(small, big):
+        assert tensor_bytes(s) == tensor_bytes(b)
+
+
+# ---------------------------------------------------------------- text sets
+
+def test_chunking_with_and_without_bos(pmodel):
+    tok = pmodel.tokenizer
+    docs = texts.natural_text()
+    assert len(docs) > 50 and sum(d.count(".") for d in docs) > 300
+    ids = tok("\n\n".join(docs[:5]), add_special_tokens=False)["input_ids"]
+    plain = texts.chunk_texts(tok, docs[:5], 10, bos=False)
+    assert plain.chunks[0] == ids[:10] and plain.chunks[1] == ids[10:20]
+    assert all(len(c) == 10 for c in plain.chunks) and len(plain) == len(ids) // 10
+    assert plain.first_token_ids[1] == ids[10] and plain.first_tokens[1] == tok.decode([ids[10]])
+    with_bos = texts.chunk_texts(tok, docs[:5], 10, 3, bos=True)
+    bos_id, bos_str = texts.bos_token(tok)
+    assert bos_str == "<|endoftext|>" and [c[0] for c in with_bos.chunks] == [bos_id] * 3
+    assert with_bos.chunks[0][1:] == ids[:9] and with_bos.chunks[1][1:] == ids[9:18]
+    with pytest.raises(UserError, match="fewer than one chunk"):
+        texts.chunk_texts(tok, ["short"], 64)
+    sel, held = texts.split_indices(10, 0.5, seed=0)
+    assert sorted(sel + held) == list(range(10)) and len(sel) == 5
+
+
+def test_text_file_and_registry(tmp_path):
+    from interp.datasets import load_dataset
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n  \n")
+    with pytest.raises(UserError, match="empty"):
+        load_dataset(str(empty), "texts")
+    f = tmp_path / "t.txt"
+    f.write_text("One paragraph.\n\nAnother one.\n")
+    assert load_dataset(str(f), "texts") == ["One paragraph.", "Another one."]
+    assert load_dataset("natural-text", "texts")[0].startswith("The river rose")
+    assert len(load_dataset("organism-plain", "texts", limit=3)) == 3
+
+
+def test_model_without_down_projection_is_refused():
+    fake = SimpleNamespace(cfg=SimpleNamespace(n_layers=1, d_model=4), hook_dict={},
+                           blocks=[SimpleNamespace(mlp=None)])
+    with pytest.raises(UserError, match="down-projection"):
+        outliers.check_down_projection(fake)
+    with pytest.raises(UserError, match="down-projection"):
+        outliers.down_projection(fake, 0)
+
+
+# ---------------------------------------------------------------- CLI errors
+
+@pytest.mark.parametrize("extra, message", [
+    (["--seq-len", "4096"], "exceeds the model's context"),
+    (["--sink-eps", "0"], "sink-eps"),
+    (["--n-texts", "1"], "n-texts"),
+])
+def test_cli_bad_options(planted_dir, tmp_path, capsys, extra, message):
+    from interp.run import main
+
+    assert main(["systematic_outliers", "--model", str(planted_dir), "--out", str(tmp_path / "o"), "--no-progress",
+                 *extra]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and message in err and "Traceback" not in err
+
+
+def test_cli_empty_text_file(planted_dir, tmp_path, capsys):
+    from interp.run import main
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert main(["systematic_outliers", "--model", str(planted_dir), "--dataset", str(empty),
+                 "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "empty" in err and "Traceback" not in err
