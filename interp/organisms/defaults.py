@@ -37,4 +37,11 @@ ANALYSIS_DEFAULTS: dict[str, dict] = {
         "prompts_per_cell": 30,  # 600 prompts per split keep the 7-alpha sweep with 5 random draws near a minute
         "batch_size": 64,  # 1M-parameter model: bigger batches are faster on CPU (numbers do not depend on it)
     },
+    # measured in docs/skill_unlearning.md ("On the organisms")
+    "skill_unlearning": {
+        "forget": "arithmetic", "retain": "laundry,chat",  # the organisms' own skills (GSM8K/MBPP are out of reach offline)
+        "n_probe": 64, "n_eval": 32,  # about 5,000 probe tokens per chat skill; the whole run takes ~1.5 CPU-minutes
+        "max_new_tokens": 64,  # an arithmetic answer is 20-50 tokens
+        "batch_size": 32,  # tiny model: bigger batches are faster on CPU (numbers do not depend on it)
+    },
 }
