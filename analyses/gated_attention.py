@@ -346,24 +346,28 @@ class Result:
 
 
 def run(model, config: Config) -> Result:
-    """Measure `model` (and the comparison model, loaded on the same device and dtype)."""
+    """Measure `model` and the comparison model (loaded first, on the same device and dtype, so a bad
+    name fails before any measurement)."""
     from interp.models import load_model
 
     config.validate(model)
-    results = {}
-    first = analyse_model(model, config)
-    results[first.name] = first
-    header = run_header("gated_attention", model, config)
+    other = other_config = None
     other_name = compare_name(model, config)
     if other_name is not None:
         info = model_info(model)
         other = load_model(other_name, device=info.device, dtype=info.dtype)
+        # `--interventions on` asks it of the gated model; an ungated comparison model just has none
         other_config = config if config.interventions != "on" or gates.is_gated(other) else \
             dataclasses.replace(config, interventions="auto")
+        other_config.validate(other)
+    header = run_header("gated_attention", model, config)
+    first = analyse_model(model, config)
+    results = {first.name: first}
+    if other is not None:
         second = analyse_model(other, other_config)
-        key = second.name if second.name not in results else f"{second.name} (compare)"
-        second.name = key
-        results[key] = second
+        if second.name in results:
+            second.name = f"{second.name} (compare)"
+        results[second.name] = second
         header["compare_model"] = model_info(other).to_dict()
     return Result(header=header, results=results)
 

@@ -334,7 +334,8 @@ def test_cli_runs_and_refuses_gate_interventions_on_ungated(tmp_path, capsys, ti
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error:") and "gated-attention model" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
-    for bad in (["--select-fraction", "0.8"], ["--sparsity-threshold", "0"], ["--n-chunks", "1"]):
+    for bad in (["--select-fraction", "0.8"], ["--sparsity-threshold", "0"], ["--n-chunks", "1"],
+                ["--compare", str(tmp_path / "no-such-model")], ["--dataset", str(tmp_path / "missing.txt")]):
         code = main(["gated_attention", "--model", str(tiny_dir), "--out", str(tmp_path / "y"), *bad])
         err = capsys.readouterr().err
         assert code == 2 and err.startswith("error:") and "Traceback" not in err, bad
