@@ -169,15 +169,18 @@ class Scan:
 
 
 def scan(w: HeadWeights, mode: str, *, S: Tensor | None = None, V: Tensor | None = None,
-         rotary_invariant: bool = True, chunk_layers: int = 4, progress: bool = False) -> Scan:
+         rotary_invariant: bool = True, chunk_layers: int = 4, progress: bool = False,
+         reader_layers: Sequence[int] | None = None) -> Scan:
     """Score every writer component against every reader head in a later layer, one reader layer at a
-    time and `chunk_layers` writer layers per einsum (memory ∝ chunk_layers · heads² · rank²)."""
+    time and `chunk_layers` writer layers per einsum (memory ∝ chunk_layers · heads² · rank²).
+    `reader_layers` limits the readers scored (default: all; others stay NaN)."""
     if S is None or V is None:
         S, V = writer_svd(w)
     n_layers, n_heads, r = S.shape
     scores = torch.full((n_layers, n_heads, r, n_layers, n_heads), float("nan"))
     rot = scores.clone() if rotary_invariant and mode != "v" else None
-    for lr in tqdm(range(1, n_layers), desc=f"composition {mode}", disable=not progress, leave=False):
+    readers = [lr for lr in (range(1, n_layers) if reader_layers is None else reader_layers) if lr >= 1]
+    for lr in tqdm(readers, desc=f"composition {mode}", disable=not progress, leave=False):
         factors = [(scores, reader_factor(w, lr, mode))]
         if rot is not None:
             factors.append((rot, reader_factor(w, lr, mode, rotary_invariant=True)))
