@@ -131,9 +131,8 @@ def load_text_set(model, config: Config) -> TextSet:
 
 
 def is_causal(model) -> bool:
-    """Decoder LMs attend causally; encoders (BERT-style) do not."""
-    return not getattr(model.original_model.config, "is_encoder_decoder", False) and \
-        "bert" not in type(model.original_model).__name__.lower()
+    """Decoder LMs attend causally; encoders (BERT-style) attend both ways (TransformerLens `cfg.attention_dir`)."""
+    return getattr(model.cfg, "attention_dir", "causal") != "bidirectional"
 
 
 # ---------------------------------------------------------------- connections
@@ -340,9 +339,11 @@ def interventions(model, texts: TextSet, config: Config, notes: list[str]) -> li
     rng = random.Random(config.seed)
     pool = [d for d in range(model.cfg.d_model) if d not in dims]
     draws = [sorted(rng.sample(pool, len(dims))) for _ in range(config.n_random)]
-    lm = has_lm_head(model)
-    if not lm:
+    lm = has_lm_head(model) and is_causal(model)
+    if not has_lm_head(model):
         notes.append("The model has no LM head: loss / perplexity skipped.")
+    elif not lm:
+        notes.append("Bidirectional encoder: next-token loss / perplexity is undefined and skipped (masked-LM loss is not computed).")
     base = {"what": "baseline", "dims": [], "layer": None, "draw": None, "n_positions": 0,
             **measure(model, held_seqs, config, loss=lm)}
     rows = [base]

@@ -10,7 +10,7 @@ Public functions (signatures kept stable for other analyses):
 - `load_hub_texts(name, limit)` → list[str]: `wikitext-2` (Salesforce/wikitext, wikitext-2-raw-v1, test)
   or `redpajama-sample` (togethercomputer/RedPajama-Data-1T-Sample) through `datasets`; one-line
   UserError offline. These and the bundled sample are registered in `interp.datasets` (kind "texts").
-- `bos_token(tokenizer)` → (id, string): the tokenizer's BOS, else `<|endoftext|>`, else EOS.
+- `bos_token(tokenizer)` → (id, string): `[CLS]` (encoders), else the tokenizer's BOS, else `<|endoftext|>`, else EOS.
 - `chunk_texts(tokenizer, texts, seq_len, n_chunks=None, bos=False)` → `TextSet`: the papers' recipe
   (An et al. 2025; Sun et al. 2024): items joined by "\\n\\n", tokenized without special tokens, cut into
   non-overlapping chunks of exactly `seq_len` tokens (with `bos`, a BOS-like token then `seq_len − 1`
@@ -112,7 +112,10 @@ def load_hub_texts(name: str, limit: int | None = None) -> list[str]:
 
 
 def bos_token(tokenizer) -> tuple[int, str]:
-    """The BOS-like token: the tokenizer's BOS (when it is not also its EOS), else `<|endoftext|>` (Qwen's document separator), else EOS."""
+    """The BOS-like token: BERT-style `[CLS]`, else the tokenizer's BOS (when it is not also its EOS), else
+    `<|endoftext|>` (Qwen's and GPT-2's document separator), else EOS."""
+    if getattr(tokenizer, "cls_token_id", None) is not None:
+        return tokenizer.cls_token_id, tokenizer.cls_token
     if tokenizer.bos_token_id is not None and tokenizer.bos_token_id != tokenizer.eos_token_id:
         return tokenizer.bos_token_id, tokenizer.bos_token
     tid = tokenizer.convert_tokens_to_ids("<|endoftext|>")

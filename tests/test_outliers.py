@@ -348,3 +348,30 @@ def test_cli_empty_text_file(planted_dir, tmp_path, capsys):
                  "--out", str(tmp_path / "o"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "error:" in err and "empty" in err and "Traceback" not in err
+
+
+def test_bidirectional_encoder_runs_without_loss(tmp_path):
+    """A tiny BERT through TransformerBridge: bidirectional metrics, `[CLS]` first, loss skipped with a note."""
+    from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
+
+    from analyses import systematic_outliers as so
+    from interp.analysis import config_for
+    from interp.models import load_model
+
+    words = "[PAD] [UNK] [CLS] [SEP] [MASK] the a river rose slowly through night and by morning . , is".split()
+    (tmp_path / "vocab.txt").write_text("\n".join(words + [f"w{i}" for i in range(100)]))
+    BertTokenizerFast(str(tmp_path / "vocab.txt")).save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    BertForMaskedLM(BertConfig(vocab_size=len(words) + 100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                               intermediate_size=64, max_position_embeddings=64,
+                               architectures=["BertForMaskedLM"])).save_pretrained(tmp_path)
+    model = load_model(str(tmp_path), device="cpu")
+    assert not so.is_causal(model)
+    res = so.run(model, config_for("systematic_outliers", model, seq_len=16, n_texts=6, bos=True, n_random=2,
+                                   progress=False))
+    assert res.text_set["first_token"] == "[CLS]"
+    assert any("Bidirectional encoder" in n for n in res.notes)
+    assert all(r["loss"] is None for r in res.interventions)
+    assert len(res.attention) == 2 and 0 < res.attention_overall["first_token"] < 1
+    assert res.weight_outliers[0]["module"] == "down"
+    so.build_report(res, model.tokenizer).render()
