@@ -61,7 +61,7 @@ PUBLIC_KEYS = ("gated", "gates", "sparsity", "attention", "m_act", "intervention
 
 @dataclass
 class Config(CommonConfig):
-    texts: str = "natural-text"  # text set (also --dataset) (a registered name, see --list, or a .txt file); paper: held-out LM test data
+    texts: str = "natural-text"  # text set, also --dataset: a registered name (--list) or a .txt file; paper: a held-out LM test set
     seq_len: int = 64  # tokens per chunk (Gu et al.'s sink rate is defined at T = 64; the paper evaluates at 4096)
     n_chunks: int = 64  # chunks of the text set used (fewer if the text is shorter)
     bos: bool = False  # start each chunk with a BOS-like token (Qwen tokenizers add none; the papers' code adds none)
@@ -156,8 +156,7 @@ class ModelResult:
     text: dict = field(default_factory=dict)
 
     def public(self) -> dict:
-        return {"gated": self.gated, "gates": self.gates, "sparsity": self.sparsity, "attention": self.attention,
-                "m_act": self.m_act, "interventions": self.interventions}
+        return {key: getattr(self, key) for key in PUBLIC_KEYS}
 
     def details(self) -> dict:
         return {"layer_kinds": self.layer_kinds, "gate_layers": self.gate_layers,
@@ -171,7 +170,7 @@ def text_set(model, config: Config):
     from interp.datasets import load_dataset
     from interp.texts import chunk_texts
 
-    texts = load_dataset(config.texts, "texts")
+    texts = load_dataset(config.texts, "texts", limit=config.limit)
     return chunk_texts(model.tokenizer, texts, config.seq_len, config.n_chunks, bos=config.bos, source=config.texts)
 
 
