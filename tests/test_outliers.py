@@ -8,7 +8,9 @@ The planted model (`planted_outliers`) is a 2-layer Qwen2 with hand-set weights:
   a massive activation (≈ 6400) at the first token from block 0 on;
 * layer 1 head 0 attends to keys with a large D_STAR (the sink) and copies content dims of the other tokens:
   with the massive value in place most of its attention parks on the BOS token, without it the head spreads
-  attention and changes the logits (so set-zero changes the loss, set-mean does not).
+  attention and changes the logits (so set-zero changes the loss, set-mean does not);
+* layer 1 MLP neuron K reads D_STAR and writes −DG · act back into it: it cancels the massive activation
+  (block 1's output is back to normal), An et al.'s disappearance step.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from interp.errors import UserError
 
 F_DIM, D_STAR, NOISE_FROM = 0, 5, 8
 D_MODEL, D_HEAD, D_MLP = 64, 16, 32
-J = 3
+J, K = 3, 7
 QB, KG, GG, UG, DG = 2.0, 1.0, 1.0, 1.0, 100.0
 EPS = 1e-6
 
@@ -66,6 +68,10 @@ def write_planted_outliers(path: Path) -> Path:
         m0.gate_proj.weight[J, F_DIM] = GG
         m0.up_proj.weight[J, F_DIM] = UG
         m0.down_proj.weight[D_STAR, J] = DG
+        m1 = model.model.layers[1].mlp               # neuron K cancels the massive value after layer 1's attention
+        m1.gate_proj.weight[K, D_STAR] = GG
+        m1.up_proj.weight[K, D_STAR] = UG
+        m1.down_proj.weight[D_STAR, K] = -DG
         a1.q_proj.bias[7] = QB
         a1.k_proj.weight[7, D_STAR] = KG            # the sink key is the massive dim
         for i in range(D_HEAD):                     # head 0 copies 16 content dims of the keys it attends to
@@ -166,14 +172,15 @@ def test_residual_stats_find_the_planted_massive_activation(pmodel, planted_dir)
     ts = _chunks(pmodel, n=8, seq_len=16)
     # tau 100: in a 16 × 64 chunk one 6400 lifts the mean |h| to ≈ 7, so An's 1000 × mean cannot fire
     stats = outliers.residual_stats(pmodel, ts.chunks, batch_size=4, tau=100, progress=False)
-    assert stats.n_hits == 2 * len(ts)  # one per chunk in each block
-    assert {(h["layer"], h["position"], h["dim"]) for h in stats.hits} == {(0, 0, D_STAR), (1, 0, D_STAR)}
+    assert stats.n_hits == len(ts)  # one per chunk in block 0; block 1 cancels it
+    assert {(h["layer"], h["position"], h["dim"]) for h in stats.hits} == {(0, 0, D_STAR)}
     assert [r["dim"] for r in stats.outlier_dims()] == [D_STAR]
     expected = DG * UG * 8 * (GG * 8) * torch.sigmoid(torch.tensor(GG * 8.0)).item()  # silu(8)·8·DG
     assert stats.hits[0]["value"] == pytest.approx(expected, rel=1e-3)
     assert stats.profile()[0]["top_dims"][0] == D_STAR
     assert stats.down_profile()[0]["top_dims"][0] == J
-    assert {h["position"] for h in stats.token_hits} == {0}  # An's token rule too
+    assert {(h["layer"], h["position"]) for h in stats.token_hits} == {(0, 0)}  # An's token rule too
+    assert stats.profile()[1]["max_abs"] < 20
     # independent computation: a plain HF forward's hidden states
     from transformers import AutoModelForCausalLM
 
@@ -211,6 +218,7 @@ def test_analysis_reports_layer_dim_neuron_and_interventions(pmodel, text_file, 
     assert neuron["writes_to_outlier_dims"] == [D_STAR] and neuron["max_input"] == pytest.approx(64 * 0.99966, rel=1e-3)
     life = d["connections"]["lifecycle"][0]
     assert (life["dim"], life["emerges_at"], life["creator_neuron"], life["creator_same_sign"]) == (D_STAR, 0, J, True)
+    assert (life["cancelled_at"], life["canceller_neuron"], life["canceller_opposite_sign"]) == (1, K, True)
     down0 = next(r for r in d["weight_outliers"] if r["layer"] == 0 and r["module"] == "down")
     assert down0["top_columns"][0] == J
     assert d["attention"][1]["sink_rate"] == pytest.approx(25.0)  # layer 1 head 0 parks on the massive token
