@@ -114,6 +114,14 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
     return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
 
 
+def spearman(x: list[float], y: list[float]) -> float:
+    """Rank correlation (ties broken by order; fine for continuous scores)."""
+    if len(x) < 3:
+        return float("nan")
+    rx, ry = (np.argsort(np.argsort(np.asarray(v, dtype=float))) for v in (x, y))
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
 def pick_mover(attention: torch.Tensor, layers: list[int]) -> dict:
     """The head whose END attention prefers the answer item over the repeated ones the most."""
     mean = attention.mean(0)  # [layer, head]
@@ -240,7 +248,8 @@ def run(model, config: Config) -> Result:
     chosen = [(c["writer_layer"], c["writer_head"], c["component"]) for c in ranked[:config.edit_components]]
     for c in cands:
         c["edited"] = (c["writer_layer"], c["writer_head"], c["component"]) in chosen
-    mover.update({"mode": edit_mode, "edit_set": [list(c) for c in chosen]})
+    mover.update({"mode": edit_mode, "edit_set": [list(c) for c in chosen],
+                  "score_effect_spearman": spearman([c["score"] for c in cands], [c["ablation_effect"] for c in cands])})
 
     # 4. α sweep: the edit set against random components of the same heads
     chosen_dirs = directions(V, chosen)
@@ -441,7 +450,9 @@ def build_report(result: Result, tokenizer=None):
                       f"{cfg.edit_components} that lowered the mover's preference most form the edit set, scaled by α "
                       f"({cfg.edit_method} edit) on the held-out split. Control: as many random components of the same "
                       f"heads, {cfg.random_draws} draws.")
-    rep.add_table(pd.DataFrame(result.candidates), caption="Screened components (ablation_effect > 0: removing it lowers the mover's preference for the answer)")
+    rep.add_table(pd.DataFrame(result.candidates), caption="Screened components (ablation_effect > 0: removing it lowers the mover's "
+                  f"preference for the answer). Spearman ρ(composition score, ablation effect) = {m['score_effect_spearman']:.2f} "
+                  "(the paper's Fig. 2 relation: weights predict the data-side effect)")
     rep.add_figure(sweep_figure(result.edits, "accuracy", "Laundry List accuracy"))
     rep.add_figure(sweep_figure(result.edits, "logit_diff", "logit difference"))
     rep.add_table(pd.DataFrame(result.edits), caption="Edit sweep")

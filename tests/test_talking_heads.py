@@ -317,3 +317,13 @@ def test_cli_rejects_bad_options(planted_channel, tmp_path, capsys, args):
     code = main(["talking_heads", "--model", str(planted_channel[0]), "--out", str(tmp_path / "o"), "--no-progress", *args])
     err = capsys.readouterr().err
     assert code == 2 and "error:" in err and "Traceback" not in err
+
+
+def test_spearman_matches_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    from analyses.talking_heads import spearman
+
+    g = np.random.default_rng(0)
+    x = g.normal(size=12)
+    y = x + g.normal(size=12)
+    assert spearman(list(x), list(y)) == pytest.approx(stats.spearmanr(x, y).statistic)
