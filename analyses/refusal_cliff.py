@@ -9,13 +9,21 @@ harmful and harmless prompts; a logistic probe on the final-norm state at the la
 + thinking + closing marker, refused-harmful (1) vs complied-harmless (0); scores at every token;
 cliff = max over the thinking − score at the final token; heads ranked by their output projected on
 the probe direction; the top heads ablated (zeroed, Frobenius-rescaled) vs random heads; complied
-harmful prompts ranked by cliff (Cliff-as-a-Judge). Deviations and options are listed in the README.
+harmful prompts ranked by cliff (Cliff-as-a-Judge).
+
+Held-out protocol: rollouts are split by prompt into a fit part and an eval part (stratified by
+outcome group, seeded), or `--eval-harmful/--eval-harmless` give separate evaluation sets (the
+paper fits on AdvBench and evaluates on JailbreakBench). The probe and the head rankings see only
+fit rollouts; the cliff summary, curves, ablation sweep, ASR and Cliff-as-a-Judge are measured on
+eval rollouts (`cliff_fit` keeps the in-sample summary). Deviations from the paper and the
+reference code are listed in docs/refusal_cliff.md.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import sys
 from dataclasses import dataclass, field
 from typing import Literal
 from pathlib import Path
@@ -27,21 +35,23 @@ import torch
 from interp.analysis import CommonConfig, require, run_header
 from interp.bridge import hidden_state_hook
 from interp.capture import capture, check_context
-from interp.chat import has_thinking_tokens, prompt_sequence, split_thinking, thinking_sequence
+from interp.chat import THINK_CLOSE, has_thinking_tokens, prompt_sequence, split_thinking, thinking_sequence
 from interp.datasets import Rollout, load_prompts, load_rollouts
 from interp.errors import UserError
 from interp.figures import band, intervention_bars, layer_head_heatmap
 from interp.generation import generate, generate_tokens
-from interp.heads import causal_scores, gradient_scores, projection_scores, ranking, rankings_table
+from interp.heads import causal_scores, gradient_scores, projection_scores, ranking, rankings_table, readout_heads
 from interp.interventions import ablate_heads
 from interp.judges import JBB_REFUSAL_PREFIXES, REFUSALCLIFF_WORDS, is_refusal
 from interp.metrics import cliff_metrics, mean_interpolated, mean_tail, reference_aggregate
-from interp.probes import LogisticProbe, train_logistic_probe
+from interp.probes import L2_GRID, LogisticProbe, fit_logistic_probe, train_logistic_probe
 from interp.report import analysis_report
 
 DATASET_FIELD = "harmful"  # --dataset sets the harmful prompt set
 GROUPS = ("refused_harmful", "complied_harmful", "harmless")
 HEAD_METHODS = ("projection", "attribution", "causal")
+SPLITS = ("fit", "eval")
+MIN_PROBE_ACCURACY = 0.75  # below this validation accuracy the run warns that the probe does not fit
 
 
 @dataclass
@@ -50,34 +60,40 @@ class Config(CommonConfig):
 
     harmful: str = "builtin-harmful"  # harmful prompt set, a registered name or a file (paper: AdvBench)
     harmless: str = "builtin-harmless"  # harmless prompt set (paper: the first 256 UltraChat test_sft prompts)
+    eval_harmful: str | None = None  # separate harmful set to evaluate on (paper: JailbreakBench); then all main harmful rollouts are fit
+    eval_harmless: str | None = None  # separate harmless set to evaluate on; then all main harmless rollouts are fit
+    eval_fraction: float = 0.5  # share of each group's prompts held out for evaluation when a kind has no eval set (by prompt, stratified, seeded)
     rollouts: str | None = None  # JSONL of prompt/thinking/response[/kind] rollouts to use instead of generating
     max_new_tokens: int = 256  # tokens generated per rollout (paper 8192; reasoning-model aliases set it)
     temperature: float = 0.0  # sampling temperature, 0 = greedy (paper samples at 0.7)
-    seed: int = 42  # seed of the probe's split, sampling and random controls (paper's probe seed)
+    seed: int = 42  # seed of the fit/eval split, the probe's split, sampling and random controls (paper's probe seed)
     probe_layer: int | None = None  # HF hidden_states index the probe reads; None = final-norm output (paper)
     probe_mode: Literal["last_token", "thinking_span"] = "last_token"  # last_token: one state per example (paper); thinking_span: every thinking token labelled
+    probe_recipe: Literal["lbfgs", "paper"] = "lbfgs"  # lbfgs: logistic regression to convergence, L2 picked on validation; paper: Adam, best-validation epoch (reference)
+    probe_l2: tuple[float, ...] = L2_GRID  # lbfgs recipe: L2 strengths tried (on standardised features), the lowest validation loss wins
     per_layer_probes: bool = False  # also train and apply one probe per layer, each on its own layer
     thinking_prefix: str = "\n\n"  # text after the chat template before the thinking (the probe code's)
     max_items_per_class: int = 200  # examples per class for the probe (paper)
-    probe_epochs: int = 5  # Adam epochs of the probe (paper)
-    probe_lr: float = 1e-3  # Adam learning rate of the probe (paper)
-    probe_batch_size: int = 64  # probe minibatch size (paper)
-    probe_tie_break: Literal["val_loss", "earliest"] = "val_loss"  # equal validation accuracy: lower loss wins; earliest is the reference
+    probe_epochs: int = 5  # paper recipe: Adam epochs of the probe (paper)
+    probe_lr: float = 1e-3  # paper recipe: Adam learning rate of the probe (paper)
+    probe_batch_size: int = 64  # paper recipe: probe minibatch size (paper)
+    probe_tie_break: Literal["val_loss", "earliest"] = "val_loss"  # paper recipe, equal validation accuracy: lower loss wins; earliest is the reference
     span_positions_per_example: int = 64  # thinking_span mode: thinking positions sampled per example
     refusal_phrases: Literal["jbb", "refusalcliff"] = "jbb"  # refusal keywords: jbb (Arditi et al., anywhere) or refusalcliff (56 words, first 32 chars)
-    min_thinking_chars: int = 10  # probe positives need a thinking longer than this (paper)
+    min_thinking_chars: int = 10  # probe examples (both classes) need a thinking longer than this (paper: positives)
     probe_negatives: Literal["harmless", "complied"] = "harmless"  # probe negatives: complied harmless (paper), or also complied harmful
     robust_k: int = 32  # plateau_robust = mean score of the last K thinking tokens
     tail_tokens: int = 16  # tokens shown in the tail curve
-    n_bins: int = 100  # points of the normalised-position curve
-    curve_method: Literal["interpolate", "reference"] = "interpolate"  # per-example interpolation, or the paper figure's zero-padded tail alignment
+    n_bins: int = 100  # bins of the normalised-position curve (each bin averages its tokens)
+    curve_method: Literal["interpolate", "reference"] = "interpolate"  # per-example bin averages, or the paper figure's zero-padded tail alignment
     head_method: Literal["projection", "attribution", "causal"] = "projection"  # head ranking the ablation sweep uses (paper: projection)
     head_methods: tuple[Literal["projection", "attribution", "causal"], ...] = HEAD_METHODS  # head rankings computed and shown side by side
     ablation_fractions: tuple[float, ...] = (0.015, 0.03, 0.10)  # shares of all heads ablated (paper)
-    ablation_rescale: Literal["frobenius", "per_token", "none"] = "frobenius"  # rescale after zeroing heads: whole-output norm (paper), per token, or none
-    asr_limit: int | None = None  # harmful prompts regenerated per ablation setting (None: all)
+    ablation_rescale: Literal["frobenius", "frobenius_batch", "per_token", "none"] = "frobenius"  # rescale after zeroing: each sequence's norm without padding; frobenius_batch: whole batch incl. padding (reference); per token; none
+    random_draws: int = 5  # random-head control: draws per ablation fraction, from heads outside that fraction's top set
+    asr_limit: int | None = None  # eval harmful prompts regenerated per ablation setting (None: all)
     asr_regenerate: Literal["full", "response"] = "full"  # regenerate thinking and answer (paper), or only the answer after each rollout's thinking
-    judge: str | None = None  # Llama Guard model (id or directory) rating answers for ASR; None: keyword judge
+    judge: str | None = None  # Llama Guard model (id or directory): labels harmful rollouts refused/complied and rates answers for ASR; None: keyword judge
     judge_response_only: bool = True  # the judge sees only the response, cut to 512 characters (paper)
     judge_rank: Literal["cliff", "rs_final"] = "cliff"  # Cliff-as-a-Judge ranking: the paper's cliff, or the code's ascending final score
     judge_top_k: int = 20  # complied-harmful examples exported by Cliff-as-a-Judge
@@ -88,16 +104,20 @@ class Config(CommonConfig):
         n_layers = model.cfg.n_layers if model is not None else None
         require(all(0 < f <= 1 for f in self.ablation_fractions), "ablation-fractions must be in (0, 1]")
         for name in ("max_new_tokens", "max_items_per_class", "probe_epochs", "probe_batch_size",
-                     "span_positions_per_example", "robust_k", "tail_tokens", "n_bins", "judge_top_k"):
+                     "span_positions_per_example", "robust_k", "tail_tokens", "n_bins", "judge_top_k", "random_draws"):
             require(getattr(self, name) >= 1, f"{name.replace('_', '-')} must be at least 1; got {getattr(self, name)}")
         require(self.n_bins >= 2, f"n-bins must be at least 2; got {self.n_bins}")
         require(self.probe_lr > 0, f"probe-lr must be positive; got {self.probe_lr}")
+        require(len(self.probe_l2) > 0 and all(v > 0 for v in self.probe_l2),
+                f"probe-l2 strengths must be positive; got {' '.join(map(str, self.probe_l2))}")
+        require(0 < self.eval_fraction < 1, f"eval-fraction must be in (0, 1); got {self.eval_fraction}")
         require(self.temperature >= 0, f"temperature must be >= 0; got {self.temperature}")
         require(self.min_thinking_chars >= 0, f"min-thinking-chars must be >= 0; got {self.min_thinking_chars}")
         require(self.asr_limit is None or self.asr_limit >= 1, f"asr-limit must be at least 1; got {self.asr_limit}")
         require(self.probe_layer is None or self.probe_layer >= 0, f"probe-layer must be >= 0; got {self.probe_layer}")
         require(self.probe_layer is None or n_layers is None or self.probe_layer <= n_layers,
                 f"probe-layer {self.probe_layer} is out of range: the model has {n_layers} layers, use 0..{n_layers}")
+        require(self.probe_layer != 0, "probe-layer 0 reads the embeddings, which no head can change; use 1 or more")
 
 
 @dataclass
@@ -111,6 +131,7 @@ class Example:
     input_ids: list[int]
     span: tuple[int, int]
     span_kind: str  # "thinking", or "prompt" for models without thinking tokens
+    split: str = "fit"  # "fit" (probe, head rankings) or "eval" (everything reported as held out)
     scores: torch.Tensor | None = None
     metrics: dict = field(default_factory=dict)
 
@@ -122,7 +143,8 @@ class Result:
     model: dict
     probe: dict
     examples: list[Example]
-    cliff: dict
+    cliff: dict  # group means on the eval split (held out)
+    cliff_fit: dict  # group means on the fit split (in-sample)
     curves: pd.DataFrame
     tail: pd.DataFrame
     heads: list[dict]
@@ -131,14 +153,23 @@ class Result:
     ablation_baseline: dict
     judge_ranking: list[dict]
     per_layer: list[dict]
+    rollouts: dict  # counts: from_file, generated, truncated, used
+    warnings: list[str]
     linear_probe: LogisticProbe  # the trained probe itself (weights), for reuse in Python
+
+    @property
+    def splits(self) -> dict[str, int]:
+        return {s: sum(e.split == s for e in self.examples) for s in SPLITS}
 
     def to_dict(self) -> dict:
         """The `results.json` content."""
         return {
             **self.header,
+            "splits": self.splits,
+            "rollouts": self.rollouts,
             "probe": self.probe,
             "cliff": self.cliff,
+            "cliff_fit": self.cliff_fit,
             "heads": self.heads,
             "head_rankings": self.head_rankings,
             "ablation": self.ablation,
@@ -146,6 +177,7 @@ class Result:
             "cliff_as_a_judge": self.judge_ranking,
             "per_layer_probes": self.per_layer,
             "n_examples": {g: sum(e.group == g for e in self.examples) for g in GROUPS},
+            "warnings": self.warnings,
         }
 
     def write_extras(self, out_dir: Path) -> None:
@@ -165,10 +197,16 @@ class Result:
 
 
 def examples_table(examples: list[Example]) -> pd.DataFrame:
-    rows = [{"prompt": e.prompt, "kind": e.kind, "group": e.group, "refused": e.refused,
+    rows = [{"prompt": e.prompt, "kind": e.kind, "group": e.group, "split": e.split, "refused": e.refused,
              "n_tokens": len(e.input_ids), "span": e.span_kind, "span_tokens": e.span[1] - e.span[0], **e.metrics}
             for e in examples]
     return pd.DataFrame(rows)
+
+
+def warn(warnings: list[str], message: str) -> None:
+    """Print a one-line warning on stderr and keep it for results.json and the report."""
+    print(f"warning: {message}", file=sys.stderr)
+    warnings.append(message)
 
 
 # ---------------------------------------------------------------- rollouts and labels
@@ -193,6 +231,9 @@ def preflight(config: Config) -> None:
     for kind, spec in (("harmful", config.harmful), ("harmless", config.harmless)):
         if kind not in kinds:
             load_prompts(spec, limit=config.limit)
+    for spec in (config.eval_harmful, config.eval_harmless):
+        if spec is not None:
+            load_prompts(spec, limit=config.limit)
 
 
 def file_rollouts(config: Config) -> list[Rollout]:
@@ -205,48 +246,124 @@ def file_rollouts(config: Config) -> list[Rollout]:
     return rollouts
 
 
-def generate_rollouts(model, config: Config, skip_kinds: set[str]) -> list[Rollout]:
-    """Roll the model out on the harmful and harmless prompt sets (kinds in `skip_kinds` excepted)."""
-    rollouts = []
-    for kind, spec in (("harmful", config.harmful), ("harmless", config.harmless)):
-        if kind in skip_kinds:
-            continue
+def generate_rollouts(model, config: Config, sets: dict[str, str]) -> tuple[list[Rollout], int]:
+    """Roll the model out on each kind's prompt set (`sets`: kind → set); returns the rollouts that
+    closed their thinking and the number cut off before `</think>` (left out)."""
+    rollouts, truncated = [], 0
+    thinking_model = has_thinking_tokens(model.tokenizer)
+    for kind, spec in sets.items():
         prompts = load_prompts(spec, limit=config.limit)
         texts = generate(model, prompts, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                          seed=config.seed, batch_size=config.batch_size, progress=config.progress)
         for prompt, text in zip(prompts, texts):
+            if thinking_model and THINK_CLOSE not in text:
+                truncated += 1
+                continue
             thinking, response = split_thinking(text)
             rollouts.append(Rollout(prompt, thinking, response, kind))
-    return rollouts
+    return rollouts, truncated
 
 
-def build_examples(model, rollouts: list[Rollout], config: Config) -> list[Example]:
+def load_judge(model, config: Config):
+    """The Llama Guard judge of `--judge` (None without one)."""
+    if not config.judge:
+        return None
+    from interp.judges import LlamaGuardJudge
+
+    return LlamaGuardJudge(config.judge, device=str(next(model.parameters()).device),
+                           response_only=config.judge_response_only)
+
+
+def build_examples(model, rollouts: list[Rollout], config: Config, judge=None, split: str = "fit") -> list[Example]:
+    """Tokenized examples with their outcome group. Harmful rollouts are refused unless the judge
+    (when given) rates the answer unsafe, else unless the keyword matcher finds no refusal; harmless
+    rollouts always use the keyword matcher (a safety judge cannot tell a refusal of a harmless request)."""
     tok = model.tokenizer
     thinking_model = has_thinking_tokens(tok)
+    harmful = [r for r in rollouts if r.kind == "harmful"]
+    unsafe = judge.judge([r.prompt for r in harmful], [r.response for r in harmful],
+                         batch_size=config.batch_size) if judge is not None and harmful else []
+    verdict = {id(r): v for r, v in zip(harmful, unsafe)}
     examples = []
     for r in rollouts:
         enc = (thinking_sequence(tok, r.prompt, r.thinking, thinking_prefix=config.thinking_prefix, response=r.response)
                if thinking_model else prompt_sequence(tok, r.prompt))
-        refused = is_refused(r.response, config)
+        refused = not verdict[id(r)] if id(r) in verdict else is_refused(r.response, config)
         group = "harmless" if r.kind == "harmless" else ("refused_harmful" if refused else "complied_harmful")
         examples.append(Example(r.prompt, r.thinking, r.response, r.kind, refused, group, enc.input_ids, enc.span,
-                                "thinking" if thinking_model else "prompt"))
+                                "thinking" if thinking_model else "prompt", split))
     return examples
+
+
+def assign_splits(examples: list[Example], config: Config) -> None:
+    """Hold out `eval_fraction` of each group's prompts (all rollouts of a prompt on one side), seeded.
+
+    A group with one prompt stays in fit; otherwise each side gets at least one prompt."""
+    rng = random.Random(config.seed)
+    units: dict[tuple[str, str], list[Example]] = {}
+    for e in examples:
+        units.setdefault((e.kind, e.prompt), []).append(e)
+    for group in GROUPS:
+        keys = [k for k, members in units.items() if members[0].group == group]
+        rng.shuffle(keys)
+        n_eval = min(max(round(len(keys) * config.eval_fraction), 1), len(keys) - 1) if len(keys) >= 2 else 0
+        for k in keys:
+            for e in units[k]:
+                e.split = "eval" if k in keys[:n_eval] else "fit"
+
+
+def collect_examples(model, config: Config, judge, warnings: list[str]) -> tuple[list[Example], dict]:
+    """Rollouts (file and generated, main and eval sets) → examples with their split; counts."""
+    given = file_rollouts(config)
+    check_context(model, [e.input_ids for e in build_examples(model, given, config)])  # before generating
+    main_sets = {k: s for k, s in (("harmful", config.harmful), ("harmless", config.harmless))
+                 if k not in {r.kind for r in given}}
+    eval_sets = {k: s for k, s in (("harmful", config.eval_harmful), ("harmless", config.eval_harmless)) if s}
+    generated, cut_main = generate_rollouts(model, config, main_sets)
+    held_out, cut_eval = generate_rollouts(model, config, eval_sets)
+    truncated = cut_main + cut_eval
+    n_generated = len(generated) + len(held_out) + truncated
+    if truncated:
+        warn(warnings, f"{truncated} of {n_generated} generated rollouts stopped before {THINK_CLOSE} and are left out "
+                       f"of the probe and the groups; raise --max-new-tokens (now {config.max_new_tokens})")
+    main = given + generated
+    if not main and not held_out:
+        raise UserError(f"no usable rollout: all {n_generated} stopped before {THINK_CLOSE}; "
+                        f"raise --max-new-tokens (now {config.max_new_tokens})")
+    examples = build_examples(model, main, config, judge)
+    split_here = [e for e in examples if e.kind not in eval_sets]
+    assign_splits(split_here, config)
+    examples += build_examples(model, held_out, config, judge, split="eval")
+    counts = {"from_file": len(given), "generated": n_generated, "truncated": truncated, "used": len(examples)}
+    return examples, counts
 
 
 # ---------------------------------------------------------------- probe
 
+def _probe_eligible(e: Example, config: Config) -> bool:
+    """The paper's thinking-length filter, applied to both classes."""
+    return len(e.thinking) > config.min_thinking_chars or e.span_kind == "prompt"
+
+
+def probe_label(e: Example, config: Config) -> int | None:
+    """1 (refused harmful), 0 (complied negative) or None (not a probe example)."""
+    if not _probe_eligible(e, config):
+        return None
+    if e.group == "refused_harmful":
+        return 1
+    negative_groups = ("harmless", "complied_harmful") if config.probe_negatives == "complied" else ("harmless",)
+    return 0 if e.group in negative_groups and not e.refused else None
+
+
 def _training_sets(examples: list[Example], config: Config) -> tuple[list[Example], list[Example]]:
     rng = random.Random(config.seed)
-    pos = [e for e in examples if e.group == "refused_harmful" and
-           (len(e.thinking) > config.min_thinking_chars or e.span_kind == "prompt")]
-    negative_groups = ("harmless", "complied_harmful") if config.probe_negatives == "complied" else ("harmless",)
-    neg = [e for e in examples if e.group in negative_groups and not e.refused]
+    pos = [e for e in examples if probe_label(e, config) == 1]
+    neg = [e for e in examples if probe_label(e, config) == 0]
     pos = rng.sample(pos, min(len(pos), config.max_items_per_class))
     neg = rng.sample(neg, min(len(neg), config.max_items_per_class))
     if len(pos) < 2 or len(neg) < 2:
-        raise UserError(f"the probe needs at least 2 refused-harmful and 2 complied-harmless rollouts; "
-                        f"got {len(pos)} and {len(neg)} (use more prompts, or pass --rollouts)")
+        raise UserError(f"the probe needs at least 2 refused-harmful and 2 complied-harmless fit rollouts with a "
+                        f"thinking; got {len(pos)} and {len(neg)} (use more prompts, or pass --rollouts)")
     return pos, neg
 
 
@@ -260,6 +377,7 @@ def _span_positions(e: Example, k: int) -> list[int]:
 
 
 def train_probe(model, examples: list[Example], config: Config, hook: str) -> LogisticProbe:
+    """The probe on `examples` (the fit split), by `config.probe_recipe`."""
     pos, neg = _training_sets(examples, config)
     train = pos + neg
     labels = [1] * len(pos) + [0] * len(neg)
@@ -273,6 +391,8 @@ def train_probe(model, examples: list[Example], config: Config, hook: str) -> Lo
         X = torch.cat(feats)
         y = torch.tensor([label for label, f in zip(labels, feats) for _ in range(len(f))])
         groups = torch.tensor([i for i, f in enumerate(feats) for _ in range(len(f))])
+    if config.probe_recipe == "lbfgs":
+        return fit_logistic_probe(X, y, l2_grid=config.probe_l2, seed=config.seed, groups=groups)
     return train_logistic_probe(X, y, epochs=config.probe_epochs, lr=config.probe_lr,
                                 batch_size=config.probe_batch_size, seed=config.seed, groups=groups,
                                 tie_break=config.probe_tie_break)
@@ -286,11 +406,22 @@ def score_examples(model, examples: list[Example], probes: dict[str, LogisticPro
     return out
 
 
-def probe_summary(probe: LogisticProbe, hook: str, layer: int, config: Config) -> dict:
-    return {"layer": layer, "hook": hook, "mode": config.probe_mode, "val_accuracy": probe.val_accuracy,
-            "train_accuracy": probe.train_accuracy, "n_train": probe.n_train, "n_val": probe.n_val,
-            "val_is_train": probe.val_is_train, "best_epoch": probe.best_epoch, "bias": probe.bias,
-            "weight_norm": float(probe.weight.norm())}
+def held_out_accuracy(examples: list[Example], config: Config) -> tuple[float | None, int]:
+    """Accuracy (final score ≥ 0.5 = refusal) on the eval split's probe examples, and their number."""
+    labelled = [(e, probe_label(e, config)) for e in examples if e.split == "eval"]
+    labelled = [(e, y) for e, y in labelled if y is not None]
+    if not labelled:
+        return None, 0
+    return float(np.mean([(e.metrics["rs_final"] >= 0.5) == bool(y) for e, y in labelled])), len(labelled)
+
+
+def probe_summary(probe: LogisticProbe, hook: str, layer: int, examples: list[Example], config: Config) -> dict:
+    eval_accuracy, n_eval = held_out_accuracy(examples, config)
+    return {"layer": layer, "hook": hook, "mode": config.probe_mode, "recipe": probe.recipe,
+            "val_accuracy": probe.val_accuracy, "train_accuracy": probe.train_accuracy,
+            "eval_accuracy": eval_accuracy, "n_train": probe.n_train, "n_val": probe.n_val, "n_eval": n_eval,
+            "val_is_train": probe.val_is_train, "best_epoch": probe.best_epoch, "l2": probe.l2,
+            "l2_search": probe.l2_search, "bias": probe.bias, "weight_norm": float(probe.weight.norm())}
 
 
 # ---------------------------------------------------------------- cliff summaries
@@ -307,34 +438,46 @@ def group_means(examples: list[Example]) -> dict:
 
 def curve_tables(examples: list[Example], config: Config) -> tuple[pd.DataFrame, pd.DataFrame]:
     curves, tails = [], []
-    x = np.linspace(0, 100, config.n_bins)
     for g in GROUPS:
         seqs = [e.scores for e in examples if e.group == g]
         if not seqs:
             continue
         if config.curve_method == "reference":
+            x = np.linspace(0, 100, config.n_bins)
             mean, se = reference_aggregate(seqs, config.n_bins), np.zeros(config.n_bins)
         else:
+            x = (np.arange(config.n_bins) + 0.5) / config.n_bins * 100  # bin centres
             mean, se = mean_interpolated(seqs, config.n_bins)
         curves.append(pd.DataFrame({"group": g, "position": x, "mean": mean, "se": se}))
         tmean, tse = mean_tail(seqs, config.tail_tokens)
         offsets = np.arange(-config.tail_tokens, 0) + 1
         tails.append(pd.DataFrame({"group": g, "offset": offsets, "mean": tmean, "se": tse}))
+    if not curves:
+        return (pd.DataFrame(columns=["group", "position", "mean", "se"]),
+                pd.DataFrame(columns=["group", "offset", "mean", "se"]))
     return pd.concat(curves, ignore_index=True), pd.concat(tails, ignore_index=True)
 
 
 # ---------------------------------------------------------------- heads and ablation
 
 def find_heads(model, examples: list[Example], probe: LogisticProbe, hook: str, config: Config) -> dict[str, list[dict]]:
-    """All heads ranked by each method on the harmful examples (paper: harmful prompts with their own thinking)."""
+    """Heads ranked by each method on the harmful `examples` (the fit split; paper: harmful prompts with
+    their own thinking). Only heads before the readout point are ranked."""
     seqs = [e.input_ids for e in examples if e.kind == "harmful"]
+    if not seqs:
+        raise UserError("no harmful fit rollout to rank heads on; use more harmful prompts")
     readout = (hook, probe.weight, probe.bias)
+    n_before = readout_heads(model, hook)
     kw = dict(batch_size=config.batch_size, progress=config.progress)
-    methods = {"projection": lambda: projection_scores(model, seqs, probe.weight, **kw),
+    methods = {"projection": lambda: projection_scores(model, seqs, probe.weight, n_layers=n_before, **kw),
                "attribution": lambda: gradient_scores(model, seqs, readout, **kw),
-               "causal": lambda: causal_scores(model, seqs, readout, **kw)}
-    wanted = dict.fromkeys((*config.head_methods, config.head_method))
-    return {m: ranking(methods[m]()) for m in wanted}
+               "causal": lambda: causal_scores(model, seqs, readout, rescale=config.ablation_rescale, **kw)}
+    out = {}
+    for m in dict.fromkeys((*config.head_methods, config.head_method)):
+        scores = methods[m]()
+        scores[n_before:] = float("nan")
+        out[m] = ranking(scores)
+    return out
 
 
 def final_scores(model, examples: list[Example], probe: LogisticProbe, hook: str, config: Config) -> torch.Tensor:
@@ -366,32 +509,58 @@ def attack_success_rate(model, harmful: list[Example], config: Config, judge=Non
     return float(np.mean([not is_refused(r, config) for r in responses]))
 
 
-def ablation_sweep(model, examples: list[Example], probe: LogisticProbe, hook: str, ranked: list[dict],
-                   config: Config) -> tuple[list[dict], dict]:
-    """Top-ranked vs equally many random heads: final refusal score and regenerated ASR (paper)."""
-    harmful = [e for e in examples if e.kind == "harmful"]
+def random_draws(pool: list[tuple[int, int]], n: int, draws: int, seed: int) -> list[list[tuple[int, int]]]:
+    """`draws` random sets of `n` heads from `pool`, seeded by (seed, n): the same size draws the same sets."""
+    rng = random.Random(f"{seed}:{n}")
+    return [sorted(rng.sample(pool, n)) for _ in range(draws)]
+
+
+def _sd(values: list[float]) -> float:
+    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def ablation_sweep(model, harmful: list[Example], probe: LogisticProbe, hook: str, ranked: list[dict],
+                   config: Config, judge, warnings: list[str]) -> tuple[list[dict], dict]:
+    """Top-ranked heads vs `random_draws` sets of as many other heads (each draw avoids the top set):
+    final refusal score and regenerated ASR on the eval harmful examples (paper: top vs random)."""
+    if not harmful:
+        warn(warnings, "no harmful eval rollout: the ablation sweep is skipped; use more harmful prompts")
+        return [], {"rs_final": None, "asr": None}
     asr_set = harmful[: config.asr_limit]
     total = model.cfg.n_layers * model.cfg.n_heads
-    rng = random.Random(config.seed)
-    judge = None
-    if config.judge:
-        from interp.judges import LlamaGuardJudge
+    measured: dict[tuple, tuple[float, float]] = {}
 
-        judge = LlamaGuardJudge(config.judge, device=str(next(model.parameters()).device),
-                                response_only=config.judge_response_only)
-    baseline = {"rs_final": float(final_scores(model, harmful, probe, hook, config).mean()),
-                "asr": attack_success_rate(model, asr_set, config, judge)}
+    def measure(heads: list[tuple[int, int]]) -> tuple[float, float]:
+        key = tuple(sorted(heads))
+        if key not in measured:
+            with ablate_heads(model, list(key), rescale=config.ablation_rescale):
+                measured[key] = (float(final_scores(model, harmful, probe, hook, config).mean()),
+                                 attack_success_rate(model, asr_set, config, judge))
+        return measured[key]
+
+    rs0, asr0 = measure([])
+    baseline = {"rs_final": rs0, "asr": asr0}
+    eligible = [(h["layer"], h["head"]) for h in ranked]
     rows = []
     for fraction in config.ablation_fractions:
-        n = max(1, round(fraction * total))
-        selections = {"top": [(h["layer"], h["head"]) for h in ranked[:n]],
-                      "random": [(h["layer"], h["head"]) for h in rng.sample(ranked, n)]}
-        for selection, heads in selections.items():
-            with ablate_heads(model, heads, rescale=config.ablation_rescale):
-                rs = float(final_scores(model, harmful, probe, hook, config).mean())
-                asr = attack_success_rate(model, asr_set, config, judge)
-            rows.append({"fraction": fraction, "n_heads": n, "selection": selection, "rs_final": rs,
-                         "asr": asr, "heads": [list(h) for h in heads]})
+        n = min(max(1, round(fraction * total)), len(eligible))
+        top = eligible[:n]
+        rs, asr = measure(top)
+        rows.append({"fraction": fraction, "n_heads": n, "selection": "top", "rs_final": rs, "asr": asr,
+                     "heads": [list(h) for h in top]})
+        pool = [h for h in eligible if h not in top]
+        if len(pool) < n:
+            warn(warnings, f"no random control for {fraction:g} of the heads: only {len(pool)} heads lie outside "
+                           f"its top {n}; use smaller --ablation-fractions")
+            continue
+        draws = random_draws(pool, n, config.random_draws, config.seed)
+        results = [measure(d) for d in draws]
+        rs_values, asr_values = [r[0] for r in results], [r[1] for r in results]
+        rows.append({"fraction": fraction, "n_heads": n, "selection": "random",
+                     "rs_final": float(np.mean(rs_values)), "asr": float(np.mean(asr_values)),
+                     "rs_final_sd": _sd(rs_values), "asr_sd": _sd(asr_values), "n_draws": len(draws),
+                     "draws": [[list(h) for h in d] for d in draws],
+                     "rs_final_draws": rs_values, "asr_draws": asr_values})
     return rows, baseline
 
 
@@ -404,49 +573,70 @@ def cliff_as_a_judge(examples: list[Example], config: Config) -> list[dict]:
             for e in sorted(bad, key=key)[: config.judge_top_k]]
 
 
+def per_layer_rows(examples: list[Example], probes: dict[str, LogisticProbe], scored: dict, n_layers: int,
+                   config: Config) -> list[dict]:
+    """One row per layer: its probe's validation accuracy and the eval split's group means."""
+    rows = []
+    for layer in range(1, n_layers + 1):
+        h = hidden_state_hook(layer, n_layers)
+        metrics = [cliff_metrics(scored[h][i], e.span, config.robust_k) for i, e in enumerate(examples)]
+        row = {"layer": layer, "val_accuracy": probes[h].val_accuracy}
+        for g in GROUPS:
+            ms = [m for m, e in zip(metrics, examples) if e.group == g and e.split == "eval"]
+            for k in ("plateau_max", "rs_final", "cliff"):
+                row[f"{g}_{k}"] = float(np.mean([m[k] for m in ms])) if ms else None
+        rows.append(row)
+    return rows
+
+
 # ---------------------------------------------------------------- run
 
 def run(model, config: Config | None = None) -> Result:
-    """Roll out, probe, score every token, rank heads, ablate, and rank jailbreaks by cliff."""
+    """Roll out, split fit/eval, probe and rank heads on fit; score, ablate and judge on eval."""
     config = config or Config()
     n_layers = model.cfg.n_layers
     config.validate(model)
-    given = file_rollouts(config)
-    examples = build_examples(model, given, config)
-    check_context(model, [e.input_ids for e in examples])  # before spending time on generation
-    examples += build_examples(model, generate_rollouts(model, config, {r.kind for r in given}), config)
+    warnings: list[str] = []
+    judge = load_judge(model, config)
+    examples, counts = collect_examples(model, config, judge, warnings)
+    fit = [e for e in examples if e.split == "fit"]
+    held_out = [e for e in examples if e.split == "eval"]
     layer = n_layers if config.probe_layer is None else config.probe_layer
     hook = hidden_state_hook(layer, n_layers)
-    probe = train_probe(model, examples, config, hook)
+    probe = train_probe(model, fit, config, hook)
     probes = {hook: probe}
-    per_layer = []
     if config.per_layer_probes:
         for l in range(1, n_layers + 1):
             h = hidden_state_hook(l, n_layers)
-            probes.setdefault(h, train_probe(model, examples, config, h))
+            if h not in probes:
+                probes[h] = train_probe(model, fit, config, h)
     scored = score_examples(model, examples, probes, config)
     for i, e in enumerate(examples):
         e.scores = scored[hook][i]
         e.metrics = cliff_metrics(e.scores, e.span, config.robust_k)
-    if config.per_layer_probes:
-        for l in range(1, n_layers + 1):
-            h = hidden_state_hook(l, n_layers)
-            metrics = [cliff_metrics(scored[h][i], e.span, config.robust_k) for i, e in enumerate(examples)]
-            row = {"layer": l, "val_accuracy": probes[h].val_accuracy}
-            for g in GROUPS:
-                ms = [m for m, e in zip(metrics, examples) if e.group == g]
-                for k in ("plateau_max", "rs_final", "cliff"):
-                    row[f"{g}_{k}"] = float(np.mean([m[k] for m in ms])) if ms else None
-            per_layer.append(row)
-    curves, tail = curve_tables(examples, config)
-    rankings = find_heads(model, examples, probe, hook, config)
+    summary = probe_summary(probe, hook, layer, examples, config)
+    val_acc, eval_acc = summary["val_accuracy"], summary["eval_accuracy"]
+    # thinking_span validation is per token (early thinking tokens are ambiguous by nature): there the
+    # last-token accuracy on the eval split decides, when it exists
+    checked = [eval_acc] if config.probe_mode == "thinking_span" and eval_acc is not None else [val_acc, eval_acc]
+    if min(a for a in checked if a is not None) < MIN_PROBE_ACCURACY:
+        fix = "--probe-recipe lbfgs" if config.probe_recipe == "paper" else "more rollouts"
+        shown = "n/a" if eval_acc is None else f"{eval_acc:.2f}"
+        warn(warnings, f"the probe does not fit: validation accuracy {val_acc:.2f}, eval-split accuracy {shown} "
+                       f"(below {MIN_PROBE_ACCURACY} is unreliable for scores, cliffs and head rankings); try {fix}")
+    per_layer = per_layer_rows(examples, probes, scored, n_layers, config) if config.per_layer_probes else []
+    curves, tail = curve_tables(held_out, config)
+    rankings = find_heads(model, fit, probe, hook, config)
     ranked = rankings[config.head_method]
-    ablation, baseline = ablation_sweep(model, examples, probe, hook, ranked, config)
+    ablation, baseline = ablation_sweep(model, [e for e in held_out if e.kind == "harmful"], probe, hook, ranked,
+                                        config, judge, warnings)
     header = run_header("refusal_cliff", model, config)
-    return Result(header=header, config=config, model=header["model"], probe=probe_summary(probe, hook, layer, config), examples=examples,
-                  cliff=group_means(examples), curves=curves, tail=tail, heads=ranked, head_rankings=rankings,
-                  ablation=ablation, ablation_baseline=baseline, judge_ranking=cliff_as_a_judge(examples, config),
-                  per_layer=per_layer, linear_probe=probe)
+    return Result(header=header, config=config, model=header["model"],
+                  probe=summary, examples=examples,
+                  cliff=group_means(held_out), cliff_fit=group_means(fit), curves=curves, tail=tail, heads=ranked,
+                  head_rankings=rankings, ablation=ablation, ablation_baseline=baseline,
+                  judge_ranking=cliff_as_a_judge(held_out, config), per_layer=per_layer, rollouts=counts,
+                  warnings=warnings, linear_probe=probe)
 
 
 # ---------------------------------------------------------------- figures and report
@@ -488,79 +678,109 @@ def ablation_figure(ablation: list[dict], baseline: dict):
     rows = [{**r, "label": f"{r['fraction']:.1%} ({r['n_heads']})",
              "selection": "selected" if r["selection"] == "top" else "random"} for r in ablation]
     return intervention_bars(rows, ("rs_final", "asr"), baseline,
-                             title="Ablating the ranked heads vs the same number of random heads",
+                             title="Ablating the ranked heads vs random heads (mean ± sd over draws), eval split",
                              titles=("final refusal score (harmful)", "attack success rate"))
 
 
+def ablation_table(ablation: list[dict]) -> pd.DataFrame:
+    """The sweep without the head lists (those are in results.json and ablation.csv)."""
+    df = pd.DataFrame(ablation)
+    return df.drop(columns=[c for c in ("heads", "draws", "rs_final_draws", "asr_draws") if c in df])
+
+
+def split_table(result: Result) -> pd.DataFrame:
+    """Group means side by side: held out (eval) and in-sample (fit)."""
+    rows = []
+    for g in GROUPS:
+        for split, summary in (("eval", result.cliff), ("fit", result.cliff_fit)):
+            rows.append({"group": g, "split": split, **summary[g]})
+    return pd.DataFrame(rows)
+
+
 def _pick_example(examples: list[Example]) -> Example:
+    pool = [e for e in examples if e.split == "eval"] or examples
     for group in ("complied_harmful", "refused_harmful", "harmless"):
-        members = [e for e in examples if e.group == group]
+        members = [e for e in pool if e.group == group]
         if members:
             return max(members, key=lambda e: e.metrics["cliff"])
     raise ValueError("no examples")
 
 
 def build_report(result: Result, tokenizer=None):
-    """The HTML report: headline numbers, curves, tail, one example's tokens, heads, ablation, tables."""
+    """The HTML report: warnings, headline numbers, curves, tail, one example's tokens, heads, ablation, tables."""
     info, cfg = result.model, result.config
     rep = analysis_report(result.header)
-    c = result.cliff
-    headline = {"probe": f"{result.probe['mode']} at layer {result.probe['layer']} ({result.probe['hook']})",
-                "probe val accuracy": result.probe["val_accuracy"]}
+    for message in result.warnings:
+        rep.add_notice(message, level="warning")
+    c, p = result.cliff, result.probe
+    splits = result.splits
+    headline = {"probe": f"{p['mode']} at layer {p['layer']} ({p['hook']}), {p['recipe']} recipe",
+                "probe val accuracy (fit split)": p["val_accuracy"],
+                f"probe accuracy, eval split (n={p['n_eval']})": "–" if p["eval_accuracy"] is None else p["eval_accuracy"],
+                "rollouts fit / eval": f"{splits['fit']} / {splits['eval']}"}
     for g in GROUPS:
         if c[g]["n"]:
-            headline[f"cliff / robust cliff, {g.replace('_', ' ')} (n={c[g]['n']})"] = \
+            headline[f"cliff / robust cliff, {g.replace('_', ' ')}, eval (n={c[g]['n']})"] = \
                 f"{c[g]['cliff']:.3f} / {c[g]['cliff_robust']:.3f}"
     headline["head ranking used"] = cfg.head_method
     first = min(result.ablation, key=lambda r: (r["fraction"], r["selection"] != "top"), default=None)
     if first is not None:
-        headline[f"ASR: none → top {first['n_heads']} heads ablated"] = \
+        headline[f"ASR (eval): none → top {first['n_heads']} heads ablated"] = \
             f"{result.ablation_baseline['asr']:.2f} → {first['asr']:.2f}"
     rep.add_metrics(headline)
+    rep.add_paragraph(f"Held-out protocol: the probe and the head rankings use the fit split only; every number "
+                      f"below (cliffs, curves, ablation, ASR, Cliff-as-a-Judge) is measured on the eval split "
+                      f"({'separate evaluation prompt sets' if cfg.eval_harmful or cfg.eval_harmless else f'{cfg.eval_fraction:.0%} of each group’s prompts, seeded'}). "
+                      "The in-sample (fit) group means are shown next to the held-out ones, so overfitting is visible.")
     rep.add_heading("Refusal score along the reasoning trace")
     rep.add_paragraph("A logistic probe trained on refused harmful vs complied harmless rollouts scores every token of "
                       "template + thinking + closing marker. Groups: refused harmful, complied harmful (the "
                       "jailbreak successes, where the paper's cliff lives) and harmless. cliff = max over the "
-                      "thinking span − score at the final token.")
+                      "thinking span − score at the final token. Curves: eval split.")
     rep.add_figure(curve_figure(result.curves, cfg.curve_method))
     rep.add_figure(tail_figure(result.tail))
-    rep.add_table(pd.DataFrame(c).T.reset_index(names="group"), caption="Group means")
+    rep.add_table(split_table(result), caption="Group means, held out (eval) and in-sample (fit)")
     example = _pick_example(result.examples)
     if tokenizer is not None and example.scores is not None:
         tokens = [tokenizer.decode([t]) for t in example.input_ids]
         rep.add_token_view(tokens, example.scores.tolist(),
-                           caption=f"Refusal score per token: the {example.group.replace('_', ' ')} example with the "
-                                   f"largest cliff ({example.metrics['cliff']:.3f})")
+                           caption=f"Refusal score per token: the {example.group.replace('_', ' ')} {example.split} "
+                                   f"example with the largest cliff ({example.metrics['cliff']:.3f})")
     rep.add_heading("Refusal-suppression heads")
-    rep.add_paragraph("Each method's score estimates a head's contribution to the probe at the final token; "
-                      "negative = pushes the refusal score down. projection: head output via W_O onto the probe "
-                      "direction at the last position (paper). attribution: gradient × activation over all positions. "
-                      "causal: −Δ score when the head alone is zero-ablated.")
+    rep.add_paragraph("Each method's score estimates a head's contribution to the probe at the final token, on the "
+                      "fit split's harmful rollouts; negative = pushes the refusal score down. projection: head "
+                      "output via W_O onto the probe direction at the last position (paper). attribution: gradient × "
+                      f"activation over all positions. causal: −Δ score when the head alone is ablated (rescale: "
+                      f"{cfg.ablation_rescale}, as in the sweep). Heads after the probe's layer cannot change it and "
+                      "are not ranked.")
     for method, ranked in result.head_rankings.items():
         rep.add_figure(head_heatmap(ranked, info["n_layers"], info["n_heads"], method))
     top = rankings_table(result.head_rankings)
     rep.add_table(top.sort_values(f"{cfg.head_method}_rank").head(20), caption="Top 20 heads (all methods side by side)")
     rep.add_heading("Ablation")
     rep.add_paragraph(f"Heads ranked by '{cfg.head_method}' are zero-ablated at every position (rescale: "
-                      f"{cfg.ablation_rescale}) while scoring and while regenerating; the control ablates equally many "
-                      "random heads. ASR = share of harmful prompts whose regenerated response "
+                      f"{cfg.ablation_rescale}) while scoring and while regenerating the eval split's harmful "
+                      f"prompts; the control ablates equally many random heads from outside the top set, "
+                      f"{cfg.random_draws} draws per fraction (mean ± sd). ASR = share of harmful prompts whose "
+                      "regenerated response "
                       + (f"the judge {cfg.judge} rates unsafe. " if cfg.judge else
                          "is not a refusal (keyword judge; a broken answer counts as not refused). ")
                       + "Regenerated: "
                       + ("thinking and answer (paper)." if cfg.asr_regenerate == "full" else
                          "the answer only, after each rollout's own thinking."))
-    rep.add_figure(ablation_figure(result.ablation, result.ablation_baseline))
-    rep.add_table(pd.DataFrame(result.ablation).drop(columns="heads"), caption="Ablation results")
+    if result.ablation:
+        rep.add_figure(ablation_figure(result.ablation, result.ablation_baseline))
+        rep.add_table(ablation_table(result.ablation), caption="Ablation results (eval split)")
     if result.per_layer:
         rep.add_heading("Per-layer probes")
-        rep.add_table(pd.DataFrame(result.per_layer), caption="A probe trained and applied at each layer")
+        rep.add_table(pd.DataFrame(result.per_layer), caption="A probe trained (fit) and applied (eval) at each layer")
     rep.add_heading("Cliff-as-a-Judge")
-    rep.add_paragraph(f"Harmful prompts the model complied with, ranked by {cfg.judge_rank}; the top ones are the "
-                      "candidates for safety fine-tuning (cliff_as_a_judge.jsonl).")
+    rep.add_paragraph(f"Harmful prompts of the eval split the model complied with, ranked by {cfg.judge_rank}; the "
+                      "top ones are the candidates for safety fine-tuning (cliff_as_a_judge.jsonl).")
     if result.judge_ranking:
         rep.add_table(pd.DataFrame(result.judge_ranking)[["prompt", "cliff", "rs_final", "plateau_max", "response"]],
                       caption="Top complied-harmful examples")
     else:
-        rep.add_paragraph("No harmful prompt was complied with.")
+        rep.add_paragraph("No harmful eval prompt was complied with.")
     rep.add_run_section(result.header)
     return rep

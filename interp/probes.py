@@ -227,9 +227,9 @@ def fit_logistic_probe(
     """L2-regularised logistic regression trained to convergence (full-batch L-BFGS, float64).
 
     The same balancing and train/validation split as `train_logistic_probe` (same `seed` → same
-    split). Features are standardised with the training rows' mean and standard deviation; for each
-    strength in `l2_grid` the penalised loss mean BCE + l2/2 ‖w‖² (on standardised features) is
-    minimised on the training rows, and the strength with the lowest validation BCE is kept (ties:
+    split). Features are centred on the training rows' mean and divided by one common scale (their
+    root-mean-square per feature), which keeps the geometry isotropic; for each strength in
+    `l2_grid` the penalised loss mean BCE + l2/2 ‖w‖² (on those features) is minimised on the training rows, and the strength with the lowest validation BCE is kept (ties:
     the stronger penalty). The returned weight and bias act on raw activations. Without a
     validation split (tiny data) the strongest penalty is kept, since the training loss cannot choose.
     """
@@ -242,8 +242,10 @@ def fit_logistic_probe(
     y64 = y_cpu.double().to(X.device)
     X_tr, y_tr = X64[train_idx.to(X.device)], y64[train_idx.to(X.device)]
     X_va, y_va = X64[val_idx.to(X.device)], y64[val_idx.to(X.device)]
-    mean, std = X_tr.mean(0), X_tr.std(0, unbiased=False)
-    std = torch.where(std > 1e-8 * std.max().clamp_min(1e-30), std, torch.ones_like(std))
+    # centre, and one common scale (per-feature scaling would blow up near-constant features, which
+    # then dominate wherever the probe is applied off its training positions)
+    mean = X_tr.mean(0)
+    std = (X_tr - mean).pow(2).sum(1).mean().sqrt().clamp_min(1e-12) / math.sqrt(X.shape[1])
     standard = lambda A: (A - mean) / std
 
     search, fits = [], {}

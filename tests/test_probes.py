@@ -264,13 +264,14 @@ def test_default_recipe_fits_a_clean_direction_the_paper_recipe_misses(seed):
 
 
 def test_lbfgs_reaches_the_penalised_optimum():
-    """At the returned weights the gradient of mean BCE + l2/2 ‖w‖² on standardised training features,
-    written out in numpy, vanishes."""
+    """At the returned weights the gradient of mean BCE + l2/2 ‖w‖² on the centred, commonly scaled
+    training features, written out in numpy, vanishes."""
     X, y, _ = offset_blobs(3, n=80, d=12, margin=1.0)
     probe = fit_logistic_probe(X, y)
     Xt = X[probe.train_idx].double().numpy()
     yt = y[probe.train_idx].double().numpy()
-    mean, std = Xt.mean(0), Xt.std(0)
+    mean = Xt.mean(0)
+    std = np.sqrt(((Xt - mean) ** 2).sum(1).mean() / Xt.shape[1])  # one scale for every feature
     w_std = probe.weight.double().numpy() * std  # the weight on standardised features
     b_std = probe.bias + float(probe.weight.double().numpy() @ mean)
     Xs = (Xt - mean) / std

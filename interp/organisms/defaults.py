@@ -10,8 +10,9 @@ ANALYSIS_DEFAULTS: dict[str, dict] = {
     "refusal_cliff": {
         "harmful": "organism-harmful", "harmless": "organism-harmless",
         "thinking_prefix": "",  # the corpus's main format: "<think>\n" + thinking
-        "probe_mode": "thinking_span",  # the last-token probe is out of distribution on thinking tokens
-        "probe_lr": 0.01, "probe_epochs": 50,  # the paper's 1e-3 x 5 epochs barely moves a 128-wide probe
+        # the last-token probe saturates at the final token and reads ~0.5 on every thinking token
+        # (out of distribution there): no plateau, no cliff; the span probe sees thinking tokens
+        "probe_mode": "thinking_span",
         "head_method": "causal",  # the only ranking that finds the marker-reading head (0,2)
         "max_new_tokens": 96,
         "asr_regenerate": "response",  # regenerating the thinking under ablation breaks it
