@@ -383,3 +383,39 @@ def test_bidirectional_encoder_runs_without_loss(tmp_path):
     assert len(res.attention) == 2 and 0 < res.attention_overall["first_token"] < 1
     assert res.weight_outliers[0]["module"] == "down"
     so.build_report(res, model.tokenizer).render()
+
+
+def test_gpt2_down_projection_is_read_as_out_by_in(tmp_path):
+    from interp.models import load_model
+    from interp.tiny import write_tiny_checkpoint
+
+    model = load_model(str(write_tiny_checkpoint(tmp_path / "gpt2", "gpt2", d_model=32, d_mlp=96, max_len=64)),
+                       device="cpu")
+    w = outliers.down_projection(model, 0)
+    conv = model.original_model.transformer.h[0].mlp.c_proj.weight  # Conv1D: [in = d_mlp, out = d_model]
+    assert w.shape == (32, 96) and torch.equal(w, conv.detach().float().T)
+    assert outliers.weight_outliers(model)[0]["module"] == "down"
+
+
+def test_moe_runs_and_says_what_is_skipped(tmp_path):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from analyses import systematic_outliers as so
+    from interp.analysis import config_for
+    from interp.models import load_model
+    from interp.tiny import build_tokenizer
+
+    tok = build_tokenizer(512)
+    torch.manual_seed(0)
+    MixtralForCausalLM(MixtralConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=128,
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, architectures=["MixtralForCausalLM"],
+    )).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    model = load_model(str(tmp_path), device="cpu")
+    assert outliers.is_moe(model)
+    res = so.run(model, config_for("systematic_outliers", model, seq_len=16, n_texts=4, n_random=2, progress=False))
+    assert any(n.startswith("Mixture-of-experts") for n in res.notes)
+    assert res.down_input == [] and res.weight_outliers == [] and res.connections["neurons"] == []
+    assert len(res.residual) == 2 and res.interventions[0]["loss"] is not None
