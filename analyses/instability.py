@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
@@ -235,10 +234,6 @@ class Result:
                     f.write(json.dumps(rec, ensure_ascii=False) + "\n")
 
 
-def _auc(scores, wrong) -> float:
-    return ins.roc_auc(scores, wrong)
-
-
 def analyse(traces: list[ins.TraceDists], config: Config) -> dict:
     """Every number of the analysis from the traces' distributions (no model)."""
     start = 1 if config.first_step == "exclude" else 0
@@ -269,22 +264,22 @@ def analyse(traces: list[ins.TraceDists], config: Config) -> dict:
             extra["peak_other"].append(ins.peak(ins.step_signals(t, distribution=other, **opts)["I"], start).strength)
     wrong = [not r["correct"] for r in rows]
     peaks = [r["peak"] for r in rows]
-    auc = _auc(peaks, wrong)
+    auc = ins.roc_auc(peaks, wrong)
     lo, hi = ins.bootstrap_auc_ci(peaks, wrong, n_boot=config.n_boot, seed=config.seed)
-    baselines = {b: _auc([r[b] for r in rows], wrong) for b in BASELINES}
-    variants = {"peak_shift_only": _auc(extra["peak_D"], wrong), "peak_entropy_only": _auc(extra["peak_H"], wrong)}
+    baselines = {b: ins.roc_auc([r[b] for r in rows], wrong) for b in BASELINES}
+    variants = {"peak_shift_only": ins.roc_auc(extra["peak_D"], wrong), "peak_entropy_only": ins.roc_auc(extra["peak_H"], wrong)}
     if have_full:
-        variants["peak_full_vocab" if other == "full" else "peak_topk"] = _auc(extra["peak_other"], wrong)
+        variants["peak_full_vocab" if other == "full" else "peak_topk"] = ins.roc_auc(extra["peak_other"], wrong)
     summary, strata = ins.early_late(peaks, [r["peak_position"] for r in rows], [r["correct"] for r in rows],
                                      config.n_strata)
-    warning = [{"window": w, "auc": _auc([r[f"prefix_peak_{w}"] for r in rows], wrong),
+    warning = [{"window": w, "auc": ins.roc_auc([r[f"prefix_peak_{w}"] for r in rows], wrong),
                 "traces_longer": sum(r["length"] > w for r in rows)} for w in config.windows]
     by_k = []
     if config.distribution == "topk":
+        listed = max(int(t.topk_logprobs.isfinite().sum(-1).max()) for t in kept)
         for k in sorted(set(config.k_sweep)):
             s = [ins.peak(ins.step_signals(t, **{**opts, "top_k": k})["I"], start).strength for t in kept]
-            by_k.append({"k": k, "auc": _auc(s, wrong),
-                         "k_available": min(k, max(int(np.isfinite(t.topk_logprobs.numpy()).sum(1).max()) for t in kept))})
+            by_k.append({"k": k, "auc": ins.roc_auc(s, wrong), "k_available": min(k, listed)})
     roc = {}
     for name, scores in [("peak", peaks)] + [(b, [r[b] for r in rows]) for b in BASELINES]:
         fpr, tpr = ins.roc_curve(scores, wrong)
