@@ -325,8 +325,9 @@ def _summary(what: str, dims, layer, rows: list[dict]) -> dict:
 
 
 def interventions(model, texts: TextSet, config: Config, notes: list[str]) -> list[dict]:
-    """Sun's set-zero / set-mean at the emergence layer, chosen on one split and measured on the other,
-    against random dims (same count, `n_random` draws) and a repeated-token input."""
+    """Sun's set-zero / set-mean at the emergence layer, chosen on one split and measured on the other (`split`
+    "held_out"; the same settings on the selection chunks are the in-sample rows, `split` "selection"), against
+    random dims (same count, `n_random` draws, held out) and a repeated-token input."""
     sel, held = split_indices(len(texts), config.select_fraction, config.seed)
     sel_seqs, held_seqs = [texts.chunks[i] for i in sel], [texts.chunks[i] for i in held]
     sel_stats = out.residual_stats(model, sel_seqs, batch_size=config.batch_size, down=False,
@@ -347,11 +348,14 @@ def interventions(model, texts: TextSet, config: Config, notes: list[str]) -> li
     base = {"what": "baseline", "dims": [], "layer": None, "draw": None, "n_positions": 0,
             **measure(model, held_seqs, config, loss=lm)}
     rows = [base]
+    in_sample = [{"what": "baseline", "dims": [], "layer": None, "draw": None, "n_positions": 0, "split": "selection",
+                  **measure(model, sel_seqs, config, loss=lm)}]
     for mode in ("zero", "mean"):
         means = carrier_means(model, sel_seqs, layer, dims, dims, massive, config) if mode == "mean" else None
-        iv = SetScalars(layer, dims, dims, means, massive, config.massive_abs, config.massive_ratio)
-        rows.append({"what": f"set_{mode}", "dims": dims, "layer": layer, "draw": None,
-                     **measure(model, held_seqs, config, iv, loss=lm), "n_positions": iv.n_positions})
+        for split, part, target in (("held_out", held_seqs, rows), ("selection", sel_seqs, in_sample)):
+            iv = SetScalars(layer, dims, dims, means, massive, config.massive_abs, config.massive_ratio)
+            target.append({"what": f"set_{mode}", "dims": dims, "layer": layer, "draw": None, "split": split,
+                           **measure(model, part, config, iv, loss=lm), "n_positions": iv.n_positions})
         random_rows = []
         for k, rdims in enumerate(draws):
             means = carrier_means(model, sel_seqs, layer, dims, rdims, massive, config) if mode == "mean" else None
@@ -362,8 +366,9 @@ def interventions(model, texts: TextSet, config: Config, notes: list[str]) -> li
     rep = repeated_token_set(model.tokenizer, config.seq_len, len(held_seqs), bos=config.bos, seed=config.seed)
     rows.append({"what": "repeated_token", "dims": [], "layer": None, "draw": None, "n_positions": 0,
                  **measure(model, rep.chunks, config, loss=lm)})
+    rows += in_sample
     for r in rows:
-        r.setdefault("massive", massive)
+        r.setdefault("split", "held_out")
         r["massive"] = massive
         r["n_selection"], r["n_measured"] = len(sel), len(held)
     return rows
@@ -457,7 +462,7 @@ def build_report(result: Result, tokenizer=None):
     rep = analysis_report(result.header)
     cfg, ts = result.config, result.text_set
     rows = result.interventions
-    base = next(r for r in rows if r["what"] == "baseline")
+    base = next(r for r in rows if r["what"] == "baseline" and r["split"] == "held_out")
     rep.add_metrics({
         "text set": f"{ts['source']}: {ts['n_chunks']} × {ts['seq_len']} tokens",
         "first token": f"{ts['first_token']!r} ({ts['first_token_share']:.0%} of chunks)",
@@ -522,9 +527,10 @@ def build_report(result: Result, tokenizer=None):
     rep.add_paragraph("Sun et al.'s set-zero / set-mean: dims, layer and means chosen on "
                       f"{rows[0]['n_selection']} chunks, effects measured on the other {rows[0]['n_measured']}. "
                       f"Control: {cfg.n_random} draws of as many random dims at the same positions; repeated-token "
-                      "input (Gu et al.'s negative control for sinks).")
+                      "input (Gu et al.'s negative control for sinks). Rows with split 'selection' repeat the baseline and the "
+                      "two settings on the selection chunks (in-sample).")
     bars = []
-    for r in rows:
+    for r in (r for r in rows if r["split"] == "held_out"):
         if r["what"] in ("set_zero", "set_mean"):
             bars.append({**r, "label": r["what"], "selection": "selected"})
         elif r["draw"] == "mean ± sd":

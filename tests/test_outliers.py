@@ -222,7 +222,10 @@ def test_analysis_reports_layer_dim_neuron_and_interventions(pmodel, text_file, 
     down0 = next(r for r in d["weight_outliers"] if r["layer"] == 0 and r["module"] == "down")
     assert down0["top_columns"][0] == J
     assert d["attention"][1]["sink_rate"] == pytest.approx(25.0)  # layer 1 head 0 parks on the massive token
-    rows = {(r["what"], r["draw"]): r for r in d["interventions"]}
+    rows = {(r["what"], r["draw"]): r for r in d["interventions"] if r["split"] == "held_out"}
+    in_sample = {r["what"]: r for r in d["interventions"] if r["split"] == "selection"}
+    assert set(in_sample) == {"baseline", "set_zero", "set_mean"}
+    assert abs(in_sample["set_zero"]["loss"] - in_sample["baseline"]["loss"]) > 1e-2
     base, zero, mean = rows[("baseline", None)], rows[("set_zero", None)], rows[("set_mean", None)]
     assert zero["dims"] == [D_STAR] and zero["layer"] == 0 and zero["massive"] is True
     assert zero["n_positions"] == base["n_measured"]  # one carrier (the first token) per measured chunk
