@@ -197,6 +197,7 @@ class Result:
     auc: float
     auc_ci: list[float]
     baselines: dict[str, float]
+    baselines_ci: dict[str, list[float]]
     variants: dict[str, float]
     buckets: list[dict]
     early_late: dict
@@ -204,6 +205,7 @@ class Result:
     early_warning: list[dict]
     auc_by_k: list[dict]
     roc: dict[str, dict[str, list[float]]]
+    shift_saturation: float  # share of steps t >= 2 with D_t > 0.99 log 2 (consecutive distributions disjoint)
     records: list[dict] = field(default_factory=list)  # generated traces in the JSONL format
 
     def to_dict(self) -> dict:
@@ -211,12 +213,13 @@ class Result:
         n = len(self.trace_rows)
         return {
             **self.header,
-            "auc": self.auc, "auc_ci": self.auc_ci, "baselines": self.baselines,
+            "auc": self.auc, "auc_ci": self.auc_ci, "baselines": self.baselines, "baselines_ci": self.baselines_ci,
             "buckets": self.buckets, "early_late": self.early_late,
             "traces": [{k: r[k] for k in ("id", "correct", "peak", "peak_position", "length")} for r in self.trace_rows],
             "n_traces": n, "accuracy": sum(r["correct"] for r in self.trace_rows) / n,
             "variants": self.variants, "early_warning": self.early_warning, "auc_by_k": self.auc_by_k,
-            "early_late_strata": self.early_late_strata, "source": self.source,
+            "early_late_strata": self.early_late_strata, "shift_saturation": self.shift_saturation,
+            "source": self.source,
         }
 
     def tables(self) -> dict[str, pd.DataFrame]:
@@ -267,6 +270,8 @@ def analyse(traces: list[ins.TraceDists], config: Config) -> dict:
     auc = ins.roc_auc(peaks, wrong)
     lo, hi = ins.bootstrap_auc_ci(peaks, wrong, n_boot=config.n_boot, seed=config.seed)
     baselines = {b: ins.roc_auc([r[b] for r in rows], wrong) for b in BASELINES}
+    baselines_ci = {b: list(ins.bootstrap_auc_ci([r[b] for r in rows], wrong, n_boot=config.n_boot, seed=config.seed))
+                    for b in BASELINES}
     variants = {"peak_shift_only": ins.roc_auc(extra["peak_D"], wrong), "peak_entropy_only": ins.roc_auc(extra["peak_H"], wrong)}
     if have_full:
         variants["peak_full_vocab" if other == "full" else "peak_topk"] = ins.roc_auc(extra["peak_other"], wrong)
@@ -284,7 +289,10 @@ def analyse(traces: list[ins.TraceDists], config: Config) -> dict:
     for name, scores in [("peak", peaks)] + [(b, [r[b] for r in rows]) for b in BASELINES]:
         fpr, tpr = ins.roc_curve(scores, wrong)
         roc[name] = {"fpr": fpr.tolist(), "tpr": tpr.tolist()}
-    return dict(trace_rows=rows, signals=signals, tokens=tokens, auc=auc, auc_ci=[lo, hi], baselines=baselines,
+    shifts = [d for sig in signals.values() for d in sig["D"][1:]]
+    saturation = sum(d > 0.99 * math.log(2) for d in shifts) / max(1, len(shifts))
+    return dict(shift_saturation=saturation, trace_rows=rows, signals=signals, tokens=tokens, auc=auc, auc_ci=[lo, hi],
+                baselines=baselines, baselines_ci=baselines_ci,
                 variants=variants, buckets=ins.accuracy_buckets(peaks, [r["correct"] for r in rows], config.n_buckets),
                 early_late=summary, early_late_strata=strata, early_warning=warning, auc_by_k=by_k, roc=roc)
 
@@ -399,6 +407,10 @@ def build_report(result: Result, tokenizer=None) -> Report:
     rep.add_paragraph(f"Source: {src}. Signal from the {'top-k' if c.distribution == 'topk' else 'full-vocabulary'} "
                       "distributions.")
 
+    if result.shift_saturation > 0.5 and c.distribution == "topk":
+        rep.add_notice(f"D_t is within 1 % of its maximum log 2 at {result.shift_saturation:.0%} of the steps: consecutive "
+                       "top-k distributions barely overlap (near-deterministic text), so D is almost a constant offset "
+                       "and the peak is decided by the entropy term.", level="info")
     rep.add_heading("Signal over the steps")
     for r in _pick(rows):
         sig, toks = result.signals[r["id"]], result.tokens[r["id"]]
@@ -409,8 +421,9 @@ def build_report(result: Result, tokenizer=None) -> Report:
 
     rep.add_heading("Failure prediction")
     rep.add_figure(roc_figure(result))
-    table = [{"score": "peak S", "auc": result.auc}] + [{"score": b, "auc": v} for b, v in result.baselines.items()] + \
-        [{"score": k, "auc": v} for k, v in result.variants.items()]
+    table = [{"score": "peak S", "auc": result.auc, "ci_low": result.auc_ci[0], "ci_high": result.auc_ci[1]}] + \
+        [{"score": b, "auc": v, "ci_low": result.baselines_ci[b][0], "ci_high": result.baselines_ci[b][1]}
+         for b, v in result.baselines.items()] + [{"score": k, "auc": v} for k, v in result.variants.items()]
     rep.add_table(pd.DataFrame(table), caption="ROC-AUC for predicting a wrong answer (higher score = wrong); the "
                   "baselines show whether the signal adds anything over entropy and length.")
     rep.add_table(pd.DataFrame(result.early_warning), caption="Early warning: AUC of the peak within the first W tokens.")

@@ -313,6 +313,7 @@ def test_cli_on_planted_traces_finds_late_spikes(tmp_path, capsys):
     assert all(set(r) == {"low", "high", "accuracy", "n"} for r in res["buckets"])
     assert all(set(r) == {"id", "correct", "peak", "peak_position", "length"} for r in res["traces"])
     assert all(r["peak_position"] > 0.5 for r in res["traces"] if not r["correct"])
+    assert res["shift_saturation"] < 0.1             # the same token dominates every step: D ≈ 0 off the spikes
     # the prefix before the spikes carries no signal, the whole trace does
     warn = {w["window"]: w["auc"] for w in res["early_warning"]}
     assert warn[30] > 0.95 and abs(warn[5] - 0.5) < 0.3
