@@ -126,7 +126,7 @@ def train_logistic_probe(
 ) -> LogisticProbe:
     """Train nn.Linear(d, 1) with BCE-with-logits and Adam, as the RefusalCliff "Refusal Prober".
 
-    Steps (spec section 4): optionally balance the classes by randomly subsampling the larger one,
+    Steps (RefusalCliff's probe code): optionally balance the classes by randomly subsampling the larger one,
     shuffle, split off the last `val_fraction` as validation, train for `epochs` (minibatches
     reshuffled each epoch), and keep the checkpoint with the best validation accuracy. Ties go to
     the lower validation loss (`tie_break="val_loss"`); the reference keeps the earlier epoch
