@@ -221,14 +221,14 @@ def is_moe(model) -> bool:
 
 
 def down_projection(model, layer: int) -> Float[Tensor, "d_model d_mlp"]:
-    """The MLP down-projection weight of block `layer` as `[d_model, d_mlp]` (column j = neuron j)."""
+    """The MLP down-projection weight of block `layer` as `[d_model, d_mlp]` (column j = neuron j), float32 on the CPU."""
     mlp = getattr(model.blocks[layer], "mlp", None)
     out = getattr(mlp, "out", None) if mlp is not None else None
     if out is None or is_moe(model):
         raise UserError("this model has no single MLP down-projection (blocks.L.mlp.out); "
                         "the outlier analysis needs a dense MLP")
     module = getattr(out, "original_component", out)
-    w = module.weight.detach().float()
+    w = module.weight.detach().float().cpu()
     d_model = model.cfg.d_model
     return w if w.shape[0] == d_model else w.T  # GPT-2's Conv1D stores [in, out]
 

@@ -123,7 +123,7 @@ class AttentionStats:
 
     def __init__(self, n_layers: int, n_heads: int, layers: Sequence[int] | None = None, *, eps: float = SINK_EPS,
                  exclude_first_query: bool = True, causal: bool = True, outlier_frac: float = OUTLIER_KEY_FRAC,
-                 qkv_norms: bool = False, example: int | None = None):
+                 qkv_norms: bool = False, example: int | None = None, gated_q: bool = False):
         self.layers = list(range(n_layers)) if layers is None else sorted(layers)
         self.n_heads, self.eps, self.causal = n_heads, eps, causal
         self.exclude_first_query, self.outlier_frac, self.qkv_norms = exclude_first_query, outlier_frac, qkv_norms
@@ -132,6 +132,7 @@ class AttentionStats:
         self.n_seqs = torch.zeros(n_layers, dtype=torch.long)
         self.outlier_keys: list[tuple[int, int, int, int]] = []  # (layer, sequence, position, token_id)
         self.norm_sums: dict = defaultdict(lambda: torch.zeros(2, dtype=torch.float64))  # (layer, q|k|v, sink?) → [sum, n]
+        self.gated_q = gated_q  # q hook holds [q_h | g_h] per head (Qwen3-Next / Qwen3.5): keep the query halves
         self.example_index, self.example = example, {}
         self._batch = None
         self._norms: dict = {}
@@ -149,7 +150,11 @@ class AttentionStats:
 
     def _qkv_hook(self, x, hook):
         which = hook.name.rsplit(".", 2)[-2][-1] if hook.name.endswith("hook_out") else hook.name[-1]
-        self._norms[(int(_LAYER.match(hook.name).group(1)), which)] = x.detach().float().norm(dim=-1).mean(-1)
+        x = x.detach().float()
+        if which == "q" and self.gated_q and x.dim() == 4 and x.shape[2] == 2 * self.n_heads:
+            x = x[:, :, 0::2]
+        norms = x.norm(dim=-1)  # [b, pos, heads] or [b, pos] for unsplit heads
+        self._norms[(int(_LAYER.match(hook.name).group(1)), which)] = norms.mean(-1) if norms.dim() == 3 else norms
 
     def _pattern_hook(self, pattern, hook):
         self.update(int(_LAYER.match(hook.name).group(1)), pattern.detach())
@@ -245,7 +250,7 @@ def attention_metrics(model, seqs: Sequence[Sequence[int]], *, batch_size: int =
     """
     stats = AttentionStats(model.cfg.n_layers, model.cfg.n_heads, layers, eps=eps,
                            exclude_first_query=exclude_first_query, causal=causal, outlier_frac=outlier_frac,
-                           qkv_norms=qkv_norms, example=example)
+                           qkv_norms=qkv_norms, example=example, gated_q=bool(getattr(model.cfg, "gated_q_proj", False)))
     stop = max(stats.layers) + 1
     for idx, tokens, mask in padded_batches(model, seqs, batch_size, desc="attention", progress=progress):
         stats.begin_batch(idx, tokens, mask)

@@ -80,3 +80,24 @@ def test_streaming_equals_one_shot():
     assert row["first_token"] == pytest.approx(float(f))
     assert row["sink_rate"] == pytest.approx(100 * float((alpha0 > 0.5).float().mean()))
     assert torch.allclose(one.example[0], pattern[0].mean(0))
+
+
+def test_gated_q_norms_use_the_query_half():
+    """Qwen3.5 / Qwen3-Next: the q hook holds [q_h | g_h] per head as 2H rows; the norms read the query rows only."""
+    from interp.models import load_model
+
+    model = load_model("organism-gated", device="cpu")
+    got = {}
+    model.run_with_hooks(torch.tensor([[5, 6, 7, 8]]), return_type=None, fwd_hooks=[
+        ("blocks.0.attn.hook_q", lambda x, hook: got.__setitem__("q", x.detach())),
+        ("blocks.0.attn.q.hook_in", lambda x, hook: got.__setitem__("in", x.detach()))])
+    raw = model.original_model.model.layers[0].self_attn.q_proj(got["in"]).view(1, 4, 4, 64)
+    assert torch.allclose(got["q"][:, :, 0::2], raw[..., :32], atol=1e-6)
+    stats = sinks.attention_metrics(model, [[5, 6, 7, 8]], layers=[0], qkv_norms=True, progress=False)
+    assert stats.gated_q
+    rows = {r["vector"]: r for r in stats.qkv_norm_rows()}
+    expected = raw[..., :32].norm(dim=-1).mean().item()  # no padding: mean over positions and heads
+    mixed = [rows["q"][k] for k in ("sink_norm", "other_norm") if rows["q"][k] is not None]
+    n_sink = sum(1 for layer, *_ in stats.outlier_keys if layer == 0)
+    overall = (mixed[0] * n_sink + mixed[-1] * (4 - n_sink)) / 4 if len(mixed) == 2 else mixed[0]
+    assert overall == pytest.approx(expected, rel=1e-5)
