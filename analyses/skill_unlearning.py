@@ -316,7 +316,7 @@ def _top_values(model, splits: list[SkillSplit], top: torch.Tensor, tok, config:
 
 # --------------------------------------------------------------------------- report
 
-def _per_layer_figure(selected: dict):
+def per_layer_figure(selected: dict):
     import plotly.graph_objects as go
 
     rows = selected["per_layer"]
@@ -326,7 +326,7 @@ def _per_layer_figure(selected: dict):
     return fig
 
 
-def _distribution_figure(top_values: dict, forget: str):
+def distribution_figure(top_values: dict, forget: str):
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
@@ -342,7 +342,7 @@ def _distribution_figure(top_values: dict, forget: str):
     return fig
 
 
-def _key_figure(key_scores: pd.DataFrame, threshold: float):
+def key_figure(key_scores: pd.DataFrame, threshold: float):
     import plotly.graph_objects as go
 
     fig = go.Figure()
@@ -396,9 +396,9 @@ def build_report(result: Result, tokenizer=None):
                       f"(threshold Δ ≥ {result.selected_neurons['threshold']:.3g}); probe split only. Share of the "
                       f"selected neurons' held-out values that Neuron Adjust replaced: "
                       f"{result.selected_neurons['replaced_share']:.3f}.")
-    rep.add_figure(_per_layer_figure(result.selected_neurons))
+    rep.add_figure(per_layer_figure(result.selected_neurons))
     if result.top_values:
-        rep.add_figure(_distribution_figure(result.top_values, cfg["forget"]))
+        rep.add_figure(distribution_figure(result.top_values, cfg["forget"]))
     rep.add_table(pd.DataFrame(result.selected_neurons["neurons"]).sort_values("delta", ascending=False),
                   caption="Selected neurons (largest Δ first)", max_rows=30)
     rep.add_heading("Key Space Detection")
@@ -407,7 +407,7 @@ def build_report(result: Result, tokenizer=None):
                       f"forward (prompt or generated token) is inside: TPR {ks['tpr']:.3f} on {ks['n_forget']} held-out "
                       f"forget queries, FPR {ks['fpr']:.3f} on {ks['n_retain']} retain queries (prompt only: "
                       f"{ks['tpr_prefill']:.3f} / {ks['fpr_prefill']:.3f}).")
-    rep.add_figure(_key_figure(result.key_scores, ks["h"] * ks["k"]))
+    rep.add_figure(key_figure(result.key_scores, ks["h"] * ks["k"]))
     st = result.statistics
     rep.add_heading("Statistics")
     rep.add_table(pd.DataFrame({"tokens": st["tokens"], "probe items": st["probe_items"], "eval items": st["eval_items"],
