@@ -71,7 +71,7 @@ class Config(CommonConfig):
         require(0 < self.select_fraction < 1, f"select-fraction must be in (0, 1); got {self.select_fraction}")
         require(self.max_dims >= 1, f"max-dims must be at least 1; got {self.max_dims}")
         require(self.n_random >= 1, f"n-random must be at least 1; got {self.n_random}")
-        require(self.example >= 0, f"example must be >= 0; got {self.example}")
+        require(0 <= self.example < self.n_texts, f"example must be in 0..{self.n_texts - 1} (a chunk index); got {self.example}")
         if model is not None:
             n_ctx = getattr(model.cfg, "n_ctx", None)
             require(not n_ctx or self.seq_len <= n_ctx,
@@ -122,6 +122,22 @@ class Result:
 
 
 # ---------------------------------------------------------------- inputs
+
+def preflight(config: Config) -> None:
+    """Check the text set before the model loads: a registered name, or a readable non-empty .txt file."""
+    from pathlib import Path
+
+    from interp.datasets import DATASETS, dataset_names
+    from interp.texts import read_text_file
+
+    spec = config.text_set
+    if spec in DATASETS:
+        return
+    if Path(spec).expanduser().exists() or Path(spec).suffix:
+        read_text_file(spec)
+        return
+    raise UserError(f"unknown text set {spec!r}; choose one of {', '.join(dataset_names('texts'))} or pass a .txt file")
+
 
 def load_text_set(model, config: Config) -> TextSet:
     """The configured text set, chunked (n_texts, or `limit` when smaller)."""
@@ -205,9 +221,9 @@ def token_type_counts(kind: str, items: list[tuple[int, int]], tokenizer) -> lis
 def choose_dims(stats: out.ResidualStats, max_dims: int) -> tuple[int, list[int], bool]:
     """(layer, dims, massive): the emergence layer of the massive activations and their most frequent dims; without
     any, the layer with the largest top-1 / median ratio and its top dims (a candidate, flagged massive=False)."""
-    if stats.hits:
-        layer = min(h["layer"] for h in stats.hits)
-        counts = Counter(h["dim"] for h in stats.hits if h["layer"] == layer)
+    if stats.hit_counts:
+        layer = min(layer for layer, _ in stats.hit_counts)
+        counts = Counter({d: c for (lay, d), c in stats.hit_counts.items() if lay == layer})
         return layer, [d for d, _ in counts.most_common(max_dims)], True
     prof = stats.profile()
     layer = max(prof, key=lambda r: r["top1"] / max(r["median_abs"], 1e-12))["layer"]
@@ -253,7 +269,7 @@ class SetScalars:
 
 @torch.no_grad()
 def carrier_means(model, seqs, layer: int, find_dims: list[int], dims: list[int], massive: bool, config: Config) -> torch.Tensor:
-    """Mean of h_layer[carrier, dims] over `seqs`, by role (position 0 / later): `[2, len(dims)]` (0 where unseen)."""
+    """Mean of h_layer[carrier, dims] over `seqs`, by role (position 0 / later): `[2, len(dims)]`."""
     sums, counts = torch.zeros(2, len(dims), dtype=torch.float64), torch.zeros(2)
     state = {}
 
@@ -273,7 +289,11 @@ def carrier_means(model, seqs, layer: int, find_dims: list[int], dims: list[int]
             state["mask"] = mask
             with stopped_at(model, layer + 1) as stop:
                 model.run_with_hooks(tokens, attention_mask=mask, return_type=None, stop_at_layer=stop, fwd_hooks=hooks)
-    return (sums / counts.clamp_min(1)[:, None].double()).float()
+    means = sums / counts.clamp_min(1)[:, None].double()
+    for role in (0, 1):  # a role never seen on the selection chunks takes the other role's mean
+        if counts[role] == 0:
+            means[role] = means[1 - role]
+    return means.float()
 
 
 def has_lm_head(model) -> bool:

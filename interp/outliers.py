@@ -12,7 +12,8 @@ Public functions:
 - `ResidualStats(n_layers, ...)`: streaming accumulator over `blocks.L.hook_resid_post` (and the MLP
   down-projection input `blocks.L.mlp.out.hook_in` when `down=True`): `hooks()`, `begin_batch(indices, tokens, mask)`,
   then `profile()` (rows `{layer, max_abs, top1, top2, top3, median_abs, mean_abs, top_dims}`),
-  `down_profile()`, `hits` (Sun's rule, `{layer, sequence, position, token_id, dim, value, median}`),
+  `down_profile()`, `hits` (Sun's rule, `{layer, sequence, position, token_id, dim, value, median}`, the first
+  `max_hits`; `n_hits` and `hit_counts[(layer, dim)]` count them all),
   `token_hits` (An's rule), `outlier_dims(min_share=0.5)`, `layer_max()`, `dim_max` (`[layer, d_model]`).
 - `residual_stats(model, seqs, ...)` → `ResidualStats`: runs the loop with SDPA attention (no patterns).
 - `down_projection(model, layer)` → `[d_model, d_mlp]` weight of the MLP down-projection (HF layout),
@@ -24,6 +25,7 @@ Public functions:
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Sequence
 
 import torch
@@ -99,6 +101,7 @@ class ResidualStats:
         self.hits: list[dict] = []
         self.n_hits = 0
         self.hit_dims: dict[int, set] = {}  # layer → dims with a massive activation
+        self.hit_counts: Counter = Counter()  # (layer, dim) → number of massive activations (all, not capped)
         self.token_hits: list[dict] = []
         self.down_hits: list[dict] = []
         self._batch = None
@@ -150,6 +153,7 @@ class ResidualStats:
             if kind == "resid":
                 self.n_hits += len(hits)
                 self.hit_dims.setdefault(layer, set()).update(d for _, d in hits)
+                self.hit_counts.update((layer, d) for _, d in hits)
                 for t in outlier_tokens(h, self.tau).tolist():
                     self.token_hits.append({"layer": layer, "sequence": seq, "position": t, "token_id": toks[t],
                                             "value": float(a[t].max()), "mean": float(mean)})

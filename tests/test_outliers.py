@@ -340,6 +340,9 @@ def test_model_without_down_projection_is_refused():
     (["--seq-len", "4096"], "exceeds the model's context"),
     (["--sink-eps", "0"], "sink-eps"),
     (["--n-texts", "1"], "n-texts"),
+    (["--dataset", "no-such-set"], "unknown text set"),
+    (["--dataset", "missing.txt"], "text file not found"),
+    (["--example", "100"], "example must be in 0..99"),
 ])
 def test_cli_bad_options(planted_dir, tmp_path, capsys, extra, message):
     from interp.run import main
