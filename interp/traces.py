@@ -72,6 +72,8 @@ def parse_trace(obj: dict, where: str, vocab: dict[str, int]) -> TraceDists:
             i = vocab.setdefault(_key(e), len(vocab))
             lp = max(float(e["logprob"]), -1e4) if math.isfinite(e["logprob"]) else -math.inf
             merged[i] = float(torch.logaddexp(torch.tensor(merged[i]), torch.tensor(lp))) if i in merged else lp
+        if all(v == -math.inf for v in merged.values()):
+            raise UserError(f"{at}: every top_logprobs entry has probability 0 (logprob -inf)")
         tokens.append(str(step["token"]))
         rows.append(merged)
     k = max(len(r) for r in rows)

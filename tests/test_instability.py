@@ -228,6 +228,8 @@ MALFORMED = [
      "line 1, step 2: empty 'top_logprobs'"),
     ({"id": "x", "correct": True, "content": [{"token": "a", "logprob": -1, "top_logprobs": [{"token": "a"}]}]},
      "needs a text 'token' and a 'logprob' <= 0"),
+    ('{"id": "x", "correct": true, "content": [{"token": "a", "logprob": -1, "top_logprobs": '
+     '[{"token": "a", "logprob": -Infinity}]}]}', "every top_logprobs entry has probability 0"),
 ]
 
 
