@@ -151,6 +151,36 @@ def test_ablated_final_scores_do_not_depend_on_batch_size(planted_model, result,
     assert (scores[1] - plain).abs().max() > 1e-3  # the ablation acts
 
 
+def test_causal_ranking_uses_the_sweeps_rescale_on_the_fit_split(result, planted_model):
+    from interp.heads import causal_scores
+
+    fit = [e.input_ids for e in result.examples if e.kind == "harmful" and e.split == "fit"]
+    probe = result.linear_probe
+    readout = ("ln_final.hook_out", probe.weight, probe.bias)
+    want = causal_scores(planted_model, fit, readout, rescale=result.config.ablation_rescale, progress=False)
+    got = {(h["layer"], h["head"]): h["score"] for h in result.head_rankings["causal"]}
+    assert result.config.ablation_rescale == "frobenius"
+    for (layer, head), score in got.items():
+        assert score == pytest.approx(float(want[layer, head]), abs=1e-6)
+
+
+def test_reasoning_model_aliases_get_the_papers_generation_settings(planted_model, monkeypatch):
+    """An alias such as r1-8b carries max_new_tokens 8192 and temperature 0.7 (the paper's), which
+    config_for (CLI, notebook) applies and the run header records, unless overridden."""
+    import dataclasses
+
+    from interp.analysis import config_for, run_header
+    from interp.models import _recommended_settings, model_info
+
+    info = dataclasses.replace(model_info(planted_model), name="r1-8b",
+                               analysis_defaults=_recommended_settings("r1-8b", {}))
+    monkeypatch.setattr(planted_model, "_interp_info", info)
+    config = config_for("refusal_cliff", planted_model)
+    assert (config.max_new_tokens, config.temperature) == (8192, 0.7)
+    assert run_header("refusal_cliff", planted_model, config)["config"]["max_new_tokens"] == 8192
+    assert config_for("refusal_cliff", planted_model, max_new_tokens=512).max_new_tokens == 512
+
+
 def test_scores_match_an_independent_hf_computation(result, planted):
     """Per-token scores and the projection score recomputed with plain torch hooks on the HF model."""
     from transformers import AutoModelForCausalLM
