@@ -190,6 +190,33 @@ for _name, _repo, _split, _filter, _text in [
     register(_name, Dataset("prompts", _text, online=True, load=_hub_prompts(_name, _repo, _split, _filter)))
 
 
+
+def _texts(loader: str, *args) -> Callable[[int | None], list[str]]:
+    """A text-set loader from `interp.texts` (imported when the set is used)."""
+    def load(limit: int | None) -> list[str]:
+        from interp import texts
+
+        return getattr(texts, loader)(*args, limit)
+    return load
+
+
+def _read_texts(path: Path) -> list[str]:
+    from interp.texts import read_text_file
+
+    return read_text_file(path)
+
+
+FILE_LOADERS["texts"] = _read_texts
+register("natural-text", Dataset("texts", "~370 sentences of varied prose written for this project", online=False,
+                                 load=_texts("natural_text")))
+register("organism-plain", Dataset("texts", "held-out plain passages in the organisms' corpus format (prose, "
+                                   "Laundry-List runs, code, word problems), generated", online=False,
+                                   load=_texts("organism_text")))
+register("wikitext-2", Dataset("texts", "Salesforce/wikitext, wikitext-2-raw-v1, test split", online=True,
+                               load=_texts("load_hub_texts", "wikitext-2")))
+register("redpajama-sample", Dataset("texts", "togethercomputer/RedPajama-Data-1T-Sample, the outlier papers' set",
+                                     online=True, load=_texts("load_hub_texts", "redpajama-sample")))
+
 @dataclass
 class Rollout:
     """One model rollout: the prompt, the text inside <think>...</think>, and the text after it."""

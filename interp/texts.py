@@ -2,14 +2,15 @@
 
 Public functions (signatures kept stable for other analyses):
 
-- `natural_text()` → list[str]: the bundled natural-text sample (`interp/data/natural_text.txt`, ~370
+- `natural_text(limit=None)` → list[str]: the bundled natural-text sample (`interp/data/natural_text.txt`, ~370
   sentences of varied prose written for this project, one paragraph per item; not the organism corpus).
 - `organism_text(limit)` → list[str]: held-out plain passages from the organisms' corpus generator.
 - `read_text_file(path)` → list[str]: a user `.txt` file, one item per blank-line-separated paragraph
   (UserError when missing or empty).
 - `load_hub_texts(name, limit)` → list[str]: `wikitext-2` (Salesforce/wikitext, wikitext-2-raw-v1, test)
   or `redpajama-sample` (togethercomputer/RedPajama-Data-1T-Sample) through `datasets`; one-line
-  UserError offline. These and the bundled sample are registered in `interp.datasets` (kind "texts").
+  UserError offline. These, the bundled sample and `organism-plain` are registered in `interp.datasets`
+  (kind "texts"; a .txt file goes through `read_text_file`).
 - `bos_token(tokenizer)` → (id, string): `[CLS]` (encoders), else the tokenizer's BOS, else `<|endoftext|>`, else EOS.
 - `chunk_texts(tokenizer, texts, seq_len, n_chunks=None, bos=False)` → `TextSet`: the papers' recipe
   (An et al. 2025; Sun et al. 2024): items joined by "\\n\\n", tokenized without special tokens, cut into
@@ -70,9 +71,9 @@ def _paragraphs(text: str) -> list[str]:
     return [p.strip() for p in text.replace("\r\n", "\n").split("\n\n") if p.strip()]
 
 
-def natural_text() -> list[str]:
-    """The bundled natural-text sample, one paragraph per item."""
-    return _paragraphs((resources.files("interp") / "data" / "natural_text.txt").read_text(encoding="utf-8"))
+def natural_text(limit: int | None = None) -> list[str]:
+    """The bundled natural-text sample, one paragraph per item (the first `limit`)."""
+    return _paragraphs((resources.files("interp") / "data" / "natural_text.txt").read_text(encoding="utf-8"))[:limit]
 
 
 def organism_text(limit: int | None = None) -> list[str]:
@@ -177,20 +178,3 @@ def split_indices(n: int, fraction: float = 0.5, seed: int = 0) -> tuple[list[in
     k = min(max(1, round(n * fraction)), n - 1)
     return sorted(order[:k]), sorted(order[k:])
 
-
-def _register() -> None:
-    from interp.datasets import FILE_LOADERS, Dataset, register
-
-    register("natural-text", Dataset("texts", "~370 sentences of varied prose written for this project (bundled)",
-                                     online=False, load=lambda limit: natural_text()[:limit]))
-    register("wikitext-2", Dataset("texts", "WikiText-2 raw, test split (Salesforce/wikitext)", online=True,
-                                   load=lambda limit: load_hub_texts("wikitext-2", limit)))
-    register("redpajama-sample", Dataset("texts", "RedPajama-Data-1T-Sample (togethercomputer), the papers' set",
-                                         online=True, load=lambda limit: load_hub_texts("redpajama-sample", limit)))
-    register("organism-plain", Dataset("texts", "held-out plain passages in the organisms' corpus format (prose, "
-                                      "Laundry-List runs, code, word problems; generated, bundled)", online=False,
-                                      load=lambda limit: organism_text(limit)))
-    FILE_LOADERS["texts"] = read_text_file
-
-
-_register()

@@ -425,3 +425,17 @@ def test_moe_runs_and_says_what_is_skipped(tmp_path):
     assert any(n.startswith("Mixture-of-experts") for n in res.notes)
     assert res.down_input == [] and res.weight_outliers == [] and res.connections["neurons"] == []
     assert len(res.residual) == 2 and res.interventions[0]["loss"] is not None
+
+
+def test_hub_text_sets_fail_offline_with_one_line(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    from interp.datasets import load_dataset
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'Salesforce/wikitext' on the Hub (LocalEntryNotFoundError)\nmore")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    for name in ("wikitext-2", "redpajama-sample"):
+        with pytest.raises(UserError) as err:
+            load_dataset(name, "texts")
+        assert "offline?" in str(err.value) and "\n" not in str(err.value)
