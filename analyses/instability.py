@@ -309,7 +309,7 @@ def run(model, config: Config) -> Result:
             raise UserError("a model is needed to generate traces; pass --model or --traces FILE")
         traces, records = generate_traces(model, config)
         source = "model"
-    header = run_header("instability", model, config)
+    header = run_header("instability", None if config.traces else model, config)
     return Result(header=header, config=config, source=source, records=records, **analyse(traces, config))
 
 
