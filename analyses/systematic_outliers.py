@@ -423,7 +423,7 @@ def run(model, config: Config | None = None) -> Result:
     tok = model.tokenizer
     hits = [{**h, "token": token_string(tok, h["token_id"]),
              "token_type": out.token_type(h["position"], token_string(tok, h["token_id"]))} for h in stats.hits]
-    massive_dims = {h["dim"] for h in stats.hits}
+    massive_dims = {d for _, d in stats.hit_counts}
     act_pos = {(h["sequence"], h["position"]) for h in stats.token_hits}
     attn_pos = {(s, p) for _, s, p, _ in att.outlier_keys}
     connections = {
