@@ -149,17 +149,21 @@ def test_buckets_and_early_late():
     assert [x["n_early"] for x in strata] == [2, 1]
 
 
-def _planted_traces(n=60, steps=40, seed=0, spike=True):
-    """Wrong traces get a late spike of uncertainty and a shift; right ones stay flat and confident."""
+def _planted_traces(n=60, steps=40, seed=0, spike=True, early_right=False):
+    """Wrong traces get a late spike of uncertainty and a shift; right ones stay flat and confident
+    (or, with `early_right`, get the same spike early: corrective)."""
     g = torch.Generator().manual_seed(seed)
     traces = []
     for i in range(n):
         correct = i % 2 == 0
         logits = torch.randn(steps, 50, generator=g) * 0.3
         logits[:, 7] += 8.0                                      # confident: token 7 dominates
+        u = torch.rand(1, generator=g).item()
         if spike and not correct:
-            at = int(steps * (0.6 + 0.3 * torch.rand(1, generator=g).item()))
+            at = int(steps * (0.6 + 0.3 * u))
             logits[at] = torch.randn(50, generator=g) * 0.3    # flat: high entropy, big shift
+        elif early_right:
+            logits[int(steps * (0.05 + 0.15 * u))] = torch.randn(50, generator=g) * 0.3
         full = torch.log_softmax(logits, -1)
         lp, ids = torch.topk(full, 10, -1)
         traces.append(ins.TraceDists(str(i), correct, [f"<t{j}>" for j in range(steps)], ids, lp))
@@ -410,3 +414,15 @@ def test_user_task_file_and_offline_hub(organism, tmp_path, monkeypatch):
     with pytest.raises(UserError) as e:
         an.load_tasks("gsm8k")
     assert "gsm8k" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_planted_early_corrective_late_destructive_at_equal_strength():
+    from analyses import instability as an
+
+    traces = _planted_traces(n=60, steps=40, early_right=True)
+    res = an.analyse(traces, an.Config(top_k=10, n_boot=200, windows=(10, 40)))
+    assert abs(res["auc"] - 0.5) < 0.25                      # equal peak strength: S alone cannot tell
+    el = res["early_late"]
+    assert (el["early_accuracy"], el["late_accuracy"]) == (1.0, 0.0) and el["n_early"] + el["n_late"] == 60
+    warn = {w["window"]: w["auc"] for w in res["early_warning"]}
+    assert warn[10] < 0.1                                    # the early window sees only the right traces' spikes
