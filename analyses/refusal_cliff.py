@@ -296,9 +296,8 @@ def build_examples(model, rollouts: list[Rollout], config: Config, judge=None, s
 
 
 def assign_splits(examples: list[Example], config: Config) -> None:
-    """Hold out `eval_fraction` of each group's prompts (all rollouts of a prompt on one side), seeded.
-
-    A group with one prompt stays in fit; otherwise each side gets at least one prompt."""
+    """Hold out `eval_fraction` of each group's prompts (rounded down; all rollouts of a prompt on one
+    side), seeded. A group with one prompt stays in fit; otherwise each side gets at least one prompt."""
     rng = random.Random(config.seed)
     units: dict[tuple[str, str], list[Example]] = {}
     for e in examples:
@@ -306,7 +305,7 @@ def assign_splits(examples: list[Example], config: Config) -> None:
     for group in GROUPS:
         keys = [k for k, members in units.items() if members[0].group == group]
         rng.shuffle(keys)
-        n_eval = min(max(round(len(keys) * config.eval_fraction), 1), len(keys) - 1) if len(keys) >= 2 else 0
+        n_eval = min(max(int(len(keys) * config.eval_fraction), 1), len(keys) - 1) if len(keys) >= 2 else 0
         for k in keys:
             for e in units[k]:
                 e.split = "eval" if k in keys[:n_eval] else "fit"
