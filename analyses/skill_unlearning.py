@@ -382,7 +382,10 @@ def build_report(result: Result, tokenizer=None):
                       "Log-prob: mean log-probability per token of the gold continuation, teacher-forced; it moves "
                       "even where accuracy is near zero. accuracy_drop is the paper's 1 − after/before. The random "
                       f"control adjusts as many random neurons (never selected ones), {cfg['random_draws']} draws, mean ± sd.")
-    rep.add_table(ev, caption="evaluation (results.json 'evaluation')")
+    shown = ev.drop(columns=[c for c in ("draws",) if c in ev])
+    shown = shown.astype(object).where(shown.notna(), "—")
+    rep.add_table(shown, caption="evaluation (results.json 'evaluation'; — = not defined: no checkable answer, "
+                                 "no model change under KSD, or not a random control)")
     rows = []
     for _, r in ev[ev.method != "key_space"].iterrows():
         rows.append({"label": f"{r.skill} ({r.role})", "selection": "selected" if r.method == "neuron_adjust" else "random",
