@@ -70,7 +70,7 @@ class Config(CommonConfig):
     probe_layer: int | None = None  # HF hidden_states index the probe reads; None = final-norm output (paper)
     probe_mode: Literal["last_token", "thinking_span"] = "last_token"  # last_token: one state per example (paper); thinking_span: every thinking token labelled
     probe_recipe: Literal["lbfgs", "paper"] = "lbfgs"  # lbfgs: logistic regression to convergence, L2 picked on validation; paper: Adam, best-validation epoch (reference)
-    probe_l2: tuple[float, ...] = L2_GRID  # lbfgs recipe: L2 strengths tried (on standardised features), the lowest validation loss wins
+    probe_l2: tuple[float, ...] = L2_GRID  # lbfgs recipe: L2 strengths tried (features centred, one common scale), the lowest validation loss wins
     per_layer_probes: bool = False  # also train and apply one probe per layer, each on its own layer
     thinking_prefix: str = "\n\n"  # text after the chat template before the thinking (the probe code's)
     max_items_per_class: int = 200  # examples per class for the probe (paper)

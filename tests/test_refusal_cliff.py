@@ -438,3 +438,26 @@ def test_probe_examples_need_a_thinking_in_both_classes():
 def test_missing_judge_directory_is_reported_before_loading(rollouts_file):
     with pytest.raises(UserError, match="judge model directory not found"):
         rc.preflight(rc.Config(rollouts=str(rollouts_file), judge="./no/such/guard"))
+
+
+@pytest.mark.parametrize("options, fragment", [
+    (["--eval-fraction", "0"], "eval-fraction must be in (0, 1)"),
+    (["--eval-fraction", "1"], "eval-fraction must be in (0, 1)"),
+    (["--random-draws", "0"], "random-draws must be at least 1"),
+    (["--probe-l2", "0.1", "0"], "probe-l2 strengths must be positive"),
+    (["--probe-recipe", "sgd"], "invalid choice"),
+    (["--ablation-rescale", "global"], "invalid choice"),
+    (["--probe-layer", "0"], "probe-layer 0 reads the embeddings"),
+    (["--eval-harmful", "no-such-set"], "no-such-set"),
+])
+def test_bad_held_out_options_are_one_line_errors(planted, rollouts_file, tmp_path, capsys, options, fragment):
+    from interp.run import main
+
+    out = tmp_path / "out"
+    code = main(["refusal_cliff", "--model", str(planted.path), "--rollouts", str(rollouts_file), "--out", str(out),
+                 "--no-progress", *options])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0]
+    assert not out.exists()
