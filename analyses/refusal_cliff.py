@@ -547,7 +547,7 @@ def ablation_sweep(model, harmful: list[Example], probe: LogisticProbe, hook: st
         rs, asr = measure(top)
         rows.append({"fraction": fraction, "n_heads": n, "selection": "top", "rs_final": rs, "asr": asr,
                      "heads": [list(h) for h in top]})
-        pool = [h for h in eligible if h not in top]
+        pool = sorted(h for h in eligible if h not in top)  # canonical order: draws do not follow score noise
         if len(pool) < n:
             warn(warnings, f"no random control for {fraction:g} of the heads: only {len(pool)} heads lie outside "
                            f"its top {n}; use smaller --ablation-fractions")

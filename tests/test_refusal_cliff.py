@@ -151,6 +151,21 @@ def test_ablated_final_scores_do_not_depend_on_batch_size(planted_model, result,
     assert (scores[1] - plain).abs().max() > 1e-3  # the ablation acts
 
 
+def test_whole_run_does_not_depend_on_batch_size(result, planted_model, rollouts_file):
+    """--batch-size 1 (no padding) vs the default 8: the same held-out cliffs, rankings and ablation numbers."""
+    one = rc.run(planted_model, planted_config(rollouts_file, batch_size=1))
+    for g in rc.GROUPS:
+        for k, v in result.cliff[g].items():
+            assert one.cliff[g][k] == pytest.approx(v, abs=1e-5)
+    for method, ranked in result.head_rankings.items():
+        assert [h["score"] for h in one.head_rankings[method]] == pytest.approx([h["score"] for h in ranked], abs=1e-5)
+    assert one.ablation_baseline["rs_final"] == pytest.approx(result.ablation_baseline["rs_final"], abs=1e-5)
+    for a, b in zip(one.ablation, result.ablation):
+        assert (a.get("heads"), a.get("draws")) == (b.get("heads"), b.get("draws"))
+        assert a["rs_final"] == pytest.approx(b["rs_final"], abs=1e-5)
+        assert a["asr"] == b["asr"]
+
+
 def test_causal_ranking_uses_the_sweeps_rescale_on_the_fit_split(result, planted_model):
     from interp.heads import causal_scores
 
