@@ -47,12 +47,12 @@ class Config(CommonConfig):
     mode: tuple[Literal["q", "k", "v"], ...] = ("q", "k", "v")  # composition modes scanned (q: reader's query side, k: key side, v: OV); the edit uses the first
     fold_norms: bool = True  # fold the norm gains into the weights before scoring (the paper's processed GPT-2 weights)
     min_z: float = 3.0  # a channel's score must exceed the reader's empirical null mean + this many sd
-    min_baseline_ratio: float = 2.0  # ... and this multiple of the Gaussian baseline's max over a head's components
+    min_baseline_ratio: float = 2.0  # a channel's score must also exceed this multiple of the Gaussian baseline's max over a head's components
     energy: float = 0.8  # channel rank: fewest components holding this share of σ²·score² (80 % rule)
     baseline_draws: int = 20  # Gaussian random heads drawn for the baseline
     n_items: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8, 9, 10)  # Laundry List lengths N (2-10)
     templates: tuple[TEMPLATES, ...] = ("laundry", "bag", "market", "park")  # Laundry List surface templates (objects, objects, food, names)
-    prompts_per_cell: int = 200  # prompts per (N, answer position) cell, in each split
+    prompts_per_cell: int = 200  # prompts per (N, answer position) cell in each split (method note: >= 200; --limit caps it)
     alpha: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0)  # factors the edited components are scaled by
     edit_components: int = 2  # components in the edit set (the paper's channels are 1-2 components per head)
     candidates: int = 8  # top components into the mover screened on the selection split

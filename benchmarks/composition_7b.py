@@ -48,23 +48,23 @@ def main() -> None:
                          torch.randn(L, KV, d, dh, generator=g), torch.randn(L, H, dh, d, generator=g))
     weight_gib = sum(t.numel() * 4 for t in (w.W_Q, w.W_K, w.W_V, w.W_O)) / 2 ** 30
     print(f"weights: {weight_gib:.2f} GiB float32, built in {time.perf_counter() - start:.1f} s; peak RSS {rss_gib():.2f} GiB")
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     S, V = comp.writer_svd(w)
-    t_svd = time.perf_counter() - start
-    print(f"writer SVD of {L * H} heads: {t_svd:.1f} s; peak RSS {rss_gib():.2f} GiB")
+    t_svd, c_svd = time.perf_counter() - start, time.process_time() - cpu
+    print(f"writer SVD of {L * H} heads: {t_svd:.1f} s wall, {c_svd:.1f} s CPU; peak RSS {rss_gib():.2f} GiB")
     readers = {"last": [L - 1], "all": list(range(1, L))}.get(args.reader_layers)
     if readers is None:
         readers = [int(x) for x in args.reader_layers.split(",")]
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     comp.scan(w, args.mode, S=S, V=V, rotary_invariant=not args.no_rotary_invariant,
               chunk_layers=args.chunk_layers, reader_layers=readers, progress=True)
-    t_scan = time.perf_counter() - start
-    work = sum(readers)  # reader layer ℓ scores ℓ writer layers
-    total = t_scan * sum(range(1, L)) / work
+    t_scan, c_scan = time.perf_counter() - start, time.process_time() - cpu
+    factor = sum(range(1, L)) / sum(readers)  # reader layer ℓ scores ℓ writer layers
     print(f"scan ({args.mode}{'' if args.no_rotary_invariant else ' + rotary-invariant'}) of reader layers {readers}: "
-          f"{t_scan:.1f} s; all {L - 1} reader layers ≈ {total:.0f} s (extrapolated ∝ writer layers)")
-    print(f"peak RSS {rss_gib():.2f} GiB; writer SVD + full scan ≈ {t_svd + total:.0f} s on "
-          f"{torch.get_num_threads()} thread(s)")
+          f"{t_scan:.1f} s wall, {c_scan:.1f} s CPU; all {L - 1} reader layers ≈ {t_scan * factor:.0f} s wall, "
+          f"{c_scan * factor:.0f} s CPU (extrapolated ∝ writer layers)")
+    print(f"peak RSS {rss_gib():.2f} GiB; writer SVD + full scan ≈ {t_svd + t_scan * factor:.0f} s wall, "
+          f"{c_svd + c_scan * factor:.0f} s CPU on {torch.get_num_threads()} thread(s)")
 
 
 if __name__ == "__main__":

@@ -101,13 +101,12 @@ def head_weights(model, fold_norms: bool = True) -> HeadWeights:
 def writer_svd(w: HeadWeights, layers: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
     """Per-head SVD of OV = W_V W_O: (S [layer, head, r], V [layer, head, d_model, r]), σ descending;
     the columns of V are the write directions v_i."""
-    layers = range(w.n_layers) if layers is None else layers
-    S, V = [], []
-    for layer in layers:
-        _, s, v = FactoredMatrix(w.expand(w.W_V[layer]), w.W_O[layer]).svd()
-        S.append(s)
-        V.append(v)
-    return torch.stack(S), torch.stack(V)
+    layers = list(range(w.n_layers) if layers is None else layers)
+    n, d, r = w.n_heads, w.W_O.shape[-1], w.W_O.shape[-2]
+    S, V = torch.empty(len(layers), n, r), torch.empty(len(layers), n, d, r)  # filled in place: no stacked copy
+    for j, layer in enumerate(layers):
+        _, S[j], V[j] = FactoredMatrix(w.expand(w.W_V[layer]), w.W_O[layer]).svd()
+    return S, V
 
 
 def reader_factor(w: HeadWeights, layer: int, mode: str, rotary_invariant: bool = False
