@@ -254,3 +254,6 @@ def save_rollouts(rollouts: list[Rollout], path: str | Path) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for r in rollouts:
             f.write(json.dumps(asdict(r), ensure_ascii=False) + "\n")
+
+
+import interp.skills  # noqa: E402,F401  (registers the skill sets, kind "skills"; it imports this module)

@@ -276,7 +276,7 @@ SKILL_SETS = {
 }
 for _name, (_load, _text) in SKILL_SETS.items():
     if _name not in DATASETS:
-        register(_name, Dataset("skills", _text + " (built-in)", online=False, load=_load))
+        register(_name, Dataset("skills", _text, online=False, load=_load))
 for _name, _load, _text in [("gsm8k", _gsm8k, "openai/gsm8k main test, 'Q: ...\\nA:', numeric answer"),
                             ("mbpp", _mbpp, "MBPP full test (log-likelihood of the reference code only)")] + [
         (f"mlqa-{lang}", _mlqa(lang), f"MLQA test, context and question in {lang}, paper prompt") for lang in MLQA_LANGUAGES]:
