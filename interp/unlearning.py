@@ -243,7 +243,12 @@ class AdjustSpec:
 
 @contextlib.contextmanager
 def neuron_adjust(model, spec: AdjustSpec) -> Iterator[AdjustSpec]:
-    """Neuron Adjust at every position of every forward while active (the batch described by `rows_of`)."""
+    """Neuron Adjust at every position of every forward while active.
+
+    The draws are keyed on the items and absolute positions that `rows_of` describes (the loops here set
+    it); without it, on row index and position within the forward call (fine for one full forward, but
+    cached decoding would then reuse the draws of position 0 at every step).
+    """
     hooks = []
     for layer in spec.neurons[:, 0].unique().tolist():
         sel = (spec.neurons[:, 0] == layer).nonzero().squeeze(1)

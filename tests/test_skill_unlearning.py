@@ -380,8 +380,7 @@ def test_numbers_do_not_depend_on_batch_size(planted_skills, planted_result):
 
 def test_intended_draws_match_an_independent_forward(planted_skills):
     """Neuron Adjust through the bridge hook equals adjusting HF gate_proj outputs by hand."""
-    from interp.models import load_model  # noqa: F401
-    from interp.unlearning import AdjustSpec, adjust_values, hash_uniform, neuron_adjust, rows_of, Rows
+    from interp.unlearning import AdjustSpec, Rows, adjust_values, hash_uniform, neuron_adjust, rows_of
 
     model, _ = planted_skills
     hf = model.original_model
