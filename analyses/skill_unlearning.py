@@ -133,6 +133,9 @@ def load_splits(config: Config) -> list[SkillSplit]:
         probe, held = split_items(load_skill(name, limit=total), n_probe, total - n_probe, config.seed, name)
         if not held:
             raise UserError(f"skill {name!r} has no held-out items; lower --n-probe or give more items")
+        if role == "forget" and len(probe) < 2:
+            raise UserError(f"the forget skill {name!r} needs at least 2 probe items for the hypercube's std; "
+                            "give more items or raise --n-probe")
         out.append(SkillSplit(name, role, probe, held))
     return out
 

@@ -458,3 +458,15 @@ def test_cli_bad_input_is_one_line(extra, message, planted_skills, tmp_path, cap
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and message in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_too_few_items_is_a_user_error(tmp_path):
+    from analyses import skill_unlearning as su
+
+    f = tmp_path / "two.jsonl"
+    f.write_text("\n".join(json.dumps({"prompt": f"p{i}", "answer": "a", "skill": "s"}) for i in range(2)) + "\n")
+    with pytest.raises(UserError, match="at least 2 probe items"):
+        su.load_splits(su.Config(forget=str(f), retain="chat", n_probe=5, n_eval=5))
+    f.write_text(json.dumps({"prompt": "p", "answer": "a", "skill": "s"}) + "\n")
+    with pytest.raises(UserError, match="at least 2"):
+        su.load_splits(su.Config(forget=str(f), retain="chat", n_probe=5, n_eval=5))
