@@ -38,6 +38,7 @@ from interp.figures import band
 from interp.report import analysis_report
 
 TEMPLATES = Literal["laundry", "bag", "market", "park"]
+MAX_HEATMAP_HEADS = 256  # larger models get layer × layer heatmaps (max over heads)
 
 
 @dataclass
@@ -418,11 +419,16 @@ def build_report(result: Result, tokenizer=None):
                       "(v). The whole-head score (Elhage et al.) is the σ²-weighted RMS of the component scores, so a "
                       "strong component with a small σ is diluted in it: compare the two heatmaps of each mode. "
                       f"Norm gains folded: {cfg.fold_norms}.")
-    labels = _labels(result.header["model"]["n_layers"], result.header["model"]["n_heads"]) if result.header.get("model") else None
+    n_layers, n_heads = result.header["model"]["n_layers"], result.header["model"]["n_heads"]
     for mode, (whole_grid, best_grid) in result.grids.items():
-        labels = labels or [str(i) for i in range(whole_grid.shape[0])]
-        rep.add_figure(pair_heatmap(whole_grid, labels, f"{mode}-composition, whole head"))
-        rep.add_figure(pair_heatmap(best_grid, labels, f"{mode}-composition, best single component"))
+        for grid, what in ((whole_grid, "whole head"), (best_grid, "best single component")):
+            if n_layers * n_heads <= MAX_HEATMAP_HEADS:
+                rep.add_figure(pair_heatmap(grid, _labels(n_layers, n_heads), f"{mode}-composition, {what}"))
+            else:  # thousands of heads: the max over the heads of each layer pair
+                g = grid.reshape(n_layers, n_heads, n_layers, n_heads)
+                g = np.where(np.isnan(g), -np.inf, g).max(axis=(1, 3))
+                rep.add_figure(pair_heatmap(np.where(np.isinf(g), np.nan, g), [str(x) for x in range(n_layers)],
+                                            f"{mode}-composition, {what} (max over heads of each layer pair)"))
     rep.add_figure(component_bars(result))
     if result.channels:
         rep.add_table(pd.DataFrame(result.channels).head(30), caption=f"Channels: components above both thresholds "

@@ -262,7 +262,7 @@ SMALL = dict(n_items=(2, 3), templates=("laundry", "bag", "market"), prompts_per
              random_draws=5, baseline_draws=4, view_prompts=8, progress=False)
 
 
-def test_analysis_end_to_end_with_first_token_scoring(channel_model, tmp_path):
+def test_analysis_end_to_end_with_first_token_scoring(channel_model, tmp_path, monkeypatch):
     from analyses import talking_heads as th
     from interp.analysis import config_for
 
@@ -287,6 +287,9 @@ def test_analysis_end_to_end_with_first_token_scoring(channel_model, tmp_path):
     th.build_report(result, channel_model.tokenizer).write(out)
     text = out.read_text()
     assert "first token" in text and "Editing the channel" in text
+    monkeypatch.setattr(th, "MAX_HEATMAP_HEADS", 4)  # a big model's layer × layer heatmaps
+    th.build_report(result, channel_model.tokenizer).write(tmp_path / "big.html")
+    assert "max over heads of each layer pair" in (tmp_path / "big.html").read_text()
     # batch size does not change the numbers
     again = th.run(channel_model, config_for("talking_heads", channel_model, batch_size=1, **SMALL))
     for a, b in zip(d["edits"], again.to_dict()["edits"]):

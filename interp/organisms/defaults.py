@@ -35,7 +35,7 @@ ANALYSIS_DEFAULTS: dict[str, dict] = {
     # measured in docs/talking_heads.md ("On the organisms")
     "talking_heads": {
         "n_items": (2, 3, 4, 5, 6),  # recall is at chance from N = 6 on (model card); longer lists add only noise
-        "prompts_per_cell": 30,  # 600 prompts per split keep the 7-alpha sweep with 5 random draws near a minute
+        "prompts_per_cell": 100,  # 2000 prompts per split: accuracy s.e. ≈ 1 point; the sweep takes ~2 CPU minutes
         "batch_size": 64,  # 1M-parameter model: bigger batches are faster on CPU (numbers do not depend on it)
     },
     # measured in docs/skill_unlearning.md ("On the organisms")
