@@ -50,9 +50,12 @@ ALIASES: dict[str, Alias] = {
 EMBEDDED = {
     "organism": "model organism: 4-layer Qwen3 trained by interp on a synthetic chat corpus (default)",
     "organism-gated": "its gated-attention twin (Qwen3-Next-style sigmoid gate), same data, seed and steps",
+    "organism-sink": "2-layer Qwen3 trained on Bigram-Backcopy (64-token vocabulary): forms an attention sink",
+    "organism-sink-gated": "its gated twin (Qwen3.5 sigmoid output gate), same task, seed and steps",
     "tiny": "random-weight 2-layer Qwen2 with a thinking chat template, built on first use",
 }
-_ORGANISM_DIRS = {"organism": "standard", "organism-gated": "gated"}
+_ORGANISM_DIRS = {"organism": "standard", "organism-gated": "gated",
+                  "organism-sink": "sink_standard", "organism-sink-gated": "sink_gated"}
 DEFAULT_MODEL = "organism"
 
 _WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken", "tokenizer*"]

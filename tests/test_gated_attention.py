@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 
 import pytest
 import torch
@@ -339,3 +340,33 @@ def test_cli_runs_and_refuses_gate_interventions_on_ungated(tmp_path, capsys, ti
         code = main(["gated_attention", "--model", str(tiny_dir), "--out", str(tmp_path / "y"), *bad])
         err = capsys.readouterr().err
         assert code == 2 and err.startswith("error:") and "Traceback" not in err, bad
+
+
+# ---------------------------------------------------------------- the sink organisms
+
+def test_sink_trainer_is_deterministic_and_task_copies():
+    from interp.organisms import sink
+
+    x = sink.sample(8, sink.SEQ_LEN, torch.Generator().manual_seed(0), sink.bigram_table())
+    assert (x[:, 0] == 0).all() and (x[:, 1:] >= 1).all()  # BOS only at position 0
+    trig = (x[:, 1:-1] >= 1) & (x[:, 1:-1] <= sink.N_TRIGGERS)
+    assert trig.float().mean() > 0.05
+    assert (x[:, 2:][trig] == x[:, :-2][trig]).all()  # after a trigger: the token before it
+    a, _ = sink.train("qwen3_5", steps=2)
+    b, _ = sink.train("qwen3_5", steps=2)
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), name
+
+
+def test_sink_organisms_shipped_behaviour():
+    """The ungated sink organism has an attention sink in layer 1 and massive residuals; its gated twin
+    has sparse gates and no massive residuals (measured by the analysis on held-out sequences)."""
+    from interp.models import load_model
+
+    model = load_model("organism-sink", device="cpu")
+    ga, result = _run(model, compare="auto", n_chunks=16, seq_len=64, interventions="off")
+    std, gated = result.results["organism-sink"], result.results["organism-sink-gated"]
+    assert result.header["config"]["texts"] == "backcopy" and std.text["first_token"] == "<|endoftext|>"
+    assert std.attention[1]["first_token"] > 0.7 and std.attention[1]["sink_rate"] == 100.0
+    assert std.m_act > 150 and gated.m_act < 40
+    assert statistics.mean(r["mean"] for r in gated.gates) < 0.1
