@@ -19,7 +19,8 @@ held-out part, seeded):
 3. Sink metrics (`interp.sinks`): first-token attention (F-Attn, queries ≥ 1) and Gu et al.'s sink
    rate (share of heads with α[0] > ε = 0.3), per layer; M-Act (`interp.outliers`).
 4. The implicit scale s(q) = 1 − A[q, first token] per head (An et al. 2025's hypothesised gate
-   of ungated models), on every model, beside the gate scores.
+   of ungated models), on every model, beside the gate scores; on gated models the correlation
+   across queries of each head's gate and its first-token attention.
 5. Gate interventions (gated models; the toolkit's probes, not the paper's): gates forced to 1
    (the same weights ungated), set to their per-element mean over the selection part (query
    dependence removed), scaled by α → held-out (and in-sample) loss, first-token attention and
@@ -29,7 +30,8 @@ held-out part, seeded):
 
 Qwen3-Next / Qwen3.5 linear-attention (Gated DeltaNet) layers have no softmax pattern: their rows
 carry null and the report says "no softmax pattern". `--compare MODEL` runs a second model the same
-way; by default an organism is paired with its twin (`organism` ↔ `organism-gated`).
+way; by default an organism is paired with its twin (`organism` ↔ `organism-gated`,
+`organism-sink` ↔ `organism-sink-gated`).
 Method, defaults and deviations: docs/gated_attention.md.
 """
 
@@ -501,6 +503,12 @@ def _model_section(rep, r: ModelResult, n_layers: int, n_heads: int, select_by: 
     rep.add_figure(layer_head_heatmap(_grid(r.implicit_scale, n_layers, n_heads, "mean"),
                                       f"{r.name}: implicit scale s(q) = 1 − A[q, first token], mean over queries ≥ 1",
                                       "mean s(q)", diverging=False))
+    if r.gated:
+        corr = _grid([row for row in r.implicit_scale if row["gate_corr"] is not None], n_layers, n_heads, "gate_corr")
+        rep.add_figure(layer_head_heatmap(corr, f"{r.name}: correlation across queries of gate and first-token attention",
+                                          "Pearson r"),
+                       "Per head: r between the head's gate (mean over its dims) and its attention to the first token, "
+                       "over held-out queries ≥ 1. If gates replace sinks, the relation is weak (spec [I]).")
     rep.add_figure(_sparsity_figure(r), "Y rebuilt from pattern and values; the mean-gate control scales Y by the layer's "
                    "mean gate from the selection part (sparsity beyond down-scaling shows as gated > control).")
     rep.add_table(_attention_table(r), f"Sink metrics per layer (held-out part; first token: {r.text['first_token']!r} "

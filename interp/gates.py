@@ -251,16 +251,21 @@ def scale_gates(model, alpha: float, heads: Sequence[Head] | None = None):
 
 class ScaleStats:
     """Streamed implicit scale s(q) per (layer, head) over real queries after the first token: mean,
-    sd, and per-layer histograms on the gate bins (to set beside the gate scores)."""
+    sd, per-layer histograms on the gate bins (to set beside the gate scores), and on gated models
+    the correlation across queries between a head's gate (mean over its dims) and its first-token
+    attention A[q, first] = 1 − s(q)."""
 
     def __init__(self, layers: Sequence[int], n_heads: int):
         self.layers = list(layers)
-        self.sum = torch.zeros((len(self.layers), n_heads), dtype=torch.float64)
-        self.sum_sq = torch.zeros_like(self.sum)
+        zeros = torch.zeros((len(self.layers), n_heads), dtype=torch.float64)
+        self.sum, self.sum_sq = zeros.clone(), zeros.clone()
+        self.g_sum, self.g_sq, self.gs_sum = zeros.clone(), zeros.clone(), zeros.clone()
         self.count = torch.zeros((len(self.layers), 1), dtype=torch.float64)
         self.hist = torch.zeros((len(self.layers), N_BINS), dtype=torch.float64)
+        self.gated = False
 
-    def update(self, layer: int, pattern: Float[Tensor, "batch head q k"], mask: Tensor) -> None:
+    def update(self, layer: int, pattern: Float[Tensor, "batch head q k"], mask: Tensor,
+               gate: Float[Tensor, "batch q head d"] | None = None) -> None:
         i = self.layers.index(layer)
         first = mask.long().argmax(-1)                               # first real token per row
         s = implicit_scale(pattern.float(), first).transpose(1, 2)   # [batch, q, head]
@@ -272,12 +277,30 @@ class ScaleStats:
         self.count[i] += s.shape[0]
         self.hist[i] += torch.bincount((s / BIN_WIDTH).floor().long().clamp(0, N_BINS - 1).flatten(),
                                        minlength=N_BINS).double()
+        if gate is not None:
+            self.gated = True
+            g = gate.mean(-1)[keep].double().cpu()                   # [N, head]
+            self.g_sum[i] += g.sum(0)
+            self.g_sq[i] += (g * g).sum(0)
+            self.gs_sum[i] += (g * s).sum(0)
 
     def head_rows(self) -> list[dict]:
-        mean = self.sum / self.count
-        sd = (self.sum_sq / self.count - mean ** 2).clamp_min(0.0).sqrt()
-        return [{"layer": layer, "head": h, "mean": float(mean[i, h]), "sd": float(sd[i, h])}
-                for i, layer in enumerate(self.layers) for h in range(mean.shape[1])]
+        """Rows {layer, head, mean, sd, gate_corr} (gate_corr: Pearson r across queries of the head's
+        gate and its first-token attention; None on ungated models or when either is constant)."""
+        n = self.count
+        mean = self.sum / n
+        var_s = (self.sum_sq / n - mean ** 2).clamp_min(0.0)
+        g_mean = self.g_sum / n
+        var_g = (self.g_sq / n - g_mean ** 2).clamp_min(0.0)
+        cov = self.gs_sum / n - g_mean * mean                       # cov(g, s) = −cov(g, A[q, first])
+        rows = []
+        for i, layer in enumerate(self.layers):
+            for h in range(mean.shape[1]):
+                defined = self.gated and var_g[i, h] > 1e-10 and var_s[i, h] > 1e-10  # not constant (float64 noise)
+                corr = -float(cov[i, h] / (var_g[i, h] * var_s[i, h]).sqrt()) if defined else None
+                rows.append({"layer": layer, "head": h, "mean": float(mean[i, h]), "sd": float(var_s[i, h].sqrt()),
+                             "gate_corr": corr})
+        return rows
 
     def histograms(self) -> dict[int, list[float]]:
         return {layer: (self.hist[i] / self.hist[i].sum()).tolist() for i, layer in enumerate(self.layers)}
@@ -312,6 +335,6 @@ def measure(model, seqs: Sequence[Sequence[int]], *, batch_size: int = 8, theta:
                 gates.update(layer, logits, mask)
                 g = torch.sigmoid(split_heads(logits, n_heads))
             sparsity.update(layer, y, mask, g, None if mean_gate is None else mean_gate.get(layer))
-            scale.update(layer, pattern, mask)
+            scale.update(layer, pattern, mask, g)
         del cache
     return gates, sparsity, scale

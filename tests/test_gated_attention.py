@@ -97,6 +97,8 @@ def test_planted_gate_stats_equal_the_constants(planted_gated):
     stats, sparsity, _ = gates.measure(planted_gated, _seqs(planted_gated), batch_size=3, progress=False)
     rows = stats.head_rows()
     assert len(rows) == 2 * N_HEADS
+    assert all(r["gate_corr"] is None for r in gates.measure(planted_gated, _seqs(planted_gated), progress=False)[2]
+               .head_rows())  # constant gates: no correlation defined
     for r in rows:
         c = GATE_CONSTANTS[r["head"]]
         assert r["mean"] == pytest.approx(c, abs=1e-5)
@@ -207,12 +209,22 @@ def test_measure_batch_invariant_and_independent(hybrid):
             for k in rx:
                 if isinstance(rx[k], float):
                     assert rx[k] == pytest.approx(ry[k], abs=1e-5), k
-    # independent: plain per-sequence numpy-style computation of gate mean / var / share < 0.1
-    per = []
+    # independent: plain per-sequence computation of gate mean / var / share < 0.1, and the
+    # correlation across queries q >= 1 of head gate and first-token attention (numpy corrcoef)
+    import numpy as np
+
+    per, per_q, first_attn = [], [], []
     for s in seqs:
-        _, c = hybrid.run_with_cache(torch.tensor([s]), names_filter=lambda n: n == gates.gate_hook(1))
-        per.append(torch.sigmoid(gates.split_heads(c[gates.gate_hook(1)][0], N_HEADS)).double())
+        _, c = hybrid.run_with_cache(torch.tensor([s]), names_filter=lambda n: n in (gates.gate_hook(1),
+                                                                                     "blocks.1.attn.hook_pattern"))
+        g_seq = torch.sigmoid(gates.split_heads(c[gates.gate_hook(1)][0], N_HEADS)).double()
+        per.append(g_seq)
+        per_q.append(g_seq[1:].mean(-1))
+        first_attn.append(c["blocks.1.attn.hook_pattern"][0, :, 1:, 0].T.double())
     g = torch.cat(per)  # [tokens, head, d]
+    gq, fa = torch.cat(per_q).numpy(), torch.cat(first_attn).numpy()
+    for r in a[2].head_rows():
+        assert r["gate_corr"] == pytest.approx(np.corrcoef(gq[:, r["head"]], fa[:, r["head"]])[0, 1], abs=1e-5)
     for r in a[0].head_rows():
         h = r["head"]
         assert r["mean"] == pytest.approx(g[:, h].mean().item(), abs=1e-6)
@@ -304,7 +316,7 @@ def test_ungated_model_and_compare(tiny_model, planted_gated_dir):
     ungated, gated = list(d["models"].values())
     assert ungated["gated"] is False and ungated["gates"] == [] and ungated["interventions"] == []
     assert all(r["gated"] is None and 0 <= r["ungated"] <= 1 for r in ungated["sparsity"])
-    assert all(0 <= r["mean"] <= 1 for r in ungated["implicit_scale"])
+    assert all(0 <= r["mean"] <= 1 and r["gate_corr"] is None for r in ungated["implicit_scale"])
     assert gated["gated"] is True and gated["gates"] and gated["interventions"]
     html = ga.build_report(result, tiny_model.tokenizer).render()
     assert "has no attention output gate" in html and "Side by side" in html
