@@ -130,7 +130,9 @@ def load_splits(config: Config) -> list[SkillSplit]:
     n_probe = max(1, round(total * config.n_probe / want))
     out = []
     for role, name in [("forget", config.forget)] + [("retain", s) for s in config.retain_skills]:
-        probe, held = split_items(load_skill(name, limit=total), n_probe, total - n_probe, config.seed, name)
+        items = load_skill(name, limit=total)
+        # the split is seeded by the skill's own name, so a file gives the same split wherever it lives
+        probe, held = split_items(items, n_probe, total - n_probe, config.seed, items[0].skill)
         if not held:
             raise UserError(f"skill {name!r} has no held-out items; lower --n-probe or give more items")
         if role == "forget" and len(probe) < 2:

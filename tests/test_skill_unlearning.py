@@ -83,7 +83,9 @@ def _skill_file(path, n=40, seed=0):
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
-        prompt = "".join(rng.choice(A_TOKENS) for _ in range(rng.randint(3, 7)))
+        # four last-token types, so every one is in the probe split (attention is off: the last key
+        # vector depends on the last token only)
+        prompt = "".join(rng.choice(A_TOKENS) for _ in range(rng.randint(2, 6))) + A_TOKENS[len(rows) % 4]
         rows.append({"prompt": prompt, "answer": "<a0>", "target": "<a0>", "skill": "alpha", "check": "prefix"})
     for _ in range(n):
         words = [rng.choice(WORDS) for _ in range(rng.randint(4, 8))]
