@@ -508,7 +508,7 @@ def _model_section(rep, r: ModelResult, n_layers: int, n_heads: int, select_by: 
         rep.add_figure(layer_head_heatmap(corr, f"{r.name}: correlation across queries of gate and first-token attention",
                                           "Pearson r"),
                        "Per head: r between the head's gate (mean over its dims) and its attention to the first token, "
-                       "over held-out queries ≥ 1. If gates replace sinks, the relation is weak (spec [I]).")
+                       "over held-out queries ≥ 1. If gates replace sinks, the relation should be weak (a toolkit expectation, not a paper result).")
     rep.add_figure(_sparsity_figure(r), "Y rebuilt from pattern and values; the mean-gate control scales Y by the layer's "
                    "mean gate from the selection part (sparsity beyond down-scaling shows as gated > control).")
     rep.add_table(_attention_table(r), f"Sink metrics per layer (held-out part; first token: {r.text['first_token']!r} "
