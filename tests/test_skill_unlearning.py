@@ -472,3 +472,20 @@ def test_too_few_items_is_a_user_error(tmp_path):
     f.write_text(json.dumps({"prompt": "p", "answer": "a", "skill": "s"}) + "\n")
     with pytest.raises(UserError, match="at least 2"):
         su.load_splits(su.Config(forget=str(f), retain="chat", n_probe=5, n_eval=5))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_runs_on_other_mlp_architectures(arch, tmp_path):
+    """GPT-2 (hook_pre = x·W_in + b_in) and Llama: the hook check passes and every output is filled."""
+    from analyses import skill_unlearning as su
+    from interp.analysis import config_for
+    from interp.models import load_model
+    from interp.tiny import write_tiny_checkpoint
+
+    write_tiny_checkpoint(tmp_path, arch, seed=0)
+    model = load_model(str(tmp_path), device="cpu")
+    result = su.run(model, config_for("skill_unlearning", model, forget="strings", retain="comprehension", n_probe=8,
+                                      n_eval=4, random_draws=2, max_new_tokens=3, progress=False))
+    assert result.statistics["gate_hook_max_abs_diff_vs_hf"] < 1e-6
+    assert len(result.evaluation) == 6 and result.key_space["n_forget"] == 4
+    assert sum(r["count"] for r in result.selected_neurons["per_layer"]) == math.ceil(0.03 * 2 * model.cfg.d_mlp)
