@@ -215,7 +215,10 @@ def run(model, config: Config | None = None) -> Result:
     items, roles, skills, ids = [], [], [], []
     for si, s in enumerate(splits):
         for j, it in enumerate(s.held):
-            items.append(it), roles.append(s.role), skills.append(s.name), ids.append(si * ITEM_STRIDE + j)
+            items.append(it)
+            roles.append(s.role)
+            skills.append(s.name)
+            ids.append(si * ITEM_STRIDE + j)
     prompts = _encode(tok, [i.prompt for i in items])
     targets = _encode(tok, [i.target for i in items])
     held_keys = capture(model, prompts, [khook], batch_size=config.batch_size, progress=config.progress)[khook]
@@ -251,7 +254,9 @@ def run(model, config: Config | None = None) -> Result:
     evaluation = []
     for s in splits:
         rows = [j for j, name in enumerate(skills) if name == s.name]
-        pick = lambda xs: [xs[j] for j in rows]  # noqa: E731
+
+        def pick(xs: list) -> list:
+            return [xs[j] for j in rows]
         before = dict(accuracy_before=_nanmean(pick(acc0)), logprob_before=_nanmean(pick(lp0)))
         base = dict(skill=s.name, role=s.role, **before, n=len(rows))
         evaluation.append(dict(method="neuron_adjust", **base, accuracy_after=_nanmean(pick(acc_na)),
