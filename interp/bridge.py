@@ -133,6 +133,9 @@ def sdpa_attention(model, needed_hooks: Sequence[str] = ()) -> Iterator[bool]:
     if needs_eager or not _sdpa_capable(model):
         yield False
         return
+    if "forward" in vars(model.blocks[0].attn):  # already on (nested use): the outer context restores
+        yield True
+        return
     config = model.original_model.config
     previous = config._attn_implementation
     for block in model.blocks:

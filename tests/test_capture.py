@@ -110,6 +110,15 @@ def test_sdpa_fast_path_is_taken(tiny_model, sdpa_calls):
     assert all("forward" not in vars(b.attn) for b in tiny_model.blocks)
 
 
+def test_sdpa_contexts_nest(tiny_model, sdpa_calls):
+    with sdpa_attention(tiny_model) as outer:
+        with sdpa_attention(tiny_model) as inner:
+            capture(tiny_model, _seqs(tiny_model.tokenizer), ["ln_final.hook_out"], progress=False)
+        assert outer and inner and all("forward" in vars(b.attn) for b in tiny_model.blocks)
+    assert all("forward" not in vars(b.attn) for b in tiny_model.blocks)
+    assert tiny_model.original_model.config._attn_implementation == "eager"
+
+
 def test_sdpa_not_used_when_disabled(tiny_model, sdpa_calls):
     capture(tiny_model, _seqs(tiny_model.tokenizer), ["ln_final.hook_out"], fast_attention=False, progress=False)
     assert sdpa_calls == []
