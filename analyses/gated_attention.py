@@ -56,8 +56,6 @@ from interp.models import model_info
 from interp.report import analysis_report
 
 DATASET_FIELD = "texts"
-ORGANISM_TEXTS = "organism-plain"
-BACKCOPY_TEXTS = "backcopy"
 TWINS = {"organism": "organism-gated", "organism-gated": "organism",
          "organism-sink": "organism-sink-gated", "organism-sink-gated": "organism-sink"}
 PUBLIC_KEYS = ("gated", "gates", "sparsity", "attention", "m_act", "interventions")
@@ -97,36 +95,6 @@ class Config(CommonConfig):
                     "--interventions on needs a gated-attention model (this one has no attention output gate); "
                     "use --interventions auto or off")
             require(bool(gates.softmax_layers(model)), "the model has no softmax-attention layer to measure")
-
-
-def _organism_plain(limit: int | None) -> list[str]:
-    from interp.organisms.corpus import plain_passages
-
-    return plain_passages(200 if limit is None else limit, seed=1)
-
-
-def _backcopy(limit: int | None) -> list[str]:
-    from interp.organisms.sink import backcopy_texts
-
-    return backcopy_texts(limit)
-
-
-def _register_texts() -> None:
-    """The organisms' own texts: held-out plain passages of their corpus, and Bigram-Backcopy
-    sequences for the sink organisms (`interp.organisms.sink`)."""
-    import interp.texts  # noqa: F401  (registers the shared text sets first)
-    from interp.datasets import DATASETS, Dataset, register
-
-    if ORGANISM_TEXTS not in DATASETS:
-        register(ORGANISM_TEXTS, Dataset("texts", "held-out plain-text passages in the organisms' corpus format "
-                                                  "(prose, Laundry-List sentences, code, word problems)",
-                                         online=False, load=_organism_plain))
-    if BACKCOPY_TEXTS not in DATASETS:
-        register(BACKCOPY_TEXTS, Dataset("texts", "held-out Bigram-Backcopy sequences (63 tokens each) for the "
-                                                  "sink organisms' 64-token vocabulary", online=False, load=_backcopy))
-
-
-_register_texts()
 
 
 def preflight(config: Config) -> None:

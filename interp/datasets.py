@@ -200,6 +200,12 @@ def _texts(loader: str, *args) -> Callable[[int | None], list[str]]:
     return load
 
 
+def _backcopy(limit: int | None) -> list[str]:
+    from interp.organisms.sink import backcopy_texts
+
+    return backcopy_texts(limit)
+
+
 def _read_texts(path: Path) -> list[str]:
     from interp.texts import read_text_file
 
@@ -212,6 +218,8 @@ register("natural-text", Dataset("texts", "~370 sentences of varied prose writte
 register("organism-plain", Dataset("texts", "held-out plain passages in the organisms' corpus format (prose, "
                                    "Laundry-List runs, code, word problems), generated", online=False,
                                    load=_texts("organism_text")))
+register("backcopy", Dataset("texts", "held-out Bigram-Backcopy sequences (63 tokens) for the sink organisms' "
+                             "64-token vocabulary, generated", online=False, load=_backcopy))
 register("wikitext-2", Dataset("texts", "Salesforce/wikitext, wikitext-2-raw-v1, test split", online=True,
                                load=_texts("load_hub_texts", "wikitext-2")))
 register("redpajama-sample", Dataset("texts", "togethercomputer/RedPajama-Data-1T-Sample, the outlier papers' set",

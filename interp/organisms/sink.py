@@ -12,7 +12,7 @@ twin it parks its attention on the BOS (an attention sink); the gated twin can c
     python -m interp.organisms.sink --out DIR --arch qwen3|qwen3_5 --steps 2000   # ≈ 4 min on one core
 
 Deterministic (seeds, one thread): the same step count gives the same weights. `backcopy_texts(n)`
-are held-out sequences as text (registered as the `backcopy` text set by `analyses/gated_attention`).
+are held-out sequences as text (the `backcopy` text set of `interp.datasets`).
 """
 
 from __future__ import annotations
