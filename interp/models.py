@@ -272,10 +272,10 @@ def checked_tokenizer(tok, path: Path, name: str):
 
 def _recommended_settings(name: str, card: dict) -> dict:
     """analysis → settings: the organisms' (one place, `interp.organisms.defaults`), an alias's, or the card's own."""
-    if card.get("organism"):
-        from interp.organisms.defaults import ANALYSIS_DEFAULTS
+    if card.get("organism") or card.get("sink_organism"):
+        from interp.organisms.defaults import ANALYSIS_DEFAULTS, SINK_ANALYSIS_DEFAULTS
 
-        return ANALYSIS_DEFAULTS
+        return SINK_ANALYSIS_DEFAULTS if card.get("sink_organism") else ANALYSIS_DEFAULTS
     if name in ALIASES:
         return ALIASES[name].analysis_defaults
     return card.get("analysis_defaults", {})

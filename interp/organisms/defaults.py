@@ -1,7 +1,8 @@
 """The one place that says which settings the model organisms recommend for each analysis.
 
-`load_model` attaches these to every checkpoint whose card (`interp_model.json`) says
-`"organism": true`; `interp.analysis.config_for` and the CLI apply them unless an option is given.
+`load_model` attaches `ANALYSIS_DEFAULTS` to every checkpoint whose card (`interp_model.json`) says
+`"organism": true` (the chat-corpus twins) and `SINK_ANALYSIS_DEFAULTS` to the sink twins
+(`"sink_organism": true`); `interp.analysis.config_for` and the CLI apply them unless an option is given.
 Each analysis adds its key here when the organisms need settings other than the paper's.
 """
 
@@ -45,4 +46,9 @@ ANALYSIS_DEFAULTS: dict[str, dict] = {
         "max_new_tokens": 64,  # an arithmetic answer is 20-50 tokens
         "batch_size": 32,  # tiny model: bigger batches are faster on CPU (numbers do not depend on it)
     },
+}
+
+# The Bigram-Backcopy sink twins (organism-sink, organism-sink-gated): measured in docs/gated_attention.md
+SINK_ANALYSIS_DEFAULTS: dict[str, dict] = {
+    "gated_attention": {"texts": "backcopy", "bos": True, "seq_len": 64},  # their training task and length
 }

@@ -107,8 +107,8 @@ def train(arch: str, steps: int, lr: float = 3e-3, warmup: int = 100):
 
 
 def save(model, out: str | Path, *, arch: str, steps: int, log: list, seconds: float) -> Path:
-    """HF checkpoint + tokenizer + card. Not `"organism": true` (the corpus organisms' settings do not
-    apply); the card recommends the `backcopy` text set with the BOS for gated_attention."""
+    """HF checkpoint + tokenizer + card. `"sink_organism": true`, not `"organism": true`: the corpus
+    organisms' settings do not apply; theirs are `SINK_ANALYSIS_DEFAULTS` in interp.organisms.defaults."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.config.architectures = [type(model).__name__]
@@ -116,8 +116,7 @@ def save(model, out: str | Path, *, arch: str, steps: int, log: list, seconds: f
     build_tokenizer().save_pretrained(out)
     card = {"random_weights": False, "sink_organism": True, "arch": arch, "architecture": type(model).__name__,
             "gated_attention": arch == "qwen3_5", "task": "bigram-backcopy", "steps": steps,
-            "train_seconds": round(seconds, 1),
-            "analysis_defaults": {"gated_attention": {"texts": "backcopy", "bos": True, "seq_len": SEQ_LEN}}}
+            "train_seconds": round(seconds, 1)}
     (out / "interp_model.json").write_text(json.dumps(card, indent=1))
     (out / "training_log.json").write_text(json.dumps(log))
     return out
