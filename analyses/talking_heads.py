@@ -242,7 +242,7 @@ def run(model, config: Config) -> Result:
     base_pref = attention[:, layers.index(ml), mh].mean()
     for c in cands:
         dirs = directions(V, [(c["writer_layer"], c["writer_head"], c["component"])])
-        with scale_components(model, dirs, 0.0):
+        with scale_components(model, dirs, 0.0, W_O=w.W_O):
             ablated = ll.item_attention(model, enc_sel, sel, [ml], batch_size=config.batch_size)[:, 0, mh].mean()
         c["ablation_effect"] = float(base_pref - ablated)  # > 0: removing it lowers the mover's preference
     ranked = sorted(cands, key=lambda c: -c["ablation_effect"])
@@ -261,7 +261,7 @@ def run(model, config: Config) -> Result:
             if alpha == 1.0:
                 sc = base
             else:
-                with scale_components(model, chosen_dirs, alpha, config.edit_method):
+                with scale_components(model, chosen_dirs, alpha, config.edit_method, W_O=w.W_O):
                     sc = evaluate(ps, enc, f"edit α={alpha:g} ({split})")
             edits.append({"alpha": alpha, "components": len(chosen), "accuracy": float(sc["correct"].mean()),
                           "logit_diff": float(sc["logit_diff"].mean()), "top1_accuracy": float(sc["top1"].mean()),
@@ -271,7 +271,7 @@ def run(model, config: Config) -> Result:
             if alpha == 1.0:
                 sc = base_held
             else:
-                with scale_components(model, directions(V, draw), alpha, config.edit_method):
+                with scale_components(model, directions(V, draw), alpha, config.edit_method, W_O=w.W_O):
                     sc = evaluate(held, enc_held, f"random α={alpha:g}")
             acc.append(float(sc["correct"].mean()))
             diff.append(float(sc["logit_diff"].mean()))
@@ -279,7 +279,7 @@ def run(model, config: Config) -> Result:
         edits.append({"alpha": alpha, "components": len(chosen), "accuracy": a, "accuracy_sd": a_sd, "logit_diff": d,
                       "logit_diff_sd": d_sd, "selection": "random", "split": "held_out", "n_draws": len(draws)})
 
-    agreement = edit_agreement(model, chosen_dirs, enc_held.ids[:16], [0.0, max(config.alpha)], config.batch_size)
+    agreement = edit_agreement(model, chosen_dirs, enc_held.ids[:16], [0.0, max(config.alpha)], config.batch_size, w.W_O)
 
     # 5. activation view at the mover's input
     view_n = min(config.view_prompts, len(held))
@@ -308,13 +308,13 @@ def _pair_grid(x: torch.Tensor) -> np.ndarray:
     return x.reshape(n_layers * n_heads, n_layers * n_heads).numpy()
 
 
-def edit_agreement(model, dirs, ids, alphas, batch_size: int) -> float:
+def edit_agreement(model, dirs, ids, alphas, batch_size: int, W_O=None) -> float:
     """max |logit difference| between the hook_z edit and the W_O weight edit (last-token logits)."""
     worst = 0.0
     for alpha in alphas:
-        with scale_components(model, dirs, alpha, "hook"):
+        with scale_components(model, dirs, alpha, "hook", W_O=W_O):
             hook = ll.last_logits(model, ids, batch_size=batch_size)
-        with scale_components(model, dirs, alpha, "weight"):
+        with scale_components(model, dirs, alpha, "weight", W_O=W_O):
             weight = ll.last_logits(model, ids, batch_size=batch_size)
         worst = max(worst, float((hook - weight).abs().max()))
     return worst

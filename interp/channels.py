@@ -35,14 +35,19 @@ def _o_weight(model, layer: int):
 
 
 @contextlib.contextmanager
-def scale_components(model, directions: Mapping[Head, Tensor], alpha: float, method: str = "hook") -> Iterator[None]:
+def scale_components(model, directions: Mapping[Head, Tensor], alpha: float, method: str = "hook",
+                     W_O: Tensor | None = None) -> Iterator[None]:
     """Scale the OV components with write directions `directions[(layer, head)]` ([d_model, k],
-    orthonormal columns) by `alpha` at every position; `method` "hook" (hook_z) or "weight" (W_O)."""
+    orthonormal columns) by `alpha` at every position; `method` "hook" (hook_z) or "weight" (W_O).
+
+    `W_O` ([layer, head, d_head, d_model]) is the output matrix the directions came from (e.g.
+    `HeadWeights.W_O`, centred on LayerNorm models); default the model's. On a LayerNorm model the
+    two methods then differ only along the all-ones direction, which every LayerNorm removes."""
     if method not in ("hook", "weight"):
         raise ValueError("method must be 'hook' or 'weight'")
     d_head = model.cfg.d_head
     by_layer: dict[int, dict[int, Tensor]] = defaultdict(dict)
-    W_O = model.W_O.detach().float().cpu()
+    W_O = (model.W_O if W_O is None else W_O).detach().float().cpu()
     for (layer, head), V in directions.items():
         by_layer[layer][head] = (W_O[layer, head], V.float().cpu())
     if method == "hook":
@@ -65,9 +70,10 @@ def scale_components(model, directions: Mapping[Head, Tensor], alpha: float, met
             for layer, heads in by_layer.items():
                 weight, conv = _o_weight(model, layer)
                 saved.append((weight, weight.detach().clone()))
-                for h, (W, V) in heads.items():
-                    new = (W.double() + (alpha - 1) * (W.double() @ V.double()) @ V.double().T).to(weight.dtype)
+                for h, (_, V) in heads.items():
                     cols = slice(h * d_head, (h + 1) * d_head)
+                    W = (weight[cols, :] if conv else weight[:, cols].T).detach().double().cpu()
+                    new = (W + (alpha - 1) * (W @ V.double()) @ V.double().T).to(weight.dtype)
                     if conv:
                         weight[cols, :] = new.to(weight.device)
                     else:

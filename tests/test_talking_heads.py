@@ -330,3 +330,26 @@ def test_spearman_matches_scipy():
     x = g.normal(size=12)
     y = x + g.normal(size=12)
     assert spearman(list(x), list(y)) == pytest.approx(stats.spearmanr(x, y).statistic)
+
+
+@torch.no_grad()
+def test_hook_edit_equals_weight_edit_on_layernorm_gpt2(tmp_path):
+    """GPT-2 (LayerNorm, Conv1D o-projection): directions from the centred W_O, both edits agree."""
+    from interp.models import load_model
+    from interp.tiny import write_tiny_checkpoint
+
+    model = load_model(str(write_tiny_checkpoint(tmp_path / "g", "gpt2", seed=1)), device="cpu")
+    w = comp.head_weights(model, fold_norms=True)
+    torch.testing.assert_close(w.W_O.sum(-1), torch.zeros_like(w.W_O.sum(-1)), atol=1e-5, rtol=0)  # centred
+    _, V = comp.writer_svd(w)
+    dirs = {(0, 1): V[0, 1][:, [0, 2]], (1, 3): V[1, 3][:, [5]]}
+    tokens = torch.tensor([model.tokenizer("How do I bake bread? Mix flour and water.")["input_ids"]])
+    base = model(tokens)
+    for alpha in (0.0, 3.0):
+        with scale_components(model, dirs, alpha, "hook", W_O=w.W_O):
+            hooked = model(tokens)
+        with scale_components(model, dirs, alpha, "weight", W_O=w.W_O):
+            weighted = model(tokens)
+        assert float((hooked - weighted).abs().max()) <= 1e-5 * max(1.0, float(hooked.abs().max()))
+        assert float((hooked - base).abs().max()) > 1e-3
+    torch.testing.assert_close(model(tokens), base)
