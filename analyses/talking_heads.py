@@ -402,14 +402,15 @@ def build_report(result: Result, tokenizer=None):
                        "token (items sharing a first token were dropped from the pools).", "warning")
     held = {r["alpha"]: r for r in result.edits if r["selection"] == "channel" and r["split"] == "held_out"}
     rand = {r["alpha"]: r for r in result.edits if r["selection"] == "random"}
-    best = max(held, key=lambda a: held[a]["accuracy"])
+    insample = {r["alpha"]: r for r in result.edits if r["selection"] == "channel" and r["split"] == "selection"}
+    best = max(insample, key=lambda a: insample[a]["accuracy"])  # α chosen on the selection split
     per_n = {r["n_items"]: r for r in result.laundry_list if r["position"] is None}
     headline = {"channels found": len(result.channels),
                 "Gaussian baseline (component mean / max)": f"{result.baseline['component_mean']:.3f} / {result.baseline['component_max']:.3f}",
                 "mover head": f"{m['layer']}.{m['head']}",
                 "edit set": ", ".join(f"{a}.{b}#{c}" for a, b, c in m["edit_set"]),
                 **{f"accuracy N={n}": f"{r['accuracy']:.2f} (chance {1 / n:.2f})" for n, r in list(per_n.items())[:4]},
-                f"held-out accuracy α=1 → best α={best:g}": f"{held[1.0]['accuracy'] if 1.0 in held else float('nan'):.3f} → {held[best]['accuracy']:.3f}",
+                f"held-out accuracy α=1 → α={best:g} (best in-sample)": f"{held[1.0]['accuracy'] if 1.0 in held else float('nan'):.3f} → {held[best]['accuracy']:.3f}",
                 f"random control at α={best:g}": f"{rand[best]['accuracy']:.3f} ± {rand[best]['accuracy_sd']:.3f}",
                 "hook vs weight edit, max |Δlogit|": f"{result.edit_agreement:.2e}"}
     rep.add_metrics(headline)
