@@ -29,6 +29,7 @@ import plotly.graph_objects as go
 
 from interp import instability as ins
 from interp.analysis import CommonConfig, require, run_header
+from interp.datasets import read_jsonl
 from interp.errors import UserError
 from interp.report import Report, analysis_report
 from interp.traces import load_traces, trace_record
@@ -107,27 +108,18 @@ def load_task_file(path: Path):
     if not path.is_file():
         raise UserError(f"task file not found: {path}")
     items = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}: line {lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{where} is not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{where} is not a JSON object")
-            missing = [k for k in ("prompt", "answer") if k not in row]
-            if missing:
-                raise UserError(f"{where} is missing field(s) {', '.join(missing)}")
-            answer = str(row["answer"]).strip() if isinstance(row["answer"], (int, float, str)) else ""
-            if not isinstance(row["prompt"], str) or not row["prompt"].strip() or not answer:
-                raise UserError(f"{where}: 'prompt' and 'answer' must be non-empty")
-            check = row.get("check", "number" if re.fullmatch(r"-?[\d,]+(\.\d+)?", answer) else "contains")
-            if check not in CHECKS or check == "none":
-                raise UserError(f"{where}: check must be number, contains or prefix; got {check!r}")
-            items.append(SkillItem(row["prompt"], "", answer, "user", check))
+    for lineno, row in read_jsonl(path):
+        where = f"{path}: line {lineno}"
+        missing = [k for k in ("prompt", "answer") if k not in row]
+        if missing:
+            raise UserError(f"{where} is missing field(s) {', '.join(missing)}")
+        answer = str(row["answer"]).strip() if isinstance(row["answer"], (int, float, str)) else ""
+        if not isinstance(row["prompt"], str) or not row["prompt"].strip() or not answer:
+            raise UserError(f"{where}: 'prompt' and 'answer' must be non-empty")
+        check = row.get("check", "number" if re.fullmatch(r"-?[\d,]+(\.\d+)?", answer) else "contains")
+        if check not in CHECKS or check == "none":
+            raise UserError(f"{where}: check must be number, contains or prefix; got {check!r}")
+        items.append(SkillItem(row["prompt"], "", answer, "user", check))
     if not items:
         raise UserError(f"task file {path} is empty")
     return items

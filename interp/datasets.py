@@ -92,7 +92,7 @@ def read_text(path: Path) -> str:
         raise UserError(f"{path} cannot be read ({e.strerror})") from None
 
 
-def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
+def read_jsonl(path: Path) -> list[tuple[int, dict]]:
     """(line number, object) for each non-blank line; UserError naming the line if one is malformed."""
     rows = []
     for lineno, line in enumerate(read_text(path).split("\n"), 1):
@@ -126,7 +126,7 @@ def _load_file(path: Path) -> list[str]:
     if suffix == ".txt":
         return [line.strip() for line in read_text(path).splitlines() if line.strip()]
     if suffix == ".jsonl":
-        return [_prompt_from(path, f"line {n}", obj.get("prompt")) for n, obj in _read_jsonl(path)]
+        return [_prompt_from(path, f"line {n}", obj.get("prompt")) for n, obj in read_jsonl(path)]
     with io.StringIO(read_text(path), newline="") as f:
         reader = csv.DictReader(f)
         if "prompt" not in (reader.fieldnames or []):
@@ -241,7 +241,7 @@ def load_rollouts(path: str | Path) -> list[Rollout]:
     if not path.is_file():
         raise UserError(f"rollout file not found: {path}")
     rollouts = []
-    for lineno, obj in _read_jsonl(path):
+    for lineno, obj in read_jsonl(path):
         missing = [k for k in ("prompt", "thinking", "response") if k not in obj]
         if missing:
             raise UserError(f"{path}: line {lineno} is missing field(s) {', '.join(missing)}")

@@ -24,14 +24,13 @@ Registered sets (kind "skills", `interp.datasets.load_dataset(name, "skills")`):
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from interp.datasets import DATASETS, FILE_LOADERS, Dataset, load_dataset, register
+from interp.datasets import DATASETS, FILE_LOADERS, Dataset, load_dataset, read_jsonl, register
 from interp.errors import UserError
 from interp.organisms import corpus
 
@@ -230,30 +229,21 @@ def load_skill_file(path: Path) -> list[SkillItem]:
     if not path.is_file():
         raise UserError(f"skill file not found: {path}")
     items = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}: line {lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{where} is not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{where} is not a JSON object")
-            missing = [k for k in ("prompt", "answer", "skill") if k not in row]
-            if missing:
-                raise UserError(f"{where} is missing field(s) {', '.join(missing)}")
-            bad = [k for k in ("prompt", "answer", "skill", "target") if k in row
-                   and (not isinstance(row[k], str) or (k != "target" and not row[k].strip()))]
-            if bad:
-                raise UserError(f"{where}: field(s) {', '.join(bad)} must be non-empty text")
-            check = row.get("check", "contains")
-            if check not in CHECKS:
-                raise UserError(f"{where}: check must be one of {', '.join(CHECKS)}; got {check!r}")
-            if wanted is None or row["skill"] == wanted:
-                target = row.get("target", " " + row["answer"])
-                items.append(SkillItem(row["prompt"], target, row["answer"], row["skill"], check))
+    for lineno, row in read_jsonl(path):
+        where = f"{path}: line {lineno}"
+        missing = [k for k in ("prompt", "answer", "skill") if k not in row]
+        if missing:
+            raise UserError(f"{where} is missing field(s) {', '.join(missing)}")
+        bad = [k for k in ("prompt", "answer", "skill", "target") if k in row
+               and (not isinstance(row[k], str) or (k != "target" and not row[k].strip()))]
+        if bad:
+            raise UserError(f"{where}: field(s) {', '.join(bad)} must be non-empty text")
+        check = row.get("check", "contains")
+        if check not in CHECKS:
+            raise UserError(f"{where}: check must be one of {', '.join(CHECKS)}; got {check!r}")
+        if wanted is None or row["skill"] == wanted:
+            target = row.get("target", " " + row["answer"])
+            items.append(SkillItem(row["prompt"], target, row["answer"], row["skill"], check))
     if not items:
         raise UserError(f"{text}: no rows" + (f" with skill {wanted!r}" if wanted else ""))
     skills = {i.skill for i in items}

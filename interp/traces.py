@@ -10,13 +10,13 @@ a token listed twice in one step is merged (probabilities added).
 
 from __future__ import annotations
 
-import json
 import math
 import numbers
 from pathlib import Path
 
 import torch
 
+from interp.datasets import read_jsonl
 from interp.errors import UserError
 from interp.instability import PAD_ID, TraceDists
 
@@ -92,22 +92,13 @@ def load_traces(path: str | Path) -> list[TraceDists]:
         raise UserError(f"traces file not found: {path}")
     vocab: dict[str, int] = {}
     traces, seen = [], {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}: line {lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{where} is not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise UserError(f"{where} is not a JSON object")
-            trace = parse_trace(obj, where, vocab)
-            if trace.id in seen:
-                raise UserError(f"{where}: id {trace.id!r} already used on line {seen[trace.id]}")
-            seen[trace.id] = lineno
-            traces.append(trace)
+    for lineno, obj in read_jsonl(path):
+        where = f"{path}: line {lineno}"
+        trace = parse_trace(obj, where, vocab)
+        if trace.id in seen:
+            raise UserError(f"{where}: id {trace.id!r} already used on line {seen[trace.id]}")
+        seen[trace.id] = lineno
+        traces.append(trace)
     if not traces:
         raise UserError(f"traces file {path} is empty")
     return traces
