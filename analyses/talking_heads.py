@@ -222,7 +222,7 @@ def run(model, config: Config) -> Result:
 
     # 2. Laundry List, two disjoint splits
     template_ids = sorted({ll.TEMPLATE_NAMES.index(t) for t in config.templates})
-    pools, multi = ll.item_pools(tok, template_ids)
+    pools, _ = ll.item_pools(tok, template_ids)
     per_cell = config.prompts_per_cell if config.limit is None else min(config.prompts_per_cell, config.limit)
     sel = ll.make_prompts(pools, config.n_items, per_cell, config.seed)
     held = ll.make_prompts(pools, config.n_items, per_cell, config.seed + 1, exclude=frozenset(p.text for p in sel))
