@@ -3,6 +3,7 @@
 - `sdpa_attention`: attention through PyTorch SDPA (the wrapped HF module) when no hook needs its internals;
 - `stop_layer_for` / `stopped_at`: end a forward after the last block a hook needs (also before the final norm);
 - `readout_point`, `FINAL_NORM`, `hidden_state_hook`: where a readout reads, mapped to bridge hook names;
+- `per_row_sampling`: sampled generation seeded per sequence, independent of the batch;
 - `replace_tokenizer`: install another tokenizer on a loaded bridge;
 - `forward_attention_mask`: the 2-D attention mask of the forward in progress, for hooks that must skip padding;
 - `_patch_kv_cache_keyword`: the compat patch for transformers 5.2x's KV-cache keyword, applied on import.
@@ -16,6 +17,7 @@ import types
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 
+import torch
 from torch import Tensor
 from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
 
@@ -147,6 +149,35 @@ def sdpa_attention(model, needed_hooks: Sequence[str] = ()) -> Iterator[bool]:
         config._attn_implementation = previous
         for block in model.blocks:
             object.__delattr__(block.attn, "forward")
+
+
+@contextlib.contextmanager
+def per_row_sampling(row_seeds: Sequence[int]) -> Iterator[None]:
+    """While active, the bridge's sampled generation draws each row's token with the global RNG seeded
+    from that row's seed and the step, so a sequence's sample does not depend on the other sequences
+    in its batch (or on the batch size). Greedy decoding is untouched."""
+    from transformer_lens import utilities
+
+    original = utilities.sample_logits
+    step = 0
+
+    def sample_logits(final_logits, temperature=1.0, tokens=None, **kwargs):
+        nonlocal step
+        if temperature == 0.0 or final_logits.shape[0] != len(row_seeds):
+            return original(final_logits, temperature=temperature, tokens=tokens, **kwargs)
+        rows = []
+        for i, seed in enumerate(row_seeds):
+            torch.manual_seed(seed * 1_000_003 + step)
+            rows.append(original(final_logits[i:i + 1], temperature=temperature,
+                                 tokens=None if tokens is None else tokens[i:i + 1], **kwargs))
+        step += 1
+        return torch.cat(rows)
+
+    utilities.sample_logits = sample_logits
+    try:
+        yield
+    finally:
+        utilities.sample_logits = original
 
 
 def replace_tokenizer(bridge, tokenizer):

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import torch
 from interp.batching import padded_batches
+from interp.bridge import per_row_sampling
 from interp.capture import check_context
 from interp.chat import chat_prefix
 
@@ -29,20 +30,21 @@ def generate_tokens(
 ) -> list[list[int]]:
     """Continue each token sequence; returns the new token ids (stopped at EOS, padding removed).
 
-    temperature 0 → greedy; otherwise sampling seeded per batch, so results do not depend on
-    which other batches ran. Any hooks active on `model` (e.g. `ablate_heads`) fire at every step.
+    temperature 0 → greedy; otherwise sampling seeded per sequence (from `seed` and its index), so a
+    sequence's continuation does not depend on the batch size or on which sequences share its batch.
+    Any hooks active on `model` (e.g. `ablate_heads`) fire at every step.
     """
     check_context(model, seqs, new_tokens=max_new_tokens)
     tok = model.tokenizer
     eos = tok.eos_token_id
     out: list[list[int] | None] = [None] * len(seqs)
-    for b, (idx, tokens, mask) in enumerate(padded_batches(model, seqs, batch_size, desc="generate", progress=progress)):
-        torch.manual_seed(seed * 100_003 + b)
+    for idx, tokens, mask in padded_batches(model, seqs, batch_size, desc="generate", progress=progress):
         sampled = temperature > 0
-        result = model.generate(
-            tokens, attention_mask=mask, max_new_tokens=max_new_tokens,
-            do_sample=sampled, temperature=temperature if sampled else 1.0, top_p=top_p,
-            stop_at_eos=True, eos_token_id=eos, return_type="tokens", verbose=False)
+        with per_row_sampling([seed * 100_003 + i for i in idx]):
+            result = model.generate(
+                tokens, attention_mask=mask, max_new_tokens=max_new_tokens,
+                do_sample=sampled, temperature=temperature if sampled else 1.0, top_p=top_p,
+                stop_at_eos=True, eos_token_id=eos, return_type="tokens", verbose=False)
         new = result[:, tokens.shape[1]:].cpu()
         for row, i in enumerate(idx):
             ids = new[row].tolist()
