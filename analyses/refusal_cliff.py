@@ -140,7 +140,6 @@ class Example:
 class Result:
     header: dict  # run_header: analysis, model, environment, config
     config: Config
-    model: dict
     probe: dict
     examples: list[Example]
     cliff: dict  # group means on the eval split (held out)
@@ -156,6 +155,11 @@ class Result:
     rollouts: dict  # counts: from_file, generated, truncated, used
     warnings: list[str]
     linear_probe: LogisticProbe  # the trained probe itself (weights), for reuse in Python
+
+    @property
+    def model(self) -> dict:
+        """The loaded model's description (the header's `model`)."""
+        return self.header["model"]
 
     @property
     def splits(self) -> dict[str, int]:
@@ -630,7 +634,7 @@ def run(model, config: Config | None = None) -> Result:
     ablation, baseline = ablation_sweep(model, [e for e in held_out if e.kind == "harmful"], probe, hook, ranked,
                                         config, judge, warnings)
     header = run_header("refusal_cliff", model, config)
-    return Result(header=header, config=config, model=header["model"],
+    return Result(header=header, config=config,
                   probe=summary, examples=examples,
                   cliff=group_means(held_out), cliff_fit=group_means(fit), curves=curves, tail=tail, heads=ranked,
                   head_rankings=rankings, ablation=ablation, ablation_baseline=baseline,
