@@ -29,7 +29,7 @@ import plotly.graph_objects as go
 
 from interp import instability as ins
 from interp.analysis import CommonConfig, require, run_header
-from interp.datasets import read_jsonl
+from interp.files import read_jsonl
 from interp.errors import UserError
 from interp.report import Report, analysis_report
 from interp.traces import load_traces, trace_record
@@ -89,7 +89,6 @@ def preflight(config: Config) -> None:
         load_tasks(config.tasks)
     else:
         from interp.datasets import DATASETS, dataset_names
-        from interp.skills import SKILL_SETS  # noqa: F401  (registers the task sets)
 
         if config.tasks not in DATASETS or DATASETS[config.tasks].kind != "skills":
             raise UserError(f"unknown dataset {config.tasks!r}; choose one of {', '.join(dataset_names('skills'))} "
@@ -128,7 +127,6 @@ def load_task_file(path: Path):
 def load_tasks(spec: str, limit: int | None = None):
     """Task items (`interp.skills.SkillItem`) of a registered set or a JSONL file."""
     from interp.datasets import load_dataset
-    from interp.skills import SKILL_SETS  # noqa: F401  (registers the task sets)
 
     if Path(spec).suffix or Path(spec).exists():
         items = load_task_file(Path(spec).expanduser())

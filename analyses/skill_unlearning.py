@@ -30,7 +30,8 @@ from interp.analysis import CommonConfig, require, run_header
 from interp.capture import capture
 from interp.errors import UserError
 from interp.report import analysis_report
-from interp.skills import SkillItem, is_correct, load_skill, split_items
+from interp.datasets import load_skill
+from interp.skills import SkillItem, is_correct, split_items
 from interp.unlearning import (
     AdjustSpec,
     Hypercube,

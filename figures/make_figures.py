@@ -32,7 +32,7 @@ def render_png(fig, path: Path, width: int = 900, height: int = 450) -> None:
 
 
 def main() -> None:
-    from analyses import refusal_cliff as rc
+    from interp.analyses import refusal_cliff as rc
     from interp.analysis import config_for
     from interp.models import load_model
 

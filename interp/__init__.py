@@ -1,7 +1,17 @@
 """interp: mechanistic-interpretability analyses of open language models on TransformerLens.
 
-Machinery lives in submodules (`interp.models`, `interp.capture`, `interp.interventions`, ...);
-analyses in the top-level `analyses` package; the command line is `python -m interp.run`.
+    import interp
+    model = interp.load_model("organism")
+    result = interp.run_analysis("refusal_cliff", model, random_draws=5)
+    result.tables()["ablation"]
+
+Machinery lives in submodules (`interp.models`, `interp.capture`, `interp.controls`, ...); each analysis is
+a module of `interp.analyses` (the repository's `analyses/` folder); the command line is `python -m interp.run`.
 """
 
 __version__ = "0.1.0"
+
+from interp.analysis import config_for, run_analysis  # noqa: E402
+from interp.models import load_model  # noqa: E402
+
+__all__ = ["config_for", "load_model", "run_analysis"]

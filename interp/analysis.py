@@ -12,7 +12,15 @@ An analysis module defines
   if defined, writes further files.
 - `build_report(result, tokenizer) -> Report`, started with `interp.report.analysis_report`.
 Optional: `DATASET_FIELD` (the Config field `--dataset` sets), `preflight(config)` (check input
-files before a model loads), `needs_model(config) -> bool` (False: `run` gets `model=None`).
+files before a model loads), `needs_model(config) -> bool` (False: `run` gets `model=None`),
+`RENAMED_OPTIONS` (old option name → new, for names only this analysis used).
+
+Every `Result` has a `warnings: list[str]` (filled through `warn`), written to `results.json` and shown at
+the top of the report by `analysis_report(header, warnings)`.
+
+One vocabulary across analyses (`OPTION_VOCABULARY`): the same idea has the same option name everywhere;
+older names (`RENAMED_OPTIONS` here and in a module) still work and warn. The two halves of every split are
+`selection` and `held_out` (see `interp.controls`).
 
 Every `analyses/*.py` module with `Config` and `run` is found by `available()`; there is no
 registry to edit and no pipeline base class (the analyses differ). Every caller — the CLI,
@@ -28,15 +36,26 @@ import functools
 import importlib
 import inspect
 import pkgutil
+import sys
 import textwrap
 import typing
+import warnings as _warnings
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Literal
 
 from interp.errors import UserError
 
-ANALYSES_PACKAGE = "analyses"
+ANALYSES_PACKAGE = "interp.analyses"
+
+OPTION_VOCABULARY = {
+    "random_draws": "random-control draws: random sets of the selection's size and strata (at least 2; mean ± sd)",
+    "selection_fraction": "share of the data (prompts, chunks, items) that selects; the rest is held out and measures",
+    "text_set": "the text set (a registered name or a .txt file)",
+    "n_chunks": "how many fixed-length chunks of the text set are used",
+    "sink_epsilon": "Gu et al.'s sink threshold ε on a head's attention to the first token",
+}
+RENAMED_OPTIONS = {"n_random": "random_draws", "sink_eps": "sink_epsilon", "texts": "text_set", "n_texts": "n_chunks"}
 
 
 @dataclass
@@ -61,6 +80,8 @@ class CommonConfig:
             if bad:
                 raise UserError(f"{f.name.replace('_', '-')} must be one of {', '.join(map(str, choices))}; got {bad[0]!r}")
         require(self.batch_size >= 1, f"batch-size must be at least 1; got {self.batch_size}")
+        draws = getattr(self, "random_draws", None)
+        require(draws is None or draws >= 2, f"random-draws must be at least 2 (one draw has no spread); got {draws}")
         require(self.limit is None or self.limit >= 1, f"limit must be at least 1; got {self.limit}")
 
 
@@ -68,6 +89,12 @@ def require(ok: bool, message: str) -> None:
     """Raise `UserError(message)` unless `ok`."""
     if not ok:
         raise UserError(message)
+
+
+def warn(warnings: list[str], message: str) -> None:
+    """Print a one-line warning on stderr and keep it in `warnings` (the Result's, for results.json and the report)."""
+    print(f"warning: {message}", file=sys.stderr)
+    warnings.append(message)
 
 
 def literal_choices(hint) -> tuple | None:
@@ -111,13 +138,13 @@ def run_header(analysis: str, model, config) -> dict[str, Any]:
 
 
 def available() -> list[str]:
-    """Names of the analysis modules in the `analyses` package (not imported)."""
+    """Names of the analysis modules in `interp.analyses` (the repository's analyses/ folder; not imported)."""
     package = importlib.import_module(ANALYSES_PACKAGE)
     return sorted(m.name for m in pkgutil.iter_modules(package.__path__) if not m.name.startswith("_"))
 
 
 def load_analysis(name: str) -> ModuleType:
-    """Import `analyses.<name>` and check it follows the contract."""
+    """Import `interp.analyses.<name>` and check it follows the contract."""
     if name not in available():
         raise UserError(f"unknown analysis {name!r}; available: {', '.join(available())}")
     module = importlib.import_module(f"{ANALYSES_PACKAGE}.{name}")
@@ -134,9 +161,29 @@ def card_defaults(analysis: str, model) -> dict[str, Any]:
     return analysis_defaults(model, analysis) if model is not None else {}
 
 
+def renamed_options(module: ModuleType) -> dict[str, str]:
+    """Old option name → current name for `module`'s Config (the shared renames and the module's own)."""
+    known = {f.name for f in dataclasses.fields(module.Config)}
+    renamed = {**RENAMED_OPTIONS, **getattr(module, "RENAMED_OPTIONS", {})}
+    return {old: new for old, new in renamed.items() if new in known and old not in known}
+
+
+def apply_renames(module: ModuleType, values: dict[str, Any]) -> dict[str, Any]:
+    """`values` with old option names replaced by current ones, each with a FutureWarning."""
+    out = dict(values)
+    for old, new in renamed_options(module).items():
+        if old in out:
+            _warnings.warn(f"option {old!r} is now {new!r}; the old name will go", FutureWarning, stacklevel=3)
+            if new in out:
+                raise UserError(f"give {new.replace('_', '-')} or its old name {old.replace('_', '-')}, not both")
+            out[new] = out.pop(old)
+    return out
+
+
 def config_for(analysis: str, model=None, **overrides):
-    """`analysis`'s Config for `model`: the model card's defaults, then `overrides` on top."""
+    """`analysis`'s Config for `model`: the model card's defaults, then `overrides` on top (old names warn)."""
     module = load_analysis(analysis)
+    overrides = apply_renames(module, overrides)
     known = {f.name for f in dataclasses.fields(module.Config)}
     unknown = sorted(set(overrides) - known)
     if unknown:
@@ -144,3 +191,11 @@ def config_for(analysis: str, model=None, **overrides):
     values = {k: v for k, v in card_defaults(analysis, model).items() if k in known}
     values.update({k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
     return module.Config(**values)
+
+
+def run_analysis(name: str, model, **overrides):
+    """Run analysis `name` on `model` with its card defaults and `overrides`; returns its Result."""
+    module = load_analysis(name)
+    config = config_for(name, model, **overrides)
+    config.validate(model)
+    return module.run(model, config)

@@ -17,6 +17,7 @@ from importlib import resources
 from pathlib import Path
 
 from interp.errors import UserError
+from interp.files import read_jsonl, read_text
 
 _FILE_TYPES = (".csv", ".jsonl", ".txt")
 
@@ -78,34 +79,6 @@ def load_dataset(spec: str, kind: str = "prompts", limit: int | None = None, see
         return items[:limit]
     keep = sorted(random.Random(seed).sample(range(len(items)), limit))
     return [items[i] for i in keep]
-
-
-def read_text(path: Path) -> str:
-    """A user file's text; UserError when it is missing, a directory, unreadable or not UTF-8."""
-    if not path.is_file():
-        raise UserError(f"file not found: {path}")
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
-    except OSError as e:
-        raise UserError(f"{path} cannot be read ({e.strerror})") from None
-
-
-def read_jsonl(path: Path) -> list[tuple[int, dict]]:
-    """(line number, object) for each non-blank line; UserError naming the line if one is malformed."""
-    rows = []
-    for lineno, line in enumerate(read_text(path).split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}: line {lineno} is not valid JSON ({e.msg})") from None
-        if not isinstance(obj, dict):
-            raise UserError(f"{path}: line {lineno} is not a JSON object")
-        rows.append((lineno, obj))
-    return rows
 
 
 def _prompt_from(path: Path, where: str, value: object) -> str:
@@ -264,4 +237,17 @@ def save_rollouts(rollouts: list[Rollout], path: str | Path) -> None:
             f.write(json.dumps(asdict(r), ensure_ascii=False) + "\n")
 
 
-import interp.skills  # noqa: E402,F401  (registers the skill sets, kind "skills"; it imports this module)
+# --------------------------------------------------------------------------- skill sets (kind "skills")
+
+from interp import skills as _skills  # noqa: E402  (the loaders; skills does not import this registry)
+
+for _name, (_load, _text) in _skills.SKILL_SETS.items():
+    register(_name, Dataset("skills", _text, online=False, load=_load))
+for _name, (_load, _text) in _skills.HUB_SKILL_SETS.items():
+    register(_name, Dataset("skills", _text, online=True, load=_load))
+FILE_LOADERS["skills"] = _skills.load_skill_file
+
+
+def load_skill(spec: str, limit: int | None = None) -> list[_skills.SkillItem]:
+    """Items of a registered skill set or a JSONL file (`FILE` or `FILE:SKILL`)."""
+    return load_dataset(spec, "skills", limit=limit)

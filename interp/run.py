@@ -12,7 +12,17 @@ import sys
 import typing
 from pathlib import Path
 
-from interp.analysis import available, card_defaults, config_for, literal_choices, load_analysis, option_help
+from interp.analysis import (
+    apply_renames,
+    available,
+    card_defaults,
+    config_for,
+    literal_choices,
+    load_analysis,
+    option_help,
+    renamed_options,
+    run_analysis,
+)
 from interp.errors import UserError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -54,6 +64,15 @@ def _field_options(parser: argparse.ArgumentParser, config_cls) -> None:
         group.add_argument(_flag(f.name), type=base, metavar=None if choices else f.name.upper(), **kw)
 
 
+def _renamed_options(parser: argparse.ArgumentParser, module) -> None:
+    """Old option names, hidden from --help, still accepted (they warn)."""
+    for old, new in renamed_options(module).items():
+        action = next(a for a in parser._actions if a.dest == new)
+        kw = {"action": argparse.BooleanOptionalAction} if isinstance(action, argparse.BooleanOptionalAction) else \
+            {"type": action.type, "nargs": action.nargs, "choices": action.choices}
+        parser.add_argument(_flag(old), dest=old, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kw)
+
+
 def build_parser(analysis: str | None) -> argparse.ArgumentParser:
     from interp.models import DEFAULT_MODEL
 
@@ -72,7 +91,9 @@ def build_parser(analysis: str | None) -> argparse.ArgumentParser:
     parser.add_argument("--allow-pickle", action="store_true", help="allow pickle (.bin) weights, which can run code")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     if analysis is not None:
-        _field_options(parser, load_analysis(analysis).Config)
+        module = load_analysis(analysis)
+        _field_options(parser, module.Config)
+        _renamed_options(parser, module)
     return parser
 
 
@@ -90,8 +111,8 @@ def list_everything() -> str:
 
 def explicit_options(args: argparse.Namespace, module) -> dict:
     """The Config values given on the command line (card defaults fill the rest)."""
-    names = {f.name for f in dataclasses.fields(module.Config)}
-    values = {k: v for k, v in vars(args).items() if k in names}
+    names = {f.name for f in dataclasses.fields(module.Config)} | set(renamed_options(module))
+    values = apply_renames(module, {k: v for k, v in vars(args).items() if k in names})
     if args.dataset is not None:
         field = getattr(module, "DATASET_FIELD", None)
         if field is None:
@@ -142,7 +163,7 @@ def execute(argv: list[str]) -> Path | None:
         if card:
             print(f"model card settings: {', '.join(f'{k}={v!r}' for k, v in card.items())}", file=sys.stderr)
         config.validate(model)
-    result = module.run(model, config)
+    result = run_analysis(args.analysis, model, **explicit)
     report = module.build_report(result, model.tokenizer if model is not None else None)
     write_run(out, result, report)
     print(f"wrote {out / 'report.html'}")

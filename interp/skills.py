@@ -7,7 +7,7 @@ after "The answer is", else the last number, equals the answer (GSM8K protocol);
 answer is a substring (MLQA protocol); "prefix" = the generation starts with the answer; "none" =
 no accuracy, log-likelihood only).
 
-Registered sets (kind "skills", `interp.datasets.load_dataset(name, "skills")`):
+Skill sets (registered by `interp.datasets` as kind "skills"; load with `interp.datasets.load_skill(name)`):
 - the organisms' own skills in the exact formats of `interp.organisms.corpus`: `arithmetic` (word
   problem chats, thinking then "The answer is N."), `laundry` (Laundry-List recall, plain text,
   N = 2-5), `chat` (harmless how-to chats: "Sure, here is how to ..."), `code` (function chats),
@@ -30,8 +30,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from interp.datasets import DATASETS, FILE_LOADERS, Dataset, load_dataset, read_jsonl, register
 from interp.errors import UserError
+from interp.files import read_jsonl
 from interp.organisms import corpus
 
 CHECKS = ("number", "contains", "prefix", "none")
@@ -264,20 +264,11 @@ SKILL_SETS = {
     "strings": (_generator(_string_task, "strings"), "plain-text string tasks (reverse, upper-case, first letter, length)"),
     "comprehension": (_generator(_comprehension, "comprehension"), "short passages and a question, MLQA prompt, span answer"),
 }
-for _name, (_load, _text) in SKILL_SETS.items():
-    if _name not in DATASETS:
-        register(_name, Dataset("skills", _text, online=False, load=_load))
-for _name, _load, _text in [("gsm8k", _gsm8k, "openai/gsm8k main test, 'Q: ...\\nA:', numeric answer"),
-                            ("mbpp", _mbpp, "MBPP full test (log-likelihood of the reference code only)")] + [
-        (f"mlqa-{lang}", _mlqa(lang), f"MLQA test, context and question in {lang}, paper prompt") for lang in MLQA_LANGUAGES]:
-    if _name not in DATASETS:
-        register(_name, Dataset("skills", _text, online=True, load=_load))
-FILE_LOADERS["skills"] = load_skill_file
-
-
-def load_skill(spec: str, limit: int | None = None) -> list[SkillItem]:
-    """Items of a registered skill set or a JSONL file (`FILE` or `FILE:SKILL`)."""
-    return load_dataset(spec, "skills", limit=limit)
+HUB_SKILL_SETS = {  # need network or the Hugging Face cache
+    "gsm8k": (_gsm8k, "openai/gsm8k main test, 'Q: ...\\nA:', numeric answer"),
+    "mbpp": (_mbpp, "MBPP full test (log-likelihood of the reference code only)"),
+    **{f"mlqa-{lang}": (_mlqa(lang), f"MLQA test, context and question in {lang}, paper prompt") for lang in MLQA_LANGUAGES},
+}
 
 
 def split_items(items: list[SkillItem], n_probe: int, n_eval: int, seed: int, name: str) -> tuple[list[SkillItem], list[SkillItem]]:

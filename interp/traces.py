@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from interp.datasets import read_jsonl
+from interp.files import read_jsonl
 from interp.errors import UserError
 from interp.instability import PAD_ID, TraceDists
 

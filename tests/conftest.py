@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))  # so tests can `import planted`
+sys.path.insert(0, str(Path(__file__).parent))  # so tests can `import planted` and `import helpers`
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -97,7 +97,7 @@ def _numbers(results: dict) -> dict:
 
 def test_python_and_cli_give_the_same_results_on_the_organism(tmp_path, capsys):
     """The CLI applies the organism card's settings; so does `config_for`: identical results.json numbers."""
-    from analyses import refusal_cliff as rc
+    from interp.analyses import refusal_cliff as rc
     from interp.models import load_model
     from interp.outputs import to_jsonable
 

@@ -10,10 +10,9 @@ import json
 import shutil
 
 import pytest
+from helpers import assert_user_error, run_cli, write_rollouts
 
 from interp.run import main
-from test_cli import assert_user_error, run_cli
-from test_refusal_cliff import write_rollouts
 
 ROW = {"prompt": "p", "thinking": "t", "response": "r", "kind": "harmful"}
 
@@ -137,7 +136,8 @@ def test_existing_output_directory_is_kept(capsys, tmp_path, planted, good_rollo
 def test_a_failed_run_leaves_nothing_and_the_rerun_works(capsys, tmp_path, planted, good_rollouts, monkeypatch):
     """Outputs are written into a temporary sibling and renamed at the end: a run that dies midway
     leaves no directory (nothing that looks complete, nothing that blocks the rerun)."""
-    import analyses.refusal_cliff as rc
+    import interp.analyses.refusal_cliff as rc
+
     from interp.errors import UserError
 
     out = tmp_path / "o"

@@ -10,25 +10,9 @@ import sys
 import pandas as pd
 import pytest
 import torch
+from helpers import XSS, assert_user_error, console_errors, load_with_probe, page_events, run_cli, write_rollouts
 
 from interp.run import main
-from test_refusal_cliff import write_rollouts
-
-XSS = "<script>alert(1)</script>"
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def assert_user_error(code: int, err: str, fragment: str) -> None:
-    assert code == 2
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert fragment in lines[0]
-    assert "Traceback" not in err
 
 
 @pytest.fixture(scope="module")
@@ -76,12 +60,11 @@ def test_report_escapes_prompts(cli_run):
 
 
 def test_report_opens_in_chromium_without_errors(cli_run, tmp_path):
-    from test_report import _console_errors, _load_with_probe, _page_events  # same harness as the report tests
 
-    dom, stderr = _load_with_probe((cli_run / "report.html").read_text(), tmp_path)
+    dom, stderr = load_with_probe((cli_run / "report.html").read_text(), tmp_path)
     assert dom.count('class="plot-container plotly"') == 5  # curves, tail, 2 heatmaps, ablation: all drawn
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in dom and XSS not in dom
-    assert _page_events(dom) == "" and _console_errors(stderr) == []
+    assert page_events(dom) == "" and console_errors(stderr) == []
 
 
 def test_existing_output_is_never_overwritten(capsys, cli_run, planted, rollouts_file):

@@ -359,7 +359,7 @@ def organism():
 
 
 def test_local_model_path_matches_jsonl_and_batch_size(organism, tmp_path):
-    from analyses import instability as an
+    from interp.analyses import instability as an
     from interp.analysis import config_for
 
     kw = dict(limit=8, max_new_tokens=40, n_boot=200, progress=False)
@@ -372,7 +372,8 @@ def test_local_model_path_matches_jsonl_and_batch_size(organism, tmp_path):
         assert a["correct"] == b["correct"] and a["length"] == b["length"]
         assert a["peak"] == pytest.approx(b["peak"], abs=1e-5) and a["peak_position"] == b["peak_position"]
     # correctness is the task's own check on the generated text
-    from interp.skills import is_correct, load_skill
+    from interp.datasets import load_skill
+    from interp.skills import is_correct
 
     items = load_skill("arithmetic", 8)
     for r, rec in zip(res.trace_rows, res.records):
@@ -392,9 +393,9 @@ def test_local_model_path_matches_jsonl_and_batch_size(organism, tmp_path):
 
 
 def test_user_task_file_and_offline_hub(organism, tmp_path, monkeypatch):
-    from analyses import instability as an
+    from interp.analyses import instability as an
     from interp.organisms import corpus
-    from interp.skills import load_skill
+    from interp.datasets import load_skill
 
     items = load_skill("arithmetic", 3)
     path = _write(tmp_path, [{"prompt": it.prompt, "answer": int(it.answer)} for it in items] +
@@ -417,7 +418,7 @@ def test_user_task_file_and_offline_hub(organism, tmp_path, monkeypatch):
 
 
 def test_planted_early_corrective_late_destructive_at_equal_strength():
-    from analyses import instability as an
+    from interp.analyses import instability as an
 
     traces = _planted_traces(n=60, steps=40, early_right=True)
     res = an.analyse(traces, an.Config(top_k=10, n_boot=200, windows=(10, 40)))

@@ -200,7 +200,7 @@ def test_residual_stats_find_the_planted_massive_activation(pmodel, planted_dir)
 
 
 def test_analysis_reports_layer_dim_neuron_and_interventions(pmodel, text_file, tmp_path):
-    from analyses import systematic_outliers as so
+    from interp.analyses import systematic_outliers as so
     from interp.analysis import config_for
 
     cfg = config_for("systematic_outliers", pmodel, text_set=str(text_file), seq_len=16, n_texts=16, bos=True,
@@ -368,7 +368,7 @@ def test_bidirectional_encoder_runs_without_loss(tmp_path):
     """A tiny BERT through TransformerBridge: bidirectional metrics, `[CLS]` first, loss skipped with a note."""
     from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
 
-    from analyses import systematic_outliers as so
+    from interp.analyses import systematic_outliers as so
     from interp.analysis import config_for
     from interp.models import load_model
 
@@ -406,7 +406,7 @@ def test_gpt2_down_projection_is_read_as_out_by_in(tmp_path):
 def test_moe_runs_and_says_what_is_skipped(tmp_path):
     from transformers import MixtralConfig, MixtralForCausalLM
 
-    from analyses import systematic_outliers as so
+    from interp.analyses import systematic_outliers as so
     from interp.analysis import config_for
     from interp.models import load_model
     from interp.tiny import build_tokenizer

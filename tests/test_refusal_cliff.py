@@ -7,17 +7,10 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import write_rollouts
+from interp.analyses import refusal_cliff as rc
 
-from analyses import refusal_cliff as rc
 from interp.errors import UserError
-
-
-def write_rollouts(path, rollouts):
-    with open(path, "w") as f:
-        for r in rollouts:
-            kind = "harmless" if r["kind"].startswith("harmless") else "harmful"
-            f.write(json.dumps({**r, "kind": kind}) + "\n")
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
-import shutil
-import subprocess
 from html import escape
 from pathlib import Path
 
@@ -17,6 +14,7 @@ import plotly.graph_objects as go
 import plotly.offline
 import pytest
 import torch
+from helpers import console_errors, load_with_probe, page_events
 
 from interp.errors import UserError
 from interp.outputs import environment_info, prepare_output_dir, to_jsonable, write_results
@@ -25,26 +23,6 @@ from interp.report import Report
 PAYLOAD = "<script>alert(1)</script>"
 ESCAPED = escape(PAYLOAD)
 BREAKOUT = "</script><script>alert(1)</script>"
-
-# Prepended to the page under test: records alerts, uncaught errors and console.error calls in an
-# attribute of <html>, so that --dump-dom shows them (and a real alert() cannot block the browser).
-_PROBE = """<script>
-(function () {
-  var root = document.documentElement;
-  function note(msg) {
-    root.setAttribute("data-test-events", (root.getAttribute("data-test-events") || "") + msg + "|");
-  }
-  window.alert = function (m) { note("alert:" + m); };
-  window.addEventListener("error", function (e) { note("error:" + e.message); });
-  window.addEventListener("unhandledrejection", function (e) { note("rejection:" + e.reason); });
-  var consoleError = console.error;
-  console.error = function () {
-    note("console.error:" + Array.prototype.join.call(arguments, " "));
-    consoleError.apply(console, arguments);
-  };
-})();
-</script>"""
-
 
 def _figure(title: str) -> go.Figure:
     fig = go.Figure(go.Bar(x=["a", PAYLOAD], y=[1.0, 2.0], hovertext=[BREAKOUT, "ok"]))
@@ -236,59 +214,15 @@ def test_environment_info_is_json_ready() -> None:
 # --- headless Chromium ------------------------------------------------------------------------
 
 
-def _chromium() -> str:
-    """Path of `chromium`; skip when missing, except under CI where it must be installed."""
-    path = shutil.which("chromium")
-    if path is None:
-        reason = "chromium not on PATH (apt-get install -y chromium)"
-        if os.environ.get("CI"):
-            pytest.fail(f"{reason}; CI must install it")
-        pytest.skip(reason)
-    return path
-
-
-def _dump_dom(html_file: Path, profile: Path) -> tuple[str, str]:
-    """Load `html_file` in headless Chromium; return (serialised DOM after load, stderr)."""
-    cmd = [
-        _chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0", "--dump-dom", html_file.as_uri(),
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return proc.stdout, proc.stderr
-
-
-def _load_with_probe(html: str, tmp_path: Path) -> tuple[str, str]:
-    """Write `html` with the probe prepended to <head>, load it; return (DOM, Chromium stderr)."""
-    page = tmp_path / "page.html"
-    page.write_text(html.replace("<head>", "<head>\n" + _PROBE, 1), encoding="utf-8")
-    return _dump_dom(page, tmp_path / "profile")
-
-
-def _page_events(dom: str) -> str:
-    """What the probe recorded on <html>: alerts, uncaught errors, console.error calls."""
-    html_tag = re.search(r"<html[^>]*>", dom)
-    assert html_tag is not None
-    events = re.search(r'data-test-events="([^"]*)"', html_tag.group(0))
-    return events.group(1) if events else ""
-
-
-def _console_errors(stderr: str) -> list[str]:
-    """Page console lines in Chromium's log that report an uncaught exception or an error."""
-    console = (line for line in stderr.splitlines() if ":CONSOLE" in line)
-    return [line for line in console if "Uncaught" in line or "rror" in line]
-
-
 def test_chromium_probe_catches_scripts_and_errors(tmp_path: Path) -> None:
     page = f"<html><head></head><body>{PAYLOAD}<script>missing()</script></body></html>"
-    dom, stderr = _load_with_probe(page, tmp_path)
-    events = _page_events(dom)
+    dom, stderr = load_with_probe(page, tmp_path)
+    events = page_events(dom)
     assert "alert:1|" in events and "error:" in events and "missing" in events
-    assert any("Uncaught ReferenceError" in line for line in _console_errors(stderr))
+    assert any("Uncaught ReferenceError" in line for line in console_errors(stderr))
 
 
-def test_report_renders_in_headless_chromium(tmp_path: Path) -> None:
+def test_report_renders_in_headlesschromium(tmp_path: Path) -> None:
     rep = Report(title=f"report {PAYLOAD}")
     rep.add_heading("Figures")
     rep.add_figure(_figure(f"first {BREAKOUT}"), caption="first")
@@ -297,7 +231,7 @@ def test_report_renders_in_headless_chromium(tmp_path: Path) -> None:
     rep.add_table(pd.DataFrame({"prompt": [f"How do I {PAYLOAD}?"], "score": [0.9]}))
     rep.add_token_view(["How", " do", " I", f" {PAYLOAD}", "\n", "?"], [0.1, 0.2, 0.3, 0.95, 0.5, 0.0])
 
-    dom, stderr = _load_with_probe(rep.render(), tmp_path)
+    dom, stderr = load_with_probe(rep.render(), tmp_path)
 
     assert dom.count('class="main-svg"') >= 2 * 2  # plotly.js ran and drew both figures
     assert dom.count('class="plot-container plotly"') == 2
@@ -305,5 +239,5 @@ def test_report_renders_in_headless_chromium(tmp_path: Path) -> None:
     assert f"How do I {ESCAPED}?</td>" in dom
     assert PAYLOAD not in dom and "alert(1)</script>" not in dom
     assert len(re.findall(r"<script\b", dom)) == 1 + 1 + 2  # probe, plotly.js, two figures
-    assert _page_events(dom) == ""
-    assert _console_errors(stderr) == []
+    assert page_events(dom) == ""
+    assert console_errors(stderr) == []

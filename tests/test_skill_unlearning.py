@@ -113,7 +113,8 @@ def _ids(model, items):
 # --------------------------------------------------------------------------- skill sets
 
 def test_builtin_skills_have_checkable_answers():
-    from interp.skills import SKILL_SETS, is_correct, load_skill
+    from interp.datasets import load_skill
+    from interp.skills import SKILL_SETS, is_correct
 
     for name in SKILL_SETS:
         items = load_skill(name, limit=20)
@@ -137,7 +138,7 @@ def test_number_check_is_the_gsm8k_protocol():
 
 
 def test_skill_file_errors_name_the_line(tmp_path):
-    from interp.skills import load_skill
+    from interp.datasets import load_skill
 
     cases = {
         "not json": "line 2 is not valid JSON",
@@ -166,7 +167,7 @@ def test_hub_skill_sets_fail_offline_in_one_line(monkeypatch):
     import sys
     import types
 
-    from interp.skills import load_skill
+    from interp.datasets import load_skill
 
     fake = types.ModuleType("datasets")
 
@@ -181,7 +182,8 @@ def test_hub_skill_sets_fail_offline_in_one_line(monkeypatch):
 
 
 def test_split_is_disjoint_and_seeded():
-    from interp.skills import load_skill, split_items
+    from interp.datasets import load_skill
+    from interp.skills import split_items
 
     items = load_skill("chat", limit=30)
     probe, held = split_items(items, 20, 8, seed=3, name="chat")
@@ -194,7 +196,7 @@ def test_split_is_disjoint_and_seeded():
 
 def test_running_moments_equal_direct_mean_std(planted_skills):
     from interp.capture import capture
-    from interp.skills import load_skill
+    from interp.datasets import load_skill
     from interp.unlearning import gate_hook, gate_moments
 
     model, path = planted_skills
@@ -325,7 +327,7 @@ PLANTED_PERCENT = 100 * len(PLANTED) / (2 * D_MLP)  # exactly the planted count
 
 
 def _run(planted_skills, **kw):
-    from analyses import skill_unlearning as su
+    from interp.analyses import skill_unlearning as su
     from interp.analysis import config_for
 
     model, path = planted_skills
@@ -463,7 +465,7 @@ def test_cli_bad_input_is_one_line(extra, message, planted_skills, tmp_path, cap
 
 
 def test_too_few_items_is_a_user_error(tmp_path):
-    from analyses import skill_unlearning as su
+    from interp.analyses import skill_unlearning as su
 
     f = tmp_path / "two.jsonl"
     f.write_text("\n".join(json.dumps({"prompt": f"p{i}", "answer": "a", "skill": "s"}) for i in range(2)) + "\n")
@@ -477,7 +479,7 @@ def test_too_few_items_is_a_user_error(tmp_path):
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_runs_on_other_mlp_architectures(arch, tmp_path):
     """GPT-2 (hook_pre = x·W_in + b_in) and Llama: the hook check passes and every output is filled."""
-    from analyses import skill_unlearning as su
+    from interp.analyses import skill_unlearning as su
     from interp.analysis import config_for
     from interp.models import load_model
     from interp.tiny import write_tiny_checkpoint

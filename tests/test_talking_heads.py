@@ -263,7 +263,7 @@ SMALL = dict(n_items=(2, 3), templates=("laundry", "bag", "market"), prompts_per
 
 
 def test_analysis_end_to_end_with_first_token_scoring(channel_model, tmp_path, monkeypatch):
-    from analyses import talking_heads as th
+    from interp.analyses import talking_heads as th
     from interp.analysis import config_for
 
     result = th.run(channel_model, config_for("talking_heads", channel_model, batch_size=8, **SMALL))
@@ -303,7 +303,7 @@ def test_analysis_end_to_end_with_first_token_scoring(channel_model, tmp_path, m
 def test_random_control_is_disjoint_from_the_edit_set():
     import random
 
-    from analyses.talking_heads import random_components
+    from interp.analyses.talking_heads import random_components
 
     chosen = [(0, 1, 15), (0, 1, 3), (1, 2, 0)]
     for seed in range(20):
@@ -324,7 +324,7 @@ def test_cli_rejects_bad_options(planted_channel, tmp_path, capsys, args):
 
 def test_spearman_matches_scipy():
     stats = pytest.importorskip("scipy.stats")
-    from analyses.talking_heads import spearman
+    from interp.analyses.talking_heads import spearman
 
     g = np.random.default_rng(0)
     x = g.normal(size=12)
