@@ -83,6 +83,56 @@ def test_config_for_applies_card_defaults_then_overrides():
         config_for("refusal_cliff", model, nonsense=1)
 
 
+def test_old_option_names_still_work_and_warn():
+    from interp.run import explicit_options
+
+    with pytest.warns(FutureWarning, match="'n_random' is now 'random_draws'"):
+        assert config_for("refusal_cliff", n_random=3).random_draws == 3
+    with pytest.raises(UserError, match="not both"), pytest.warns(FutureWarning):
+        config_for("refusal_cliff", n_random=3, random_draws=4)
+    module = load_analysis("refusal_cliff")
+    args = build_parser("refusal_cliff").parse_args(["refusal_cliff", "--n-random", "4"])
+    with pytest.warns(FutureWarning):
+        assert explicit_options(args, module)["random_draws"] == 4
+    assert "--n-random" not in build_parser("refusal_cliff").format_help()  # hidden from --help
+
+
+@pytest.mark.parametrize("name", available())
+def test_every_vocabulary_idea_has_one_name(name):
+    """No analysis keeps an old name of a vocabulary option as a field of its own."""
+    from interp.analysis import RENAMED_OPTIONS
+
+    fields = {f.name for f in dataclasses.fields(load_analysis(name).Config)}
+    assert not fields & set(RENAMED_OPTIONS), f"{name} still has {sorted(fields & set(RENAMED_OPTIONS))}"
+    draws = getattr(load_analysis(name).Config(), "random_draws", None)
+    assert draws is None or draws >= 2
+
+
+def test_random_draws_below_two_is_a_user_error():
+    with pytest.raises(UserError, match="random-draws must be at least 2"):
+        config_for("refusal_cliff", random_draws=1).validate()
+
+
+def test_public_api_and_inline_report():
+    import interp
+    from interp.report import Report
+
+    assert {"load_model", "config_for", "run_analysis"} <= set(interp.__all__)
+    rep = Report("t <b>")
+    rep.add_paragraph("x & y")
+    html = rep._repr_html_()
+    assert html.startswith("<iframe") and "&amp;lt;b&amp;gt;" in html  # the document, escaped once more
+
+
+def test_no_top_level_analyses_package_is_installed():
+    import importlib.util
+    import sysconfig
+
+    site = Path(sysconfig.get_paths()["purelib"])
+    assert not (site / "analyses").exists()
+    assert importlib.util.find_spec("interp.analyses").submodule_search_locations[0] == str(ROOT / "analyses")
+
+
 def test_reasoning_aliases_recommend_long_sampled_rollouts():
     from interp.models import ALIASES
 
@@ -95,6 +145,7 @@ def _numbers(results: dict) -> dict:
     return {k: v for k, v in results.items() if k not in ("environment",)}
 
 
+@pytest.mark.slow
 def test_python_and_cli_give_the_same_results_on_the_organism(tmp_path, capsys):
     """The CLI applies the organism card's settings; so does `config_for`: identical results.json numbers."""
     from interp.analyses import refusal_cliff as rc

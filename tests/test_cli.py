@@ -122,6 +122,7 @@ def test_cuda_requested_without_cuda(capsys, tmp_path, planted):
     assert_user_error(code, err, "CUDA")
 
 
+@pytest.mark.slow
 def test_real_process_exit_code_and_stderr(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-m", "interp.run", "refusal_cliff", "--model", "nobody-xyz/not-a-model",

@@ -20,6 +20,7 @@ def execute(path: Path, cwd: Path) -> nbformat.NotebookNode:
     return nb
 
 
+@pytest.mark.slow
 def test_refusal_cliff_notebook_executes(tmp_path, monkeypatch, planted):
     from planted import planted_rollouts
     from helpers import write_rollouts
@@ -35,6 +36,7 @@ def test_refusal_cliff_notebook_executes(tmp_path, monkeypatch, planted):
     assert "val_accuracy" in nb.cells[2]["outputs"][-1]["data"]["text/plain"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", [p for p in NOTEBOOKS if p.stem != "refusal_cliff"], ids=lambda p: p.stem)
 def test_analysis_notebook_executes_on_the_organism(path, tmp_path, monkeypatch):
     monkeypatch.delenv("INTERP_MODEL", raising=False)
