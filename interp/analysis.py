@@ -2,7 +2,8 @@
 
 An analysis module defines
 - `Config`: a dataclass inheriting `CommonConfig` (batch_size, seed, limit, progress). Defaults are
-  the paper's. Each field's trailing `# comment` is its command-line help; `Literal[...]` fields are
+  the paper's. Each field's trailing `# comment` (or, for long help, the `#` lines directly above it) is its
+  command-line help; `Literal[...]` fields are
   choices (checked by `CommonConfig.validate`, listed in `--help`); tuples take several values;
   bools become `--x/--no-x`. `Config.validate(model=None)` raises `UserError` for bad values
   (ranges that need the model, such as layers, only when `model` is given).
@@ -109,7 +110,7 @@ def literal_choices(hint) -> tuple | None:
 
 @functools.cache
 def option_help(config_cls: type) -> dict[str, str]:
-    """Each field's trailing `# comment` in the class body (base classes included): its help text."""
+    """Each field's trailing `# comment`, or the comment lines directly above it (base classes included): its help."""
     helps: dict[str, str] = {}
     for cls in reversed(config_cls.__mro__):
         if not dataclasses.is_dataclass(cls):
@@ -125,7 +126,18 @@ def option_help(config_cls: type) -> dict[str, str]:
                 line = body[node.end_lineno - 1]
                 if "#" in line[node.end_col_offset:]:
                     helps[node.target.id] = line[node.end_col_offset:].split("#", 1)[1].strip()
+                elif above := _comment_above(body, node.lineno - 1):
+                    helps[node.target.id] = above
     return helps
+
+
+def _comment_above(lines: list[str], index: int) -> str:
+    """The `# ...` lines directly above line `index`, joined (long option help stands there)."""
+    parts = []
+    while index > 0 and lines[index - 1].strip().startswith("#"):
+        index -= 1
+        parts.insert(0, lines[index].strip()[1:].strip())
+    return " ".join(parts)
 
 
 def run_header(analysis: str, model, config) -> dict[str, Any]:

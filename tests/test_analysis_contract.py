@@ -60,10 +60,14 @@ def test_option_help_reads_trailing_comments():
     class Example(CommonConfig):
         mode: typing.Literal["a", "b"] = "a"  # which mode (paper: a)
         alpha: float = 0.5
+        # a long help text that does not fit beside the field,
+        # continued on a second line
+        beta: float = 1.0
 
     helps = option_help(Example)
     assert helps["mode"] == "which mode (paper: a)"
     assert "alpha" not in helps
+    assert helps["beta"] == "a long help text that does not fit beside the field, continued on a second line"
     assert helps["batch_size"].startswith("sequences per forward pass")
     with pytest.raises(UserError, match="mode must be one of a, b"):
         Example(mode="c").validate()
