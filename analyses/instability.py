@@ -4,9 +4,10 @@ Clearly: Diagnosing Dynamic Instability in LLM Reasoning at Inference Time", arX
 From the top-k next-token distributions of each generated token: entropy H_t of the renormalised
 top-k, shift D_t = JSD(p̃_t, p̃_{t−1}) on the union of the two supports, instability I_t = D_t + λ·H_t.
 Per trace the peak S = max_t I_t and its relative position r = t*/T (early r ≤ 0.25, late r > 0.5);
-across traces the ROC-AUC of S for predicting a wrong answer (bootstrap 95 % CI), accuracy per S
-quantile bucket, early- vs late-peak accuracy within S strata, an early-warning AUC from prefixes,
-and the same AUC for plain baselines (mean entropy, final-step entropy, length).
+across traces the ROC-AUC of S for predicting a wrong answer (95 % bootstrap interval resampling whole
+questions), accuracy per S quantile bucket and early- vs late-peak accuracy within S strata (Wilson
+intervals), an early-warning AUC from prefixes, and the same AUC for plain baselines (mean entropy,
+final-step entropy, length).
 
 Traces come from a local model (generated on a task set with checkable answers, greedy or seeded
 sampling, then one teacher-forced batched forward over prompt + completion gives the full
@@ -24,13 +25,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
 from interp import instability as ins
-from interp.analysis import CommonConfig, require, run_header
-from interp.files import read_jsonl
+from interp.analysis import CommonConfig, require, run_header, warn
 from interp.errors import UserError
+from interp.files import read_jsonl
 from interp.report import Report, analysis_report
 from interp.traces import load_traces, trace_record
 
@@ -40,28 +42,45 @@ BASELINES = ("mean_entropy", "final_entropy", "length")
 
 @dataclass
 class Config(CommonConfig):
-    traces: str | None = None  # JSONL of external traces with API logprobs ({"id", "correct", "content"}); no model is loaded
-    tasks: str = "gsm8k"  # (--dataset) task set with checkable answers: gsm8k (paper), word-problems, arithmetic (organisms) or a JSONL file with prompt, answer
-    chat_template: bool = False  # wrap each task prompt in the model's chat template (the organisms' arithmetic prompts already are)
+    # JSONL of external traces with API logprobs ({"id", "correct", "content"}, optional "question"); no model is loaded
+    traces: str | None = None
+    # (--dataset) task set with checkable answers: gsm8k (paper), word-problems, arithmetic (organisms) or a JSONL file
+    # with prompt, answer
+    tasks: str = "gsm8k"
+    # wrap each task prompt in the model's chat template (the organisms' arithmetic prompts already are)
+    chat_template: bool = False
     max_new_tokens: int = 256  # tokens generated per trace
+    # traces sampled per task (needs --temperature > 0); the AUC intervals resample whole tasks
+    samples_per_question: int = 1
     temperature: float = 0.0  # 0 = greedy (reconstructed protocol); > 0 samples, seeded by --seed
     top_p: float | None = None  # nucleus sampling when temperature > 0
     top_k: int = 20  # k of the renormalised top-k distribution (reconstructed: the OpenAI top_logprobs maximum)
     lam: float = 1.0  # λ in I_t = D_t + λ·H_t (reconstructed; the paper's value was not recovered)
-    jsd_support: Literal["union_zero", "residual_bin"] = "union_zero"  # tokens outside a step's top-k: probability 0, or the un-renormalised tail lumped into one shared 'other' outcome
+    # tokens outside a step's top-k: probability 0 (union of supports), or the tokens listed at both steps plus one
+    # lumped 'rest' outcome (a lower bound of the full-vocabulary JSD)
+    jsd_support: Literal["union_zero", "residual_bin"] = "union_zero"
     normalise_entropy: bool = False  # divide H_t by log k so both terms of I_t lie in [0, 1]
     smooth: int = 1  # trailing moving average of I_t over this many steps (1 = none, as in the paper)
-    distribution: Literal["topk", "full"] = "topk"  # signal from the top-k (paper, black-box) or the full vocabulary (local model only)
-    first_step: Literal["zero", "exclude"] = "zero"  # D_1 = 0 and step 1 counts for the peak, or the peak is taken over t >= 2
+    # signal from the top-k (paper, black-box) or the full vocabulary (local model only)
+    distribution: Literal["topk", "full"] = "topk"
+    # D_1 = 0 and step 1 counts for the peak, or the peak is taken over t >= 2
+    first_step: Literal["zero", "exclude"] = "zero"
     n_buckets: int = 5  # quantile buckets of peak strength for the accuracy table (reconstructed: quintiles)
     n_strata: int = 3  # peak-strength strata for early vs late (compared within strata)
-    windows: tuple[int, ...] = (32, 64, 128)  # early-warning prefix lengths W in tokens: AUC of max_{t<=W} I_t (reconstructed)
+    # early-warning prefix lengths W in tokens: AUC of max_{t<=W} I_t (reconstructed)
+    windows: tuple[int, ...] = (32, 64, 128)
     k_sweep: tuple[int, ...] = (5, 10, 20)  # also report the AUC at these k
-    n_boot: int = 2000  # bootstrap resamples for the AUC's 95 % interval (stratified by label)
+    n_boot: int = 2000  # bootstrap resamples for the AUCs' 95 % intervals (whole questions, within label strata)
 
     def validate(self, model=None) -> None:
         super().validate(model)
         require(self.max_new_tokens >= 1, f"max-new-tokens must be at least 1; got {self.max_new_tokens}")
+        require(self.samples_per_question >= 1,
+                f"samples-per-question must be at least 1; got {self.samples_per_question}")
+        require(self.samples_per_question == 1 or self.temperature > 0,
+                "--samples-per-question above 1 needs --temperature > 0 (greedy traces of one task are identical)")
+        require(self.samples_per_question == 1 or not self.traces,
+                "--samples-per-question is for generated traces; external traces name theirs in a 'question' field")
         require(self.temperature >= 0, f"temperature must be >= 0; got {self.temperature}")
         require(self.top_p is None or 0 < self.top_p <= 1, f"top-p must be in (0, 1]; got {self.top_p}")
         require(self.top_k >= 1, f"top-k must be at least 1; got {self.top_k}")
@@ -137,9 +156,10 @@ def load_tasks(spec: str, limit: int | None = None):
     return items
 
 
-def generate_traces(model, config: Config) -> tuple[list[ins.TraceDists], list[dict]]:
-    """Generate on the task set, score the answers, then one teacher-forced forward for the distributions.
-    Returns the traces and one record per trace in the external JSONL format (for `traces.jsonl`)."""
+def generate_traces(model, config: Config, warnings: list[str]) -> tuple[list[ins.TraceDists], list[dict]]:
+    """Generate on the task set (`samples_per_question` traces per task), score the answers, then one
+    teacher-forced forward for the distributions. Returns the traces and one record per trace in the
+    external JSONL format (for `traces.jsonl`)."""
     from interp.chat import chat_prefix
     from interp.generation import generate_tokens
     from interp.skills import is_correct
@@ -147,29 +167,37 @@ def generate_traces(model, config: Config) -> tuple[list[ins.TraceDists], list[d
     tok = model.tokenizer
     items = load_tasks(config.tasks, config.limit)
     if config.chat_template:
-        prompts = [tok(chat_prefix(tok, it.prompt), add_special_tokens=False)["input_ids"] for it in items]
+        encoded = [tok(chat_prefix(tok, it.prompt), add_special_tokens=False)["input_ids"] for it in items]
     else:
-        prompts = [tok(it.prompt)["input_ids"] for it in items]
+        encoded = [tok(it.prompt)["input_ids"] for it in items]
+    n = config.samples_per_question
+    asked = [(q, j) for q in range(len(items)) for j in range(n)]
+    prompts = [encoded[q] for q, _ in asked]
     completions = generate_tokens(model, prompts, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                                   top_p=config.top_p, seed=config.seed, batch_size=config.batch_size,
                                   progress=config.progress)
     keep = [i for i, c in enumerate(completions) if c]
     if not keep:
         raise UserError("the model ended every trace at once (no generated tokens); check the prompts' format")
+    if len(keep) < len(completions):
+        warn(warnings, f"{len(completions) - len(keep)} of {len(completions)} traces are empty (the model ended at "
+                       "once) and are left out")
     width = max([config.top_k, *config.k_sweep])
     dists = ins.teacher_forced(model, [prompts[i] for i in keep], [completions[i] for i in keep], top_k=width,
                                batch_size=config.batch_size, progress=config.progress)
     traces, records = [], []
     for i, d in zip(keep, dists):
-        text = tok.decode(completions[i], skip_special_tokens=True)
+        q, j = asked[i]
+        item, text = items[q], tok.decode(completions[i], skip_special_tokens=True)
         tokens = [tok.decode([t]) for t in completions[i]]
-        trace = ins.TraceDists(f"{i}", bool(is_correct(items[i], text)), tokens, d["topk_ids"], d["topk_logprobs"],
-                               d["full_entropy"], d["full_jsd"], int(model.cfg.d_vocab))
+        trace = ins.TraceDists(f"{q}" if n == 1 else f"{q}-{j}", bool(is_correct(item, text)), tokens,
+                               d["topk_ids"], d["topk_logprobs"], d["full_entropy"], d["full_jsd"],
+                               int(model.cfg.d_vocab), question=None if n == 1 else f"{q}")
         traces.append(trace)
         alts = [[(tok.decode([int(v)]), float(lp)) for v, lp in zip(d["topk_ids"][t], d["topk_logprobs"][t])]
                 for t in range(len(tokens))]
-        rec = trace_record(trace.id, trace.correct, tokens, alts, d["chosen"].tolist())
-        rec["prompt"], rec["answer"], rec["completion"] = items[i].prompt, items[i].answer, text
+        rec = trace_record(trace.id, trace.correct, tokens, alts, d["chosen"].tolist(), trace.question)
+        rec["prompt"], rec["answer"], rec["completion"] = item.prompt, item.answer, text
         records.append(rec)
     return traces, records
 
@@ -197,16 +225,22 @@ class Result:
     roc: dict[str, dict[str, list[float]]]
     shift_saturation: float  # share of steps t >= 2 with D_t > 0.99 log 2 (consecutive distributions disjoint)
     records: list[dict] = field(default_factory=list)  # generated traces in the JSONL format
+    warnings: list[str] = field(default_factory=list)  # shown at the top of the report
+
+    def overall_accuracy(self) -> dict:
+        """`accuracy` over all traces and its Wilson `accuracy_ci`."""
+        return ins.rate(np.array([r["correct"] for r in self.trace_rows], bool))
 
     def to_dict(self) -> dict:
         """The `results.json` content."""
-        n = len(self.trace_rows)
+        keys = ("id", "correct", "peak", "peak_position", "length", "question")
         return {
-            **self.header,
+            **self.header, "warnings": self.warnings,
             "auc": self.auc, "auc_ci": self.auc_ci, "baselines": self.baselines, "baselines_ci": self.baselines_ci,
             "buckets": self.buckets, "early_late": self.early_late,
-            "traces": [{k: r[k] for k in ("id", "correct", "peak", "peak_position", "length")} for r in self.trace_rows],
-            "n_traces": n, "accuracy": sum(r["correct"] for r in self.trace_rows) / n,
+            "traces": [{k: r[k] for k in keys} for r in self.trace_rows],
+            "n_traces": len(self.trace_rows), "n_questions": len({r["question"] for r in self.trace_rows}),
+            **self.overall_accuracy(),
             "variants": self.variants, "early_warning": self.early_warning, "auc_by_k": self.auc_by_k,
             "early_late_strata": self.early_late_strata, "shift_saturation": self.shift_saturation,
             "source": self.source,
@@ -227,12 +261,15 @@ class Result:
                     f.write(json.dumps(rec, ensure_ascii=False) + "\n")
 
 
-def analyse(traces: list[ins.TraceDists], config: Config) -> dict:
-    """Every number of the analysis from the traces' distributions (no model)."""
+def analyse(traces: list[ins.TraceDists], config: Config, warnings: list[str] | None = None) -> dict:
+    """Every number of the analysis from the traces' distributions (no model); `warnings` collects what to flag."""
+    warnings = [] if warnings is None else warnings
     start = 1 if config.first_step == "exclude" else 0
     kept = [t for t in traces if t.length > start]
     if len(kept) < 2:
         raise UserError(f"need at least 2 traces with more than {start} token(s); got {len(kept)}")
+    if len(kept) < len(traces):
+        warn(warnings, f"{len(traces) - len(kept)} one-token traces are left out (--first-step exclude)")
     opts = dict(top_k=config.top_k, lam=config.lam, support=config.jsd_support,
                 normalise_entropy=config.normalise_entropy, smooth=config.smooth)
     rows, signals, tokens = [], {}, {}
@@ -243,9 +280,9 @@ def analyse(traces: list[ins.TraceDists], config: Config) -> dict:
         sig = ins.step_signals(t, distribution=config.distribution, **opts)
         p = ins.peak(sig["I"], start)
         h = sig["H"]
-        row = {"id": t.id, "correct": t.correct, "peak": p.strength, "peak_position": p.position, "length": t.length,
-               "peak_step": p.step, "early": p.early, "late": p.late, "mean_entropy": float(h.mean()),
-               "final_entropy": float(h[-1])}
+        row = {"id": t.id, "question": t.cluster, "correct": t.correct, "peak": p.strength,
+               "peak_position": p.position, "length": t.length, "peak_step": p.step, "early": p.early, "late": p.late,
+               "mean_entropy": float(h.mean()), "final_entropy": float(h[-1])}
         for w in config.windows:
             row[f"prefix_peak_{w}"] = ins.prefix_peak(sig["I"], w, start)
         rows.append(row)
@@ -256,22 +293,30 @@ def analyse(traces: list[ins.TraceDists], config: Config) -> dict:
         if have_full:
             extra["peak_other"].append(ins.peak(ins.step_signals(t, distribution=other, **opts)["I"], start).strength)
     wrong = [not r["correct"] for r in rows]
+    questions = [r["question"] for r in rows]
+    _flag_labels(wrong, questions, warnings)
+
+    def interval(scores: list[float]) -> list[float]:
+        return list(ins.auc_interval(scores, wrong, questions, n_boot=config.n_boot, seed=config.seed))
+
     peaks = [r["peak"] for r in rows]
-    auc = ins.roc_auc(peaks, wrong)
-    lo, hi = ins.bootstrap_auc_ci(peaks, wrong, n_boot=config.n_boot, seed=config.seed)
     baselines = {b: ins.roc_auc([r[b] for r in rows], wrong) for b in BASELINES}
-    baselines_ci = {b: list(ins.bootstrap_auc_ci([r[b] for r in rows], wrong, n_boot=config.n_boot, seed=config.seed))
-                    for b in BASELINES}
-    variants = {"peak_shift_only": ins.roc_auc(extra["peak_D"], wrong), "peak_entropy_only": ins.roc_auc(extra["peak_H"], wrong)}
+    baselines_ci = {b: interval([r[b] for r in rows]) for b in BASELINES}
+    variants = {"peak_shift_only": ins.roc_auc(extra["peak_D"], wrong),
+                "peak_entropy_only": ins.roc_auc(extra["peak_H"], wrong)}
     if have_full:
         variants["peak_full_vocab" if other == "full" else "peak_topk"] = ins.roc_auc(extra["peak_other"], wrong)
     summary, strata = ins.early_late(peaks, [r["peak_position"] for r in rows], [r["correct"] for r in rows],
                                      config.n_strata)
+    if summary["early_accuracy"] is None:
+        warn(warnings, "no peak-strength stratum holds both early- and late-peak traces: early vs late is undefined")
     warning = [{"window": w, "auc": ins.roc_auc([r[f"prefix_peak_{w}"] for r in rows], wrong),
                 "traces_longer": sum(r["length"] > w for r in rows)} for w in config.windows]
     by_k = []
     if config.distribution == "topk":
         listed = max(int(t.topk_logprobs.isfinite().sum(-1).max()) for t in kept)
+        if listed < config.top_k:
+            warn(warnings, f"the traces list at most {listed} tokens per step, so k = {config.top_k} uses {listed}")
         for k in sorted(set(config.k_sweep)):
             s = [ins.peak(ins.step_signals(t, **{**opts, "top_k": k})["I"], start).strength for t in kept]
             by_k.append({"k": k, "auc": ins.roc_auc(s, wrong), "k_available": min(k, listed)})
@@ -281,15 +326,33 @@ def analyse(traces: list[ins.TraceDists], config: Config) -> dict:
         roc[name] = {"fpr": fpr.tolist(), "tpr": tpr.tolist()}
     shifts = [d for sig in signals.values() for d in sig["D"][1:]]
     saturation = sum(d > 0.99 * math.log(2) for d in shifts) / max(1, len(shifts))
-    return dict(shift_saturation=saturation, trace_rows=rows, signals=signals, tokens=tokens, auc=auc, auc_ci=[lo, hi],
-                baselines=baselines, baselines_ci=baselines_ci,
+    return dict(shift_saturation=saturation, trace_rows=rows, signals=signals, tokens=tokens,
+                auc=ins.roc_auc(peaks, wrong), auc_ci=interval(peaks), baselines=baselines, baselines_ci=baselines_ci,
                 variants=variants, buckets=ins.accuracy_buckets(peaks, [r["correct"] for r in rows], config.n_buckets),
-                early_late=summary, early_late_strata=strata, early_warning=warning, auc_by_k=by_k, roc=roc)
+                early_late=summary, early_late_strata=strata, early_warning=warning, auc_by_k=by_k, roc=roc,
+                warnings=warnings)
+
+
+MIN_CLASS = 10  # fewer right (or wrong) traces than this: every interval is wide
+
+
+def _flag_labels(wrong: list[bool], questions: list[str], warnings: list[str]) -> None:
+    """Warn when the AUCs are undefined or rest on few traces of one class, or when traces share questions."""
+    n_wrong, n = sum(wrong), len(wrong)
+    if n_wrong in (0, n):
+        warn(warnings, f"every trace is {'wrong' if n_wrong else 'right'}: the AUCs are undefined")
+    elif min(n_wrong, n - n_wrong) < MIN_CLASS:
+        fewer = "wrong" if n_wrong < n - n_wrong else "right"
+        warn(warnings, f"only {min(n_wrong, n - n_wrong)} of {n} traces are {fewer}: every AUC interval is wide")
+    if len(set(questions)) < n:
+        warn(warnings, f"{n} traces answer {len(set(questions))} questions: the AUC intervals resample whole "
+                       "questions, but the accuracies' Wilson intervals count traces as independent (too narrow)")
 
 
 def run(model, config: Config) -> Result:
     """Traces (external or generated by `model`), their per-step signals and every summary."""
     config.validate(model)
+    warnings: list[str] = []
     if config.traces:
         traces, records, source = load_traces(config.traces), [], str(config.traces)
         if config.limit:
@@ -297,16 +360,20 @@ def run(model, config: Config) -> Result:
     else:
         if model is None:
             raise UserError("a model is needed to generate traces; pass --model or --traces FILE")
-        traces, records = generate_traces(model, config)
+        traces, records = generate_traces(model, config, warnings)
         source = "model"
     header = run_header("instability", None if config.traces else model, config)
-    return Result(header=header, config=config, source=source, records=records, **analyse(traces, config))
+    return Result(header=header, config=config, source=source, records=records, **analyse(traces, config, warnings))
 
 
 # --------------------------------------------------------------------------- report
 
 def _fmt(x) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
+
+
+def _ci(interval: list[float] | None) -> str:
+    return "[n/a]" if interval is None else f"[{_fmt(interval[0])}, {_fmt(interval[1])}]"
 
 
 RECONSTRUCTED = (
@@ -316,7 +383,9 @@ RECONSTRUCTED = (
     "(--smooth), peak position r = t*/T with t* the first maximum, early r ≤ 0.25 / late r > 0.5 (from a secondary "
     "summary), {nb} quantile buckets (--n-buckets), early vs late compared within {ns} peak-strength strata "
     "(--n-strata) weighted by each stratum's early + late count, prefix windows {win} tokens (--windows), AUC "
-    "interval: stratified percentile bootstrap, {nboot} resamples. Higher scores predict a wrong answer for every AUC."
+    "intervals: percentile bootstrap over questions (the samples of one question move together) within label "
+    "strata, {nboot} resamples; accuracies with 95 % Wilson intervals. Higher scores predict a wrong answer for "
+    "every AUC."
 )
 
 
@@ -336,7 +405,8 @@ def signal_figure(result: Result, trace_id: str) -> go.Figure:
     sig, toks = result.signals[trace_id], result.tokens[trace_id]
     fig = go.Figure()
     x = list(range(1, len(sig["I"]) + 1))
-    for key, name, colour in (("I", "I = D + λH", "#d62728"), ("D", "D (JSD)", "#1f77b4"), ("H", "H (entropy)", "#7f7f7f")):
+    lines = (("I", "I = D + λH", "#d62728"), ("D", "D (JSD)", "#1f77b4"), ("H", "H (entropy)", "#7f7f7f"))
+    for key, name, colour in lines:
         fig.add_trace(go.Scatter(x=x, y=sig[key], name=name, mode="lines", line=dict(color=colour),
                                  text=toks, hovertemplate="step %{x}: %{text}<br>%{y:.3f}<extra></extra>"))
     fig.add_vline(x=r["peak_step"], line_dash="dot")
@@ -348,7 +418,8 @@ def signal_figure(result: Result, trace_id: str) -> go.Figure:
 def roc_figure(result: Result) -> go.Figure:
     """ROC curves of the peak strength and the baselines for predicting a wrong answer."""
     fig = go.Figure()
-    names = {"peak": f"peak S (AUC {_fmt(result.auc)})", **{b: f"{b} (AUC {_fmt(result.baselines[b])})" for b in BASELINES}}
+    names = {"peak": f"peak S (AUC {_fmt(result.auc)})",
+             **{b: f"{b} (AUC {_fmt(result.baselines[b])})" for b in BASELINES}}
     for key, curve in result.roc.items():
         fig.add_trace(go.Scatter(x=curve["fpr"], y=curve["tpr"], name=names[key], mode="lines",
                                  line=dict(width=3 if key == "peak" else 1.5)))
@@ -358,10 +429,18 @@ def roc_figure(result: Result) -> go.Figure:
     return fig
 
 
+def _error_bars(rates: list[float | None], intervals: list[list[float] | None]) -> dict:
+    """Plotly asymmetric error bars from Wilson intervals (none where a rate is undefined)."""
+    up = [0 if ci is None else ci[1] - r for r, ci in zip(rates, intervals)]
+    down = [0 if ci is None else r - ci[0] for r, ci in zip(rates, intervals)]
+    return dict(type="data", symmetric=False, array=up, arrayminus=down)
+
+
 def bucket_figure(result: Result) -> go.Figure:
-    """Accuracy per quantile bucket of the peak strength (n per bar)."""
-    fig = go.Figure(go.Bar(x=[f"{r['low']:.3f}–{r['high']:.3f}" for r in result.buckets],
-                           y=[r["accuracy"] for r in result.buckets],
+    """Accuracy per quantile bucket of the peak strength with its Wilson interval (n per bar)."""
+    acc = [r["accuracy"] for r in result.buckets]
+    fig = go.Figure(go.Bar(x=[f"{r['low']:.3f}–{r['high']:.3f}" for r in result.buckets], y=acc,
+                           error_y=_error_bars(acc, [r["accuracy_ci"] for r in result.buckets]),
                            text=[f"n={r['n']}" for r in result.buckets], textposition="outside"))
     fig.update_layout(title="accuracy per quantile bucket of S", xaxis_title="peak strength S", yaxis_title="accuracy",
                       yaxis_range=[0, 1.1], height=360)
@@ -370,26 +449,27 @@ def bucket_figure(result: Result) -> go.Figure:
 
 def build_report(result: Result, tokenizer=None) -> Report:
     c = result.config
-    rep = analysis_report(result.header)
+    rep = analysis_report(result.header, result.warnings)
     rows = result.trace_rows
-    acc = sum(r["correct"] for r in rows) / len(rows)
+    acc, acc_ci = result.overall_accuracy().values()
+    el = result.early_late
     rep.add_paragraph(
         "Chen et al. (2026): the peak of the instability signal I_t = D_t + λ·H_t (shift between consecutive "
         "next-token distributions plus their entropy) predicts whether a reasoning trace ends wrong; early peaks are "
         "corrective, late ones destructive. Paper: ROC-AUC 0.66–0.74; early-peak traces over 3× more accurate than "
         "late-peak ones at comparable strength.")
-    rep.add_metrics({"traces": len(rows), "accuracy": acc, "ROC-AUC (peak → wrong)": result.auc,
-                     "95 % CI": f"[{_fmt(result.auc_ci[0])}, {_fmt(result.auc_ci[1])}]",
-                     **{f"AUC {k}": v for k, v in result.baselines.items()},
-                     "early-peak accuracy": result.early_late["early_accuracy"],
-                     "late-peak accuracy": result.early_late["late_accuracy"]})
-    if not 0 < acc < 1:
-        rep.add_notice("Every trace is " + ("right" if acc == 1 else "wrong") + ": the AUCs are undefined.")
+    rep.add_metrics({"traces": len(rows), "questions": len({r["question"] for r in rows}),
+                     "accuracy": f"{_fmt(acc)} {_ci(acc_ci)}", "ROC-AUC (peak → wrong)": result.auc,
+                     "95 % CI": _ci(result.auc_ci), **{f"AUC {k}": v for k, v in result.baselines.items()},
+                     "early-peak accuracy": f"{_fmt(el['early_accuracy'])} {_ci(el['early_accuracy_ci'])}",
+                     "late-peak accuracy": f"{_fmt(el['late_accuracy'])} {_ci(el['late_accuracy_ci'])}"})
     rep.add_notice(RECONSTRUCTED.format(
         k=c.top_k, lam=c.lam, support="get probability 0 (union of supports)" if c.jsd_support == "union_zero"
-        else "are lumped into one shared 'other' outcome holding the un-renormalised tail mass",
+        else "are lumped, with everything listed at one step only, into one 'rest' outcome (a lower bound of the "
+        "full JSD)",
         first="and step 1 counts for the peak" if c.first_step == "zero" else "and the peak is taken over t ≥ 2",
-        norm="H in nats" if not c.normalise_entropy else "H divided by log k", smooth=c.smooth if c.smooth > 1 else "none",
+        norm="H in nats" if not c.normalise_entropy else "H divided by log k",
+        smooth=c.smooth if c.smooth > 1 else "none",
         nb=c.n_buckets, ns=c.n_strata, win=", ".join(map(str, c.windows)), nboot=c.n_boot), level="info")
     src = ("traces generated by the model on " + c.tasks + (", greedy" if c.temperature == 0 else
            f", sampled at temperature {c.temperature} (seed {c.seed})") + "; distributions from one teacher-forced "
@@ -398,16 +478,17 @@ def build_report(result: Result, tokenizer=None) -> Report:
                       "distributions.")
 
     if result.shift_saturation > 0.5 and c.distribution == "topk":
-        rep.add_notice(f"D_t is within 1 % of its maximum log 2 at {result.shift_saturation:.0%} of the steps: consecutive "
-                       "top-k distributions barely overlap (near-deterministic text), so D is almost a constant offset "
-                       "and the peak is decided by the entropy term.", level="info")
+        rep.add_notice(f"D_t is within 1 % of its maximum log 2 at {result.shift_saturation:.0%} of the steps: "
+                       "consecutive top-k distributions barely overlap (near-deterministic text), so D is almost a "
+                       "constant offset and the peak is decided by the entropy term.", level="info")
     rep.add_heading("Signal over the steps")
     for r in _pick(rows):
         sig, toks = result.signals[r["id"]], result.tokens[r["id"]]
         label = "right" if r["correct"] else "wrong"
         rep.add_figure(signal_figure(result, r["id"]))
         top = max(max(sig["I"]), 1e-9)
-        rep.add_token_view(toks, sig["I"], caption=f"trace {r['id']} ({label}): tokens coloured by I_t", vmin=0, vmax=top)
+        rep.add_token_view(toks, sig["I"], caption=f"trace {r['id']} ({label}): tokens coloured by I_t", vmin=0,
+                           vmax=top)
 
     rep.add_heading("Failure prediction")
     rep.add_figure(roc_figure(result))
@@ -416,23 +497,26 @@ def build_report(result: Result, tokenizer=None) -> Report:
          for b, v in result.baselines.items()] + [{"score": k, "auc": v} for k, v in result.variants.items()]
     rep.add_table(pd.DataFrame(table), caption="ROC-AUC for predicting a wrong answer (higher score = wrong); the "
                   "baselines show whether the signal adds anything over entropy and length.")
-    rep.add_table(pd.DataFrame(result.early_warning), caption="Early warning: AUC of the peak within the first W tokens.")
+    rep.add_table(pd.DataFrame(result.early_warning),
+                  caption="Early warning: AUC of the peak within the first W tokens.")
     if result.auc_by_k:
-        rep.add_table(pd.DataFrame(result.auc_by_k), caption="AUC of the peak at other k (k_available: entries present).")
+        rep.add_table(pd.DataFrame(result.auc_by_k),
+                      caption="AUC of the peak at other k (k_available: entries present).")
 
     rep.add_heading("Accuracy by peak strength")
     rep.add_figure(bucket_figure(result))
     rep.add_table(pd.DataFrame(result.buckets))
 
     rep.add_heading("Early vs late peaks")
-    el = result.early_late
-    fig = go.Figure(go.Bar(x=["early (r ≤ 0.25)", "late (r > 0.5)"],
-                           y=[el["early_accuracy"] or 0, el["late_accuracy"] or 0],
+    acc = [el["early_accuracy"] or 0, el["late_accuracy"] or 0]
+    fig = go.Figure(go.Bar(x=["early (r ≤ 0.25)", "late (r > 0.5)"], y=acc,
+                           error_y=_error_bars(acc, [el["early_accuracy_ci"], el["late_accuracy_ci"]]),
                            text=[f"n={el['n_early']}", f"n={el['n_late']}"], textposition="outside"))
     fig.update_layout(title="accuracy of early- vs late-peak traces, within peak-strength strata",
                       yaxis_title="accuracy", yaxis_range=[0, 1.1], height=340)
     rep.add_figure(fig)
-    rep.add_table(pd.DataFrame(result.early_late_strata), caption="Per stratum of S (strata without both early and late "
+    rep.add_table(pd.DataFrame(result.early_late_strata), caption="Per stratum of S, accuracies with Wilson "
+                  "intervals (strata without both early and late "
                   "traces do not enter the comparison).")
 
     rep.add_heading("Traces")

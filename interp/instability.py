@@ -8,22 +8,25 @@ model's log-softmax cut to its k largest entries):
 - entropy  H_t = −Σ p̃_t log p̃_t  (natural log, ≤ log k; `normalise_entropy` divides by log k_t);
 - shift  D_t = JSD(p̃_t, p̃_{t−1}) on the union S_t ∪ S_{t−1} (≤ log 2), D_1 = 0. Tokens outside a
   distribution's own top-k: `union_zero` gives them probability 0 (the reconstruction's default);
-  `residual_bin` keeps the un-renormalised top-k probabilities and puts each distribution's
-  remaining mass 1 − Σ_{S_t} p_t into one shared "other" outcome;
+  `residual_bin` keeps the raw probabilities of the tokens listed at both steps (S_t ∩ S_{t−1}) and
+  lumps everything else of each distribution into one "rest" outcome: the same partition of the
+  vocabulary for both, so it is a lower bound of the full-vocabulary JSD (data processing);
 - combined signal  I_t = D_t + λ·H_t, optionally a trailing moving average over `smooth` steps
   (trailing, so a prefix's signal never sees later tokens).
 
 Per trace: peak strength S = max_t I_t, peak step t* (first maximum), relative position r = t*/T
 (T generated tokens, t* counted from 1); early if r ≤ 0.25, late if r > 0.5.
 Across traces: ROC-AUC of S for predicting a wrong answer (Mann-Whitney, ties count ½) with a
-stratified percentile bootstrap CI, accuracy per S quantile bucket, early vs late accuracy within
-S strata. All functions are plain torch / numpy; no scikit-learn or scipy.
+percentile bootstrap CI over questions (several samples of one question move together), accuracy per
+S quantile bucket and early vs late accuracy within S strata, with Wilson intervals. Plain torch /
+numpy; no scikit-learn or scipy.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections import defaultdict
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,8 +34,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from interp.controls import bootstrap_ci, wilson
+
 PAD_ID = -1      # top-k slot with no token (a step that has fewer than k entries)
-OTHER_ID = -2    # the shared "other" outcome of the residual-bin JSD
 LOG2 = math.log(2.0)
 
 
@@ -69,37 +73,44 @@ def _on_support(ids: Int[Tensor, "step k"], other_ids: Int[Tensor, "step j"], ot
 
 
 def topk_jsd(ids: Int[Tensor, "step k"], logprobs: Float[Tensor, "step k"],
-             support: str = "union_zero") -> Float[Tensor, "step"]:
-    """JSD between consecutive steps' top-k distributions on the union of their supports; D_1 = 0.
+             support: str = "union_zero") -> Float[Tensor, " step"]:
+    """JSD between consecutive steps' top-k distributions; D_1 = 0.
 
     `logprobs` are the raw top-k log-probabilities (not renormalised). `union_zero`: renormalised
-    top-k, probability 0 outside a step's own top-k. `residual_bin`: raw probabilities plus one
-    shared "other" outcome holding 1 − Σ top-k (the unknown tail, lumped).
+    top-k on the union of the supports, probability 0 outside a step's own top-k. `residual_bin`: raw
+    probabilities of the tokens listed at both steps plus one "rest" outcome holding the remaining mass
+    of each (a lower bound of the full-vocabulary JSD).
     """
-    logprobs = logprobs.double()
-    if support == "union_zero":
-        p = renormalise(logprobs).exp()
-    elif support == "residual_bin":
-        p = logprobs.exp()
-        rest = (1.0 - p.sum(-1, keepdim=True)).clamp_min(0.0)
-        p = torch.cat([p, rest], -1)
-        ids = torch.cat([ids, torch.full_like(ids[:, :1], OTHER_ID)], -1)
-    else:
+    if support not in ("union_zero", "residual_bin"):
         raise ValueError(f"unknown JSD support handling {support!r}")
-    out = torch.zeros(ids.shape[0], dtype=p.dtype)
+    logprobs = logprobs.double()
+    out = torch.zeros(ids.shape[0], dtype=logprobs.dtype)
     if ids.shape[0] < 2:
         return out
+    p = renormalise(logprobs).exp() if support == "union_zero" else logprobs.exp()
     p_cur, p_prev, ids_cur, ids_prev = p[1:], p[:-1], ids[1:], ids[:-1]
     q_at_cur = _on_support(ids_cur, ids_prev, p_prev)    # p_{t-1} on S_t
     p_at_prev = _on_support(ids_prev, ids_cur, p_cur)    # p_t on S_{t-1}
+    if support == "union_zero":
+        out[1:] = 0.5 * (_half_kl(p_cur, q_at_cur) + _half_kl(p_prev, p_at_prev))
+    else:
+        shared = _on_support(ids_cur, ids_prev, torch.ones_like(p_prev)) > 0    # slots of S_t also in S_{t-1}
+        a, b = torch.where(shared, p_cur, 0.0), q_at_cur
+        a, b = _with_rest(a), _with_rest(b)
+        out[1:] = 0.5 * (_half_kl(a, b) + _half_kl(b, a))
+    return out.clamp_min(0.0)
 
-    def half_kl(p_own: Tensor, p_other: Tensor) -> Tensor:
-        m = 0.5 * (p_own + p_other)
-        return torch.where(p_own > 0, p_own * (p_own.clamp_min(1e-300).log() - m.clamp_min(1e-300).log()),
-                           torch.zeros_like(p_own)).sum(-1)
 
-    out[1:] = (0.5 * (half_kl(p_cur, q_at_cur) + half_kl(p_prev, p_at_prev))).clamp_min(0.0)
-    return out
+def _with_rest(p: Float[Tensor, "step k"]) -> Float[Tensor, "step k_plus_1"]:
+    """`p` plus one outcome holding the mass it leaves (1 − Σ p, at least 0)."""
+    return torch.cat([p, (1.0 - p.sum(-1, keepdim=True)).clamp_min(0.0)], -1)
+
+
+def _half_kl(p_own: Float[Tensor, "step k"], p_other: Float[Tensor, "step k"]) -> Float[Tensor, " step"]:
+    """Σ p_own·log(p_own / m), m = ½(p_own + p_other), 0·log 0 = 0: one half of the JSD."""
+    m = 0.5 * (p_own + p_other)
+    return torch.where(p_own > 0, p_own * (p_own.clamp_min(1e-300).log() - m.clamp_min(1e-300).log()),
+                       torch.zeros_like(p_own)).sum(-1)
 
 
 def cut_topk(ids: Int[Tensor, "step j"], logprobs: Float[Tensor, "step j"], k: int) -> tuple[Tensor, Tensor]:
@@ -109,7 +120,7 @@ def cut_topk(ids: Int[Tensor, "step j"], logprobs: Float[Tensor, "step j"], k: i
     return torch.gather(ids, -1, order), values
 
 
-def topk_entropy(logprobs: Float[Tensor, "step k"], normalise: bool = False) -> Float[Tensor, "step"]:
+def topk_entropy(logprobs: Float[Tensor, "step k"], normalise: bool = False) -> Float[Tensor, " step"]:
     """Entropy of the renormalised top-k; `normalise` divides by log k_t (k_t = entries at step t)."""
     h = entropy(renormalise(logprobs))
     if normalise:
@@ -118,7 +129,7 @@ def topk_entropy(logprobs: Float[Tensor, "step k"], normalise: bool = False) -> 
     return h
 
 
-def trailing_mean(x: Float[Tensor, "step"], window: int) -> Float[Tensor, "step"]:
+def trailing_mean(x: Float[Tensor, " step"], window: int) -> Float[Tensor, " step"]:
     """Mean of the last `window` values at each step (fewer at the start); window 1 = unchanged."""
     if window <= 1 or x.numel() == 0:
         return x
@@ -143,13 +154,19 @@ class TraceDists:
     tokens: list[str]                                   # the generated tokens, as text
     topk_ids: Int[Tensor, "step k"]
     topk_logprobs: Float[Tensor, "step k"]
-    full_entropy: Float[Tensor, "step"] | None = None
-    full_jsd: Float[Tensor, "step"] | None = None       # D_1 = 0
+    full_entropy: Float[Tensor, " step"] | None = None
+    full_jsd: Float[Tensor, " step"] | None = None       # D_1 = 0
     vocab_size: int | None = None
+    question: str | None = None                         # the question it answers (its samples share it); None: id
 
     @property
     def length(self) -> int:
         return int(self.topk_logprobs.shape[0])
+
+    @property
+    def cluster(self) -> str:
+        """What the bootstrap resamples: the question, or the trace itself."""
+        return self.id if self.question is None else self.question
 
 
 def step_signals(trace: TraceDists, *, top_k: int = 20, lam: float = 1.0, support: str = "union_zero",
@@ -188,7 +205,7 @@ class Peak:
 EARLY_MAX, LATE_MIN = 0.25, 0.5
 
 
-def peak(signal: Float[Tensor, "step"], start: int = 0) -> Peak:
+def peak(signal: Float[Tensor, " step"], start: int = 0) -> Peak:
     """Peak of a trace's signal (first maximum), ignoring the first `start` steps."""
     T = signal.numel()
     if T <= start:
@@ -197,7 +214,7 @@ def peak(signal: Float[Tensor, "step"], start: int = 0) -> Peak:
     return Peak(float(signal[i]), i + 1, (i + 1) / T)
 
 
-def prefix_peak(signal: Float[Tensor, "step"], window: int, start: int = 0) -> float:
+def prefix_peak(signal: Float[Tensor, " step"], window: int, start: int = 0) -> float:
     """S_{≤W} = max over the first `window` steps (the whole trace when shorter)."""
     return float(signal[start:max(window, start + 1)].max())
 
@@ -207,15 +224,9 @@ def prefix_peak(signal: Float[Tensor, "step"], window: int, start: int = 0) -> f
 def _ranks(x: np.ndarray) -> np.ndarray:
     """1-based ranks with ties averaged."""
     order = np.argsort(x, kind="mergesort")
-    xs = x[order]
+    _, first, counts = np.unique(x[order], return_index=True, return_counts=True)
     ranks = np.empty(len(x))
-    i = 0
-    while i < len(x):
-        j = i
-        while j + 1 < len(x) and xs[j + 1] == xs[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2 + 1
-        i = j + 1
+    ranks[order] = np.repeat(first + (counts + 1) / 2, counts)
     return ranks
 
 
@@ -242,30 +253,34 @@ def roc_curve(scores: Sequence[float], positive: Sequence[bool]) -> tuple[np.nda
     return fpr, tpr
 
 
-def bootstrap_auc_ci(scores: Sequence[float], positive: Sequence[bool], n_boot: int = 2000,
-                     level: float = 0.95, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap CI of the ROC-AUC, resampling positives and negatives separately
-    (stratified, so every resample has both classes). O(n_boot·n) via cumulative counts."""
+def label_strata(clusters: Sequence[Hashable], positive: Sequence[bool]) -> list[str]:
+    """Each item's cluster kind: "positive", "negative" or "mixed" (its cluster holds both labels).
+    Resampling clusters within these kinds keeps both labels in every resample; with one item per
+    cluster the kinds are the labels themselves."""
+    seen: dict[Hashable, set[bool]] = defaultdict(set)
+    for c, y in zip(clusters, positive):
+        seen[c].add(bool(y))
+    kind = {c: "mixed" if len(v) == 2 else ("positive" if True in v else "negative") for c, v in seen.items()}
+    return [kind[c] for c in clusters]
+
+
+def auc_interval(scores: Sequence[float], positive: Sequence[bool], clusters: Sequence[Hashable] | None = None, *,
+                 n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95 % percentile bootstrap interval of the ROC-AUC, resampling whole clusters (the samples of one
+    question; None: every item its own) within `label_strata`; NaN when one label is absent."""
     s, y = np.asarray(scores, float), np.asarray(positive, bool)
-    pos, neg = s[y], np.sort(s[~y])
-    if len(pos) == 0 or len(neg) == 0:
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    w_pos = _counts(rng.integers(0, len(pos), (n_boot, len(pos))), len(pos))
-    w_neg = _counts(rng.integers(0, len(neg), (n_boot, len(neg))), len(neg))
-    cum = np.concatenate([np.zeros((n_boot, 1)), np.cumsum(w_neg, 1)], 1)   # negatives below index
-    below = cum[:, np.searchsorted(neg, pos, "left")]
-    at_or_below = cum[:, np.searchsorted(neg, pos, "right")]
-    aucs = (w_pos * (below + at_or_below) / 2).sum(1) / (len(pos) * len(neg))
-    alpha = (1 - level) / 2
-    return float(np.quantile(aucs, alpha)), float(np.quantile(aucs, 1 - alpha))
+    if y.all() or not y.any():
+        return math.nan, math.nan
+    clusters = list(range(len(s))) if clusters is None else list(clusters)
+    return bootstrap_ci(lambda idx: roc_auc(s[idx], y[idx]), len(s), n_boot=n_boot, seed=seed, clusters=clusters,
+                        strata=label_strata(clusters, y))
 
 
-def _counts(idx: np.ndarray, n: int) -> np.ndarray:
-    rows = np.repeat(np.arange(idx.shape[0]), idx.shape[1])
-    out = np.zeros((idx.shape[0], n))
-    np.add.at(out, (rows, idx.ravel()), 1)
-    return out
+def rate(correct: np.ndarray) -> dict:
+    """`accuracy` and its Wilson `accuracy_ci` of a boolean array (None for an empty one)."""
+    if correct.size == 0:
+        return {"accuracy": None, "accuracy_ci": None}
+    return {"accuracy": float(correct.mean()), "accuracy_ci": list(wilson(int(correct.sum()), correct.size))}
 
 
 def quantile_edges(scores: Sequence[float], n_buckets: int) -> np.ndarray:
@@ -280,7 +295,7 @@ def bucket_of(scores: Sequence[float], edges: np.ndarray) -> np.ndarray:
 
 
 def accuracy_buckets(scores: Sequence[float], correct: Sequence[bool], n_buckets: int = 5) -> list[dict]:
-    """Accuracy per quantile bucket of `scores`: rows {low, high, accuracy, n} (empty buckets dropped;
+    """Accuracy per quantile bucket of `scores`: rows {low, high, accuracy, accuracy_ci, n} (empty buckets dropped;
     tied scores always share a bucket, so there can be fewer than `n_buckets`)."""
     s, c = np.asarray(scores, float), np.asarray(correct, bool)
     if len(s) == 0:
@@ -293,8 +308,7 @@ def accuracy_buckets(scores: Sequence[float], correct: Sequence[bool], n_buckets
     for k in range(len(edges) - 1):
         sel = b == k
         if sel.any():
-            rows.append({"low": float(edges[k]), "high": float(edges[k + 1]),
-                         "accuracy": float(c[sel].mean()), "n": int(sel.sum())})
+            rows.append({"low": float(edges[k]), "high": float(edges[k + 1]), **rate(c[sel]), "n": int(sel.sum())})
     return rows
 
 
@@ -304,8 +318,9 @@ def early_late(scores: Sequence[float], positions: Sequence[float], correct: Seq
 
     Traces are stratified by quantiles of S; strata holding both early and late traces are kept and
     each group's accuracy is averaged over them weighted by the stratum's early + late count (direct
-    standardisation). Returns ({early_accuracy, late_accuracy, n_early, n_late}, per-stratum rows
-    with the raw counts of every stratum).
+    standardisation). Returns ({early_accuracy, late_accuracy, n_early, n_late, early_accuracy_ci,
+    late_accuracy_ci}, per-stratum rows with the raw counts and Wilson intervals of every stratum).
+    The summary's interval is Wilson's at the standardised rate with the group's count.
     """
     s, r, c = np.asarray(scores, float), np.asarray(positions, float), np.asarray(correct, bool)
     early, late = r <= EARLY_MAX, r > LATE_MIN
@@ -313,26 +328,26 @@ def early_late(scores: Sequence[float], positions: Sequence[float], correct: Seq
     if len(edges) == 1:
         edges = np.array([edges[0], edges[0]])
     b = bucket_of(s, edges)
-    rows, acc_e, acc_l, weights, n_e, n_l = [], [], [], [], 0, 0
+    rows, kept = [], []
     for k in range(len(edges) - 1):
-        e, la = (b == k) & early, (b == k) & late
-        row = {"low": float(edges[k]), "high": float(edges[k + 1]), "n_early": int(e.sum()), "n_late": int(la.sum()),
-               "early_accuracy": float(c[e].mean()) if e.any() else None,
-               "late_accuracy": float(c[la].mean()) if la.any() else None}
-        rows.append(row)
-        if e.any() and la.any():
-            acc_e.append(row["early_accuracy"])
-            acc_l.append(row["late_accuracy"])
-            weights.append(e.sum() + la.sum())
-            n_e += int(e.sum())
-            n_l += int(la.sum())
-    if weights:
-        w = np.asarray(weights, float) / sum(weights)
-        summary = {"early_accuracy": float(np.dot(w, acc_e)), "late_accuracy": float(np.dot(w, acc_l)),
-                   "n_early": n_e, "n_late": n_l}
-    else:
-        summary = {"early_accuracy": None, "late_accuracy": None, "n_early": 0, "n_late": 0}
-    return summary, rows
+        e, la = c[(b == k) & early], c[(b == k) & late]
+        (acc_e, ci_e), (acc_l, ci_l) = rate(e).values(), rate(la).values()
+        rows.append({"low": float(edges[k]), "high": float(edges[k + 1]), "n_early": e.size, "n_late": la.size,
+                     "early_accuracy": acc_e, "late_accuracy": acc_l, "early_accuracy_ci": ci_e,
+                     "late_accuracy_ci": ci_l})
+        if e.size and la.size:
+            kept.append(rows[-1])
+    if not kept:
+        return {"early_accuracy": None, "late_accuracy": None, "n_early": 0, "n_late": 0,
+                "early_accuracy_ci": None, "late_accuracy_ci": None}, rows
+    w = np.asarray([x["n_early"] + x["n_late"] for x in kept], float)
+    summary = {}
+    for group in ("early", "late"):
+        acc = float(np.dot(w / w.sum(), [x[f"{group}_accuracy"] for x in kept]))
+        n = sum(x[f"n_{group}"] for x in kept)
+        summary |= {f"{group}_accuracy": acc, f"n_{group}": n, f"{group}_accuracy_ci": list(wilson(acc * n, n))}
+    return {k: summary[k] for k in ("early_accuracy", "late_accuracy", "n_early", "n_late", "early_accuracy_ci",
+                                    "late_accuracy_ci")}, rows
 
 
 # --------------------------------------------------------------------------- a local model's distributions
@@ -344,8 +359,9 @@ def teacher_forced(model, prompts: Sequence[Sequence[int]], completions: Sequenc
     `logits[P−1 : P+T−1]` (temperature 1, whatever the sampling temperature was).
 
     Per trace, on the CPU: `topk_ids`, `topk_logprobs` [T, k] (log-softmax over the full vocabulary,
-    then its k largest), `chosen` [T] (log-prob of the generated token), `full_entropy` [T] and `full_jsd` [T] (consecutive steps, D_1 = 0), computed
-    batch by batch on the model's device so no [T, vocab] tensor outlives its trace.
+    then its k largest), `chosen` [T] (log-prob of the generated token), `full_entropy` [T] and `full_jsd` [T]
+    (consecutive steps, D_1 = 0), computed batch by batch on the model's device so no [T, vocab] tensor
+    outlives its trace.
     """
     from interp.batching import padded_batches
     from interp.bridge import sdpa_attention

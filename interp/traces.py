@@ -3,7 +3,9 @@
 Each line: `{"id": ..., "correct": true|false, "content": [...]}` where `content` is exactly the
 OpenAI chat-completions `choices[0].logprobs.content` list — per generated token
 `{"token": str, "logprob": float, "top_logprobs": [{"token": str, "logprob": float}, ...]}` — or
-`"response": {...}` holding the whole chat-completions response object instead of `content`.
+`"response": {...}` holding the whole chat-completions response object instead of `content`, and
+optionally `"question": ...` naming the question the trace answers (several samples of one question
+share it; the intervals resample whole questions).
 Tokens are matched across steps by their text (`bytes`, when given, break ties between texts);
 a token listed twice in one step is merged (probabilities added).
 """
@@ -16,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from interp.files import read_jsonl
 from interp.errors import UserError
+from interp.files import read_jsonl
 from interp.instability import PAD_ID, TraceDists
 
 
@@ -53,6 +55,9 @@ def parse_trace(obj: dict, where: str, vocab: dict[str, int]) -> TraceDists:
             raise UserError(f"{where}: missing field {field!r}")
     if not isinstance(obj["correct"], bool):
         raise UserError(f"{where}: 'correct' must be true or false, not {obj['correct']!r}")
+    question = obj.get("question")
+    if question is not None and (isinstance(question, bool) or not isinstance(question, (str, int))):
+        raise UserError(f"{where}: 'question' must be a string or an integer, not {question!r}")
     content = _content(obj, where)
     tokens, rows = [], []
     for t, step in enumerate(content, 1):
@@ -82,7 +87,8 @@ def parse_trace(obj: dict, where: str, vocab: dict[str, int]) -> TraceDists:
     for t, r in enumerate(rows):
         ids[t, :len(r)] = torch.tensor(list(r.keys()))
         lps[t, :len(r)] = torch.tensor(list(r.values()), dtype=torch.float64)
-    return TraceDists(id=str(obj["id"]), correct=obj["correct"], tokens=tokens, topk_ids=ids, topk_logprobs=lps)
+    return TraceDists(id=str(obj["id"]), correct=obj["correct"], tokens=tokens, topk_ids=ids, topk_logprobs=lps,
+                      question=None if question is None else str(question))
 
 
 def load_traces(path: str | Path) -> list[TraceDists]:
@@ -105,8 +111,8 @@ def load_traces(path: str | Path) -> list[TraceDists]:
 
 
 def trace_record(trace_id: str, correct: bool, tokens: list[str], top: list[list[tuple[str, float]]],
-                 chosen_logprobs: list[float]) -> dict:
+                 chosen_logprobs: list[float], question: str | None = None) -> dict:
     """One JSONL object in the format `load_traces` reads (for exporting a local model's traces)."""
-    return {"id": trace_id, "correct": correct, "content": [
+    return {"id": trace_id, "correct": correct, **({} if question is None else {"question": question}), "content": [
         {"token": tok, "logprob": lp, "top_logprobs": [{"token": t, "logprob": v} for t, v in alts]}
         for tok, lp, alts in zip(tokens, chosen_logprobs, top)]}

@@ -1,5 +1,6 @@
-"""instability: per-step signals against scipy, AUC/CI/buckets on planted traces, the JSONL reader's
-errors, the local-model path against an independent HF forward and against the JSONL path."""
+"""instability: per-step signals against scipy, the residual-bin JSD as a lower bound, AUC / clustered CI /
+Wilson-bucketed accuracies on planted traces, the JSONL reader's errors, the local-model path against an
+independent HF forward and against the JSONL path."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ import pytest
 import torch
 
 from interp import instability as ins
+from interp.controls import bootstrap_ci, wilson
 from interp.errors import UserError
-from interp.traces import load_traces
-
+from interp.traces import load_traces, trace_record
 
 # --------------------------------------------------------------------------- per-step signals
 
@@ -29,7 +30,7 @@ def test_entropy_and_jsd_match_scipy_with_differing_supports():
     stats = pytest.importorskip("scipy.stats")
     dist = pytest.importorskip("scipy.spatial.distance")
     rng = np.random.default_rng(0)
-    ids, lp, _ = _random_topk(rng, 12, 30, 5)
+    ids, lp, full = _random_topk(rng, 12, 30, 5)
     h = ins.topk_entropy(lp)
     d = ins.topk_jsd(ids, lp, "union_zero")
     d_res = ins.topk_jsd(ids, lp, "residual_bin")
@@ -49,11 +50,51 @@ def test_entropy_and_jsd_match_scipy_with_differing_supports():
         # union with zeros: renormalised top-k
         want = dist.jensenshannon(a / a.sum(), b / b.sum()) ** 2   # scipy returns the JS distance
         assert d[t].item() == pytest.approx(want, abs=1e-9)
-        # residual bin: raw mass plus one shared "other" outcome
+        # residual bin: raw mass of the tokens listed at both steps plus one lumped rest
+        shared = sorted(set(ids[t].tolist()) & set(ids[t - 1].tolist()))
+        a, b = np.exp(full[t, shared].numpy()), np.exp(full[t - 1, shared].numpy())
         want_res = dist.jensenshannon(np.r_[a, 1 - a.sum()], np.r_[b, 1 - b.sum()]) ** 2
         assert d_res[t].item() == pytest.approx(want_res, abs=1e-9)
+        assert d_res[t].item() <= ins.full_jsd(full[t], full[t - 1]).item() + 1e-12
     assert differing >= 8          # the supports really differ
     assert (d <= math.log(2) + 1e-12).all() and (h <= math.log(5) + 1e-12).all()
+
+
+def _inconsistent_residual_jsd(ids, lp):
+    """The former `residual_bin`: each step's own top-k plus its own tail as "other" (inconsistent partitions)."""
+    p, q = {int(i): math.exp(v) for i, v in zip(ids[1], lp[1])}, {int(i): math.exp(v) for i, v in zip(ids[0], lp[0])}
+    union = sorted(set(p) | set(q))
+    a = np.array([p.get(v, 0.0) for v in union] + [1 - sum(p.values())])
+    b = np.array([q.get(v, 0.0) for v in union] + [1 - sum(q.values())])
+    m = (a + b) / 2
+    return 0.5 * sum(x * math.log(x / y) for x, y in zip(a, m) if x > 0) + \
+        0.5 * sum(x * math.log(x / y) for x, y in zip(b, m) if x > 0)
+
+
+def test_residual_bin_is_a_lower_bound_of_the_full_jsd():
+    # vocabulary {A, B, C}, k = 2: step 1 lists C .8, B .2 (A is 0); step 2 lists C .5, A .4 (B .1 in its tail)
+    full = torch.tensor([[0.0, 0.2, 0.8], [0.4, 0.1, 0.5]], dtype=torch.float64).log()
+    lp, ids = torch.topk(full, 2, -1)
+    true = ins.full_jsd(full[1], full[0]).item()
+    old = _inconsistent_residual_jsd(ids, lp)
+    new = ins.topk_jsd(ids, lp, "residual_bin")[1].item()
+    assert true == pytest.approx(0.1646, abs=1e-4)
+    assert old == pytest.approx(0.2601, abs=1e-4) and old > true      # the old partition over-states the shift
+    # only C is listed at both steps: (C .8, rest .2) vs (C .5, rest .5)
+    m = np.array([0.65, 0.35])
+    want = 0.5 * (0.8 * math.log(0.8 / m[0]) + 0.2 * math.log(0.2 / m[1])) + \
+        0.5 * (0.5 * math.log(0.5 / m[0]) + 0.5 * math.log(0.5 / m[1]))
+    assert new == pytest.approx(want, abs=1e-12) and new <= true
+    # on many random full distributions the new value never exceeds the true JSD; the old one often does
+    rng = np.random.default_rng(7)
+    over = 0
+    for _ in range(200):
+        f = torch.log_softmax(torch.tensor(rng.normal(size=(2, 12)) * 1.5), -1)
+        lp, ids = torch.topk(f, 3, -1)
+        true = ins.full_jsd(f[1], f[0]).item()
+        assert ins.topk_jsd(ids, lp, "residual_bin")[1].item() <= true + 1e-12
+        over += _inconsistent_residual_jsd(ids, lp) > true + 1e-9
+    assert over > 20
 
 
 def test_full_vocab_jsd_and_entropy_match_scipy():
@@ -114,19 +155,36 @@ def test_auc_matches_pairwise_count_and_scipy():
     assert math.isnan(ins.roc_auc([1.0, 2.0], [True, True]))
 
 
-def test_bootstrap_matches_naive_resampling():
+def test_auc_interval_without_clusters_is_the_label_stratified_bootstrap():
     rng = np.random.default_rng(3)
     s, y = rng.normal(size=40), rng.random(40) < 0.5
     s[y] += 0.8
-    lo, hi = ins.bootstrap_auc_ci(s, y, n_boot=400, seed=5)
-    # the same resamples, AUC recomputed by plain pairwise counting
-    g = np.random.default_rng(5)
-    pos, neg = s[y], np.sort(s[~y])
-    ip, ineg = g.integers(0, len(pos), (400, len(pos))), g.integers(0, len(neg), (400, len(neg)))
-    aucs = [ins.roc_auc(np.r_[pos[a], neg[b]], np.r_[np.ones(len(a), bool), np.zeros(len(b), bool)])
-            for a, b in zip(ip, ineg)]
-    assert (lo, hi) == pytest.approx((np.quantile(aucs, 0.025), np.quantile(aucs, 0.975)))
+    lo, hi = ins.auc_interval(s, y, n_boot=400, seed=5)
+    want = bootstrap_ci(lambda i: ins.roc_auc(s[i], y[i]), 40, n_boot=400, seed=5,
+                        strata=["positive" if v else "negative" for v in y])
+    assert (lo, hi) == pytest.approx(want)
     assert lo < ins.roc_auc(s, y) < hi
+    assert all(math.isnan(v) for v in ins.auc_interval(s, np.ones(40, bool)))
+
+
+def test_auc_interval_resamples_questions():
+    """Ten identical samples per question carry the information of one: the clustered interval is about
+    sqrt(10) wider than the one that counts every sample as independent (the former, unclustered interval)."""
+    rng = np.random.default_rng(4)
+    s, y = rng.normal(size=60), rng.random(60) < 0.5
+    s[y] += 0.5
+    rep_s, rep_y, questions = np.repeat(s, 10), np.repeat(y, 10), np.repeat(np.arange(60), 10)
+    naive = ins.auc_interval(rep_s, rep_y, n_boot=1000, seed=1)
+    clustered = ins.auc_interval(rep_s, rep_y, questions, n_boot=1000, seed=1)
+    one_each = ins.auc_interval(s, y, n_boot=1000, seed=1)
+    width = [hi - lo for lo, hi in (naive, clustered, one_each)]
+    assert 2.5 < width[1] / width[0] < 4.0                            # sqrt(10) = 3.16
+    assert width[1] == pytest.approx(width[2], rel=0.15)              # as wide as one sample per question
+    # questions whose samples disagree are resampled as a "mixed" kind: every resample keeps both labels
+    mixed_y = np.array([True, False] * 30)
+    assert ins.label_strata(np.repeat(np.arange(30), 2), mixed_y) == ["mixed"] * 60
+    lo, hi = ins.auc_interval(s, mixed_y, np.repeat(np.arange(30), 2), n_boot=200)
+    assert 0 <= lo <= hi <= 1
 
 
 def test_buckets_and_early_late():
@@ -135,6 +193,7 @@ def test_buckets_and_early_late():
     rows = ins.accuracy_buckets(s, c, 5)
     assert [r["n"] for r in rows] == [2] * 5
     assert [r["accuracy"] for r in rows] == [1.0, 1.0, 0.5, 0.0, 0.0]
+    assert [r["accuracy_ci"] for r in rows] == [list(wilson(k, 2)) for k in (2, 2, 1, 0, 0)]
     assert rows[0]["low"] == 0 and rows[-1]["high"] == 9
     tied = ins.accuracy_buckets([1.0] * 6 + [2.0] * 2, [True] * 8, 4)
     assert sum(r["n"] for r in tied) == 8 and len(tied) == 2
@@ -144,9 +203,13 @@ def test_buckets_and_early_late():
     c = np.array([1, 1, 0, 1, 1, 0, 0, 1], bool)
     summary, strata = ins.early_late(s, r, c, 2)
     # stratum 1: early 2/2 right, late 1/2; stratum 2: early 1/1, late 0/2 (r=0.4 is neither)
-    assert summary == {"early_accuracy": pytest.approx((4 * 1.0 + 3 * 1.0) / 7),
-                       "late_accuracy": pytest.approx((4 * 0.5 + 3 * 0.0) / 7), "n_early": 3, "n_late": 4}
+    early, late = (4 * 1.0 + 3 * 1.0) / 7, (4 * 0.5 + 3 * 0.0) / 7
+    assert summary == {"early_accuracy": pytest.approx(early), "late_accuracy": pytest.approx(late),
+                       "n_early": 3, "n_late": 4, "early_accuracy_ci": pytest.approx(list(wilson(early * 3, 3))),
+                       "late_accuracy_ci": pytest.approx(list(wilson(late * 4, 4)))}
     assert [x["n_early"] for x in strata] == [2, 1]
+    assert [x["late_accuracy_ci"] for x in strata] == [list(wilson(1, 2)), list(wilson(0, 2))]
+    assert summary["early_accuracy_ci"] == [pytest.approx(0.4385, abs=1e-3), 1.0]     # 3 of 3 right
 
 
 def _planted_traces(n=60, steps=40, seed=0, spike=True, early_right=False):
@@ -176,12 +239,12 @@ def test_planted_late_spikes_predict_wrong_answers():
     wrong = [not t.correct for t in traces]
     s = [p.strength for p in peaks]
     assert ins.roc_auc(s, wrong) > 0.95
-    lo, hi = ins.bootstrap_auc_ci(s, wrong, n_boot=500)
+    lo, hi = ins.auc_interval(s, wrong, n_boot=500)
     assert lo > 0.85
     assert all(p.late for p, t in zip(peaks, traces) if not t.correct)
     shuffled = np.random.default_rng(0).permutation(wrong)
     auc = ins.roc_auc(s, shuffled)
-    lo, hi = ins.bootstrap_auc_ci(s, shuffled, n_boot=500)
+    lo, hi = ins.auc_interval(s, shuffled, n_boot=500)
     assert abs(auc - 0.5) < 0.2 and lo < 0.5 < hi
 
 
@@ -216,6 +279,9 @@ def test_reader_content_and_response_forms(tmp_path):
     assert a.topk_logprobs[0].tolist() == [-0.1, -2.5, -math.inf]      # padded to the widest step
     # tokens are matched across steps by text: " answer" is the same id wherever it appears
     assert a.topk_ids[0, 0] != a.topk_ids[1, 0]
+    # a trace is its own question unless it names one
+    path = _write(tmp_path, [GOOD, {**GOOD, "id": "b", "question": 3}], "q.jsonl")
+    assert [(t.question, t.cluster) for t in load_traces(path)] == [(None, "a"), ("3", "3")]
 
 
 MALFORMED = [
@@ -227,13 +293,15 @@ MALFORMED = [
     ({"id": "x", "correct": True}, "line 1: missing field 'content' (or 'response')"),
     ({"id": "x", "correct": True, "content": []}, "'content' must be a non-empty list"),
     ({"id": "x", "correct": True, "response": {"choices": []}}, "'response' has no choices[0].logprobs.content"),
-    ({"id": "x", "correct": True, "content": [{"token": "a", "logprob": -1.0}]}, "step 1: missing field 'top_logprobs'"),
+    ({"id": "x", "correct": True, "content": [{"token": "a", "logprob": -1.0}]},
+     "step 1: missing field 'top_logprobs'"),
     ({"id": "x", "correct": True, "content": [GOOD["content"][0], {"token": "a", "logprob": -1.0, "top_logprobs": []}]},
      "line 1, step 2: empty 'top_logprobs'"),
     ({"id": "x", "correct": True, "content": [{"token": "a", "logprob": -1, "top_logprobs": [{"token": "a"}]}]},
      "needs a text 'token' and a 'logprob' <= 0"),
     ('{"id": "x", "correct": true, "content": [{"token": "a", "logprob": -1, "top_logprobs": '
      '[{"token": "a", "logprob": -Infinity}]}]}', "every top_logprobs entry has probability 0"),
+    ({**GOOD, "question": [1]}, "'question' must be a string or an integer"),
 ]
 
 
@@ -295,12 +363,12 @@ KEYS = {"auc", "auc_ci", "baselines", "buckets", "early_late", "traces"}
 
 def _jsonl_of(traces, path, names=lambda i: f"tok{i}"):
     """Planted traces written as OpenAI logprobs JSONL."""
-    from interp.traces import trace_record
-
     with open(path, "w", encoding="utf-8") as f:
         for t in traces:
-            alts = [[(names(int(i)), float(v)) for i, v in zip(ids, lps)] for ids, lps in zip(t.topk_ids, t.topk_logprobs)]
-            f.write(json.dumps(trace_record(t.id, t.correct, t.tokens, alts, [a[0][1] for a in alts])) + "\n")
+            alts = [[(names(int(i)), float(v)) for i, v in zip(ids, lps)]
+                    for ids, lps in zip(t.topk_ids, t.topk_logprobs)]
+            record = trace_record(t.id, t.correct, t.tokens, alts, [a[0][1] for a in alts], t.question)
+            f.write(json.dumps(record) + "\n")
     return path
 
 
@@ -315,9 +383,14 @@ def test_cli_on_planted_traces_finds_late_spikes(tmp_path, capsys):
     assert KEYS <= set(res) and res["model"] is None
     assert res["auc"] > 0.95 and res["auc_ci"][0] > 0.85 and len(res["auc_ci"]) == 2
     assert set(res["baselines"]) == {"mean_entropy", "final_entropy", "length"}
-    assert set(res["early_late"]) == {"early_accuracy", "late_accuracy", "n_early", "n_late"}
-    assert all(set(r) == {"low", "high", "accuracy", "n"} for r in res["buckets"])
-    assert all(set(r) == {"id", "correct", "peak", "peak_position", "length"} for r in res["traces"])
+    # the keys earlier issues named stay; the Wilson intervals and the question stand beside them
+    assert set(res["early_late"]) == {"early_accuracy", "late_accuracy", "n_early", "n_late", "early_accuracy_ci",
+                                      "late_accuracy_ci"}
+    assert all(set(r) == {"low", "high", "accuracy", "accuracy_ci", "n"} for r in res["buckets"])
+    assert all(set(r) == {"id", "correct", "peak", "peak_position", "length", "question"} for r in res["traces"])
+    assert res["accuracy"] == 0.5 and res["accuracy_ci"] == pytest.approx(list(wilson(20, 40)))
+    assert all(r["accuracy_ci"][0] <= r["accuracy"] <= r["accuracy_ci"][1] for r in res["buckets"])
+    assert res["n_questions"] == 40 and res["warnings"] == []
     assert all(r["peak_position"] > 0.5 for r in res["traces"] if not r["correct"])
     assert res["shift_saturation"] < 0.1             # the same token dominates every step: D ≈ 0 off the spikes
     # the prefix before the spikes carries no signal, the whole trace does
@@ -360,6 +433,7 @@ def organism():
 
 def test_local_model_path_matches_jsonl_and_batch_size(organism, tmp_path):
     from interp.analyses import instability as an
+
     from interp.analysis import config_for
 
     kw = dict(limit=8, max_new_tokens=40, n_boot=200, progress=False)
@@ -392,10 +466,12 @@ def test_local_model_path_matches_jsonl_and_batch_size(organism, tmp_path):
     assert "Failure prediction" in html and "Reconstructed choices" in html
 
 
+@pytest.mark.slow
 def test_user_task_file_and_offline_hub(organism, tmp_path, monkeypatch):
     from interp.analyses import instability as an
-    from interp.organisms import corpus
+
     from interp.datasets import load_skill
+    from interp.organisms import corpus
 
     items = load_skill("arithmetic", 3)
     path = _write(tmp_path, [{"prompt": it.prompt, "answer": int(it.answer)} for it in items] +
@@ -417,6 +493,25 @@ def test_user_task_file_and_offline_hub(organism, tmp_path, monkeypatch):
     assert "gsm8k" in str(e.value) and "\n" not in str(e.value)
 
 
+def test_samples_per_question_share_a_question_and_round_trip(organism, tmp_path):
+    from interp.analyses import instability as an
+
+    from interp.analysis import config_for
+
+    kw = dict(limit=3, max_new_tokens=24, n_boot=100, progress=False, temperature=1.0, samples_per_question=3,
+              windows=(8,))
+    res = an.run(organism, config_for("instability", organism, batch_size=4, **kw))
+    want = [(f"{q}-{j}", f"{q}") for q in range(3) for j in range(3)]
+    assert [(r["id"], r["question"]) for r in res.trace_rows] == want
+    assert len({"".join(res.tokens[r["id"]]) for r in res.trace_rows}) > 3           # the samples differ
+    one = an.run(organism, config_for("instability", organism, batch_size=1, **kw))
+    assert [r["peak"] for r in one.trace_rows] == pytest.approx([r["peak"] for r in res.trace_rows], abs=1e-5)
+    res.write_extras(tmp_path)
+    ext = an.run(None, an.Config(traces=str(tmp_path / "traces.jsonl"), n_boot=100, progress=False, windows=(8,)))
+    assert [r["question"] for r in ext.trace_rows] == [r["question"] for r in res.trace_rows]
+    assert ext.auc_ci == res.auc_ci or (math.isnan(ext.auc) and math.isnan(res.auc))
+
+
 def test_planted_early_corrective_late_destructive_at_equal_strength():
     from interp.analyses import instability as an
 
@@ -427,3 +522,30 @@ def test_planted_early_corrective_late_destructive_at_equal_strength():
     assert (el["early_accuracy"], el["late_accuracy"]) == (1.0, 0.0) and el["n_early"] + el["n_late"] == 60
     warn = {w["window"]: w["auc"] for w in res["early_warning"]}
     assert warn[10] < 0.1                                    # the early window sees only the right traces' spikes
+
+
+def test_warnings_in_results_and_at_the_top_of_the_report(tmp_path):
+    from interp.analyses import instability as an
+
+    traces = _planted_traces(n=40, steps=30)
+    for i, t in enumerate(traces):                 # 4 of 40 right, and pairs of traces answer one question
+        t.correct, t.question = i < 4, str(i // 2)
+    path = _jsonl_of(traces, tmp_path / "few.jsonl")
+    res = an.run(None, an.Config(traces=str(path), top_k=10, n_boot=200, windows=(10,), progress=False))
+    assert res.to_dict()["n_questions"] == 20 and {r["question"] for r in res.trace_rows} == {str(i) for i in range(20)}
+    assert any("only 4 of 40 traces are right" in w for w in res.warnings)
+    assert any("40 traces answer 20 questions" in w for w in res.warnings)
+    assert any("list at most 10 tokens per step, so k = 20" in w for w in
+               an.run(None, an.Config(traces=str(path), n_boot=200, windows=(10,), progress=False)).warnings)
+    html = an.build_report(res).render()
+    assert html.index("only 4 of 40 traces are right") < html.index("Chen et al. (2026)")   # above the first text
+
+
+def test_samples_per_question_options():
+    from interp.analyses import instability as an
+
+    for kw, message in [(dict(samples_per_question=0), "at least 1"),
+                        (dict(samples_per_question=2), "needs --temperature > 0"),
+                        (dict(samples_per_question=2, temperature=1.0, traces="t.jsonl"), "'question' field")]:
+        with pytest.raises(UserError, match=message):
+            an.Config(**kw).validate()
