@@ -8,32 +8,36 @@
    energy rule.
 2. The Laundry List task (`interp.laundry`): accuracy among the list items, full-vocabulary top-1
    and the logit difference to the strongest distractor, by list length and answer position.
-3. On a selection split of Laundry List prompts: the mover head (END attends to the answer item
-   rather than the repeated ones), the components writing into it (top composition scores), each
-   screened by ablating it (its effect on the mover's attention; Fig. 2's "inhibition score"); the
-   strongest form the edit set. On a held-out split: scale them by α (hook on hook_z; the W_O
-   weight edit gives the same logits, `edit_agreement`) against as many random components of the
-   same heads (several draws, mean ± sd), plus the in-sample numbers.
-4. Activation view: residual streams at the list tokens, read where the mover reads, projected on
-   the channel directions, and their PCA coloured by list position (the paper's positional index).
+3. On the selection half of the Laundry List prompts (its own templates and items): the mover head (END
+   attends to the answer item rather than the repeated ones), the components writing into it (top
+   composition scores), each screened by ablating it (its effect on the mover's attention; Fig. 2's
+   "inhibition score"); the strongest form the edit set. On the held-out half (other templates, other
+   items): scale them by α (hook on hook_z; the W_O weight edit gives the same logits, `edit_agreement`)
+   against random components of the same heads and σ bins (`interp.controls.matched_draws`, several
+   draws, mean ± sd), plus the in-sample numbers.
+4. Activation view: the residual stream at END, read where the mover reads, projected on the channel
+   directions, and their PCA coloured by the answer's list position (the paper's positional index).
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import torch
+from jaxtyping import Float, Int
+from torch import Tensor
 
 from interp import composition as comp
 from interp import laundry as ll
-from interp.analysis import CommonConfig, require, run_header
+from interp.analysis import CommonConfig, require, run_header, warn
 from interp.capture import capture
 from interp.channels import scale_components
+from interp.controls import ControlUnavailable, Draws, control_row, matched_draws, mean_sd, quantile_bins
 from interp.figures import band
 from interp.report import analysis_report
 
@@ -53,13 +57,18 @@ class Config(CommonConfig):
     baseline_draws: int = 20  # Gaussian random heads drawn for the baseline
     n_items: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8, 9, 10)  # Laundry List lengths N (2-10)
     templates: tuple[TEMPLATES, ...] = ("laundry", "bag", "market", "park")  # Laundry List surface templates (objects, objects, food, names)
-    prompts_per_cell: int = 200  # prompts per (N, answer position) cell in each split (method note: >= 200; --limit caps it)
+    prompts_per_cell: int = 200  # prompts per (N, answer position) cell in each half (method note: >= 200; --limit caps it)
+    # share of the templates (and of the items of a vocabulary both halves use) that selects the mover and the edit
+    # set; the held-out half measures on the other templates and items
+    selection_fraction: float = 0.5
     alpha: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0)  # factors the edited components are scaled by
     edit_components: int = 2  # components in the edit set (the paper's channels are 1-2 components per head)
     candidates: int = 8  # top components into the mover screened on the selection split
-    random_draws: int = 5  # random control draws (same heads, as many components, disjoint from the edit set)
+    random_draws: int = 5  # random-control draws: components of the same heads and σ bins, disjoint from the edit set
+    sigma_bins: int = 4  # σ quantile bins (within a head) the random components are matched on
     edit_method: Literal["hook", "weight"] = "hook"  # the sweep's edit: hook_z hook or W_O weight edit (same logits)
     view_prompts: int = 200  # held-out prompts in the activation view
+    view_tokens: Literal["end", "items"] = "end"  # activation view at END (the paper's claim) or at the list's item tokens
 
     def validate(self, model=None) -> None:
         super().validate(model)
@@ -69,13 +78,15 @@ class Config(CommonConfig):
         require(len(self.alpha) > 0 and all(a >= 0 for a in self.alpha), "alpha needs values >= 0")
         require(0 < self.energy <= 1, f"energy must be in (0, 1]; got {self.energy}")
         require(self.min_baseline_ratio >= 0, f"min-baseline-ratio must be >= 0; got {self.min_baseline_ratio}")
-        for name in ("baseline_draws", "prompts_per_cell", "edit_components", "candidates", "random_draws", "view_prompts"):
+        require(0 < self.selection_fraction < 1, f"selection-fraction must be in (0, 1); got {self.selection_fraction}")
+        for name in ("baseline_draws", "prompts_per_cell", "edit_components", "candidates", "sigma_bins", "view_prompts"):
             require(getattr(self, name) >= 1, f"{name.replace('_', '-')} must be at least 1; got {getattr(self, name)}")
         require(self.candidates >= self.edit_components, "candidates must be at least edit-components")
         if model is not None:
             require(model.cfg.n_layers >= 2, "talking_heads needs a model with at least 2 layers")
             require(self.edit_components < model.cfg.d_head,
                     f"edit-components must be below d_head ({model.cfg.d_head}) to leave random components")
+            require(self.sigma_bins <= model.cfg.d_head, f"sigma-bins must be at most d_head ({model.cfg.d_head})")
 
 
 @dataclass
@@ -95,12 +106,15 @@ class Result:
     view_points: pd.DataFrame
     reader_components: pd.DataFrame  # every component's score into the mover (report bars)
     grids: dict  # mode -> (whole-head grid, best-component grid), writer × reader
+    split: dict  # the templates and items of each half
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return {**self.header, "channels": self.channels, "whole_head": self.whole_head,
+        return {**self.header, "warnings": self.warnings, "channels": self.channels, "whole_head": self.whole_head,
                 "laundry_list": self.laundry_list, "edits": self.edits, "edit_agreement": self.edit_agreement,
                 "baseline": self.baseline, "mover": self.mover, "candidates": self.candidates,
-                "first_token_scoring": self.first_token_scoring, "activation_view": self.activation_view}
+                "first_token_scoring": self.first_token_scoring, "activation_view": self.activation_view,
+                "split": self.split}
 
     def tables(self) -> dict[str, pd.DataFrame]:
         return {"channels": pd.DataFrame(self.channels), "whole_head": pd.DataFrame(self.whole_head),
@@ -109,11 +123,6 @@ class Result:
 
 
 # ---------------------------------------------------------------- pieces
-
-def _mean_sd(values: list[float]) -> tuple[float, float]:
-    a = np.asarray(values, dtype=float)
-    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
-
 
 def spearman(x: list[float], y: list[float]) -> float:
     """Rank correlation (ties broken by order; fine for continuous scores)."""
@@ -154,34 +163,66 @@ def directions(V: torch.Tensor, components: list[tuple[int, int, int]]) -> dict[
     return {lh: V[lh[0], lh[1]][:, idx] for lh, idx in by_head.items()}
 
 
-def random_components(chosen: list[tuple[int, int, int]], rank: int, rng: random.Random) -> list[tuple[int, int, int]]:
-    """As many random components of the same heads as `chosen`, none of them chosen."""
-    out = []
-    for (layer, head) in dict.fromkeys((lw, hw) for lw, hw, _ in chosen):
-        taken = {i for lw, hw, i in chosen if (lw, hw) == (layer, head)}
-        free = [i for i in range(rank) if i not in taken]
-        out += [(layer, head, i) for i in rng.sample(free, len(taken))]
+Component = tuple[int, int, int]  # (writer layer, writer head, component index)
+
+
+def sigma_strata(S: Float[Tensor, "layer head rank"], heads: list[tuple[int, int]], n_bins: int) -> dict[Component, str]:
+    """Every component of `heads` → "layer.head:q<bin>", its σ quantile bin among its head's components."""
+    out = {}
+    for layer, head in heads:
+        bins = quantile_bins(S[layer, head].tolist(), n_bins)
+        out.update({(layer, head, i): f"{layer}.{head}:{b}" for i, b in enumerate(bins)})
     return out
 
 
-def position_eta2(x: torch.Tensor, labels: torch.Tensor) -> float:
-    """Share of the variance of `x` ([n, k]) explained by the group means of `labels`."""
+def random_control(chosen: list[Component], S: Float[Tensor, "layer head rank"], n_bins: int, draws: int,
+                   seed: int) -> Draws:
+    """Random components of the edit set's heads, as many per σ bin as the edit set, none of them chosen
+    (scaling a component by α moves a head's output by |α − 1| σ: the effect follows σ)."""
+    strata = sigma_strata(S, list(dict.fromkeys((lw, hw) for lw, hw, _ in chosen)), n_bins)
+    return matched_draws(chosen, list(strata), stratum=strata, draws=draws, seed=seed, matched_on="sigma",
+                         key="talking_heads")
+
+
+def position_eta2(x: Float[Tensor, "n k"], labels: Int[Tensor, " n"], within: Int[Tensor, " n"] | None = None) -> float:
+    """Share of the variance of `x` explained by the group means of `labels`; with `within` (e.g. N), of the
+    variance left within each `within` group (partial η²: `labels` should nest in `within`)."""
     x = x - x.mean(0)
+    if within is not None:
+        x = x - _group_means(x, within)
     total = float((x ** 2).sum())
-    between = sum(float((labels == g).sum()) * float((x[labels == g].mean(0) ** 2).sum()) for g in labels.unique())
-    return between / total if total > 0 else float("nan")
+    return float((_group_means(x, labels) ** 2).sum()) / total if total > 0 else float("nan")
 
 
-def activation_view(model, enc: ll.Encoded, prompts: list[ll.LaundryPrompt], layer: int, basis_dirs: torch.Tensor,
-                    config: Config) -> tuple[dict, pd.DataFrame]:
-    """Residual streams at the first-list item tokens (blocks.<layer>.hook_resid_pre) projected on the
-    orthonormalised channel directions, their PCA, and how much of them list position explains."""
+def _group_means(x: Float[Tensor, "n k"], labels: Int[Tensor, " n"]) -> Float[Tensor, "n k"]:
+    """Each row replaced by the mean of its group."""
+    _, inverse = labels.unique(return_inverse=True)
+    sums = torch.zeros(int(inverse.max()) + 1, x.shape[1], dtype=x.dtype).index_add_(0, inverse, x)
+    counts = torch.bincount(inverse).to(x.dtype)[:, None]
+    return (sums / counts)[inverse]
+
+
+def view_activations(model, enc: ll.Encoded, prompts: list[ll.LaundryPrompt], hook: str, config: Config
+                     ) -> tuple[Float[Tensor, "n d_model"], Int[Tensor, " n"], Int[Tensor, " n"]]:
+    """Residual vectors at `hook` with their list position and N: one per prompt at END (labelled by the
+    answer's position) for `view_tokens` "end", one per first-list item token (its own position) for "items"."""
+    end = config.view_tokens == "end"
+    acts = capture(model, enc.ids, [hook], positions="last" if end else enc.item_positions,
+                   batch_size=config.batch_size, progress=config.progress)[hook]
+    if end:
+        return (acts, torch.tensor([p.position for p in prompts]), torch.tensor([p.n_items for p in prompts]))
+    return (torch.cat(acts), torch.cat([torch.arange(p.n_items) for p in prompts]),
+            torch.cat([torch.full((p.n_items,), p.n_items) for p in prompts]))
+
+
+def activation_view(model, enc: ll.Encoded, prompts: list[ll.LaundryPrompt], layer: int,
+                    basis_dirs: Float[Tensor, "d_model k"], config: Config) -> tuple[dict, pd.DataFrame]:
+    """The residual stream at the mover's input (blocks.<layer>.hook_resid_pre), at END by default, projected on
+    the orthonormalised channel directions; their PCA and how much of them list position explains within each N,
+    beside random subspaces of the same size (`random_draws`, mean ± sd) and the whole residual."""
     hook = f"blocks.{layer}.hook_resid_pre"
-    acts = capture(model, enc.ids, [hook], positions=enc.item_positions, batch_size=config.batch_size,
-                   progress=config.progress)[hook]
-    X = torch.cat(acts)
-    pos = torch.cat([torch.arange(p.n_items) for p in prompts])
-    n_items = torch.cat([torch.full((p.n_items,), p.n_items) for p in prompts])
+    X, pos, n_items = view_activations(model, enc, prompts, hook, config)
+    cells = n_items * 100 + pos  # (N, position): positions nest in N
     B, _ = torch.linalg.qr(basis_dirs)
     proj = X @ B
     centred = proj - proj.mean(0)
@@ -189,11 +230,13 @@ def activation_view(model, enc: ll.Encoded, prompts: list[ll.LaundryPrompt], lay
     k = min(3, vh.shape[0])
     pcs = centred @ vh[:k].T
     g = torch.Generator().manual_seed(config.seed)
-    rand_B, _ = torch.linalg.qr(torch.randn(X.shape[1], B.shape[1], generator=g))
-    view = {"hook": hook, "dimensions": B.shape[1],
+    rand, rand_sd = mean_sd([position_eta2(X @ torch.linalg.qr(torch.randn(X.shape[1], B.shape[1], generator=g))[0],
+                                           cells, n_items) for _ in range(config.random_draws)])
+    view = {"hook": hook, "tokens": config.view_tokens, "dimensions": B.shape[1],
             "explained_variance": [float(v) for v in (s[:k] ** 2 / (s ** 2).sum())],
-            "position_eta2": position_eta2(proj, pos), "position_eta2_random_subspace": position_eta2(X @ rand_B, pos),
-            "position_eta2_full_residual": position_eta2(X, pos), "n_tokens": int(X.shape[0])}
+            "position_eta2": position_eta2(proj, cells, n_items), "position_eta2_random_subspace": rand,
+            "position_eta2_random_subspace_sd": rand_sd,
+            "position_eta2_full_residual": position_eta2(X, cells, n_items), "n_tokens": int(X.shape[0])}
     points = pd.DataFrame({"n_items": n_items.numpy(), "position": pos.numpy(),
                            **{f"pc{i + 1}": pcs[:, i].numpy() for i in range(k)}})
     return view, points
@@ -205,7 +248,7 @@ def run(model, config: Config) -> Result:
     config.validate(model)
     cfg, tok = model.cfg, model.tokenizer
     torch.manual_seed(config.seed)
-    rng = random.Random(config.seed)
+    warnings: list[str] = []
 
     # 1. weights
     w = comp.head_weights(model, fold_norms=config.fold_norms)
@@ -220,13 +263,19 @@ def run(model, config: Config) -> Result:
     whole = [r for s in scans.values() for r in comp.whole_head_rows(s, config.energy)]
     grids = {m: (_pair_grid(s.whole_head()), _pair_grid(s.scores.amax(2))) for m, s in scans.items()}
 
-    # 2. Laundry List, two disjoint splits
+    # 2. Laundry List: selection and held-out halves with disjoint templates and items
     template_ids = sorted({ll.TEMPLATE_NAMES.index(t) for t in config.templates})
     pools, _ = ll.item_pools(tok, template_ids)
+    sel_pools, held_pools = ll.split_pools(pools, config.selection_fraction, config.seed)
+    if len(template_ids) == 1:
+        warn(warnings, "one template: the held-out half has other items but the same template as the selection half")
     per_cell = config.prompts_per_cell if config.limit is None else min(config.prompts_per_cell, config.limit)
-    sel = ll.make_prompts(pools, config.n_items, per_cell, config.seed)
-    held = ll.make_prompts(pools, config.n_items, per_cell, config.seed + 1, exclude=frozenset(p.text for p in sel))
+    sel = ll.make_prompts(sel_pools, config.n_items, per_cell, config.seed)
+    held = ll.make_prompts(held_pools, config.n_items, per_cell, config.seed)
     enc_sel, enc_held = ll.encode(tok, sel), ll.encode(tok, held)
+    if enc_held.multi_token or enc_sel.multi_token:
+        warn(warnings, "some list items are several tokens for this tokenizer: every item is scored by its first "
+                       "token (items sharing a first token were dropped from the pools)")
     evaluate = lambda ps, enc, desc: ll.evaluate(model, ps, enc, batch_size=config.batch_size,
                                                  progress=config.progress, desc=desc)
     base_held, base_sel = evaluate(held, enc_held, "laundry list (held-out)"), evaluate(sel, enc_sel, "laundry list (selection)")
@@ -252,36 +301,37 @@ def run(model, config: Config) -> Result:
     mover.update({"mode": edit_mode, "edit_set": [list(c) for c in chosen],
                   "score_effect_spearman": spearman([c["score"] for c in cands], [c["ablation_effect"] for c in cands])})
 
-    # 4. α sweep: the edit set against random components of the same heads
+    # 4. α sweep: the edit set against random components of the same heads and σ bins
     chosen_dirs = directions(V, chosen)
-    draws = [random_components(chosen, S.shape[-1], rng) for _ in range(config.random_draws)]
+    try:
+        draws = random_control(chosen, S, config.sigma_bins, config.random_draws, config.seed)
+    except ControlUnavailable as e:
+        draws = None
+        warn(warnings, f"no σ-matched random control: {e}; lower --sigma-bins or --edit-components")
+
+    def scaled(components: list[Component], alpha: float, ps, enc, base, desc: str) -> dict[str, Tensor]:
+        if alpha == 1.0:
+            return base
+        with scale_components(model, directions(V, components), alpha, config.edit_method, W_O=w.W_O):
+            return evaluate(ps, enc, desc)
+
     edits = []
     for alpha in config.alpha:
-        for split, ps, enc, base in (("held_out", held, enc_held, base_held), ("selection", sel, enc_sel, base_sel)):
-            if alpha == 1.0:
-                sc = base
-            else:
-                with scale_components(model, chosen_dirs, alpha, config.edit_method, W_O=w.W_O):
-                    sc = evaluate(ps, enc, f"edit α={alpha:g} ({split})")
-            edits.append({"alpha": alpha, "components": len(chosen), "accuracy": float(sc["correct"].mean()),
-                          "logit_diff": float(sc["logit_diff"].mean()), "top1_accuracy": float(sc["top1"].mean()),
-                          "selection": "channel", "split": split})
-        acc, diff = [], []
-        for draw in draws:
-            if alpha == 1.0:
-                sc = base_held
-            else:
-                with scale_components(model, directions(V, draw), alpha, config.edit_method, W_O=w.W_O):
-                    sc = evaluate(held, enc_held, f"random α={alpha:g}")
-            acc.append(float(sc["correct"].mean()))
-            diff.append(float(sc["logit_diff"].mean()))
-        (a, a_sd), (d, d_sd) = _mean_sd(acc), _mean_sd(diff)
-        edits.append({"alpha": alpha, "components": len(chosen), "accuracy": a, "accuracy_sd": a_sd, "logit_diff": d,
-                      "logit_diff_sd": d_sd, "selection": "random", "split": "held_out", "n_draws": len(draws)})
+        for half, ps, enc, base in (("held_out", held, enc_held, base_held), ("selection", sel, enc_sel, base_sel)):
+            sc = scaled(chosen, alpha, ps, enc, base, f"edit α={alpha:g} ({half})")
+            edits.append({"alpha": alpha, "components": len(chosen), **ll.rates(sc),
+                          "logit_diff": float(sc["logit_diff"].mean()), "selection": "channel", "split": half})
+        if draws is not None:
+            runs = [scaled(draw, alpha, held, enc_held, base_held, f"random α={alpha:g}") for draw in draws]
+            values = {"accuracy": [float(sc["correct"].mean()) for sc in runs],
+                      "top1_accuracy": [float(sc["top1"].mean()) for sc in runs],
+                      "logit_diff": [float(sc["logit_diff"].mean()) for sc in runs]}
+            edits.append({"alpha": alpha, "components": len(chosen), **control_row(values, draws),
+                          "selection": "random", "split": "held_out"})
 
     agreement = edit_agreement(model, chosen_dirs, enc_held.ids[:16], [0.0, max(config.alpha)], config.batch_size, w.W_O)
 
-    # 5. activation view at the mover's input
+    # 5. activation view at the mover's input (held-out half)
     view_n = min(config.view_prompts, len(held))
     view_idx = sorted(random.Random(config.seed).sample(range(len(held)), view_n))
     view_prompts = [held[i] for i in view_idx]
@@ -296,10 +346,16 @@ def run(model, config: Config) -> Result:
                           "singular_value": float(S[lw, hw, i])}
                          for lw in range(ml) for hw in range(cfg.n_heads) for i in range(S.shape[-1])])
     mover["null_mean"], mover["null_sd"] = float(mu[ml, mh]), float(sd[ml, mh])
+    halves = {"selection_templates": [ll.TEMPLATE_NAMES[t] for t in sel_pools],
+              "held_out_templates": [ll.TEMPLATE_NAMES[t] for t in held_pools],
+              "selection_items": sorted({w for p in sel_pools.values() for w in p}),
+              "held_out_items": sorted({w for p in held_pools.values() for w in p}),
+              "selection_prompts": len(sel), "held_out_prompts": len(held)}
     return Result(header=run_header("talking_heads", model, config), config=config, baseline=baseline,
                   channels=channels, whole_head=whole, laundry_list=laundry_rows, mover=mover, candidates=cands,
                   edits=edits, edit_agreement=agreement, first_token_scoring=enc_held.multi_token or enc_sel.multi_token,
-                  activation_view=view, view_points=points, reader_components=bars, grids=grids)
+                  activation_view=view, view_points=points, reader_components=bars, grids=grids, split=halves,
+                  warnings=warnings)
 
 
 def _pair_grid(x: torch.Tensor) -> np.ndarray:
@@ -375,8 +431,10 @@ def pca_figure(points: pd.DataFrame, view: dict) -> go.Figure:
     for pos in sorted(sample["position"].unique()):
         part = sample[sample["position"] == pos]
         fig.add_trace(go.Scatter(x=part["pc1"], y=part["pc2"] if "pc2" in part else 0 * part["pc1"], mode="markers",
-                                 name=f"position {pos + 1}", marker=dict(size=4, opacity=0.6)))
-    fig.update_layout(title=f"List-item residuals ({view['hook']}) on the channel directions: PC1 vs PC2",
+                                 name=f"{'answer at ' if view['tokens'] == 'end' else ''}position {pos + 1}",
+                                 marker=dict(size=4, opacity=0.6)))
+    what = "END residuals" if view["tokens"] == "end" else "List-item residuals"
+    fig.update_layout(title=f"{what} ({view['hook']}) on the channel directions: PC1 vs PC2",
                       xaxis_title="PC1", yaxis_title="PC2")
     return fig
 
@@ -388,30 +446,30 @@ def sweep_figure(edits: list[dict], metric: str, label: str) -> go.Figure:
         fig.add_trace(go.Scatter(x=[r["alpha"] for r in part], y=[r[metric] for r in part], mode="lines+markers",
                                  name=f"edit set ({split.replace('_', '-')})", line=dict(color=colour)))
     rand = [r for r in edits if r["selection"] == "random"]
-    band(fig, [r["alpha"] for r in rand], [r[metric] for r in rand], [r[f"{metric}_sd"] for r in rand],
-         "random components (held-out, mean ± sd)", "#7f7f7f", markers=True)
+    if rand:
+        band(fig, [r["alpha"] for r in rand], [r[metric] for r in rand], [r[f"{metric}_sd"] for r in rand],
+             "random components, σ-matched (held-out, mean ± sd)", "#7f7f7f", markers=True)
     fig.update_layout(title=f"{label} vs α", xaxis_title="α (component scale)", yaxis_title=label)
     return fig
 
 
 def build_report(result: Result, tokenizer=None):
     cfg, m = result.config, result.mover
-    rep = analysis_report(result.header)
-    if result.first_token_scoring:
-        rep.add_notice("Some list items are several tokens for this tokenizer: every item is scored by its first "
-                       "token (items sharing a first token were dropped from the pools).", "warning")
+    rep = analysis_report(result.header, result.warnings)
     held = {r["alpha"]: r for r in result.edits if r["selection"] == "channel" and r["split"] == "held_out"}
     rand = {r["alpha"]: r for r in result.edits if r["selection"] == "random"}
     insample = {r["alpha"]: r for r in result.edits if r["selection"] == "channel" and r["split"] == "selection"}
     best = max(insample, key=lambda a: insample[a]["accuracy"])  # α chosen on the selection split
     per_n = {r["n_items"]: r for r in result.laundry_list if r["position"] is None}
+    ci = lambda r: f"[{r['accuracy_ci'][0]:.2f}, {r['accuracy_ci'][1]:.2f}]"
     headline = {"channels found": len(result.channels),
                 "Gaussian baseline (component mean / max)": f"{result.baseline['component_mean']:.3f} / {result.baseline['component_max']:.3f}",
                 "mover head": f"{m['layer']}.{m['head']}",
                 "edit set": ", ".join(f"{a}.{b}#{c}" for a, b, c in m["edit_set"]),
-                **{f"accuracy N={n}": f"{r['accuracy']:.2f} (chance {1 / n:.2f})" for n, r in list(per_n.items())[:4]},
-                f"held-out accuracy α=1 → α={best:g} (best in-sample)": f"{held[1.0]['accuracy'] if 1.0 in held else float('nan'):.3f} → {held[best]['accuracy']:.3f}",
-                f"random control at α={best:g}": f"{rand[best]['accuracy']:.3f} ± {rand[best]['accuracy_sd']:.3f}",
+                **{f"accuracy N={n}": f"{r['accuracy']:.2f} {ci(r)} (chance {1 / n:.2f})" for n, r in list(per_n.items())[:4]},
+                f"held-out accuracy α=1 → α={best:g} (best in-sample)": f"{held[1.0]['accuracy'] if 1.0 in held else float('nan'):.3f} → {held[best]['accuracy']:.3f} {ci(held[best])}",
+                f"σ-matched random control at α={best:g}": (f"{rand[best]['accuracy']:.3f} ± {rand[best]['accuracy_sd']:.3f}"
+                                                            if best in rand else "unavailable"),
                 "hook vs weight edit, max |Δlogit|": f"{result.edit_agreement:.2e}"}
     rep.add_metrics(headline)
     rep.add_heading("Composition from weights")
@@ -439,24 +497,34 @@ def build_report(result: Result, tokenizer=None):
     wh = pd.DataFrame(result.whole_head).sort_values("max_component_score", ascending=False).head(20)
     rep.add_table(wh, caption="Head pairs with the strongest single component, beside their diluted whole-head score and channel rank")
     rep.add_heading("Laundry List")
-    rep.add_paragraph("Accuracy = the answer's logit is the largest among the N list items; top-1 = largest over the "
-                      "vocabulary; logit difference = answer − strongest other item. Held-out split.")
+    sp = result.split
+    rep.add_paragraph("Accuracy = the answer's logit is the largest among the N list items (95 % Wilson interval in "
+                      "the tables); top-1 = largest over the vocabulary; logit difference = answer − strongest other "
+                      f"item. Held-out half: templates {', '.join(sp['held_out_templates'])}, "
+                      f"{len(sp['held_out_items'])} items, {sp['held_out_prompts']} prompts; the selection half "
+                      f"(templates {', '.join(sp['selection_templates'])}, {len(sp['selection_items'])} other items) "
+                      "chose the mover and the edit set.")
     rep.add_figure(accuracy_figure(result.laundry_list))
     rep.add_figure(position_heatmap(result.laundry_list))
     rep.add_heading("Positional index in the channel subspace")
     v = result.activation_view
-    rep.add_paragraph(f"Residual streams at the first-list item tokens ({v['hook']}), projected on the "
+    where = ("at END, labelled by the answer's list position" if v["tokens"] == "end"
+             else "at the first-list item tokens, labelled by their list position")
+    rep.add_paragraph(f"Residual streams {where} ({v['hook']}, held-out half), projected on the "
                       f"{v['dimensions']} orthonormalised write directions of the components screened into the mover. "
-                      f"List position explains {v['position_eta2']:.1%} of their variance (a random subspace of the same "
-                      f"size: {v['position_eta2_random_subspace']:.1%}; the whole residual: {v['position_eta2_full_residual']:.1%}).")
+                      f"Within each N, list position explains {v['position_eta2']:.1%} of their variance (random "
+                      f"subspaces of the same size: {v['position_eta2_random_subspace']:.1%} ± "
+                      f"{v['position_eta2_random_subspace_sd']:.1%}; the whole residual: "
+                      f"{v['position_eta2_full_residual']:.1%}).")
     rep.add_figure(pca_figure(result.view_points, v))
     rep.add_heading("Editing the channel")
     rep.add_paragraph(f"Mover head {m['layer']}.{m['head']}: END attends to the answer item more than to the repeated "
                       f"ones (selection split, {m['attention_preference']:.3f}). Its top {cfg.candidates} "
                       f"{m['mode']}-composition components were each ablated on the selection split; the "
                       f"{cfg.edit_components} that lowered the mover's preference most form the edit set, scaled by α "
-                      f"({cfg.edit_method} edit) on the held-out split. Control: as many random components of the same "
-                      f"heads, {cfg.random_draws} draws.")
+                      f"({cfg.edit_method} edit) on the held-out split. Control: random components of the same heads, "
+                      f"as many in each of the head's {cfg.sigma_bins} σ quantile bins as the edit set (scaling a "
+                      f"component moves the output by |α − 1| σ), disjoint from it, {cfg.random_draws} draws.")
     rep.add_table(pd.DataFrame(result.candidates), caption="Screened components (ablation_effect > 0: removing it lowers the mover's "
                   f"preference for the answer). Spearman ρ(composition score, ablation effect) = {m['score_effect_spearman']:.2f} "
                   "(the paper's Fig. 2 relation: weights predict the data-side effect)")

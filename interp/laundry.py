@@ -10,6 +10,9 @@ logits is the answer), full-vocabulary top-1 accuracy, and the logit difference 
 and the strongest other item. An item is scored by the first token of " item"; when an item is
 several tokens for the tokenizer this is first-token scoring (`Encoded.multi_token`), and items
 sharing a first token are dropped from the pool so the items of a prompt stay distinguishable.
+
+Held out (`split_pools`): the selection and held-out prompts share no template and no item, so the
+held-out numbers measure recall on unseen wording and unseen items.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from torch import Tensor
 
 from interp.batching import padded_batches
 from interp.bridge import sdpa_attention, stopped_at
+from interp.controls import split, wilson
 from interp.errors import UserError
 from interp.organisms.corpus import LAUNDRY_TEMPLATES
 
@@ -89,18 +93,36 @@ def item_pools(tokenizer, templates: Sequence[int]) -> tuple[dict[int, list[str]
     return pools, multi
 
 
-def make_prompts(pools: dict[int, list[str]], n_items: Sequence[int], per_cell: int, seed: int,
-                 exclude: frozenset[str] = frozenset()) -> list[LaundryPrompt]:
+def split_pools(pools: dict[int, list[str]], fraction: float, seed: int
+                ) -> tuple[dict[int, list[str]], dict[int, list[str]]]:
+    """(selection pools, held-out pools): the templates split by `interp.controls.split`, and the items of a
+    vocabulary whose templates fall on both sides split the same way, so the halves share no template and no
+    item. With one template only the items are split (the caller warns)."""
+    templates = sorted(pools)
+    halves = split(len(templates), fraction, seed) if len(templates) > 1 else ([0], [0])
+    sides = [[templates[i] for i in half] for half in halves]
+    out: tuple[dict[int, list[str]], dict[int, list[str]]] = ({}, {})
+    for vocabulary in dict.fromkeys(tuple(pools[t]) for t in templates):
+        users = [[t for t in side if tuple(pools[t]) == vocabulary] for side in sides]
+        every = list(range(len(vocabulary)))
+        items = split(len(vocabulary), fraction, seed) if all(users) else (every, every)
+        for side, members, idx in zip(out, users, items):
+            side.update({t: [vocabulary[i] for i in idx] for t in members})
+    return out
+
+
+def make_prompts(pools: dict[int, list[str]], n_items: Sequence[int], per_cell: int, seed: int) -> list[LaundryPrompt]:
     """`per_cell` prompts for every (N, answer position) cell, templates in turn, repeated items
-    shuffled half of the time; no prompt text in `exclude` (the other split)."""
+    shuffled half of the time, no prompt text twice (while the pools allow)."""
     rng = random.Random(f"laundry-{seed}")
     templates = sorted(pools)
     for n in n_items:
         small = [TEMPLATE_NAMES[t] for t in templates if len(pools[t]) < n]
         if small:
-            raise UserError(f"the tokenizer leaves fewer than {n} items with distinct first tokens in template(s) "
-                            f"{', '.join(small)}; lower --n-items or choose other --templates")
-    out, seen = [], set(exclude)
+            raise UserError(f"fewer than {n} items with distinct first tokens in template(s) {', '.join(small)} "
+                            f"(a vocabulary shared by selection and held-out templates is split between them); "
+                            f"lower --n-items or choose other --templates")
+    out, seen = [], set()
     for n in n_items:
         for pos in range(n):
             for j in range(per_cell):
@@ -195,11 +217,19 @@ def table(prompts: Sequence[LaundryPrompt], scores: dict[str, Tensor]) -> list[d
     for k in sorted(set(n.tolist())):
         for where, position in [((n == k) & (pos == j), j) for j in range(k)] + [((n == k), None)]:
             if where.any():
-                rows.append({"n_items": k, "position": position,
-                             "accuracy": float(scores["correct"][where].mean()),
-                             "top1_accuracy": float(scores["top1"][where].mean()),
+                rows.append({"n_items": k, "position": position, **rates(scores, where),
                              "logit_diff": float(scores["logit_diff"][where].mean()), "n": int(where.sum())})
     return rows
+
+
+def rates(scores: dict[str, Tensor], where: Tensor | None = None) -> dict[str, float | list[float]]:
+    """`accuracy` and `top1_accuracy` of the prompts in `where` (default all), each with its Wilson `_ci`."""
+    out: dict[str, float | list[float]] = {}
+    for name, key in (("accuracy", "correct"), ("top1_accuracy", "top1")):
+        hits = scores[key] if where is None else scores[key][where]
+        out[name] = float(hits.mean())
+        out[f"{name}_ci"] = list(wilson(int(hits.sum()), len(hits)))
+    return out
 
 
 @torch.no_grad()

@@ -224,8 +224,7 @@ def test_laundry_prompts_balanced_and_encoded(channel_model):
     assert len(prompts) == 4 * (2 + 3 + 5)
     for n in (2, 3, 5):
         assert sorted(p.position for p in prompts if p.n_items == n) == sorted(list(range(n)) * 4)
-    other = ll.make_prompts(pools, (2, 3, 5), 4, seed=1, exclude=frozenset(p.text for p in prompts))
-    assert not {p.text for p in prompts} & {p.text for p in other}
+    assert len({p.text for p in prompts}) == len(prompts)
     enc = ll.encode(tok, prompts)
     for p, ids, positions in zip(prompts, enc.ids, enc.item_positions):
         second = p.text.split(". ", 1)[1]
@@ -300,20 +299,9 @@ def test_analysis_end_to_end_with_first_token_scoring(channel_model, tmp_path, m
     assert {tuple(x) for x in again.to_dict()["mover"]["edit_set"]} == edit_set
 
 
-def test_random_control_is_disjoint_from_the_edit_set():
-    import random
-
-    from interp.analyses.talking_heads import random_components
-
-    chosen = [(0, 1, 15), (0, 1, 3), (1, 2, 0)]
-    for seed in range(20):
-        draw = random_components(chosen, 16, random.Random(seed))
-        assert len(draw) == len(chosen) and not set(draw) & set(chosen)
-        assert sorted((lw, hw) for lw, hw, _ in draw) == sorted((lw, hw) for lw, hw, _ in chosen)
-
-
 @pytest.mark.parametrize("args", [["--n-items", "1"], ["--alpha", "-1"], ["--mode", "x"], ["--energy", "0"],
-                                  ["--random-draws", "0"], ["--templates", "park", "--n-items", "3"]])
+                                  ["--random-draws", "0"], ["--random-draws", "1"], ["--selection-fraction", "1"],
+                                  ["--sigma-bins", "0"], ["--templates", "park", "--n-items", "3"]])
 def test_cli_rejects_bad_options(planted_channel, tmp_path, capsys, args):
     from interp.run import main
 
@@ -353,3 +341,125 @@ def test_hook_edit_equals_weight_edit_on_layernorm_gpt2(tmp_path):
         assert float((hooked - weighted).abs().max()) <= 1e-5 * max(1.0, float(hooked.abs().max()))
         assert float((hooked - base).abs().max()) > 1e-3
     torch.testing.assert_close(model(tokens), base)
+
+
+# ---------------------------------------------------------------- σ-matched control, held-out halves, END view
+
+def _clustered_sigma(n_heads: int = 2) -> torch.Tensor:
+    """[1, heads, 16] singular values in four clusters (8, 4, 2, 1), each spread by ±1.5 %."""
+    one = torch.tensor([c * (1 + 0.01 * (j - 1.5)) for c in (8.0, 4.0, 2.0, 1.0) for j in range(4)])
+    return one.repeat(1, n_heads, 1)
+
+
+def test_sigma_matched_control_where_the_effect_follows_sigma():
+    """Scaling a component by α moves its head's OV by exactly |α − 1| σ (tested above), so a random control
+    drawn uniformly over the head's components has a smaller effect than a large-σ edit set whatever the
+    components do: the unmatched control calls the edit set special, the σ-matched one does not."""
+    from interp.analyses.talking_heads import random_control
+    from interp.controls import matched_draws, mean_sd
+
+    S = _clustered_sigma()
+    effect = lambda components: sum(float(S[lw, hw, i]) for lw, hw, i in components)  # |α − 1| = 1
+    chosen = [(0, 0, 1), (0, 1, 5)]  # a σ ≈ 8 component of head 0.0, a σ ≈ 4 component of head 0.1
+    pool = [(0, h, i) for h in range(2) for i in range(16)]
+    unmatched = matched_draws(chosen, pool, draws=8, seed=0, matched_on="none")
+    matched = random_control(chosen, S, n_bins=4, draws=8, seed=0)
+    um, usd = mean_sd([effect(d) for d in unmatched])
+    mm, msd = mean_sd([effect(d) for d in matched])
+    assert effect(chosen) > 1.5 * um and um + usd < effect(chosen)  # unmatched: "the edit set does 2× more"
+    assert abs(effect(chosen) / mm - 1) < 0.05 and msd < 0.05 * mm  # matched: the same push, ratio 1
+    assert matched.matched_on == "sigma" and matched.strata == {"0.0:q4": 1, "0.1:q3": 1}
+    for draw in matched:
+        assert not set(draw) & set(chosen) and len(draw) == len(chosen)
+        assert sorted((lw, hw) for lw, hw, _ in draw) == [(0, 0), (0, 1)]
+
+
+def test_random_control_raises_when_a_sigma_bin_is_exhausted():
+    from interp.analyses.talking_heads import random_control
+    from interp.controls import ControlUnavailable
+
+    chosen = [(0, 0, i) for i in range(4)]  # the whole top bin of head 0.0
+    with pytest.raises(ControlUnavailable, match="sigma"):
+        random_control(chosen, _clustered_sigma(1), n_bins=4, draws=5, seed=0)
+
+
+def test_split_pools_share_no_template_and_no_item():
+    """Held out means unseen wording and unseen items: no template or item of one half is in the other."""
+    pools = {t: list(ll.LAUNDRY_TEMPLATES[t][0]) for t in range(4)}  # laundry and bag share the clothes
+    for seed in range(6):
+        sel, held = ll.split_pools(pools, 0.5, seed)
+        assert sel and held and not set(sel) & set(held)
+        assert sorted([*sel, *held]) == [0, 1, 2, 3] and len(sel) == 2
+        sel_items = {w for p in sel.values() for w in p}
+        held_items = {w for p in held.values() for w in p}
+        assert held_items and not sel_items & held_items
+        prompts = ll.make_prompts(held, (2, 5), 3, seed)
+        assert all(set(p.items) <= held_items and p.template in held for p in prompts)
+    sel, held = ll.split_pools({0: pools[0]}, 0.5, 0)  # one template: only the items are split
+    assert list(sel) == list(held) == [0] and not set(sel[0]) & set(held[0]) and len(sel[0]) == 10
+
+
+def test_end_to_end_halves_intervals_warnings_and_matched_rows(channel_model, tmp_path):
+    """The run's halves are disjoint, accuracies carry Wilson intervals, random rows say what they match."""
+    from interp.analyses import talking_heads as th
+    from interp.analysis import config_for
+    from interp.controls import wilson
+
+    result = th.run(channel_model, config_for("talking_heads", channel_model, batch_size=8, **SMALL))
+    d = json.loads(json.dumps(result.to_dict(), default=str))
+    sp = d["split"]
+    assert sp["held_out_templates"] and not set(sp["held_out_templates"]) & set(sp["selection_templates"])
+    assert sp["held_out_items"] and not set(sp["held_out_items"]) & set(sp["selection_items"])
+    for row in d["laundry_list"]:
+        k = round(row["accuracy"] * row["n"])
+        assert row["accuracy_ci"] == pytest.approx(list(wilson(k, row["n"])))
+        assert row["accuracy_ci"][0] <= row["accuracy"] <= row["accuracy_ci"][1]
+    chan = [r for r in d["edits"] if r["selection"] == "channel"]
+    assert all(len(r["accuracy_ci"]) == 2 and len(r["top1_accuracy_ci"]) == 2 for r in chan)
+    S, _ = comp.writer_svd(comp.head_weights(channel_model))
+    edit_set = [tuple(c) for c in d["mover"]["edit_set"]]
+    expected = th.sigma_strata(S, list(dict.fromkeys((a, b) for a, b, _ in edit_set)), 4)
+    counts = {}
+    for c in edit_set:
+        counts[expected[c]] = counts.get(expected[c], 0) + 1
+    for r in (r for r in d["edits"] if r["selection"] == "random"):
+        assert r["matched_on"] == "sigma" and r["strata"] == counts and r["n_draws"] == 5
+        assert len(r["accuracy_draws"]) == 5 and r["accuracy_sd"] is not None
+    assert any("first token" in m for m in d["warnings"])
+    out = th.build_report(result, channel_model.tokenizer).write(tmp_path / "r.html")
+    assert "scored by its first token" in out.read_text()
+
+
+def test_activation_view_reads_the_end_position(channel_model):
+    """The default view is the residual at END (the last prompt token), labelled by the answer's position;
+    `view_tokens="items"` keeps the item-token view."""
+    from interp.analyses import talking_heads as th
+
+    pools, _ = ll.item_pools(channel_model.tokenizer, range(3))
+    prompts = ll.make_prompts(pools, (2, 3), 3, seed=0)
+    enc = ll.encode(channel_model.tokenizer, prompts)
+    hook = "blocks.1.hook_resid_pre"
+    config = th.Config(progress=False, batch_size=4)
+    X, pos, n = th.view_activations(channel_model, enc, prompts, hook, config)
+    assert X.shape[0] == len(prompts) and pos.tolist() == [p.position for p in prompts]
+    for i in (0, 7, len(prompts) - 1):
+        _, cache = channel_model.run_with_cache(torch.tensor([enc.ids[i]]), names_filter=hook)
+        torch.testing.assert_close(X[i], cache[hook][0, -1].float(), atol=1e-4, rtol=1e-4)
+    Xi, posi, _ = th.view_activations(channel_model, enc, prompts, hook, th.Config(progress=False, view_tokens="items"))
+    assert Xi.shape[0] == sum(p.n_items for p in prompts) and posi.tolist()[:2] == [0, 1]
+    view, points = th.activation_view(channel_model, enc, prompts, 1, torch.randn(D_MODEL, 3), config)
+    assert view["tokens"] == "end" and view["n_tokens"] == len(prompts) and len(points) == len(prompts)
+
+
+def test_position_eta2_within_n_ignores_what_n_explains():
+    """A residual that only encodes N (as END does through the prompt's length) has no positional index."""
+    from interp.analyses.talking_heads import position_eta2
+
+    n = torch.tensor([2, 2, 3, 3, 3] * 40)
+    pos = torch.tensor([0, 1, 0, 1, 2] * 40)
+    g = torch.Generator().manual_seed(0)
+    x = n[:, None].float() * torch.ones(1, 4) + 0.01 * torch.randn(200, 4, generator=g)
+    assert position_eta2(x, pos) > 0.1              # pooled: position 3 exists only with N = 3
+    assert position_eta2(x, n * 100 + pos, n) < 0.05  # within N: only noise left
+    y = x + pos[:, None].float()
+    assert position_eta2(y, n * 100 + pos, n) > 0.99
