@@ -5,44 +5,50 @@ Two training-free ways to remove one skill (the forget skill) while keeping othe
 - Neuron Adjust (NA): per-neuron mean and std of every layer's MLP gate pre-activation over all tokens
   of each skill (streamed); the global top p % of μ_forget − μ_retain over all layers are selected; at
   inference each selected value is moved to the retain distribution (reflected z-score) with the forget
-  class's posterior probability. Compared with as many random neurons (several draws, none selected).
+  class's posterior probability. Control: as many random, never-selected neurons per layer as the
+  selection (matched on layer: the selection sits mostly in the last layer), several draws, mean ± sd.
 - Key Space Detection (KSD): the last layer's key vectors (the input of `down_proj`) at the last prompt
-  token of the forget skill's probe prompts span a hypercube μ ± k·σ (k the smallest enclosing them); a
-  query abstains (is scored wrong) when the key vector at the last position of any forward (prefill or a
-  generated token) falls inside μ ± h·k·σ. True / false positive rates on held-out forget / retain queries.
+  token of the forget skill's selection prompts span a hypercube μ ± k·σ (k the smallest enclosing them); a
+  query abstains (is scored wrong) when the key vector at the last position of a generation forward (the
+  prompt or a generated token, never the gold continuation) falls inside μ ± h·k·σ; h is given or picked on
+  the selection split's prompts. True / false positive rates on held-out forget / retain queries.
 
-Statistics, selection and the hypercube use the probe split of each skill; accuracy (greedy generation,
-checked answer) and the mean log-probability per token of the gold continuation (teacher-forced) are
-measured on the held-out split, before and after each method. Method note, defaults and deviations:
-docs/skill_unlearning.md.
+Each skill's items are split (`interp.controls.split`) into a selection half (statistics, neuron selection,
+the hypercube and h) and a held-out half; accuracy (greedy generation, checked answer, Wilson interval) and
+the mean log-probability per token of the gold continuation (teacher-forced) are measured on the held-out
+half before and after each method, and the log-probability on the selection half too (in-sample).
+Method note, defaults and deviations: docs/skill_unlearning.md.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 import torch
+from jaxtyping import Float
 
-from interp.analysis import CommonConfig, require, run_header
+from interp.analysis import CommonConfig, require, run_header, warn
 from interp.capture import capture
+from interp.controls import ControlUnavailable, Draws, control_row, split, wilson
+from interp.datasets import load_skill
 from interp.errors import UserError
 from interp.report import analysis_report
-from interp.datasets import load_skill
-from interp.skills import SkillItem, is_correct, split_items
+from interp.skills import SkillItem, is_correct
 from interp.unlearning import (
     AdjustSpec,
     Hypercube,
+    check_gate_hook,
     gate_hook,
     gate_moments,
-    check_gate_hook,
     greedy_generate,
     key_hook,
     key_space_watch,
     neuron_adjust,
-    random_neurons,
+    neuron_draws,
+    pick_h,
     select_neurons,
     target_logprobs,
 )
@@ -50,6 +56,7 @@ from interp.unlearning import (
 DATASET_FIELD = "forget"
 METHODS = ("neuron_adjust", "random_neurons", "key_space")
 ITEM_STRIDE = 1_000_000  # global item id = skill index * ITEM_STRIDE + item index (seeds NA's draws)
+SELECTION_OFFSET = ITEM_STRIDE // 2  # selection items' ids follow the held-out ones within a skill
 
 
 @dataclass
@@ -59,10 +66,10 @@ class Config(CommonConfig):
     forget: str = "gsm8k"  # skill to unlearn: a registered skill set (--list) or a JSONL file (FILE or FILE:SKILL) (paper: GSM8K, MBPP, MLQA languages)
     retain: str = "mbpp"  # comma-separated skills to keep, pooled for the retain statistics (paper: MBPP when forgetting GSM8K)
     top_percent: float = 3.0  # Neuron Adjust: percent of all gate neurons (pooled over layers) selected by mu_forget - mu_retain (paper: 3 math/code, 0.5 languages)
-    h: float = 2.0  # Key Space Detection: hypercube half-width h*k*sigma (paper: 2 GSM8K, 1.4 MBPP, 0.06 MLQA)
-    n_probe: int = 200  # items per skill for statistics, neuron selection and the hypercube (paper N = 200)
+    h: float | None = None  # Key Space Detection: hypercube half-width h*k*sigma (default: picked on the selection split's prompts; paper's fixed values: 2 GSM8K, 1.4 MBPP, 0.06 MLQA)
+    n_probe: int = 200  # selection items per skill: statistics, neuron selection, the hypercube and h (paper N = 200)
     n_eval: int = 100  # held-out items per skill for the before/after evaluation
-    random_draws: int = 5  # random-neuron control: draws of as many random neurons (mean and sd reported)
+    random_draws: int = 5  # random-neuron control: draws of as many random neurons per layer as selected (mean and sd reported)
     reference: bool = False  # reproduce the reference code's Neuron Adjust quirks (variance as std, sigma_forget = mu_forget, one draw per forward)
     max_new_tokens: int = 256  # greedy generation length for accuracy (paper: 256 GSM8K/MBPP, 24 MLQA; items may cap it lower)
     top_neurons_shown: int = 4  # selected neurons whose activation histograms the report shows
@@ -70,9 +77,9 @@ class Config(CommonConfig):
     def validate(self, model=None) -> None:
         super().validate(model)
         require(0 < self.top_percent <= 100, f"top-percent must be in (0, 100]; got {self.top_percent}")
-        require(self.h > 0, f"h must be positive; got {self.h}")
+        require(self.h is None or self.h > 0, f"h must be positive; got {self.h}")
         require(self.n_probe >= 2, f"n-probe must be at least 2 (the hypercube needs a std); got {self.n_probe}")
-        for name in ("n_eval", "random_draws", "max_new_tokens", "top_neurons_shown"):
+        for name in ("n_eval", "max_new_tokens", "top_neurons_shown"):
             require(getattr(self, name) >= 1, f"{name.replace('_', '-')} must be at least 1; got {getattr(self, name)}")
         require(bool(self.forget.strip()), "forget must name a skill set or a JSONL file")
         retain = self.retain_skills
@@ -95,10 +102,11 @@ class Result:
     per_item: pd.DataFrame
     key_scores: pd.DataFrame
     top_values: dict  # "layer.neuron" -> skill -> list of held-out activation values
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return {**self.header, "selected_neurons": self.selected_neurons, "evaluation": self.evaluation,
-                "key_space": self.key_space, "statistics": self.statistics}
+        return {**self.header, "warnings": self.warnings, "selected_neurons": self.selected_neurons,
+                "evaluation": self.evaluation, "key_space": self.key_space, "statistics": self.statistics}
 
     def tables(self) -> dict[str, pd.DataFrame]:
         return {"evaluation": pd.DataFrame(self.evaluation),
@@ -121,25 +129,27 @@ def preflight(config: Config) -> None:
 class SkillSplit:
     name: str
     role: str  # "forget" | "retain"
-    probe: list[SkillItem]
-    held: list[SkillItem]
+    selection: list[SkillItem]
+    held_out: list[SkillItem]
 
 
 def load_splits(config: Config) -> list[SkillSplit]:
+    """Each skill's items (at most n_probe + n_eval, or --limit), split by `interp.controls.split` in the
+    ratio n_probe : n_eval (seeded)."""
     want = config.n_probe + config.n_eval
     total = min(want, config.limit) if config.limit else want
-    n_probe = max(1, round(total * config.n_probe / want))
     out = []
     for role, name in [("forget", config.forget)] + [("retain", s) for s in config.retain_skills]:
         items = load_skill(name, limit=total)
-        # the split is seeded by the skill's own name, so a file gives the same split wherever it lives
-        probe, held = split_items(items, n_probe, total - n_probe, config.seed, items[0].skill)
-        if not held:
-            raise UserError(f"skill {name!r} has no held-out items; lower --n-probe or give more items")
-        if role == "forget" and len(probe) < 2:
+        if len(items) < 2:
+            raise UserError(f"skill {name!r} has {len(items)} item(s); it needs at least 2 (one to select on, "
+                            "one held out)")
+        halves = split(len(items), config.n_probe / want, config.seed)
+        selection, held_out = [items[i] for i in halves.selection], [items[i] for i in halves.held_out]
+        if role == "forget" and len(selection) < 2:
             raise UserError(f"the forget skill {name!r} needs at least 2 probe items for the hypercube's std; "
                             "give more items or raise --n-probe")
-        out.append(SkillSplit(name, role, probe, held))
+        out.append(SkillSplit(name, role, selection, held_out))
     return out
 
 
@@ -148,6 +158,33 @@ def _encode(tok, texts: list[str]) -> list[list[int]]:
     if any(not i for i in ids):
         raise UserError("a skill item's prompt or target is empty after tokenization")
     return ids
+
+
+@dataclass
+class Batch:
+    """Items of every skill, one list, with global ids (they seed Neuron Adjust's draws)."""
+
+    items: list[SkillItem]
+    skills: list[str]
+    roles: list[str]
+    ids: list[int]
+    prompts: list[list[int]]
+    targets: list[list[int]]
+
+    @classmethod
+    def of(cls, tok, splits: list[SkillSplit], half: str) -> Batch:
+        items, skills, roles, ids = [], [], [], []
+        for si, s in enumerate(splits):
+            for j, item in enumerate(getattr(s, half)):
+                items.append(item)
+                skills.append(s.name)
+                roles.append(s.role)
+                ids.append(si * ITEM_STRIDE + (SELECTION_OFFSET if half == "selection" else 0) + j)
+        return cls(items, skills, roles, ids, _encode(tok, [i.prompt for i in items]),
+                   _encode(tok, [i.target for i in items]))
+
+    def rows(self, skill: str) -> list[int]:
+        return [j for j, name in enumerate(self.skills) if name == skill]
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -161,18 +198,23 @@ def _accuracy(items: list[SkillItem], generated: list[str], abstained: list[bool
     return out
 
 
-def _measure(model, items, prompts, targets, ids, config: Config, generate_mask: list[bool]) -> tuple[list[float], list[str | None]]:
-    """Log-likelihood of every item's target and, where `generate_mask`, its greedy continuation."""
-    lp = target_logprobs(model, prompts, targets, ids, batch_size=config.batch_size, progress=config.progress).tolist()
-    sel = [j for j, g in enumerate(generate_mask) if g]
-    texts: list[str | None] = [None] * len(items)
+def _logprobs(model, batch: Batch, config: Config) -> list[float]:
+    """Mean log-probability per token of each item's gold continuation (teacher-forced)."""
+    return target_logprobs(model, batch.prompts, batch.targets, batch.ids, batch_size=config.batch_size,
+                           progress=config.progress).tolist()
+
+
+def _generate(model, batch: Batch, config: Config, mask: list[bool]) -> list[str | None]:
+    """Greedy continuation of every item where `mask` (None elsewhere)."""
+    sel = [j for j, g in enumerate(mask) if g]
+    texts: list[str | None] = [None] * len(batch.items)
     if sel:
-        limits = [min(config.max_new_tokens, items[j].max_new_tokens or config.max_new_tokens) for j in sel]
-        new = greedy_generate(model, [prompts[j] for j in sel], [ids[j] for j in sel], limits,
+        limits = [min(config.max_new_tokens, batch.items[j].max_new_tokens or config.max_new_tokens) for j in sel]
+        new = greedy_generate(model, [batch.prompts[j] for j in sel], [batch.ids[j] for j in sel], limits,
                               batch_size=config.batch_size, progress=config.progress)
         for j, t in zip(sel, new):
             texts[j] = model.tokenizer.decode(t, skip_special_tokens=True)
-    return lp, texts
+    return texts
 
 
 def _nanmean(xs) -> float:
@@ -180,24 +222,58 @@ def _nanmean(xs) -> float:
     return float(np.mean(xs)) if xs else float("nan")
 
 
+def _rate_ci(flags: list[float]) -> list[float]:
+    """Wilson interval of the share of 1s among the defined (non-NaN) 1/0 values."""
+    defined = [f for f in flags if not math.isnan(f)]
+    return list(wilson(int(sum(defined)), len(defined)))
+
+
 def _drop(before: float, after: float) -> float:
     """The paper's percentage of performance drop, 1 − after/before (NaN when before is 0)."""
     return 1 - after / before if before and not math.isnan(before) else float("nan")
 
 
+def _control_draws(neurons: torch.Tensor, n_layers: int, d_mlp: int, config: Config, warnings: list[str]) -> Draws:
+    """Layer-matched random neuron sets; drawn over all layers (with a warning) where a layer has too few."""
+    try:
+        return neuron_draws(neurons, n_layers, d_mlp, draws=config.random_draws, seed=config.seed)
+    except ControlUnavailable as e:
+        warn(warnings, f"random-neuron control not matched on layer ({e}); drawn over all layers instead")
+    try:
+        return neuron_draws(neurons, n_layers, d_mlp, draws=config.random_draws, seed=config.seed, matched_on="none")
+    except ControlUnavailable:
+        raise UserError(f"top-percent {config.top_percent} leaves too few unselected neurons for a random control; "
+                        "lower --top-percent") from None
+
+
+def _rates(flags: list[bool], rows: list[int]) -> tuple[float, list[float]]:
+    """Share of `rows` flagged, and its Wilson interval."""
+    k = sum(bool(flags[j]) for j in rows)
+    return (k / len(rows) if rows else float("nan")), list(wilson(k, len(rows)))
+
+
+def _inside_rates(scores: Float[torch.Tensor, "n"], threshold: float) -> tuple[float, list[float]]:
+    inside = (scores <= threshold).tolist()
+    return _rates(inside, list(range(len(inside))))
+
+
 def run(model, config: Config | None = None) -> Result:
-    """Statistics and selection on the probe split, effects of NA / random neurons / KSD on the held-out split."""
+    """Statistics, selection and h on the selection half; effects of NA / random neurons / KSD on the held-out half."""
     config = config or Config()
     config.validate(model)
+    warnings: list[str] = []
     tok = model.tokenizer
     n_layers, d_mlp = model.cfg.n_layers, model.cfg.d_mlp
     if f"blocks.{n_layers - 1}.mlp.hook_post" not in model.hook_dict or gate_hook(0) not in model.hook_dict:
         raise UserError("this model has no MLP gate / key hooks (blocks.L.mlp.hook_pre / hook_post); skill_unlearning needs an MLP in every block")
     splits = load_splits(config)
-    probe_ids = {s.name: _encode(tok, [i.text for i in s.probe]) for s in splits}
-    hook_diff = max(check_gate_hook(model, probe_ids[splits[0].name][0], layer) for layer in (0, n_layers - 1))
+    texts = {s.name: _encode(tok, [i.text for i in s.selection]) for s in splits}
+    hook_diff = max(check_gate_hook(model, texts[splits[0].name][0], layer) for layer in (0, n_layers - 1))
+    if hook_diff > 1e-4:
+        warn(warnings, f"the bridge's gate hook differs from a raw hook on the HF gate_proj output (max |diff| "
+                       f"{hook_diff:.3g}): the statistics may be wrong")
 
-    moments = {s.name: gate_moments(model, probe_ids[s.name], batch_size=config.batch_size,
+    moments = {s.name: gate_moments(model, texts[s.name], batch_size=config.batch_size,
                                     progress=config.progress, desc=f"statistics {s.name}") for s in splits}
     forget = moments[config.forget]
     retain = moments[config.retain_skills[0]]
@@ -205,84 +281,84 @@ def run(model, config: Config | None = None) -> Result:
         retain = retain.merge(moments[name])
     delta = forget.mean - retain.mean
     neurons = select_neurons(delta, config.top_percent)
+    draws = _control_draws(neurons, n_layers, d_mlp, config, warnings)
 
-    # Key Space Detection: hypercube on the forget probe prompts' last-token key vectors
+    # Key Space Detection: hypercube on the forget selection prompts' last-token key vectors; h on the selection half
     khook = key_hook(n_layers - 1)
-    forget_probe_prompts = _encode(tok, [i.prompt for i in splits[0].probe])
-    cube = Hypercube.fit(capture(model, forget_probe_prompts, [khook], batch_size=config.batch_size,
-                                 progress=config.progress)[khook])
-
-    # held-out items of every skill, one list with global ids
-    items, roles, skills, ids = [], [], [], []
-    for si, s in enumerate(splits):
-        for j, it in enumerate(s.held):
-            items.append(it)
-            roles.append(s.role)
-            skills.append(s.name)
-            ids.append(si * ITEM_STRIDE + j)
-    prompts = _encode(tok, [i.prompt for i in items])
-    targets = _encode(tok, [i.target for i in items])
-    held_keys = capture(model, prompts, [khook], batch_size=config.batch_size, progress=config.progress)[khook]
+    sel, held = Batch.of(tok, splits, "selection"), Batch.of(tok, splits, "held_out")
+    sel_keys = capture(model, sel.prompts, [khook], batch_size=config.batch_size, progress=config.progress)[khook]
+    forget_sel, retain_sel = sel.rows(config.forget), [j for j, r in enumerate(sel.roles) if r == "retain"]
+    cube = Hypercube.fit(sel_keys[forget_sel])
+    sel_scores = cube.score(sel_keys)
+    h = config.h if config.h is not None else pick_h(cube.k, sel_scores[forget_sel], sel_scores[retain_sel])
+    held_keys = capture(model, held.prompts, [khook], batch_size=config.batch_size, progress=config.progress)[khook]
     key_scores = cube.score(held_keys)
 
-    every = [True] * len(items)
-    checkable = [i.check != "none" for i in items]
-    with key_space_watch(model, cube, config.h) as watch:
-        lp0, text0 = _measure(model, items, prompts, targets, ids, config, every)
-    abstain = [watch.any_step[i] for i in ids]
-    prefill = [watch.prefill[i] for i in ids]
-    acc0 = _accuracy(items, text0)
-    acc_ksd = _accuracy(items, text0, abstain)
+    every = [True] * len(held.items)
+    checkable = [i.check != "none" for i in held.items]
+    lp0, sel_lp0 = _logprobs(model, held, config), _logprobs(model, sel, config)
+    with key_space_watch(model, cube, h) as watch:  # only generation forwards count, never the gold continuation
+        text0 = _generate(model, held, config, every)
+    abstain = [watch.any_step[i] for i in held.ids]
+    prefill = [watch.prefill[i] for i in held.ids]
+    acc0 = _accuracy(held.items, text0)
+    acc_ksd = _accuracy(held.items, text0, abstain)
 
     spec = AdjustSpec.from_moments(neurons, forget, retain, reference=config.reference, seed=config.seed)
     with neuron_adjust(model, spec):
-        lp_na, text_na = _measure(model, items, prompts, targets, ids, config, checkable)
-    acc_na = _accuracy(items, [t or "" for t in text_na])
+        lp_na, sel_lp_na = _logprobs(model, held, config), _logprobs(model, sel, config)
+        text_na = _generate(model, held, config, checkable)
+    acc_na = _accuracy(held.items, [t or "" for t in text_na])
 
-    gen = torch.Generator().manual_seed(config.seed)
-    rand_lp, rand_acc = [], []
-    for d in range(config.random_draws):
-        rn = random_neurons(n_layers, d_mlp, neurons, len(neurons), gen)
-        rspec = AdjustSpec.from_moments(rn, forget, retain, reference=config.reference, seed=config.seed + 1 + d)
+    rand_lp, rand_sel_lp, rand_acc = [], [], []
+    for d, pairs in enumerate(draws):
+        rspec = AdjustSpec.from_moments(torch.tensor(pairs), forget, retain, reference=config.reference,
+                                        seed=config.seed + 1 + d)
         with neuron_adjust(model, rspec):
-            lp_r, text_r = _measure(model, items, prompts, targets, ids, config, checkable)
-        rand_lp.append(lp_r)
-        rand_acc.append(_accuracy(items, [t or "" for t in text_r]))
+            rand_lp.append(_logprobs(model, held, config))
+            rand_sel_lp.append(_logprobs(model, sel, config))
+            rand_acc.append(_accuracy(held.items, [t or "" for t in _generate(model, held, config, checkable)]))
 
     top = neurons[delta[neurons[:, 0], neurons[:, 1]].argsort(descending=True)[:config.top_neurons_shown]]
     top_values = _top_values(model, splits, top, tok, config)
 
     evaluation = []
     for s in splits:
-        rows = [j for j, name in enumerate(skills) if name == s.name]
+        rows, srows = held.rows(s.name), sel.rows(s.name)
 
-        def pick(xs: list) -> list:
-            return [xs[j] for j in rows]
-        before = dict(accuracy_before=_nanmean(pick(acc0)), logprob_before=_nanmean(pick(lp0)))
-        base = dict(skill=s.name, role=s.role, **before, n=len(rows))
+        def pick(xs: list, at: list[int] = rows) -> list:
+            return [xs[j] for j in at]
+        base = dict(skill=s.name, role=s.role, accuracy_before=_nanmean(pick(acc0)),
+                    accuracy_before_ci=_rate_ci(pick(acc0)), logprob_before=_nanmean(pick(lp0)), n=len(rows),
+                    logprob_before_selection=_nanmean(pick(sel_lp0, srows)), n_selection=len(srows))
         evaluation.append(dict(method="neuron_adjust", **base, accuracy_after=_nanmean(pick(acc_na)),
-                               logprob_after=_nanmean(pick(lp_na))))
-        acc_draws = [_nanmean(pick(a)) for a in rand_acc]
-        lp_draws = [_nanmean(pick(lp)) for lp in rand_lp]
-        evaluation.append(dict(method="random_neurons", **base, accuracy_after=_nanmean(acc_draws),
-                               logprob_after=float(np.mean(lp_draws)),
-                               accuracy_after_sd=float(np.std(acc_draws, ddof=1)) if len(acc_draws) > 1 and not any(math.isnan(a) for a in acc_draws) else float("nan"),
-                               logprob_after_sd=float(np.std(lp_draws, ddof=1)) if len(lp_draws) > 1 else float("nan"),
-                               draws=config.random_draws))
+                               accuracy_after_ci=_rate_ci(pick(acc_na)), logprob_after=_nanmean(pick(lp_na)),
+                               logprob_after_selection=_nanmean(pick(sel_lp_na, srows))))
+        control = control_row({"accuracy_after": [_nanmean(pick(a)) for a in rand_acc],
+                               "logprob_after": [_nanmean(pick(lp)) for lp in rand_lp],
+                               "logprob_after_selection": [_nanmean(pick(lp, srows)) for lp in rand_sel_lp]}, draws)
+        evaluation.append(dict(method="random_neurons", **base, **control, draws=len(draws)))
         evaluation.append(dict(method="key_space", **base, accuracy_after=_nanmean(pick(acc_ksd)),
-                               logprob_after=float("nan"), abstained=float(np.mean(pick(abstain))),
+                               accuracy_after_ci=_rate_ci(pick(acc_ksd)), logprob_after=float("nan"),
+                               logprob_after_selection=float("nan"), abstained=float(np.mean(pick(abstain))),
                                abstained_prefill=float(np.mean(pick(prefill)))))
     for row in evaluation:
         row["accuracy_drop"] = _drop(row["accuracy_before"], row["accuracy_after"])
         row["logprob_change"] = row["logprob_after"] - row["logprob_before"]
+        row["logprob_change_selection"] = row["logprob_after_selection"] - row["logprob_before_selection"]
 
-    forget_rows = [j for j, r in enumerate(roles) if r == "forget"]
-    retain_rows = [j for j, r in enumerate(roles) if r == "retain"]
-    key_space = {"k": cube.k, "tpr": float(np.mean([abstain[j] for j in forget_rows])),
-                 "fpr": float(np.mean([abstain[j] for j in retain_rows])),
-                 "n_forget": len(forget_rows), "n_retain": len(retain_rows), "h": config.h,
-                 "tpr_prefill": float(np.mean([prefill[j] for j in forget_rows])),
-                 "fpr_prefill": float(np.mean([prefill[j] for j in retain_rows]))}
+    forget_rows = [j for j, r in enumerate(held.roles) if r == "forget"]
+    retain_rows = [j for j, r in enumerate(held.roles) if r == "retain"]
+    (tpr, tpr_ci), (fpr, fpr_ci) = _rates(abstain, forget_rows), _rates(abstain, retain_rows)
+    (tpr_p, tpr_p_ci), (fpr_p, fpr_p_ci) = _rates(prefill, forget_rows), _rates(prefill, retain_rows)
+    (tpr_s, tpr_s_ci), (fpr_s, fpr_s_ci) = (_inside_rates(sel_scores[forget_sel], h * cube.k),
+                                            _inside_rates(sel_scores[retain_sel], h * cube.k))
+    key_space = {"k": cube.k, "tpr": tpr, "fpr": fpr, "n_forget": len(forget_rows), "n_retain": len(retain_rows),
+                 "h": h, "tpr_prefill": tpr_p, "fpr_prefill": fpr_p,
+                 "h_rule": "fixed" if config.h is not None else "selection",
+                 "tpr_ci": tpr_ci, "fpr_ci": fpr_ci, "tpr_prefill_ci": tpr_p_ci, "fpr_prefill_ci": fpr_p_ci,
+                 "selection": {"tpr": tpr_s, "fpr": fpr_s, "tpr_ci": tpr_s_ci, "fpr_ci": fpr_s_ci,
+                               "n_forget": len(forget_sel), "n_retain": len(retain_sel)}}
 
     neuron_rows = [{"layer": int(l), "neuron": int(n), "mu_forget": float(forget.mean[l, n]),
                     "mu_retain": float(retain.mean[l, n]), "delta": float(delta[l, n]),
@@ -295,19 +371,23 @@ def run(model, config: Config | None = None) -> Result:
                 "replaced_share": spec.replaced_share,
                 "forget_mean_positive_share": float((forget.mean[neurons[:, 0], neurons[:, 1]] > 0).float().mean())}
     tokens = {name: m.count for name, m in moments.items()}
-    statistics = {"tokens": tokens, "probe_items": {s.name: len(s.probe) for s in splits},
-                  "eval_items": {s.name: len(s.held) for s in splits},
+    statistics = {"tokens": tokens, "probe_items": {s.name: len(s.selection) for s in splits},
+                  "eval_items": {s.name: len(s.held_out) for s in splits},
+                  "selection_items": {s.name: len(s.selection) for s in splits},
+                  "held_out_items": {s.name: len(s.held_out) for s in splits},
                   "state_bytes_per_skill": forget.nbytes,
                   "full_cache_bytes": {name: n * n_layers * d_mlp * 4 for name, n in tokens.items()},
                   "gate_hook_max_abs_diff_vs_hf": hook_diff}
-    per_item = pd.DataFrame({"skill": skills, "role": roles, "prompt": [i.prompt for i in items],
-                             "answer": [i.answer for i in items], "generated_before": text0,
+    per_item = pd.DataFrame({"skill": held.skills, "role": held.roles, "prompt": [i.prompt for i in held.items],
+                             "answer": [i.answer for i in held.items], "generated_before": text0,
                              "correct_before": acc0, "logprob_before": lp0, "generated_neuron_adjust": text_na,
                              "correct_neuron_adjust": acc_na, "logprob_neuron_adjust": lp_na,
                              "key_score": key_scores.tolist(), "abstained_prefill": prefill, "abstained": abstain})
-    key_table = pd.DataFrame({"skill": skills, "role": roles, "score": key_scores.tolist()})
+    key_table = pd.DataFrame({"skill": held.skills + sel.skills, "role": held.roles + sel.roles,
+                              "split": ["held_out"] * len(held.items) + ["selection"] * len(sel.items),
+                              "score": key_scores.tolist() + sel_scores.tolist()})
     header = run_header("skill_unlearning", model, config)
-    return Result(header, selected, evaluation, key_space, statistics, per_item, key_table, top_values)
+    return Result(header, selected, evaluation, key_space, statistics, per_item, key_table, top_values, warnings)
 
 
 def _top_values(model, splits: list[SkillSplit], top: torch.Tensor, tok, config: Config, cap: int = 4000) -> dict:
@@ -316,7 +396,7 @@ def _top_values(model, splits: list[SkillSplit], top: torch.Tensor, tok, config:
     out: dict[str, dict[str, list[float]]] = {f"{l}.{n}": {} for l, n in top.tolist()}
     for s in splits:
         cols = {gate_hook(l): top[top[:, 0] == l, 1] for l in layers}
-        got = capture(model, _encode(tok, [i.text for i in s.held]), list(cols), positions="all",
+        got = capture(model, _encode(tok, [i.text for i in s.held_out]), list(cols), positions="all",
                       batch_size=config.batch_size, progress=False, reduce=lambda name, x: x[:, cols[name]])
         for l in layers:
             vals = torch.cat(got[gate_hook(l)])[:cap]
@@ -357,7 +437,7 @@ def key_figure(key_scores: pd.DataFrame, threshold: float):
     import plotly.graph_objects as go
 
     fig = go.Figure()
-    for skill, df in key_scores.groupby("skill", sort=False):
+    for skill, df in key_scores[key_scores["split"] == "held_out"].groupby("skill", sort=False):
         s = np.sort(df["score"].to_numpy())
         fig.add_trace(go.Scatter(x=s, y=np.arange(1, len(s) + 1) / len(s), mode="lines", line_shape="hv",
                                  name=f"{skill} ({df['role'].iloc[0]})"))
@@ -368,11 +448,23 @@ def key_figure(key_scores: pd.DataFrame, threshold: float):
     return fig
 
 
+def _ci(interval: list[float]) -> str:
+    return f"[{interval[0]:.2f}, {interval[1]:.2f}]"
+
+
+def _matching(evaluation: list[dict]) -> str:
+    """How the random control was drawn, in words (from its rows' matched_on and strata)."""
+    row = next(r for r in evaluation if r["method"] == "random_neurons")
+    if row["matched_on"] != "layer":
+        return "over all layers (not matched on layer: see the warnings)"
+    return "in each layer as the selection (" + ", ".join(f"layer {k}: {v}" for k, v in row["strata"].items()) + ")"
+
+
 def build_report(result: Result, tokenizer=None):
     from interp.figures import intervention_bars
 
     cfg = result.header["config"]
-    rep = analysis_report(result.header)
+    rep = analysis_report(result.header, result.warnings)
     ev = pd.DataFrame(result.evaluation)
     forget = ev[ev.role == "forget"].set_index("method")
     retain = ev[ev.role == "retain"].groupby("method")[["accuracy_after", "logprob_change", "accuracy_drop"]].mean()
@@ -383,17 +475,18 @@ def build_report(result: Result, tokenizer=None):
         "NA: forget log-prob change": forget.loc["neuron_adjust", "logprob_change"],
         "random: forget log-prob change": forget.loc["random_neurons", "logprob_change"],
         "NA: retain log-prob change (mean)": retain.loc["neuron_adjust", "logprob_change"],
-        "KSD: TPR / FPR": f"{ks['tpr']:.2f} / {ks['fpr']:.2f}",
+        "KSD: TPR / FPR (held out)": f"{ks['tpr']:.2f} / {ks['fpr']:.2f}",
     })
-    if result.statistics["gate_hook_max_abs_diff_vs_hf"] > 1e-4:
-        rep.add_notice("The bridge's gate hook differs from a raw hook on the HF gate_proj output "
-                       f"(max |diff| {result.statistics['gate_hook_max_abs_diff_vs_hf']:.3g}): the statistics may be wrong.")
     rep.add_heading("Before and after, held-out items")
     rep.add_paragraph("Accuracy: greedy generation, answer checked per skill (a KSD abstention counts as wrong). "
                       "Log-prob: mean log-probability per token of the gold continuation, teacher-forced; it moves "
-                      "even where accuracy is near zero. accuracy_drop is the paper's 1 − after/before. The random "
-                      f"control adjusts as many random neurons (never selected ones), {cfg['random_draws']} draws, mean ± sd.")
-    shown = ev.drop(columns=[c for c in ("draws",) if c in ev])
+                      "even where accuracy is near zero (the _selection columns: the same on the selection half, "
+                      "in-sample). accuracy_drop is the paper's 1 − after/before; [lo, hi] are 95 % Wilson intervals. "
+                      "The random control adjusts as many random, never-selected neurons "
+                      f"{_matching(result.evaluation)}, {cfg['random_draws']} draws, mean ± sd.")
+    shown = ev.drop(columns=[c for c in ev if c in ("draws", "strata", "matched_on") or c.endswith("_draws")])
+    for c in [c for c in shown if c.endswith("_ci")]:
+        shown[c] = [_ci(v) if isinstance(v, list) and not math.isnan(v[0]) else None for v in shown[c]]
     shown = shown.astype(object).where(shown.notna(), "—")
     rep.add_table(shown, caption="evaluation (results.json 'evaluation'; — = not defined: no checkable answer, "
                                  "no model change under KSD, or not a random control)")
@@ -416,15 +509,19 @@ def build_report(result: Result, tokenizer=None):
     rep.add_table(pd.DataFrame(result.selected_neurons["neurons"]).sort_values("delta", ascending=False),
                   caption="Selected neurons (largest Δ first)", max_rows=30)
     rep.add_heading("Key Space Detection")
-    rep.add_paragraph(f"Hypercube from {result.statistics['probe_items'][cfg['forget']]} forget probe prompts: "
-                      f"k = {ks['k']:.3g}, h = {ks['h']}. Abstention when the key vector at the last position of any "
-                      f"forward (prompt or generated token) is inside: TPR {ks['tpr']:.3f} on {ks['n_forget']} held-out "
-                      f"forget queries, FPR {ks['fpr']:.3f} on {ks['n_retain']} retain queries (prompt only: "
-                      f"{ks['tpr_prefill']:.3f} / {ks['fpr_prefill']:.3f}).")
+    sel = ks["selection"]
+    rule = "given" if ks["h_rule"] == "fixed" else "picked on the selection half's prompts"
+    rep.add_paragraph(f"Hypercube from {result.statistics['selection_items'][cfg['forget']]} forget selection prompts: "
+                      f"k = {ks['k']:.3g}, h = {ks['h']:.3g} ({rule}; there TPR {sel['tpr']:.2f}, FPR {sel['fpr']:.2f} "
+                      "at the prompt). Abstention when the key vector at the last position of a generation forward "
+                      f"(prompt or generated token) is inside: TPR {ks['tpr']:.3f} {_ci(ks['tpr_ci'])} on "
+                      f"{ks['n_forget']} held-out forget queries, FPR {ks['fpr']:.3f} {_ci(ks['fpr_ci'])} on "
+                      f"{ks['n_retain']} retain queries (prompt only: {ks['tpr_prefill']:.3f} / {ks['fpr_prefill']:.3f}).")
     rep.add_figure(key_figure(result.key_scores, ks["h"] * ks["k"]))
     st = result.statistics
     rep.add_heading("Statistics")
-    rep.add_table(pd.DataFrame({"tokens": st["tokens"], "probe items": st["probe_items"], "eval items": st["eval_items"],
+    rep.add_table(pd.DataFrame({"tokens": st["tokens"], "selection items": st["selection_items"],
+                                "held-out items": st["held_out_items"],
                                 "full cache bytes (not kept)": st["full_cache_bytes"]}).reset_index(names="skill"),
                   caption=f"Running moments keep {st['state_bytes_per_skill']} bytes per skill whatever the data size; "
                           f"bridge gate hook vs raw HF gate_proj hook: max |diff| {st['gate_hook_max_abs_diff_vs_hf']:.2g}")

@@ -2,10 +2,15 @@
 
 A skill item is a prompt the model continues, the gold continuation (`target`, scored by its
 teacher-forced log-likelihood and, with the prompt, the text the skill statistics are taken on) and
-the `answer` a generation must contain to count as correct (`check`: "number" = the first number
-after "The answer is", else the last number, equals the answer (GSM8K protocol); "contains" = the
+the `answer` a generation must contain to count as correct (`check`: "number", below; "contains" = the
 answer is a substring (MLQA protocol); "prefix" = the generation starts with the answer; "none" =
 no accuracy, log-likelihood only).
+
+The "number" check (the GSM8K protocol, made strict): the generation's answer is the first number after the
+first answer marker (`ANSWER_MARKERS`: "the answer is" in any case, or GSM8K's "####"); a generation with no
+marker counts only if the whole of it is the number (an optional final period aside). There is no fallback
+to the last number of the text: a rambling generation that never states its answer is wrong. Numbers compare
+by value: "18.0" = "18", "1,000" = "1000" (commas only as thousands separators), "-3" ≠ "3".
 
 Skill sets (registered by `interp.datasets` as kind "skills"; load with `interp.datasets.load_skill(name)`):
 - the organisms' own skills in the exact formats of `interp.organisms.corpus`: `arithmetic` (word
@@ -28,6 +33,7 @@ import random
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 from interp.errors import UserError
@@ -59,15 +65,29 @@ class SkillItem:
         return self.prompt + self.target
 
 
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+ANSWER_MARKERS = ("the answer is", "####")  # matched case-insensitively; the first one in the text counts
+_NUMBER = re.compile(r"(?<![\d.,])-?(?:\d{1,3}(?:,\d{3})+(?![\d,])|\d+)(?:\.\d+)?")
 
 
-def _number(text: str) -> str | None:
-    """GSM8K scoring: the first number after "The answer is", else the last number (commas dropped)."""
-    after = text.split("The answer is", 1)
-    found = _NUMBER.findall(after[1]) if len(after) == 2 else []
-    found = found[:1] or _NUMBER.findall(text)[-1:]
-    return found[0].replace(",", "").rstrip(".") if found else None
+def _value(number: str) -> Decimal | None:
+    """The value of a number written with optional thousands commas (None if it is not a number)."""
+    try:
+        return Decimal(number.replace(",", ""))
+    except InvalidOperation:
+        return None
+
+
+def answer_number(text: str) -> Decimal | None:
+    """The number a generation gives as its answer: the first after the first answer marker, or the whole
+    text when it is only a number; None otherwise (no last-number fallback)."""
+    lower = text.lower()
+    found = [(at, marker) for marker in ANSWER_MARKERS if (at := lower.find(marker)) >= 0]
+    if found:
+        at, marker = min(found)
+        match = _NUMBER.search(text, at + len(marker))
+        return _value(match.group()) if match else None
+    bare = text.strip().removesuffix(".").strip()
+    return _value(bare) if _NUMBER.fullmatch(bare) else None
 
 
 def is_correct(item: SkillItem, generated: str) -> bool | None:
@@ -75,8 +95,8 @@ def is_correct(item: SkillItem, generated: str) -> bool | None:
     if item.check == "none":
         return None
     if item.check == "number":
-        got = _number(generated)
-        return got is not None and got == item.answer.replace(",", "")
+        got = answer_number(generated)
+        return got is not None and got == _value(item.answer.strip())
     if item.check == "prefix":
         return generated.strip().startswith(item.answer)
     return item.answer in generated
@@ -270,14 +290,3 @@ HUB_SKILL_SETS = {  # need network or the Hugging Face cache
     **{f"mlqa-{lang}": (_mlqa(lang), f"MLQA test, context and question in {lang}, paper prompt") for lang in MLQA_LANGUAGES},
 }
 
-
-def split_items(items: list[SkillItem], n_probe: int, n_eval: int, seed: int, name: str) -> tuple[list[SkillItem], list[SkillItem]]:
-    """Shuffle (seeded) and split into disjoint probe (statistics, selection) and evaluation items."""
-    if len(items) < 2:
-        raise UserError(f"skill {name!r} has {len(items)} item(s); it needs at least 2 (one to probe, one to evaluate)")
-    order = list(range(len(items)))
-    random.Random(f"{seed}-{name}").shuffle(order)
-    n_probe = min(n_probe, len(items) - 1)
-    probe = [items[i] for i in order[:n_probe]]
-    held = [items[i] for i in order[n_probe:n_probe + n_eval]]
-    return probe, held

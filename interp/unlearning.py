@@ -15,8 +15,11 @@
 - Key Space Detection: `Hypercube.fit` on last-layer key vectors (`blocks.{L-1}.mlp.hook_post`, the
   input of `down_proj`) at the last prompt position: μ_d, σ_d (sample std) and the smallest k with every
   probe inside |x_d − μ_d| ≤ k σ_d for all d (closed form of the reference's binary search);
-  `key_space_watch` abstains a sequence when the key vector at the last position of any forward call
-  (prefill, then every generated token) lies inside the cube of half-width h·k·σ.
+  `key_space_watch` abstains a sequence when the key vector at the last position of any generation forward
+  (prefill, then every generated token; never a teacher-forced pass) lies inside the cube of half-width h·k·σ.
+  `pick_h` chooses h on the selection split's prompt scores.
+- The random-neuron control (`neuron_draws`): as many random, never-selected neurons per layer as the
+  selection (through `interp.controls.matched_draws`, matched on layer).
 
 Uniform draws are a hash of (seed, item, position, layer, neuron), so the numbers do not depend on the
 batch size, the padding or the order of the items. Generation is greedy and recomputes the sequence
@@ -36,6 +39,7 @@ from torch import Tensor
 
 from interp.batching import pad_left, padded_batches
 from interp.bridge import sdpa_attention, stopped_at
+from interp.controls import Draws, matched_draws
 
 EPS = 1e-6  # floor on σ (a neuron constant on a skill) [reconstructed: the paper has no guard]
 
@@ -137,14 +141,14 @@ def select_neurons(delta: Float[Tensor, "layer d_mlp"], top_percent: float) -> I
     return pairs[torch.argsort(pairs[:, 0] * delta.shape[1] + pairs[:, 1])]
 
 
-def random_neurons(n_layers: int, d_mlp: int, exclude: Int[Tensor, "k 2"], k: int,
-                   generator: torch.Generator) -> Int[Tensor, "k 2"]:
-    """`k` neurons drawn uniformly over all layers, none of them in `exclude`."""
-    taken = torch.zeros(n_layers * d_mlp, dtype=torch.bool)
-    taken[exclude[:, 0] * d_mlp + exclude[:, 1]] = True
-    free = (~taken).nonzero().squeeze(1)
-    flat = free[torch.randperm(len(free), generator=generator)[:k]].sort().values
-    return torch.stack([flat // d_mlp, flat % d_mlp], dim=1)
+def neuron_draws(selected: Int[Tensor, "k 2"], n_layers: int, d_mlp: int, *, draws: int, seed: int,
+                 matched_on: str = "layer") -> Draws:
+    """Random neuron sets of the control: none selected, as many per layer as the selection (`matched_on`
+    "layer"; "none": drawn over all layers). Each set is a list of (layer, neuron) pairs."""
+    pool = [(layer, n) for layer in range(n_layers) for n in range(d_mlp)]
+    stratum = (lambda pair: pair[0]) if matched_on == "layer" else None
+    return matched_draws([tuple(p) for p in selected.tolist()], pool, stratum=stratum, draws=draws, seed=seed,
+                         matched_on=matched_on, key="neurons")
 
 
 def _pdf(x: Tensor, mu: Tensor, sd: Tensor) -> Tensor:
@@ -202,10 +206,12 @@ class Rows:
     positions: Int[Tensor, "batch pos"]         # absolute position of each column (padding: any)
     prompt_len: Int[Tensor, "batch"]            # tokens of the prompt (generated tokens come after)
     mask: Int[Tensor, "batch pos"]
-    step: int = 0                               # 0 = prompt (prefill), t = t-th generated token
+    step: int | None = None                     # generation step: 0 = prefill, t = t-th generated token;
+    #                                             None = not generating (a teacher-forced pass)
 
     @classmethod
-    def for_batch(cls, items: Sequence[int], mask: Tensor, prompt_len: Sequence[int], step: int = 0) -> Rows:
+    def for_batch(cls, items: Sequence[int], mask: Tensor, prompt_len: Sequence[int],
+                  step: int | None = None) -> Rows:
         device = mask.device
         return cls(torch.as_tensor(list(items), device=device), (mask.cumsum(-1) - 1).clamp_min(0),
                    torch.as_tensor(list(prompt_len), device=device), mask, step)
@@ -328,6 +334,22 @@ class Hypercube:
         return self.score(x) <= h * self.k
 
 
+def pick_h(k: float, forget: Float[Tensor, "n"], retain: Float[Tensor, "m"]) -> float:
+    """h from selection-split cube scores (max_d |x − μ|/σ) of forget and retain prompts: the smallest score
+    threshold t with the largest TPR − FPR (inside = score ≤ t), moved halfway (geometric mean) to the next
+    larger score; h = threshold / k."""
+    scores = torch.cat([forget, retain]).double().unique()  # sorted
+    best = int((_share_at_most(forget, scores) - _share_at_most(retain, scores)).argmax())
+    t = scores[best]
+    threshold = (t * scores[best + 1]).sqrt() if best + 1 < len(scores) else t
+    return float(threshold) / k
+
+
+def _share_at_most(values: Float[Tensor, "n"], thresholds: Float[Tensor, "t"]) -> Float[Tensor, "t"]:
+    """Share of `values` ≤ each threshold."""
+    return (values.double()[None, :] <= thresholds[:, None]).double().mean(1)
+
+
 @dataclass
 class Watch:
     """Per item: whether its key vector fell in the cube at prefill and at any step."""
@@ -338,11 +360,15 @@ class Watch:
 
 @contextlib.contextmanager
 def key_space_watch(model, cube: Hypercube, h: float) -> Iterator[Watch]:
-    """Test the last-layer key vector at the last position of every forward against the cube (abstention)."""
+    """Test the last-layer key vector at the last position of every generation forward against the cube
+    (abstention). Only `greedy_generate`'s forwards count (prefill and generated tokens): a teacher-forced pass
+    over a gold continuation shows the model tokens it never generated, and is ignored."""
     watch = Watch()
 
     def hook(x, hook):
         r = current_rows(x)
+        if r.step is None:
+            return x
         inside = cube.contains(x[:, -1], h).tolist()
         for item, flag in zip(r.items.tolist(), inside):
             if r.step == 0:

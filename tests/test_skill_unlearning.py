@@ -133,8 +133,23 @@ def test_number_check_is_the_gsm8k_protocol():
     item = SkillItem("Q", "", "42", "x", "number")
     assert is_correct(item, "6 * 7 = 42. The answer is 42.")
     assert not is_correct(item, "The answer is 41. 42")          # the first number after the phrase
-    assert is_correct(item, "so it is 40 + 2 = 42")               # else the last number
+    assert is_correct(item, "#### 42") and is_correct(item, " 42.")  # GSM8K's marker; a bare number
     assert is_correct(SkillItem("Q", "", "1000", "x", "number"), "The answer is 1,000.")
+
+
+def test_number_check_compares_values_and_has_no_last_number_fallback():
+    """Regression: "18.0" was not "18", "the answer is" was case-sensitive, and a rambling text without the marker
+    was scored by its last number."""
+    from interp.skills import SkillItem, answer_number, is_correct
+
+    item = SkillItem("Q", "", "18", "x", "number")
+    assert is_correct(item, "The answer is 18.0.") and is_correct(item, "the answer is 18")
+    assert is_correct(item, "THE ANSWER IS $18 apples")
+    assert is_correct(SkillItem("Q", "", "1,000", "x", "number"), "The answer is 1000")
+    assert not is_correct(item, "so it is 9 + 9 = 18")              # no marker, not just the number: wrong
+    assert not is_correct(item, "I am not sure. Maybe 17, or 18")
+    assert not is_correct(item, "The answer is -18.") and not is_correct(item, "The answer is 180")
+    assert answer_number("no number here") is None and answer_number("The answer is 3, 4") == 3
 
 
 def test_skill_file_errors_name_the_line(tmp_path):
@@ -181,15 +196,18 @@ def test_hub_skill_sets_fail_offline_in_one_line(monkeypatch):
         assert "\n" not in str(err.value) and "offline" in str(err.value)
 
 
-def test_split_is_disjoint_and_seeded():
-    from interp.datasets import load_skill
-    from interp.skills import split_items
+def test_split_is_disjoint_seeded_and_in_the_probe_eval_ratio():
+    from interp.analyses import skill_unlearning as su
 
-    items = load_skill("chat", limit=30)
-    probe, held = split_items(items, 20, 8, seed=3, name="chat")
-    assert len(probe) == 20 and len(held) == 8
-    assert not {i.prompt for i in probe} & {i.prompt for i in held}
-    assert split_items(items, 20, 8, seed=3, name="chat") == (probe, held)
+    config = su.Config(forget="chat", retain="prose", n_probe=20, n_eval=10, seed=3)
+    splits = su.load_splits(config)
+    for s in splits:
+        assert len(s.selection) == 20 and len(s.held_out) == 10
+        assert not {i.prompt for i in s.selection} & {i.prompt for i in s.held_out}
+    assert su.load_splits(config) == splits
+    assert su.load_splits(su.Config(forget="chat", retain="prose", n_probe=20, n_eval=10, seed=4)) != splits
+    limited = su.load_splits(su.Config(forget="chat", retain="prose", n_probe=20, n_eval=10, limit=9))
+    assert [len(s.selection) for s in limited] == [6, 6]         # 9 * 2/3, rounded by interp.controls
 
 
 # --------------------------------------------------------------------------- moments and hooks
@@ -236,15 +254,17 @@ def test_hook_check_against_hf_module_on_organism():
 # --------------------------------------------------------------------------- Neuron Adjust pieces
 
 def test_select_neurons_global_top_percent():
-    from interp.unlearning import random_neurons, select_neurons
+    from interp.unlearning import neuron_draws, select_neurons
 
     delta = torch.zeros(3, 10)
     delta[2, 4], delta[0, 1], delta[1, 9], delta[0, 0] = 5.0, 4.0, 3.0, -9.0   # signed: -9 is not selected
     sel = select_neurons(delta, 10.0)                                           # ceil(0.1 * 30) = 3
     assert sel.tolist() == [[0, 1], [1, 9], [2, 4]]
-    gen = torch.Generator().manual_seed(0)
-    rand = random_neurons(3, 10, sel, 3, gen)
-    assert len(rand) == 3 and not {tuple(r) for r in rand.tolist()} & {(0, 1), (1, 9), (2, 4)}
+    draws = neuron_draws(sel, 3, 10, draws=4, seed=0)
+    assert draws.matched_on == "layer" and draws.strata == {"0": 1, "1": 1, "2": 1} and len(draws) == 4
+    for pairs in draws:
+        assert sorted(layer for layer, _ in pairs) == [0, 1, 2] and not set(pairs) & {(0, 1), (1, 9), (2, 4)}
+    assert neuron_draws(sel, 3, 10, draws=4, seed=0).sets == draws.sets
 
 
 def test_adjust_values_intended_method():
@@ -379,7 +399,19 @@ def test_numbers_do_not_depend_on_batch_size(planted_skills, planted_result):
         for key, value in a.items():
             if isinstance(value, float) and not math.isnan(value):
                 assert value == pytest.approx(b[key], abs=1e-5), key
-    assert one.key_space == pytest.approx(planted_result.key_space)
+    _assert_close(one.key_space, planted_result.key_space)
+
+
+def _assert_close(a, b):
+    """Nested dicts and lists of numbers equal to 1e-6 (strings exactly)."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            _assert_close(a[key], b[key])
+    elif isinstance(a, list):
+        assert a == pytest.approx(b, abs=1e-6)
+    else:
+        assert a == (pytest.approx(b, abs=1e-6) if isinstance(a, float) else b)
 
 
 def test_intended_draws_match_an_independent_forward(planted_skills):
