@@ -26,7 +26,10 @@ held-out part, seeded):
    dependence removed), scaled by α → held-out (and in-sample) loss, first-token attention and
    M-Act; on every gated head, and on the heads selected on the selection part (lowest mean gate,
    or highest token variance) against random heads of the same number, never overlapping, several
-   draws (mean ± sd).
+   draws (mean ± sd), matched on the push: forcing a gate of mean ḡ to 1 makes the head's output
+   ~1/ḡ times larger, so each random head gets the same intervention and then the rescale that
+   gives it its paired selected head's push (`interp.gates.PushStats`, pairs by rank). The
+   unmatched random row (no rescale) stays beside it, labelled.
 
 Qwen3-Next / Qwen3.5 linear-attention (Gated DeltaNet) layers have no softmax pattern: their rows
 carry null and the report says "no softmax pattern". `--compare MODEL` runs a second model the same
@@ -39,7 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import random
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -49,21 +52,26 @@ import plotly.graph_objects as go
 import torch
 
 from interp import gates
-from interp.analysis import CommonConfig, require, run_header
+from interp.analysis import CommonConfig, require, run_header, warn
 from interp.batching import padded_batches
+from interp.controls import Draws, control_row, matched_draws, n_selected, split, wilson
 from interp.figures import intervention_bars, layer_head_heatmap
 from interp.models import model_info
 from interp.report import analysis_report
 
-DATASET_FIELD = "texts"
+DATASET_FIELD = "text_set"
+RENAMED_OPTIONS = {"select_fraction": "head_fraction"}
 TWINS = {"organism": "organism-gated", "organism-gated": "organism",
          "organism-sink": "organism-sink-gated", "organism-sink-gated": "organism-sink"}
 PUBLIC_KEYS = ("gated", "gates", "sparsity", "attention", "m_act", "interventions")
+METRICS = ("loss", "first_token", "sink_rate", "m_act", "loss_in_sample")  # measured under each intervention
+Head = gates.Head
 
 
 @dataclass
 class Config(CommonConfig):
-    texts: str = "natural-text"  # text set, also --dataset: a registered name (--list) or a .txt file; paper: a held-out LM test set
+    # the text set, also --dataset: a registered name (--list) or a .txt file; paper: a held-out LM test set
+    text_set: str = "natural-text"
     seq_len: int = 64  # tokens per chunk (Gu et al.'s sink rate is defined at T = 64; the paper evaluates at 4096)
     n_chunks: int = 64  # chunks of the text set used (fewer if the text is shorter)
     bos: bool = False  # start each chunk with a BOS-like token (Qwen tokenizers add none; the papers' code adds none)
@@ -72,9 +80,10 @@ class Config(CommonConfig):
     sink_epsilon: float = 0.3  # sink rate threshold ε on α[0] (Gu et al. 2024)
     interventions: Literal["auto", "on", "off"] = "auto"  # gate interventions: auto = on gated models only, on = required
     alphas: tuple[float, ...] = (0.5, 2.0)  # gate scale factors α (σ(z) → α·σ(z)); toolkit probe, not in the paper
-    select_fraction: float = 0.25  # share of gated heads selected for the head-level interventions (at most 0.5)
+    head_fraction: float = 0.25  # share of gated heads selected for the head-level interventions (at most 0.5)
     select_by: Literal["low_mean", "high_var"] = "low_mean"  # head selection: lowest mean gate, or highest variance across tokens
-    random_draws: int = 5  # random-head control draws (same number of heads, never the selected ones)
+    # random-head control draws (same number of heads, never the selected ones, matched on the push; at least 2)
+    random_draws: int = 5
     compare: str = "auto"  # second model side by side: a model name/path, none, or auto (an organism's twin)
 
     def validate(self, model=None) -> None:
@@ -85,9 +94,8 @@ class Config(CommonConfig):
         require(self.sparsity_threshold > 0, f"sparsity-threshold must be > 0; got {self.sparsity_threshold}")
         require(0 < self.sink_epsilon < 1, f"sink-epsilon must be in (0, 1); got {self.sink_epsilon}")
         require(all(a >= 0 for a in self.alphas), f"alphas must be >= 0; got {self.alphas}")
-        require(0 < self.select_fraction <= 0.5, f"select-fraction must be in (0, 0.5] so random heads can avoid "
-                                                  f"the selected ones; got {self.select_fraction}")
-        require(self.random_draws >= 1, f"random-draws must be at least 1; got {self.random_draws}")
+        require(0 < self.head_fraction <= 0.5, f"head-fraction must be in (0, 0.5] so random heads can avoid "
+                                                f"the selected ones; got {self.head_fraction}")
         if model is not None:
             n_ctx = getattr(model.cfg, "n_ctx", None)
             require(not n_ctx or self.seq_len <= n_ctx, f"seq-len {self.seq_len} exceeds the model's context {n_ctx}")
@@ -102,7 +110,7 @@ def preflight(config: Config) -> None:
     from interp.datasets import load_dataset
 
     config.validate()
-    load_dataset(config.texts, "texts")
+    load_dataset(config.text_set, "texts")
 
 
 def compare_name(model, config: Config) -> str | None:
@@ -152,8 +160,8 @@ def text_set(model, config: Config):
     from interp.datasets import load_dataset
     from interp.texts import chunk_texts
 
-    texts = load_dataset(config.texts, "texts", limit=config.limit)
-    return chunk_texts(model.tokenizer, texts, config.seq_len, config.n_chunks, bos=config.bos, source=config.texts)
+    texts = load_dataset(config.text_set, "texts", limit=config.limit)
+    return chunk_texts(model.tokenizer, texts, config.seq_len, config.n_chunks, bos=config.bos, source=config.text_set)
 
 
 class _Evaluation:
@@ -209,48 +217,71 @@ def _select_heads(rows: list[dict], k: int, by: str) -> list[tuple[int, int]]:
     return [(r["layer"], r["head"]) for r in sorted(rows, key=key)[:k]]
 
 
-def _interventions(model, layers, fit, held, gate_fit: gates.GateStats, config: Config) -> tuple[list[dict], list]:
+def sink_rate_ci(rate: float, n: int) -> list[float]:
+    """Wilson 95 % interval (in %) of a sink rate given in % over `n` (head, sequence) pairs."""
+    lo, hi = wilson(round(rate * n / 100), n)
+    return [100 * lo, 100 * hi]
+
+
+def push_rescale(selected: list[Head], draw: list[Head], push: dict[Head, float]) -> dict[Head, float]:
+    """Per random head, the factor that gives it its paired selected head's push (pairs by rank of push, largest
+    first): push[selected] / push[random]; 1 where the pushes are equal (to float precision)."""
+    by_push = lambda heads: sorted(heads, key=lambda h: (-push[h], h))  # noqa: E731
+    return {r: 1.0 if math.isclose(push[s], push[r], rel_tol=1e-6) else push[s] / push[r]
+            for s, r in zip(by_push(selected), by_push(draw))}
+
+
+def _random_row(what: str, draws: Draws, results: list[dict], selection: str, **extra) -> dict:
+    values = {metric: [r[metric] for r in results] for metric in METRICS}
+    return {"what": what, "heads": [[list(h) for h in d] for d in draws], "selection": selection,
+            "n_heads": len(draws.sets[0]), **control_row(values, draws), **extra}
+
+
+def _interventions(model, layers, fit, held, gate_fit: gates.GateStats, push: gates.PushStats,
+                   config: Config) -> tuple[list[dict], list]:
     """Rows {what, heads, selection, n_heads, loss, first_token, sink_rate, m_act, loss_in_sample} (held-out
-    part, loss also on the selection part); random rows: means over the draws and `<metric>_sd`."""
+    part, loss also on the selection part). `random`: draws matched on the push (each random head rescaled to its
+    paired selected head's push); `random_unmatched`: the same heads without the rescale (where pushes differ)."""
     means = gate_fit.element_means()
     all_heads = [(layer, h) for layer in gate_fit.layers for h in range(model.cfg.n_heads)]
-    k = max(1, round(config.select_fraction * len(all_heads)))
-    selected = _select_heads(gate_fit.head_rows(), k, config.select_by)
-    rest = [h for h in all_heads if h not in selected]
-    rng = random.Random(config.seed)
-    draws = [sorted(rng.sample(rest, k)) for _ in range(config.random_draws)]
-    kinds = [("gates=1", lambda hs: gates.force_gates_one(model, hs)),
-             ("gates=mean", lambda hs: gates.gates_to_mean(model, means, hs))]
-    kinds += [(f"gates×{a:g}", lambda hs, a=a: gates.scale_gates(model, a, hs)) for a in config.alphas]
+    selected = _select_heads(gate_fit.head_rows(), n_selected(len(all_heads), config.head_fraction), config.select_by)
+    draws = matched_draws(selected, all_heads, draws=config.random_draws, seed=config.seed, matched_on="push",
+                          key="heads")
+    factors = push.factors()
+    kinds = [("gates=1", lambda hs: gates.force_gates_one(model, hs), factors["one"]),
+             ("gates=mean", lambda hs: gates.gates_to_mean(model, means, hs), factors["mean"])]
+    kinds += [(f"gates×{a:g}", lambda hs, a=a: gates.scale_gates(model, a, hs), {h: a for h in all_heads})
+              for a in config.alphas]
+    n_sink = len(held) * len(layers) * model.cfg.n_heads
 
-    def measure(context, tag):
-        with context:
+    def measure(contexts, tag):
+        with contextlib.ExitStack() as stack:
+            for context in contexts:
+                stack.enter_context(context)
             out = _evaluate(model, layers, held, config, f"{tag} held-out")
             out["loss_in_sample"] = _evaluate(model, layers, fit, config, f"{tag} selection")["loss"]
-        return out
+        return {**out, "sink_rate_ci": sink_rate_ci(out["sink_rate"], n_sink)}
 
-    base = measure(contextlib.nullcontext(), "baseline")
-    rows = [{"what": "none", "heads": [], "selection": "none", "n_heads": 0, **base}]
-    for what, make in kinds:
+    rows = [{"what": "none", "heads": [], "selection": "none", "n_heads": 0, **measure([], "baseline")}]
+    for what, make, push_of in kinds:
         rows.append({"what": what, "heads": [list(h) for h in all_heads], "selection": "all", "n_heads": len(all_heads),
-                     **measure(make(None), what)})
-        rows.append({"what": what, "heads": [list(h) for h in selected], "selection": "selected", "n_heads": k,
-                     **measure(make(selected), what)})
-        results = [measure(make(d), f"{what} random {i}") for i, d in enumerate(draws)]
-        row = {"what": what, "heads": [[list(h) for h in d] for d in draws], "selection": "random", "n_heads": k,
-               "n_draws": len(draws)}
-        for metric in ("loss", "first_token", "sink_rate", "m_act", "loss_in_sample"):
-            values = np.array([r[metric] for r in results], dtype=float)
-            row[metric] = float(values.mean())
-            row[f"{metric}_sd"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
-        rows.append(row)
+                     **measure([make(None)], what)})
+        rows.append({"what": what, "heads": [list(h) for h in selected], "selection": "selected",
+                     "n_heads": len(selected), "push": [push_of[h] for h in selected], **measure([make(selected)], what)})
+        rescales = [push_rescale(selected, d, push_of) for d in draws]
+        matched = [measure([make(d)] + ([gates.scale_outputs(model, r)] if set(r.values()) != {1.0} else []),
+                           f"{what} random {i}") for i, (d, r) in enumerate(zip(draws, rescales))]
+        rows.append(_random_row(what, draws, matched, "random", push=sorted((push_of[h] for h in selected), reverse=True),
+                                rescale=[[r[h] for h in d] for d, r in zip(draws, rescales)]))
+        if any(set(r.values()) != {1.0} for r in rescales):
+            plain = [measure([make(d)], f"{what} unmatched {i}") for i, d in enumerate(draws)]
+            rows.append(_random_row(what, dataclasses.replace(draws, matched_on="none"), plain, "random_unmatched",
+                                    push=[[push_of[h] for h in d] for d in draws]))
     return rows, selected
 
 
-def analyse_model(model, config: Config) -> ModelResult:
-    """All measurements on one model."""
-    from interp.texts import split_indices
-
+def analyse_model(model, config: Config, warnings: list[str]) -> ModelResult:
+    """All measurements on one model (problems that do not stop the run go to `warnings`)."""
     name = model_info(model).name
     layers = gates.softmax_layers(model)
     kinds = gates.layer_kinds(model)
@@ -258,8 +289,13 @@ def analyse_model(model, config: Config) -> ModelResult:
     require(config.interventions != "on" or gated,
             f"--interventions on needs a gated-attention model; {name} has no attention output gate")
     chunks = text_set(model, config)
-    fit_idx, held_idx = split_indices(len(chunks), config.selection_fraction, config.seed)
-    fit, held = [chunks.chunks[i] for i in fit_idx], [chunks.chunks[i] for i in held_idx]
+    require(len(chunks) >= 2, f"text set {config.text_set!r} gives {len(chunks)} chunk of {config.seq_len} tokens; "
+                              "need 2 (one to select on, one held out): lower --seq-len or pass more text")
+    if len(chunks) < config.n_chunks:
+        warn(warnings, f"{name}: text set {config.text_set!r} gives only {len(chunks)} chunks of {config.seq_len} "
+                       f"tokens (asked for {config.n_chunks})")
+    halves = split(len(chunks), config.selection_fraction, config.seed)
+    fit, held = [chunks.chunks[i] for i in halves.selection], [chunks.chunks[i] for i in halves.held_out]
 
     gate_fit = None
     mean_gate = None
@@ -272,8 +308,11 @@ def analyse_model(model, config: Config) -> ModelResult:
                                                progress=config.progress)
     evaluation = _Evaluation(model, layers, config).run(held, config, "sinks")
     per_layer = {r["layer"]: r for r in evaluation.attention.per_layer()}
-    attention = [{"layer": layer, "first_token": per_layer[layer]["first_token"] if layer in per_layer else None,
-                  "sink_rate": per_layer[layer]["sink_rate"] if layer in per_layer else None}
+    n_sink = len(held) * model.cfg.n_heads
+    attention = [{"layer": layer, "first_token": per_layer[layer]["first_token"],
+                  "sink_rate": per_layer[layer]["sink_rate"],
+                  "sink_rate_ci": sink_rate_ci(per_layer[layer]["sink_rate"], n_sink)} if layer in per_layer else
+                 {"layer": layer, "first_token": None, "sink_rate": None, "sink_rate_ci": None}
                  for layer in range(model.cfg.n_layers)]
     sparsity_rows = {r["layer"]: r for r in sparsity.rows(gated)}
     sparsity_out = [sparsity_rows.get(layer, {"layer": layer, "ungated": None, "gated": None})
@@ -281,8 +320,11 @@ def analyse_model(model, config: Config) -> ModelResult:
 
     interventions, selected = [], []
     if gated and config.interventions != "off":
-        interventions, selected = _interventions(model, layers, fit, held, gate_fit, config)
+        push = gates.measure_push(model, fit, gate_fit.element_means(), batch_size=config.batch_size,
+                                  progress=config.progress)
+        interventions, selected = _interventions(model, layers, fit, held, gate_fit, push, config)
     first = chunks.first_token_summary()
+    summary = evaluation.summary()
     return ModelResult(
         name=name, gated=gated, gates=gate_held.head_rows() if gated else [], sparsity=sparsity_out,
         attention=attention, m_act=evaluation.m_act(), interventions=interventions, layer_kinds=kinds,
@@ -292,7 +334,8 @@ def analyse_model(model, config: Config) -> ModelResult:
         selected_heads=[list(h) for h in selected],
         text={"source": chunks.source, "seq_len": chunks.seq_len, "bos": chunks.bos, "n_selection": len(fit),
               "n_held_out": len(held), "first_token": first["token"], "first_token_share": first["share"],
-              "loss": evaluation.summary()["loss"]})
+              "loss": summary["loss"], "sink_rate": summary["sink_rate"],
+              "sink_rate_ci": sink_rate_ci(summary["sink_rate"], len(held) * len(layers) * model.cfg.n_heads)})
 
 
 # ---------------------------------------------------------------- result
@@ -301,6 +344,7 @@ def analyse_model(model, config: Config) -> ModelResult:
 class Result:
     header: dict  # run_header: analysis, model, environment, config
     results: dict[str, ModelResult]  # model name → measurements (the run's model first)
+    warnings: list[str] = field(default_factory=list)  # problems that did not stop the run (results.json, report)
 
     @property
     def primary(self) -> ModelResult:
@@ -309,8 +353,9 @@ class Result:
     def to_dict(self) -> dict:
         if len(self.results) == 1:
             r = self.primary
-            return {**self.header, **r.public(), **r.details()}
-        return {**self.header, "models": {name: {**r.public(), **r.details()} for name, r in self.results.items()}}
+            return {**self.header, "warnings": self.warnings, **r.public(), **r.details()}
+        return {**self.header, "warnings": self.warnings,
+                "models": {name: {**r.public(), **r.details()} for name, r in self.results.items()}}
 
     def tables(self) -> dict[str, pd.DataFrame]:
         def frame(attr):
@@ -332,25 +377,28 @@ def run(model, config: Config) -> Result:
     from interp.models import load_model
 
     config.validate(model)
+    warnings: list[str] = []
     other = other_config = None
     other_name = compare_name(model, config)
     if other_name is not None:
         info = model_info(model)
         other = load_model(other_name, device=info.device, dtype=info.dtype)
         # `--interventions on` asks it of the gated model; an ungated comparison model just has none
-        other_config = config if config.interventions != "on" or gates.is_gated(other) else \
-            dataclasses.replace(config, interventions="auto")
+        other_config = config
+        if config.interventions == "on" and not gates.is_gated(other):
+            warn(warnings, f"{other_name} has no attention output gate: no gate interventions on it")
+            other_config = dataclasses.replace(config, interventions="auto")
         other_config.validate(other)
     header = run_header("gated_attention", model, config)
-    first = analyse_model(model, config)
+    first = analyse_model(model, config, warnings)
     results = {first.name: first}
     if other is not None:
-        second = analyse_model(other, other_config)
+        second = analyse_model(other, other_config, warnings)
         if second.name in results:
             second.name = f"{second.name} (compare)"
         results[second.name] = second
         header["compare_model"] = model_info(other).to_dict()
-    return Result(header=header, results=results)
+    return Result(header=header, results=results, warnings=warnings)
 
 
 # ---------------------------------------------------------------- report
@@ -424,18 +472,30 @@ def _attention_table(r: ModelResult) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+SELECTION_LABELS = {"random": "random heads, push matched", "random_unmatched": "random heads, push NOT matched"}
+
+
 def intervention_table(r: ModelResult) -> pd.DataFrame:
+    """One row per intervention row; random rows: mean and sd over the draws, the mean push they got."""
     rows = []
     for row in r.interventions:
+        draws = row["selection"].startswith("random")
         heads = ("all gated heads" if row["selection"] == "all" else
-                 f"{row['n_draws']} draws of {row['n_heads']}" if row["selection"] == "random" else _fmt_heads(row["heads"]))
-        out = {"what": row["what"], "selection": row["selection"], "heads": heads}
+                 f"{row['n_draws']} draws of {row['n_heads']}" if draws else _fmt_heads(row["heads"]))
+        push = row.get("push")
+        out = {"what": row["what"], "selection": SELECTION_LABELS.get(row["selection"], row["selection"]),
+               "heads": heads, "mean push": float(np.mean(push)) if push else None}
         for metric in ("loss", "loss_in_sample", "first_token", "sink_rate", "m_act"):
             out[metric] = row[metric]
             if f"{metric}_sd" in row:
                 out[f"{metric} sd"] = row[f"{metric}_sd"]
+        out["sink_rate 95% CI"] = _fmt_ci(row.get("sink_rate_ci"))
         rows.append(out)
     return pd.DataFrame(rows)
+
+
+def _fmt_ci(ci) -> str:
+    return "" if ci is None else f"[{ci[0]:.1f}, {ci[1]:.1f}]"
 
 
 SELECT_LABELS = {"low_mean": "lowest mean gate", "high_var": "highest gate variance across tokens"}
@@ -449,7 +509,7 @@ def _model_section(rep, r: ModelResult, n_layers: int, n_heads: int, select_by: 
     rep.add_metrics({
         "gated": r.gated, "mean gate score": overall_gate if r.gated else "no gates",
         "first-token attention": float(np.mean([row["first_token"] for row in soft])),
-        "sink rate (%)": float(np.mean([row["sink_rate"] for row in soft])),
+        "sink rate (%)": f"{r.text['sink_rate']:.1f} (95% CI {_fmt_ci(r.text['sink_rate_ci'])})",
         "F-Attn if attention were uniform": uniform_first_token(r.text["seq_len"]),
         "M-Act": r.m_act, "held-out loss": r.text["loss"]})
     if linear:
@@ -485,16 +545,24 @@ def _model_section(rep, r: ModelResult, n_layers: int, n_heads: int, select_by: 
         rep.add_heading("Gate interventions", level=3)
         rep.add_paragraph(f"Selected heads ({SELECT_LABELS[select_by]} on the selection part): "
                           f"{_fmt_heads(r.selected_heads)}. Loss, first-token attention and M-Act on the held-out part; "
-                          "loss_in_sample on the selection part. Random rows: mean and sd over the draws.")
+                          "loss_in_sample on the selection part. Random rows: mean and sd over the draws. The push of "
+                          "an intervention on a head is how many times larger it makes the head's output (Σ|new| / "
+                          "Σ|gated|, on the selection part): forcing a gate of mean ḡ to 1 pushes by about 1/ḡ, so "
+                          "low-gate heads get the largest push. The matched random heads get the same intervention, "
+                          "then a rescale to the push of their paired selected head (pairs by rank); if the selected "
+                          "heads move the loss more than these, it is the heads, not the size of the push. The "
+                          "unmatched row (no rescale) is shown for comparison only: it confounds the two.")
         base = r.interventions[0]
-        bars = [{**row, "label": row["what"]} for row in r.interventions if row["selection"] in ("selected", "random")]
+        bars = [{**row, "label": row["what"], "selection": SELECTION_LABELS.get(row["selection"], row["selection"])}
+                for row in r.interventions if row["selection"] in ("selected", "random", "random_unmatched")]
         rep.add_figure(intervention_bars(bars, ["loss", "first_token", "m_act"], baseline=base,
                                          title=f"{r.name}: selected heads vs random heads"))
-        rep.add_table(intervention_table(r), "Interventions (none = no intervention).")
+        rep.add_table(intervention_table(r), "Interventions (none = no intervention). Sink rate: % of (head, "
+                      "sequence) pairs with α[0] > ε; its Wilson interval treats the pairs as independent.")
 
 
 def build_report(result: Result, tokenizer=None):
-    rep = analysis_report(result.header)
+    rep = analysis_report(result.header, result.warnings)
     names = list(result.results)
     rep.add_paragraph("Gated attention (Qiu et al. 2025): gate scores σ(z) of a sigmoid output gate per head, the "
                       "sparsity of the attention output before and after gating, the sink metrics (first-token "

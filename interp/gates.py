@@ -13,14 +13,16 @@ softmax pattern and no such hook (`softmax_layers` lists the layers that do).
   gated models); `SparsityStats`: share of |Y| < θ, |Y'| < θ and |ḡ·Y| < θ per layer.
 - `implicit_scale`: s(q) = 1 − attention of query q to the first token (a sink key), per head,
   the quantity An et al. 2025 liken to a gate; defined on any softmax-attention model.
+- `PushStats`: per head, the factor by which a gate intervention scales the head's output size (Σ|K(Y)| / Σ|Y'|):
+  ≈ 1/ḡ for gates forced to 1. A random-head control matched on it answers "these heads, or a push that size?".
 - Interventions (context managers over the gate hook, gated models only): `force_gates_one`,
-  `gates_to_mean`, `scale_gates`.
+  `gates_to_mean`, `scale_gates`; `scale_outputs` scales each listed head's gated output by its own factor.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from jaxtyping import Float
@@ -234,19 +236,58 @@ def gates_to_mean(model, means: dict[int, Float[Tensor, "head d_head"]], heads: 
 def scale_gates(model, alpha: float, heads: Sequence[Head] | None = None):
     """Gate scores scaled by `alpha` (σ(z) → α·σ(z), any α ≥ 0, also above 1/σ): applied to the gated
     head output at `hook_z` (= Y ⊙ σ(z)), which is the same product."""
-    check_gated(model)
     if alpha < 0:
         raise UserError(f"gate scale alpha must be >= 0, got {alpha}")
+    return scale_outputs(model, {(layer, h): alpha for layer, idx in _by_layer(model, heads).items() for h in idx})
 
-    def make_hook(idx: list[int]):
+
+def scale_outputs(model, factors: Mapping[Head, float]):
+    """Each head's gated output (`hook_z`, Y ⊙ σ(z)) multiplied by its own factor (heads not listed: unchanged).
+    Composes with the gate edits above, which act earlier (on `hook_q_gate`)."""
+    check_gated(model)
+    _by_layer(model, list(factors))  # checks the heads
+    by_layer: dict[int, dict[int, float]] = {}
+    for (layer, head), f in factors.items():
+        by_layer.setdefault(layer, {})[head] = float(f)
+
+    def make_hook(scale: dict[int, float]):
         def hook(z, hook):  # [batch, pos, head, d_head]
-            out = z.clone()
-            out[:, :, idx] = out[:, :, idx] * alpha
-            return out
+            f = torch.ones(z.shape[2], dtype=z.dtype, device=z.device)
+            f[list(scale)] = torch.tensor(list(scale.values()), dtype=z.dtype, device=z.device)
+            return z * f[:, None]
         return hook
 
-    fwd = [(f"blocks.{layer}.attn.hook_z", make_hook(idx)) for layer, idx in sorted(_by_layer(model, heads).items())]
+    fwd = [(f"blocks.{layer}.attn.hook_z", make_hook(scale)) for layer, scale in sorted(by_layer.items())]
     return model.hooks(fwd_hooks=fwd)
+
+
+class PushStats:
+    """Per (layer, head), over real tokens: Σ|Y'| of the gated output and Σ|K(Y)| under each gate intervention K that
+    sets the gate (`one`: σ = 1, so Y; `mean`: Y ⊙ m with the per-element mean gates m). `factors()` gives the push
+    Σ|K(Y)| / Σ|Y'|: how many times larger K makes the head's output (gates forced to 1: about 1/ḡ)."""
+
+    def __init__(self, layers: Sequence[int], n_heads: int, means: dict[int, Float[Tensor, "head d_head"]]):
+        self.layers, self.means = list(layers), means
+        zeros = torch.zeros((len(self.layers), n_heads), dtype=torch.float64)
+        self.gated, self.sums = zeros.clone(), {"one": zeros.clone(), "mean": zeros.clone()}
+
+    def update(self, layer: int, y: Float[Tensor, "batch q head d"], gate: Float[Tensor, "batch q head d"],
+               mask: Tensor) -> None:
+        i = self.layers.index(layer)
+        keep = mask.bool()
+        y, g = y[keep].double(), gate[keep].double()  # [N, head, d]
+        self.gated[i] += (y * g).abs().sum((0, 2)).cpu()
+        self.sums["one"][i] += y.abs().sum((0, 2)).cpu()
+        self.sums["mean"][i] += (y * self.means[layer].to(y.device).double()).abs().sum((0, 2)).cpu()
+
+    def factors(self) -> dict[str, dict[Head, float]]:
+        """kind ("one", "mean") → (layer, head) → push (1.0 for a head whose output is 0: nothing to push)."""
+        out: dict[str, dict[Head, float]] = {}
+        for kind, sums in self.sums.items():
+            push = torch.where(self.gated > 0, sums / self.gated.clamp_min(1e-300), torch.ones_like(sums))
+            out[kind] = {(layer, h): float(push[i, h]) for i, layer in enumerate(self.layers)
+                         for h in range(push.shape[1])}
+        return out
 
 
 class ScaleStats:
@@ -306,35 +347,54 @@ class ScaleStats:
         return {layer: (self.hist[i] / self.hist[i].sum()).tolist() for i, layer in enumerate(self.layers)}
 
 
-@torch.no_grad()
-def measure(model, seqs: Sequence[Sequence[int]], *, batch_size: int = 8, theta: float = 1e-2,
-            mean_gate: dict[int, float] | None = None, progress: bool = True):
-    """One streamed pass over `seqs` (token id lists): `(GateStats | None, SparsityStats, ScaleStats)`
-    on the softmax-attention layers. `mean_gate` (layer → ḡ, from another split) enables the
-    |ḡ·Y| < θ control. Stops after the last attention layer."""
+def _layer_batches(model, seqs: Sequence[Sequence[int]], batch_size: int, progress: bool, desc: str) -> Iterator:
+    """Per batch and softmax layer: (layer, pattern, ungated Y, gate σ(z) or None, gate logits or None, mask).
+    The forward stops after the last attention layer."""
     from interp.batching import padded_batches
     from interp.bridge import stopped_at
 
     layers = softmax_layers(model)
     gated = is_gated(model)
     n_heads = model.cfg.n_heads
-    gates = GateStats(layers, n_heads, model.cfg.d_head) if gated else None
-    sparsity, scale = SparsityStats(theta), ScaleStats(layers, n_heads)
     wanted = {f"blocks.{layer}.attn.{h}" for layer in layers
               for h in ("hook_pattern", "hook_v") + (("hook_q_gate",) if gated else ())}
-    for _, tokens, mask in padded_batches(model, seqs, batch_size, desc="gates", progress=progress):
+    for _, tokens, mask in padded_batches(model, seqs, batch_size, desc=desc, progress=progress):
         with stopped_at(model, max(layers) + 1) as stop:
             _, cache = model.run_with_cache(tokens, attention_mask=mask, names_filter=lambda n: n in wanted,
                                             stop_at_layer=stop, return_type=None)
         for layer in layers:
             pattern = cache[f"blocks.{layer}.attn.hook_pattern"].float()
             y = rebuild_ungated(pattern, cache[f"blocks.{layer}.attn.hook_v"].float())
-            g = None
-            if gated:
-                logits = cache[gate_hook(layer)].float()
-                gates.update(layer, logits, mask)
-                g = torch.sigmoid(split_heads(logits, n_heads))
-            sparsity.update(layer, y, mask, g, None if mean_gate is None else mean_gate.get(layer))
-            scale.update(layer, pattern, mask, g)
+            logits = cache[gate_hook(layer)].float() if gated else None
+            g = torch.sigmoid(split_heads(logits, n_heads)) if gated else None
+            yield layer, pattern, y, g, logits, mask
         del cache
+
+
+@torch.no_grad()
+def measure(model, seqs: Sequence[Sequence[int]], *, batch_size: int = 8, theta: float = 1e-2,
+            mean_gate: dict[int, float] | None = None, progress: bool = True):
+    """One streamed pass over `seqs` (token id lists): `(GateStats | None, SparsityStats, ScaleStats)`
+    on the softmax-attention layers. `mean_gate` (layer → ḡ, from another split) enables the
+    |ḡ·Y| < θ control."""
+    layers = softmax_layers(model)
+    n_heads = model.cfg.n_heads
+    gates = GateStats(layers, n_heads, model.cfg.d_head) if is_gated(model) else None
+    sparsity, scale = SparsityStats(theta), ScaleStats(layers, n_heads)
+    for layer, pattern, y, g, logits, mask in _layer_batches(model, seqs, batch_size, progress, "gates"):
+        if gates is not None:
+            gates.update(layer, logits, mask)
+        sparsity.update(layer, y, mask, g, None if mean_gate is None else mean_gate.get(layer))
+        scale.update(layer, pattern, mask, g)
     return gates, sparsity, scale
+
+
+@torch.no_grad()
+def measure_push(model, seqs: Sequence[Sequence[int]], means: dict[int, Float[Tensor, "head d_head"]], *,
+                 batch_size: int = 8, progress: bool = True) -> PushStats:
+    """One streamed pass over `seqs` filling `PushStats` (gated models; `means` from `GateStats.element_means()`)."""
+    check_gated(model, "measuring the push of a gate intervention")
+    push = PushStats(softmax_layers(model), model.cfg.n_heads, means)
+    for layer, _, y, g, _, mask in _layer_batches(model, seqs, batch_size, progress, "push"):
+        push.update(layer, y, g, mask)
+    return push

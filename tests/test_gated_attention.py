@@ -15,11 +15,13 @@ GATE_CONSTANTS = (0.22, 0.42, 0.62, 0.82)  # planted gate score of each head, ev
 EMB_CONST, EMB_REST = 2.0, 3.0            # embedding = EMB_CONST on dim 0 + a part of norm EMB_REST elsewhere
 
 
-def _tiny_qwen35(path, layer_types, *, planted: bool, seed: int = 0, arch: str = "qwen3_5"):
+def _tiny_qwen35(path, layer_types, *, planted: bool, seed: int = 0, arch: str = "qwen3_5", same_output: bool = False):
     """A tiny Qwen3.5 (or, `arch="qwen3_next"`, Qwen3-Next with a small MoE) checkpoint. `planted`: every token embeds the same dim-0 value and a rest of
     fixed norm, so the normed input's dim 0 is the same at every token; gate rows read only dim 0, so
     head h's gate is GATE_CONSTANTS[h] everywhere. Layer 0's o_proj and MLP write nothing, so layer 1
-    sees the embeddings too; the last layer's o_proj is random (no bias)."""
+    sees the embeddings too; the last layer's o_proj is random (no bias). `same_output`: every head of a layer
+    has the same query, key and value weights and o_proj block W / c_h, so every head writes the same gated output
+    c_h · Y · W / c_h: heads differ only in how far forcing their gate to 1 pushes them (1 / c_h)."""
     from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig, Qwen3NextConfig, Qwen3NextForCausalLM
 
     from interp.tiny import build_tokenizer
@@ -53,6 +55,15 @@ def _tiny_qwen35(path, layer_types, *, planted: bool, seed: int = 0, arch: str =
                     rows = slice(h * 2 * D_HEAD + D_HEAD, (h + 1) * 2 * D_HEAD)
                     attn.q_proj.weight[rows] = 0.0
                     attn.q_proj.weight[rows, 0] = math.log(c / (1 - c)) / x0
+                if same_output:
+                    for h in range(1, N_HEADS):
+                        q0, qh = slice(0, D_HEAD), slice(h * 2 * D_HEAD, h * 2 * D_HEAD + D_HEAD)
+                        attn.q_proj.weight[qh] = attn.q_proj.weight[q0]
+                    for w in (attn.k_proj.weight, attn.v_proj.weight):
+                        w[D_HEAD:] = w[:D_HEAD].repeat(N_KV - 1, 1)
+                    block = attn.o_proj.weight[:, :D_HEAD].clone() * 16
+                    for h, c in enumerate(GATE_CONSTANTS):
+                        attn.o_proj.weight[:, h * D_HEAD:(h + 1) * D_HEAD] = block / c
                 if i < len(layer_types) - 1:
                     attn.o_proj.weight.zero_()
                     layer.mlp.down_proj.weight.zero_()
@@ -255,7 +266,7 @@ def test_analysis_on_planted_gated_model(planted_gated):
     for r in d["gates"]:
         assert r["mean"] == pytest.approx(GATE_CONSTANTS[r["head"]], abs=1e-5)
     assert [sorted(r) for r in d["sparsity"]] == [["gated", "layer", "ungated"]] * 2
-    assert [sorted(r) for r in d["attention"]] == [["first_token", "layer", "sink_rate"]] * 2
+    assert [sorted(r) for r in d["attention"]] == [["first_token", "layer", "sink_rate", "sink_rate_ci"]] * 2
     rows = d["interventions"]
     assert all({"what", "heads", "loss", "first_token", "m_act"} <= set(r) for r in rows)
     assert rows[0]["what"] == "none"
@@ -273,6 +284,36 @@ def test_analysis_on_planted_gated_model(planted_gated):
     html = ga.build_report(result, planted_gated.tokenizer).render()
     assert "mean gate score" in html and "Gate interventions" in html
     assert set(result.tables()) >= {"gates", "sparsity", "attention", "interventions"}
+
+
+@pytest.fixture(scope="module")
+def same_output_gated(tmp_path_factory):
+    from interp.models import load_model
+
+    path = _tiny_qwen35(tmp_path_factory.mktemp("same_output"), ["full_attention"], planted=True, same_output=True)
+    return load_model(str(path), device="cpu")
+
+
+def test_push_matched_control_on_heads_that_differ_only_in_push(same_output_gated):
+    """Planted: every head writes the same gated output, so no head is special; forcing the lowest gate (0.22) to 1
+    pushes its head ×4.5, a random head's only ×1.2–2.4. The unmatched control makes the selected head look special;
+    the push-matched control (random head forced to 1, then rescaled to ×4.5) gives exactly the selected effect."""
+    _, result = _run(same_output_gated, head_fraction=0.25, random_draws=3, seed=3)
+    rows = {(r["what"], r["selection"]): r for r in result.to_dict()["interventions"]}
+    base, sel = rows[("none", "none")], rows[("gates=1", "selected")]
+    matched, unmatched = rows[("gates=1", "random")], rows[("gates=1", "random_unmatched")]
+    assert sel["heads"] == [[0, 0]] and sel["push"] == [pytest.approx(1 / 0.22, rel=1e-4)]
+    assert matched["matched_on"] == "push" and matched["strata"] == {"all": 1} and matched["n_draws"] == 3
+    assert unmatched["matched_on"] == "none" and unmatched["heads"] == matched["heads"]
+    assert len({draw[0][1] for draw in matched["heads"]}) == 3  # three different random heads (seed 3)
+    assert all(p[0] < 1 / 0.4 for p in unmatched["push"])
+    for metric in ("loss", "m_act", "loss_in_sample"):
+        effect = sel[metric] - base[metric]
+        assert abs(effect) > 1e-3, metric
+        assert matched[metric] == pytest.approx(sel[metric], rel=1e-4, abs=1e-5), metric
+        assert abs(unmatched[metric] - base[metric]) < 0.6 * abs(effect), metric  # unmatched: "these heads matter"
+    # gates × α pushes every head alike: the random row needs no rescale and has no unmatched twin
+    assert rows[("gates×2", "random")]["rescale"] == [[1.0]] * 3 and ("gates×2", "random_unmatched") not in rows
 
 
 def test_analysis_numbers_do_not_depend_on_batch_size(hybrid):
@@ -300,13 +341,22 @@ def test_analysis_numbers_do_not_depend_on_batch_size(hybrid):
 
 
 def test_hybrid_linear_layers_are_not_zeros(hybrid):
-    ga, result = _run(hybrid)
+    """Also: a short text set warns (results.json and the report), and the chunks split by `controls.split`'s one
+    rounding rule (half up: 5 chunks → 3 to select on; the old `round` gave 2)."""
+    from interp.controls import split
+
+    ga, result = _run(hybrid, limit=1, n_chunks=1000)
     d = result.to_dict()
+    n = d["text"]["n_selection"] + d["text"]["n_held_out"]
+    assert n < 1000 and len(d["warnings"]) == 1 and f"only {n} chunks" in d["warnings"][0]
+    assert d["text"]["n_selection"] == len(split(n, 0.5, 0).selection)
+    assert result.to_dict()["gated"] and _run(hybrid, n_chunks=5)[1].to_dict()["text"]["n_selection"] == 3
     assert d["layer_kinds"] == ["linear", "softmax"]
-    assert d["attention"][0] == {"layer": 0, "first_token": None, "sink_rate": None}
+    assert d["attention"][0] == {"layer": 0, "first_token": None, "sink_rate": None, "sink_rate_ci": None}
     assert d["sparsity"][0] == {"layer": 0, "ungated": None, "gated": None}
     assert d["attention"][1]["first_token"] > 0 and {r["layer"] for r in d["gates"]} == {1}
-    assert "no softmax pattern" in ga.build_report(result, hybrid.tokenizer).render()
+    html = ga.build_report(result, hybrid.tokenizer).render()
+    assert "no softmax pattern" in html and f"only {n} chunks" in html
 
 
 def test_ungated_model_and_compare(tiny_model, planted_gated_dir):
@@ -320,6 +370,26 @@ def test_ungated_model_and_compare(tiny_model, planted_gated_dir):
     assert gated["gated"] is True and gated["gates"] and gated["interventions"]
     html = ga.build_report(result, tiny_model.tokenizer).render()
     assert "has no attention output gate" in html and "Side by side" in html
+
+
+def test_old_option_names_still_work_and_warn(tiny_model, tmp_path, capsys):
+    from interp.analysis import config_for
+    from interp.run import main
+
+    with pytest.warns(FutureWarning, match="'select_fraction' is now 'head_fraction'"):
+        config = config_for("gated_attention", tiny_model, select_fraction=0.5, **SMALL)
+    assert config.head_fraction == 0.5
+    with pytest.warns(FutureWarning, match="'texts' is now 'text_set'"):
+        assert config_for("gated_attention", tiny_model, texts="organism-plain").text_set == "organism-plain"
+    with pytest.warns(FutureWarning):
+        code = main(["gated_attention", "--model", "organism-sink-gated", "--out", str(tmp_path / "old"), "--no-progress",
+                     "--compare", "none", "--n-chunks", "4", "--random-draws", "2", "--alphas", "2",
+                     "--select-fraction", "0.5", "--texts", "backcopy"])
+    assert code == 0, capsys.readouterr().err
+    import json
+
+    d = json.loads((tmp_path / "old" / "results.json").read_text())
+    assert d["config"]["head_fraction"] == 0.5 and d["config"]["text_set"] == "backcopy" and len(d["selected_heads"]) == 4
 
 
 def test_implicit_scale_matches_first_token_attention(tiny_model):
@@ -347,7 +417,7 @@ def test_cli_runs_and_refuses_gate_interventions_on_ungated(tmp_path, capsys, ti
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error:") and "gated-attention model" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
-    for bad in (["--select-fraction", "0.8"], ["--sparsity-threshold", "0"], ["--n-chunks", "1"],
+    for bad in (["--head-fraction", "0.8"], ["--random-draws", "1"], ["--sparsity-threshold", "0"], ["--n-chunks", "1"],
                 ["--compare", str(tmp_path / "no-such-model")], ["--dataset", str(tmp_path / "missing.txt")]):
         code = main(["gated_attention", "--model", str(tiny_dir), "--out", str(tmp_path / "y"), *bad])
         err = capsys.readouterr().err
@@ -373,12 +443,15 @@ def test_sink_trainer_is_deterministic_and_task_copies():
 def test_sink_organisms_shipped_behaviour():
     """The ungated sink organism has an attention sink in layer 1 and massive residuals; its gated twin
     has sparse gates and no massive residuals (measured by the analysis on held-out sequences)."""
+    from interp.controls import wilson
     from interp.models import load_model
 
     model = load_model("organism-sink", device="cpu")
     ga, result = _run(model, compare="auto", n_chunks=16, seq_len=64, interventions="off")
     std, gated = result.results["organism-sink"], result.results["organism-sink-gated"]
-    assert result.header["config"]["texts"] == "backcopy" and std.text["first_token"] == "<|endoftext|>"
+    assert result.header["config"]["text_set"] == "backcopy" and std.text["first_token"] == "<|endoftext|>"
     assert std.attention[1]["first_token"] > 0.7 and std.attention[1]["sink_rate"] == 100.0
     assert std.m_act > 150 and gated.m_act < 40
+    # the sink rate is a share of (head, sequence) pairs: 100 % of 8 held-out sequences × 4 heads, Wilson interval
+    assert std.attention[1]["sink_rate_ci"] == pytest.approx([100 * wilson(32, 32)[0], 100.0])
     assert statistics.mean(r["mean"] for r in gated.gates) < 0.1

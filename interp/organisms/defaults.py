@@ -26,7 +26,7 @@ ANALYSIS_DEFAULTS: dict[str, dict] = {
     },
     # measured in docs/gated_attention.md ("On the organisms")
     "gated_attention": {
-        "texts": "organism-plain",  # the organisms' own plain text (natural prose is out of their distribution)
+        "text_set": "organism-plain",  # the organisms' own plain text (natural prose is out of their distribution)
     },
     # measured in docs/systematic_outliers.md ("On the organisms")
     "systematic_outliers": {
@@ -50,5 +50,5 @@ ANALYSIS_DEFAULTS: dict[str, dict] = {
 
 # The Bigram-Backcopy sink twins (organism-sink, organism-sink-gated): measured in docs/gated_attention.md
 SINK_ANALYSIS_DEFAULTS: dict[str, dict] = {
-    "gated_attention": {"texts": "backcopy", "bos": True, "seq_len": 64},  # their training task and length
+    "gated_attention": {"text_set": "backcopy", "bos": True, "seq_len": 64},  # their training task and length
 }
