@@ -241,6 +241,8 @@ TOKENIZER_PROBE = "The quick brown fox, 42 times: hello world!\nWhy? Because <th
 def checked_tokenizer(tok, path: Path, name: str):
     """`tok` if it encodes like the checkpoint's own `tokenizer.json`; otherwise that file loaded as it is.
 
+    The comparison ignores the file's padding and truncation settings (a call pads only when asked).
+
     transformers 5 rebuilds a tokenizer from the architecture's class (a word-level `tokenizer.json`
     on a Qwen2 config comes back as a BPE that produces other tokens); this catches it at load.
     """
@@ -254,6 +256,8 @@ def checked_tokenizer(tok, path: Path, name: str):
         raw = Tokenizer.from_file(str(file))
     except Exception as exc:  # noqa: BLE001 - the tokenizers library raises plain Exceptions
         raise UserError(f"{name!r}: tokenizer.json is not readable ({str(exc).splitlines()[0][:120]})") from None
+    raw.no_padding()  # a file may pad every encoding to a fixed length (sentence-transformers: 128)
+    raw.no_truncation()
     expected = raw.encode(TOKENIZER_PROBE, add_special_tokens=False).ids
     if tok(TOKENIZER_PROBE, add_special_tokens=False)["input_ids"] == expected:
         return tok

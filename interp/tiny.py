@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 CHAT_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 THINK_TOKENS = ["<think>", "</think>"]
@@ -65,6 +65,30 @@ def build_tokenizer(vocab_size: int = 512, thinking: bool = True):
     )
     fast.chat_template = THINKING_CHAT_TEMPLATE if thinking else CHAT_TEMPLATE
     return fast
+
+
+BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def build_wordpiece_tokenizer(vocab_size: int = 512, pad_to: int | None = None):
+    """A lower-casing BERT WordPiece tokenizer adding [CLS] … [SEP]; `pad_to` stores the fixed-length padding
+    and truncation that sentence-transformers checkpoints (MiniLM: 128) write into `tokenizer.json`."""
+    from transformers import BertTokenizerFast
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.train_from_iterator(_TRAINING_TEXT * 4, trainers.WordPieceTrainer(
+        vocab_size=vocab_size, special_tokens=BERT_SPECIALS, show_progress=False))
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    if pad_to is not None:
+        tok.enable_padding(pad_id=tok.token_to_id("[PAD]"), pad_token="[PAD]", length=pad_to)
+        tok.enable_truncation(max_length=pad_to)
+    return BertTokenizerFast(tokenizer_object=tok, cls_token="[CLS]", sep_token="[SEP]", pad_token="[PAD]",
+                             unk_token="[UNK]", mask_token="[MASK]", do_lower_case=True)
 
 
 def _config(arch: str, vocab_size: int, d_model: int, n_layers: int, n_heads: int,

@@ -155,3 +155,28 @@ def test_architecture_known_to_hf_but_not_to_transformerlens(tmp_path, tiny_dir)
 
 def test_planted_checkpoint_is_not_random(planted_model):
     assert model_info(planted_model).random_weights is False
+
+
+def test_padding_and_truncation_in_tokenizer_json_are_not_a_mismatch(tmp_path):
+    """A sentence-transformers checkpoint (MiniLM) pads and truncates every encoding to 128 in tokenizer.json;
+    the load-time round trip compares the unpadded encodings, so it loads, and encodes like the file unpadded."""
+    from tokenizers import Tokenizer
+    from transformers import BertConfig, BertModel
+
+    from interp.models import TOKENIZER_PROBE
+    from interp.tiny import build_wordpiece_tokenizer
+
+    tokenizer = build_wordpiece_tokenizer(pad_to=128)
+    tokenizer.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=128, max_position_embeddings=256)).save_pretrained(tmp_path)
+    file = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    assert len(file.encode(TOKENIZER_PROBE).ids) == 128  # the file pads: the naive comparison would refuse
+    model = load_model(str(tmp_path), device="cpu")
+    file.no_padding()
+    for text in (TOKENIZER_PROBE, "hello world"):
+        ids = model.tokenizer(text)["input_ids"]
+        assert ids == file.encode(text).ids and len(ids) < 128
+        bare = model.tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert bare == file.encode(text, add_special_tokens=False).ids
