@@ -1,5 +1,6 @@
 """Every TransformerLens internal interp relies on, in one module: a TransformerLens upgrade touches this file.
 
+- `attention_layers`: which layers are softmax attention (hybrids mix in linear attention);
 - `sdpa_attention`: attention through PyTorch SDPA (the wrapped HF module) when no hook needs its internals;
 - `stop_layer_for` / `stopped_at`: end a forward after the last block a hook needs (also before the final norm);
 - `readout_point`, `FINAL_NORM`, `hidden_state_hook`: where a readout reads, mapped to bridge hook names;
@@ -108,15 +109,40 @@ def _sdpa_forward(self, *args, **kwargs):
     return self.hook_out(out), weights
 
 
-def _sdpa_capable(model) -> bool:
+_BLOCK_PARTS = {"hook_in", "hook_out", "hook_mlp_in", "_original_component", "mlp",
+                "ln1", "ln2", "ln1_post", "ln2_post"}  # a block's modules other than its token mixer
+
+
+def attention_layers(model) -> tuple[list[int], dict[int, str]]:
+    """(the softmax-attention layers, {every other layer: its kind}) of a bridged model.
+
+    Only softmax layers have `attn.hook_pattern`/`hook_attn_scores`/`hook_q/k/v`; hybrids (Qwen3.5, Qwen3-Next)
+    put linear attention (Gated DeltaNet, kind "linear_attention") or state-space layers between them. The
+    kind is the checkpoint's `layer_types` entry where it has one, else the block's token-mixer module name.
+    """
+    layer_types = getattr(getattr(model.original_model, "config", None), "layer_types", None) or []
+    softmax, others = [], {}
+    for i, block in enumerate(model.blocks):
+        if isinstance(getattr(block, "attn", None), AttentionBridge):
+            softmax.append(i)
+        elif i < len(layer_types):
+            others[i] = str(layer_types[i])
+        else:
+            others[i] = next((n for n in block._modules if n not in _BLOCK_PARTS), "unknown")
+    return softmax, others
+
+
+
+def _sdpa_blocks(model) -> list:
+    """The blocks whose attention the SDPA path can take over (none unless every softmax layer can)."""
     from transformer_lens.model_bridge.generalized_components.position_embeddings_attention import (
         PositionEmbeddingsAttentionBridge,
     )
 
-    blocks = getattr(model, "blocks", [])
-    return len(blocks) > 0 and all(
-        type(b.attn) is PositionEmbeddingsAttentionBridge and not getattr(model.cfg, "gated_q_proj", False)
-        for b in blocks)
+    if getattr(model.original_model.config, "attn_logit_softcapping", None):  # Gemma-2: SDPA has no soft-capping
+        return []
+    blocks = [model.blocks[i] for i in attention_layers(model)[0]] if hasattr(model, "blocks") else []
+    return blocks if blocks and all(type(b.attn) is PositionEmbeddingsAttentionBridge for b in blocks) else []
 
 
 def _active_hook_names(model) -> list[str]:
@@ -132,22 +158,23 @@ def sdpa_attention(model, needed_hooks: Sequence[str] = ()) -> Iterator[bool]:
     Not for generation: the bridge's KV cache lives in its eager path.
     """
     needs_eager = any(_EAGER_ONLY.search(n) for n in list(needed_hooks) + _active_hook_names(model))
-    if needs_eager or not _sdpa_capable(model):
+    blocks = [] if needs_eager else _sdpa_blocks(model)
+    if not blocks:
         yield False
         return
-    if "forward" in vars(model.blocks[0].attn):  # already on (nested use): the outer context restores
+    if "forward" in vars(blocks[0].attn):  # already on (nested use): the outer context restores
         yield True
         return
     config = model.original_model.config
     previous = config._attn_implementation
-    for block in model.blocks:
+    for block in blocks:
         object.__setattr__(block.attn, "forward", types.MethodType(_sdpa_forward, block.attn))
     config._attn_implementation = "sdpa"
     try:
         yield True
     finally:
         config._attn_implementation = previous
-        for block in model.blocks:
+        for block in blocks:
             object.__delattr__(block.attn, "forward")
 
 

@@ -220,7 +220,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "auto", dtype: s
     tok = checked_tokenizer(bridge.tokenizer, path, name_or_path)
     if tok is not bridge.tokenizer:
         tok = interp.bridge.replace_tokenizer(bridge, tok)
-    if tok.pad_token_id is None:
+    if tok.pad_token_id is None or tok.pad_token_id >= bridge.cfg.d_vocab:  # e.g. a class default added at load
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
     card = _model_card(path)

@@ -7,6 +7,8 @@ Tests and users load them through the same `load_model` path as real models:
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -150,4 +152,198 @@ def write_tiny_checkpoint(
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     (path / "interp_model.json").write_text(json.dumps({"random_weights": True, "arch": arch}))
+    return path
+
+
+# --- Tiny checkpoints of the model families users load ------------------------------------------------------
+
+_INST_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}<<SYS>>\n{{ m['content'] }}\n<</SYS>>\n\n"
+    "{% elif m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]{% else %} {{ m['content'] }}{{ eos_token }}"
+    "{% endif %}{% endfor %}"
+)
+_LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+_GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else 'user' }}\n"
+    "{{ m['content'] }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+_ROLE_TEMPLATE = (  # Phi-3 and OLMo-2 (Tülu): <|user|>\n…
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ end }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+_PLAIN_TEMPLATE = (  # base models ship none; a user who asks for a chat gets this
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant:"
+    "{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family: its architecture's config and the kind of tokenizer its checkpoints ship."""
+
+    config: Callable[[int], object]  # vocabulary size → transformers config (d_model 64)
+    tokenizer: str  # "byte_bpe" (GPT-2-style byte-level BPE), "metaspace" (SentencePiece BPE, byte fallback),
+    #                 "gemma" (SentencePiece BPE, no prefix space) or "wordpiece" (BERT)
+    specials: dict  # bos/eos/pad/unk token strings (None: the family has none)
+    extra_tokens: tuple[str, ...]  # chat-template tokens
+    template: str
+    tokenizer_class: str  # the class transformers rebuilds the tokenizer with, as the real tokenizer_config says
+    add_bos: bool = False
+
+
+def _sizes(**kw) -> dict:
+    return dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=128, max_position_embeddings=512, tie_word_embeddings=False) | kw
+
+
+def _hf(name: str, **kw) -> Callable[[int], object]:
+    def make(vocab: int):
+        import transformers
+
+        return getattr(transformers, name)(vocab_size=vocab, **_sizes(**kw))
+    return make
+
+
+def _gpt2(vocab: int):
+    from transformers import GPT2Config
+
+    return GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_inner=128, n_positions=512)
+
+
+def _pythia(vocab: int):
+    from transformers import GPTNeoXConfig
+
+    return GPTNeoXConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=128, max_position_embeddings=512, rotary_pct=0.25,
+                         use_parallel_residual=True, tie_word_embeddings=False)
+
+
+def _bert(vocab: int):
+    from transformers import BertConfig
+
+    return BertConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      intermediate_size=128, max_position_embeddings=512, architectures=["BertForMaskedLM"])
+
+
+_HYBRID = dict(num_hidden_layers=4, head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+               linear_key_head_dim=16, linear_value_head_dim=16,
+               layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"])
+_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+_SP = dict(bos="<s>", eos="</s>", pad=None, unk="<unk>")
+_CHATML = dict(bos=None, eos="<|im_end|>", pad="<|endoftext|>", unk=None)
+_GPT = dict(bos="<|endoftext|>", eos="<|endoftext|>", pad=None, unk=None)  # a BOS token, not added by default
+_QWEN = ("<|im_start|>",)
+_INST, _THINK, _PLAIN = _INST_TEMPLATE, THINKING_CHAT_TEMPLATE, _PLAIN_TEMPLATE
+
+FAMILIES: dict[str, Family] = {
+    "llama-2": Family(_hf("LlamaConfig", num_key_value_heads=4), "metaspace", _SP, (), _INST, "LlamaTokenizer", True),
+    "llama-3": Family(_hf("LlamaConfig", rope_theta=500000.0), "byte_bpe",
+                      dict(bos="<|begin_of_text|>", eos="<|eot_id|>", pad=None, unk=None),
+                      ("<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>"), _LLAMA3_TEMPLATE,
+                      "PreTrainedTokenizerFast", True),
+    "qwen2.5": Family(_hf("Qwen2Config"), "byte_bpe", _CHATML, _QWEN, CHAT_TEMPLATE, "Qwen2Tokenizer"),
+    "qwen3": Family(_hf("Qwen3Config", head_dim=16), "byte_bpe", _CHATML, _QWEN + tuple(THINK_TOKENS), _THINK,
+                    "Qwen2Tokenizer"),
+    "qwen3.5": Family(_hf("Qwen3_5TextConfig", **_HYBRID), "byte_bpe", _CHATML, _QWEN + tuple(THINK_TOKENS),
+                      _THINK, "Qwen2Tokenizer"),
+    "qwen3-next": Family(_hf("Qwen3NextConfig", **_HYBRID, **_MOE, shared_expert_intermediate_size=32), "byte_bpe",
+                         _CHATML, _QWEN + tuple(THINK_TOKENS), _THINK, "Qwen2Tokenizer"),
+    "mistral": Family(_hf("MistralConfig", sliding_window=16), "metaspace", _SP, (), _INST, "LlamaTokenizer", True),
+    "mixtral": Family(_hf("MixtralConfig", num_local_experts=4, num_experts_per_tok=2), "metaspace", _SP, (), _INST,
+                      "LlamaTokenizer", True),
+    "qwen2-moe": Family(_hf("Qwen2MoeConfig", **_MOE, shared_expert_intermediate_size=32, mlp_only_layers=[0]),
+                        "byte_bpe", _CHATML, _QWEN, CHAT_TEMPLATE, "Qwen2Tokenizer"),
+    "gemma-2": Family(_hf("Gemma2Config", head_dim=16, query_pre_attn_scalar=16, sliding_window=16), "gemma",
+                      dict(bos="<bos>", eos="<eos>", pad="<pad>", unk="<unk>"), ("<start_of_turn>", "<end_of_turn>"),
+                      _GEMMA_TEMPLATE, "GemmaTokenizer", True),
+    "gemma-3": Family(_hf("Gemma3TextConfig", head_dim=16, query_pre_attn_scalar=16, sliding_window=16,
+                          layer_types=["sliding_attention", "full_attention"]), "gemma",
+                      dict(bos="<bos>", eos="<end_of_turn>", pad="<pad>", unk="<unk>"), ("<start_of_turn>", "<eos>"),
+                      _GEMMA_TEMPLATE, "GemmaTokenizer", True),
+    "gpt2": Family(_gpt2, "byte_bpe", _GPT, (), _PLAIN, "GPT2Tokenizer"),
+    "pythia": Family(_pythia, "byte_bpe", dict(_GPT, pad="<|padding|>"), (), _PLAIN, "GPTNeoXTokenizer"),
+    "phi-3": Family(_hf("Phi3Config", num_key_value_heads=4), "metaspace", dict(_SP, eos="<|end|>"),
+                    ("<|user|>", "<|assistant|>", "<|system|>", "<|endoftext|>"),
+                    _ROLE_TEMPLATE.replace("{{ end }}", "<|end|>"), "LlamaTokenizer", True),
+    "olmo-2": Family(_hf("Olmo2Config", num_key_value_heads=4), "byte_bpe", dict(_GPT, pad="<|pad|>"),
+                     ("<|user|>", "<|assistant|>", "<|system|>"), _ROLE_TEMPLATE.replace("{{ end }}", ""),
+                     "GPT2Tokenizer"),
+    "bert": Family(_bert, "wordpiece", dict(bos=None, eos="[SEP]", pad="[PAD]", unk="[UNK]"), (), _PLAIN,
+                   "BertTokenizer"),
+}
+
+
+def _byte_fallback(tok: Tokenizer) -> Tokenizer:
+    """`tok` (a trained BPE) with the 256 `<0xNN>` pieces SentencePiece falls back to for unknown characters."""
+    spec = json.loads(tok.to_str())
+    vocab = spec["model"]["vocab"]
+    for b in range(256):
+        vocab.setdefault(f"<0x{b:02X}>", len(vocab))
+    spec["model"]["byte_fallback"] = True
+    return Tokenizer.from_str(json.dumps(spec))
+
+
+def family_tokenizer(family: str, vocab_size: int = 400):
+    """The tokenizer a `family` checkpoint ships (kind, special tokens, BOS, chat template), trained on a few lines."""
+    from transformers import PreTrainedTokenizerFast
+
+    fam = FAMILIES[family]
+    if fam.tokenizer == "wordpiece":
+        tok = build_wordpiece_tokenizer(vocab_size)
+        tok.chat_template = fam.template
+        return tok
+    specials = list(dict.fromkeys(t for t in (fam.specials["unk"], fam.specials["bos"], fam.specials["eos"],
+                                              fam.specials["pad"], *fam.extra_tokens) if t))
+    if fam.tokenizer == "byte_bpe":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    else:
+        tok = Tokenizer(models.BPE(unk_token=fam.specials["unk"]))
+        prepend = "first" if fam.tokenizer == "metaspace" else "never"
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme=prepend, split=fam.tokenizer == "metaspace")
+        tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace(prepend_scheme=prepend)])
+        alphabet = []
+    tok.train_from_iterator(_TRAINING_TEXT * 4, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=alphabet, show_progress=False))
+    if fam.tokenizer != "byte_bpe":
+        tok = _byte_fallback(tok)
+    if fam.add_bos:
+        bos = fam.specials["bos"]
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))])
+    names = {f"{k}_token": v for k, v in fam.specials.items() if v}
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, additional_special_tokens=list(fam.extra_tokens), **names)
+    fast.chat_template = fam.template
+    return fast
+
+
+def write_family_checkpoint(path: str | Path, family: str, *, seed: int = 0) -> Path:
+    """Save a random-weight tiny checkpoint of `family` (see `FAMILIES`: d_model 64, 2 layers, 4 for hybrids)
+    with the tokenizer that family ships and a chat template, loadable with `load_model(path)`."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {tuple(FAMILIES)}, got {family!r}")
+    fam = FAMILIES[family]
+    tokenizer = family_tokenizer(family)
+    config = fam.config(len(tokenizer))
+    config.update({f"{k}_token_id": tokenizer.convert_tokens_to_ids(fam.specials[k]) if fam.specials[k] else None
+                   for k in ("bos", "eos", "pad")})
+    torch.manual_seed(seed)
+    auto = AutoModelForMaskedLM if fam.tokenizer == "wordpiece" else AutoModelForCausalLM
+    model = auto.from_config(config).eval()
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    tok_config = path / "tokenizer_config.json"
+    tok_config.write_text(json.dumps(json.loads(tok_config.read_text()) | {
+        "tokenizer_class": fam.tokenizer_class, "add_bos_token": fam.add_bos}, indent=2))
+    (path / "interp_model.json").write_text(json.dumps({"random_weights": True, "arch": family}))
     return path

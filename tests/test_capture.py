@@ -247,3 +247,47 @@ def test_per_sequence_position_lists_pick_from_the_unpadded_sequence(tiny_model)
     full = capture(tiny_model, seqs, [name], positions="all", batch_size=8, progress=False)[name]
     for got, all_pos, idx in zip(picked, full, wanted):
         torch.testing.assert_close(got, all_pos[idx])
+
+
+@pytest.fixture(scope="module")
+def hybrid_model(tmp_path_factory):
+    """A tiny random Qwen3.5: Gated DeltaNet (linear attention) in layers 0 and 2, gated softmax in 1 and 3."""
+    from interp.models import load_model
+    from interp.tiny import write_family_checkpoint
+
+    return load_model(str(write_family_checkpoint(tmp_path_factory.mktemp("qwen3.5"), "qwen3.5")), device="cpu")
+
+
+def test_attention_layers_lists_softmax_and_other_layers(hybrid_model, tiny_model):
+    from interp.bridge import attention_layers
+
+    assert attention_layers(hybrid_model) == ([1, 3], {0: "linear_attention", 2: "linear_attention"})
+    assert attention_layers(tiny_model) == ([0, 1], {})
+    for layer in (1, 3):
+        assert f"blocks.{layer}.attn.hook_pattern" in hybrid_model.hook_dict
+    assert "blocks.0.attn.hook_pattern" not in hybrid_model.hook_dict
+
+
+def test_hybrid_capture_takes_the_sdpa_path_and_agrees_with_eager(hybrid_model, sdpa_calls):
+    """Regression: the fast path looked up `.attn` on every block and raised AttributeError on linear-attention ones."""
+    seqs = _seqs(hybrid_model.tokenizer)
+    hooks = ["blocks.0.hook_resid_post", "blocks.1.attn.hook_z", "blocks.3.attn.hook_q", "ln_final.hook_out"]
+    fast = capture(hybrid_model, seqs, hooks, batch_size=2, progress=False)
+    assert len(sdpa_calls) == 2 * 2  # two softmax layers, two batches; the linear-attention layers run as they are
+    eager = capture(hybrid_model, seqs, hooks, batch_size=2, fast_attention=False, progress=False)
+    assert len(sdpa_calls) == 4
+    for name in hooks:
+        torch.testing.assert_close(fast[name], eager[name], atol=1e-5, rtol=0)
+    assert fast["ln_final.hook_out"].std() > 1e-3
+
+
+def test_hybrid_patterns_on_softmax_layers_are_causal_distributions(hybrid_model):
+    from interp.bridge import attention_layers
+
+    tokens = torch.tensor([_seqs(hybrid_model.tokenizer)[0]])
+    names = [f"blocks.{layer}.attn.hook_pattern" for layer in attention_layers(hybrid_model)[0]]
+    _, cache = hybrid_model.run_with_cache(tokens, names_filter=lambda n: n in names)
+    for name in names:
+        pattern = cache[name][0]  # [head, query, key]
+        torch.testing.assert_close(pattern.sum(-1), torch.ones(pattern.shape[:-1]))
+        assert pattern.triu(1).abs().max() == 0
