@@ -171,6 +171,11 @@ _GEMMA_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else 'user' }}\n"
     "{{ m['content'] }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
 )
+_DEEPSEEK_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}<｜User｜>{{ m['content'] }}"
+    "{% elif m['role'] == 'assistant' %}<｜Assistant｜>{{ m['content'] }}{{ eos_token }}{% else %}{{ m['content'] }}"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<｜Assistant｜>{% endif %}"
+)
 _ROLE_TEMPLATE = (  # Phi-3 and OLMo-2 (Tülu): <|user|>\n…
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ end }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
@@ -233,6 +238,7 @@ _HYBRID = dict(num_hidden_layers=4, head_dim=16, linear_num_key_heads=2, linear_
                linear_key_head_dim=16, linear_value_head_dim=16,
                layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"])
 _MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+_MLA = dict(q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16)
 _SP = dict(bos="<s>", eos="</s>", pad=None, unk="<unk>")
 _CHATML = dict(bos=None, eos="<|im_end|>", pad="<|endoftext|>", unk=None)
 _GPT = dict(bos="<|endoftext|>", eos="<|endoftext|>", pad=None, unk=None)  # a BOS token, not added by default
@@ -257,6 +263,11 @@ FAMILIES: dict[str, Family] = {
                       "LlamaTokenizer", True),
     "qwen2-moe": Family(_hf("Qwen2MoeConfig", **_MOE, shared_expert_intermediate_size=32, mlp_only_layers=[0]),
                         "byte_bpe", _CHATML, _QWEN, CHAT_TEMPLATE, "Qwen2Tokenizer"),
+    "deepseek-v3": Family(_hf("DeepseekV3Config", num_key_value_heads=4, **_MLA, first_k_dense_replace=1,
+                              n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1, n_shared_experts=1,
+                              moe_intermediate_size=32), "byte_bpe",
+                          dict(bos="<｜begin▁of▁sentence｜>", eos="<｜end▁of▁sentence｜>", pad=None, unk=None),
+                          ("<｜User｜>", "<｜Assistant｜>"), _DEEPSEEK_TEMPLATE, "LlamaTokenizer", True),
     "gemma-2": Family(_hf("Gemma2Config", head_dim=16, query_pre_attn_scalar=16, sliding_window=16), "gemma",
                       dict(bos="<bos>", eos="<eos>", pad="<pad>", unk="<unk>"), ("<start_of_turn>", "<end_of_turn>"),
                       _GEMMA_TEMPLATE, "GemmaTokenizer", True),
