@@ -25,7 +25,10 @@ C_DIM, F_DIM, D_DIM, NOISE_FROM = 0, 1, 2, 4
 D_MODEL, D_MLP = 32, 32
 
 
-def _write_planted(path):
+def _write_planted(path, *, attention=False, layer_skill=False):
+    """The planted model. `attention`: heads read and write the noise dims only (key vectors then depend on
+    the context, the features F, C, D do not). `layer_skill`: instead of the three planted neurons, every layer-1
+    neuron carries the alpha skill a little (the same gate on F, slightly larger for higher indices)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from interp.tiny import build_tokenizer
@@ -56,15 +59,22 @@ def _write_planted(path):
             mlp.gate_proj.weight[:, NOISE_FROM:] = 0.3 * torch.randn(D_MLP, noise, generator=gen)
             mlp.up_proj.weight[:, NOISE_FROM:] = 0.3 * torch.randn(D_MLP, noise, generator=gen)
             mlp.down_proj.weight[NOISE_FROM:, :] = 0.05 * torch.randn(noise, D_MLP, generator=gen)
+            if attention:
+                att = layer.self_attn
+                for proj in (att.q_proj, att.k_proj, att.v_proj):
+                    proj.weight[:, NOISE_FROM:] = 0.3 * torch.randn(proj.weight.shape[0], noise, generator=gen)
+                att.o_proj.weight[NOISE_FROM:, :] = 0.05 * torch.randn(noise, att.o_proj.weight.shape[1], generator=gen)
         model.model.norm.weight.fill_(1.0)
-        for layer, n in PLANTED:
+        carriers = [(1, n, 3.0 + 0.01 * n, 0.002) for n in range(D_MLP)] if layer_skill else \
+            [(layer, n, 3.0, 0.05) for layer, n in PLANTED]
+        for layer, n, gate, out in carriers:
             mlp = model.model.layers[layer].mlp
-            mlp.gate_proj.weight[n, F_DIM] = 3.0
+            mlp.gate_proj.weight[n, F_DIM] = gate
             mlp.gate_proj.weight[n, C_DIM] = -1.0
             mlp.up_proj.weight[n, :] = 0.0
             mlp.up_proj.weight[n, C_DIM] = 1.0
             mlp.down_proj.weight[:, n] = 0.0
-            mlp.down_proj.weight[D_DIM, n] = 0.05
+            mlp.down_proj.weight[D_DIM, n] = out
         lm = model.lm_head.weight
         lm[:, NOISE_FROM:] = 0.5 * torch.randn(vocab, D_MODEL - NOISE_FROM, generator=gen)
         lm[a_ids, D_DIM] = 3.0
@@ -383,6 +393,12 @@ def test_neuron_adjust_removes_the_planted_skill_only(planted_result):
     assert rnd_f["logprob_change"] > na_f["logprob_change"] + 3 and rnd_f["accuracy_after"] == 1.0
     assert rnd_f["draws"] == 3 and rnd_f["logprob_after_sd"] >= 0
     assert math.isnan(na_r["accuracy_before"])  # the words skill has no checkable answer (check "none")
+    # Wilson intervals of the held-out rates; in-sample (selection-half) log-probs beside the held-out ones
+    from interp.controls import wilson
+
+    assert na_f["accuracy_before_ci"] == list(wilson(20, 20)) and na_f["accuracy_after_ci"] == list(wilson(0, 20))
+    assert na_f["n_selection"] == 20 and na_f["logprob_change_selection"] < -3
+    assert rnd_f["matched_on"] == "layer" and rnd_f["strata"] == {"0": 2, "1": 1}
     assert planted_result.selected_neurons["replaced_share"] > 0
 
 
@@ -390,6 +406,8 @@ def test_key_space_catches_the_planted_skill_only(planted_result):
     ks = planted_result.key_space
     assert (ks["tpr"], ks["fpr"], ks["tpr_prefill"], ks["fpr_prefill"]) == (1.0, 0.0, 1.0, 0.0)
     assert ks["n_forget"] == ks["n_retain"] == 20 and ks["k"] > 0
+    assert ks["tpr_ci"][1] == 1.0 and ks["fpr_ci"][0] == 0.0 and ks["tpr_ci"][0] == pytest.approx(0.8389, abs=1e-4)
+    assert ks["h_rule"] == "selection" and ks["selection"]["tpr"] == 1.0 and ks["selection"]["fpr"] == 0.0
     assert _row(planted_result, "key_space", "forget")["accuracy_after"] == 0.0
 
 
@@ -460,7 +478,12 @@ def test_cli_writes_the_public_keys(planted_skills, tmp_path, capsys):
     assert main(argv) == 0
     results = json.loads((out / "results.json").read_text())
     assert {"selected_neurons", "evaluation", "key_space"} <= set(results)
-    assert set(results["key_space"]) >= {"k", "tpr", "fpr", "n_forget", "n_retain"}
+    assert set(results["key_space"]) >= {"k", "tpr", "fpr", "n_forget", "n_retain", "h", "tpr_ci", "fpr_ci",
+                                         "selection"}
+    assert results["warnings"] == []
+    random_rows = [r for r in results["evaluation"] if r["method"] == "random_neurons"]
+    assert all(r["matched_on"] == "layer" and r["strata"] == {"0": 2, "1": 1} for r in random_rows)
+    assert results["statistics"]["selection_items"] == results["statistics"]["probe_items"]
     assert {(r["method"], r["role"]) for r in results["evaluation"]} == {
         (m, role) for m in ("neuron_adjust", "random_neurons", "key_space") for role in ("forget", "retain")}
     assert set(results["evaluation"][0]) >= {"method", "skill", "role", "accuracy_before", "accuracy_after",
@@ -523,3 +546,135 @@ def test_runs_on_other_mlp_architectures(arch, tmp_path):
     assert result.statistics["gate_hook_max_abs_diff_vs_hf"] < 1e-6
     assert len(result.evaluation) == 6 and result.key_space["n_forget"] == 4
     assert sum(r["count"] for r in result.selected_neurons["per_layer"]) == math.ceil(0.03 * 2 * model.cfg.d_mlp)
+
+
+# --------------------------------------------------------------------------- matched control, KSD leak, h on the selection half
+
+@pytest.mark.slow
+def test_layer_matched_control_on_a_planted_layer_effect(tmp_path):
+    """Every layer-1 neuron carries the alpha skill a little, no layer-0 neuron does: the selection (all in layer 1)
+    is hardly better than any layer-1 neurons. The old control, drawn over both layers, made it look several
+    times as specific; the layer-matched one does not."""
+    import statistics
+
+    from interp.analyses import skill_unlearning as su
+    from interp.models import load_model
+    from interp.unlearning import AdjustSpec, gate_moments, neuron_adjust, neuron_draws
+
+    model = load_model(str(_write_planted(tmp_path / "model", layer_skill=True)), device="cpu")
+    path = _skill_file(tmp_path / "skills.jsonl", n=30)
+    result = _run((model, path), top_percent=12.5, n_probe=15, n_eval=15, random_draws=4, max_new_tokens=1)
+    na, rnd = _row(result, "neuron_adjust", "forget"), _row(result, "random_neurons", "forget")
+    assert result.selected_neurons["per_layer"] == [{"layer": 0, "count": 0}, {"layer": 1, "count": 8}]
+    assert rnd["matched_on"] == "layer" and rnd["strata"] == {"1": 8} and rnd["n_draws"] == rnd["draws"] == 4
+    assert na["logprob_change"] < -0.02
+    assert rnd["logprob_change"] < 0.7 * na["logprob_change"]           # matched: most of the effect is the layer's
+
+    # the unmatched control of the old code, on the same split and statistics
+    config = result.header["config"]
+    splits = su.load_splits(su.Config(**config))
+    moments = [gate_moments(model, su._encode(model.tokenizer, [i.text for i in s.selection]), progress=False)
+               for s in splits]
+    held = su.Batch.of(model.tokenizer, splits[:1], "held_out")
+    cfg = su.Config(**config)
+    before = statistics.mean(su._logprobs(model, held, cfg))
+    selected = torch.tensor([[r["layer"], r["neuron"]] for r in result.selected_neurons["neurons"]])
+    unmatched = neuron_draws(selected, 2, D_MLP, draws=4, seed=0, matched_on="none")
+    changes = []
+    for pairs in unmatched:
+        with neuron_adjust(model, AdjustSpec.from_moments(torch.tensor(pairs), *moments)):
+            changes.append(statistics.mean(su._logprobs(model, held, cfg)) - before)
+    assert statistics.mean(changes) > 0.5 * na["logprob_change"]     # unmatched: the selection looks > 2x specific
+
+
+def _gold_file(path, n=24, seed=1):
+    """gold: word prompts whose gold continuation is an a-token (the model itself continues with words)."""
+    import random
+
+    rng = random.Random(seed)
+    rows = [{"prompt": " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 6))), "answer": "<a0>",
+             "target": "<a0>", "skill": "gold", "check": "none"} for _ in range(n)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_key_space_counts_generated_steps_only(tmp_path):
+    """Regression: the teacher-forced log-likelihood pass ran inside the KSD watch, so the gold continuation's last
+    token (never generated) could make a query abstain. Attention on; for several retain queries the gold token's
+    key vector is inside the cube while the prompt's and the generated tokens' are not: none may abstain."""
+    from interp.analyses import skill_unlearning as su
+    from interp.capture import capture
+    from interp.models import load_model
+    from interp.unlearning import Hypercube, key_hook
+
+    model = load_model(str(_write_planted(tmp_path / "model", attention=True)), device="cpu")
+    skills, gold = _skill_file(tmp_path / "skills.jsonl", n=24), _gold_file(tmp_path / "gold.jsonl")
+    result = _run((model, skills), retain=str(gold), n_probe=12, n_eval=12, random_draws=2, max_new_tokens=3)
+    ks = result.key_space
+    # the premise: at the chosen h, several held-out gold continuations' last key vectors are inside the cube
+    config = su.Config(**result.header["config"])
+    splits = su.load_splits(config)
+    hook = key_hook(1)
+    cube = Hypercube.fit(capture(model, su._encode(model.tokenizer, [i.prompt for i in splits[0].selection]), [hook],
+                                 progress=False)[hook])
+    assert cube.k == pytest.approx(ks["k"])
+    gold_keys = capture(model, su._encode(model.tokenizer, [i.text for i in splits[1].held_out]), [hook],
+                        progress=False)[hook]
+    assert cube.contains(gold_keys, ks["h"]).sum() >= 3
+    generated = result.per_item[result.per_item.role == "retain"].generated_before
+    assert not any("<a" in text for text in generated)
+    # and still no retain query abstains (the old code: FPR 1.0); the forget queries all do
+    assert (ks["fpr"], ks["fpr_prefill"], ks["tpr"]) == (0.0, 0.0, 1.0)
+    assert _row(result, "key_space", "retain")["abstained"] == 0.0
+
+
+def test_pick_h_separates_the_selection_scores():
+    from interp.unlearning import pick_h
+
+    k = 2.0
+    forget, retain = torch.tensor([1.0, 1.5, 2.0]), torch.tensor([8.0, 9.0])
+    assert pick_h(k, forget, retain) == pytest.approx(math.sqrt(2.0 * 8.0) / k)   # halfway (geometric) 2 → 8
+    # overlap: the threshold with the largest TPR − FPR (at 6: 1 − 1/3; at 3: 3/4 − 1/3), halfway to the next score
+    forget, retain = torch.tensor([1.0, 2.0, 3.0, 6.0]), torch.tensor([2.5, 7.0, 8.0])
+    assert pick_h(k, forget, retain) == pytest.approx(math.sqrt(6.0 * 7.0) / k)
+    # ties: the smallest threshold with the best separation (here 2, not 6)
+    forget, retain = torch.tensor([1.0, 2.0]), torch.tensor([4.0, 5.0, 6.0, 9.0])
+    assert pick_h(k, forget, retain) == pytest.approx(math.sqrt(2.0 * 4.0) / k)
+
+
+@pytest.mark.slow
+def test_h_is_picked_on_the_selection_half_only(planted_skills, tmp_path):
+    """The held-out retain prompts made to look like the forget skill change the held-out FPR, not h."""
+    from interp.analyses import skill_unlearning as su
+
+    model, path = planted_skills
+    options = dict(n_probe=10, n_eval=10, random_draws=2, max_new_tokens=1)
+    first = _run(planted_skills, **options)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    words = [r for r in rows if r["skill"] == "words"]
+    held = su.load_splits(su.Config(**first.header["config"]))[1].held_out
+    for r in words:
+        if any(r["prompt"] == i.prompt for i in held):
+            r["prompt"] += " <a1>"                                       # ends on a forget-skill token
+    changed = tmp_path / "changed.jsonl"
+    changed.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    second = _run((model, changed), **options)
+    assert second.key_space["h_rule"] == "selection"
+    assert second.key_space["h"] == first.key_space["h"] and second.key_space["k"] == first.key_space["k"]
+    assert second.key_space["selection"] == first.key_space["selection"]
+    assert first.key_space["fpr_prefill"] == 0.0 and second.key_space["fpr_prefill"] == 1.0
+    fixed = _run(planted_skills, h=1.0, **options)
+    assert fixed.key_space["h"] == 1.0 and fixed.key_space["h_rule"] == "fixed"
+
+
+def test_control_falls_back_to_all_layers_with_a_warning():
+    from interp.analyses import skill_unlearning as su
+
+    warnings: list[str] = []
+    crowded = torch.tensor([[0, n] for n in range(20)])            # 20 of layer 0's 32: only 12 left to match
+    draws = su._control_draws(crowded, 2, 32, su.Config(random_draws=3), warnings)
+    assert draws.matched_on == "none" and draws.strata == {"all": 20} and len(draws) == 3
+    assert len(warnings) == 1 and "not matched on layer" in warnings[0]
+    with pytest.raises(UserError, match="too few unselected neurons"):
+        su._control_draws(torch.tensor([[layer, n] for layer in range(2) for n in range(20)]), 2, 32,
+                          su.Config(random_draws=3), [])
