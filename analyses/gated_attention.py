@@ -78,10 +78,12 @@ class Config(CommonConfig):
     selection_fraction: float = 0.5  # share of chunks for head selection and gate means; the rest is held out
     sparsity_threshold: float = 0.01  # θ: share of |output| < θ (paper Fig. 5: 1e-2 and 1e-3)
     sink_epsilon: float = 0.3  # sink rate threshold ε on α[0] (Gu et al. 2024)
-    interventions: Literal["auto", "on", "off"] = "auto"  # gate interventions: auto = on gated models only, on = required
+    # gate interventions: auto = on gated models only, on = required
+    interventions: Literal["auto", "on", "off"] = "auto"
     alphas: tuple[float, ...] = (0.5, 2.0)  # gate scale factors α (σ(z) → α·σ(z)); toolkit probe, not in the paper
     head_fraction: float = 0.25  # share of gated heads selected for the head-level interventions (at most 0.5)
-    select_by: Literal["low_mean", "high_var"] = "low_mean"  # head selection: lowest mean gate, or highest variance across tokens
+    # head selection: lowest mean gate, or highest variance across tokens
+    select_by: Literal["low_mean", "high_var"] = "low_mean"
     # random-head control draws (same number of heads, never the selected ones, matched on the push; at least 2)
     random_draws: int = 5
     compare: str = "auto"  # second model side by side: a model name/path, none, or auto (an organism's twin)
@@ -89,7 +91,8 @@ class Config(CommonConfig):
     def validate(self, model=None) -> None:
         super().validate(model)
         require(self.seq_len >= 2, f"seq-len must be at least 2; got {self.seq_len}")
-        require(self.n_chunks >= 2, f"n-chunks must be at least 2 (one to select on, one held out); got {self.n_chunks}")
+        require(self.n_chunks >= 2,
+                f"n-chunks must be at least 2 (one to select on, one held out); got {self.n_chunks}")
         require(0 < self.selection_fraction < 1, f"selection-fraction must be in (0, 1); got {self.selection_fraction}")
         require(self.sparsity_threshold > 0, f"sparsity-threshold must be > 0; got {self.sparsity_threshold}")
         require(0 < self.sink_epsilon < 1, f"sink-epsilon must be in (0, 1); got {self.sink_epsilon}")
@@ -267,11 +270,13 @@ def _interventions(model, layers, fit, held, gate_fit: gates.GateStats, push: ga
         rows.append({"what": what, "heads": [list(h) for h in all_heads], "selection": "all", "n_heads": len(all_heads),
                      **measure([make(None)], what)})
         rows.append({"what": what, "heads": [list(h) for h in selected], "selection": "selected",
-                     "n_heads": len(selected), "push": [push_of[h] for h in selected], **measure([make(selected)], what)})
+                     "n_heads": len(selected), "push": [push_of[h] for h in selected],
+                     **measure([make(selected)], what)})
         rescales = [push_rescale(selected, d, push_of) for d in draws]
         matched = [measure([make(d)] + ([gates.scale_outputs(model, r)] if set(r.values()) != {1.0} else []),
                            f"{what} random {i}") for i, (d, r) in enumerate(zip(draws, rescales))]
-        rows.append(_random_row(what, draws, matched, "random", push=sorted((push_of[h] for h in selected), reverse=True),
+        rows.append(_random_row(what, draws, matched, "random",
+                                push=sorted((push_of[h] for h in selected), reverse=True),
                                 rescale=[[r[h] for h in d] for d, r in zip(draws, rescales)]))
         if any(set(r.values()) != {1.0} for r in rescales):
             plain = [measure([make(d)], f"{what} unmatched {i}") for i, d in enumerate(draws)]
@@ -411,10 +416,12 @@ def _gate_histograms(r: ModelResult) -> go.Figure:
     centres = [(i + 0.5) * gates.BIN_WIDTH for i in range(gates.N_BINS)]
     fig = go.Figure()
     for row in r.gate_layers:
-        fig.add_trace(go.Scatter(x=centres, y=row["histogram"], mode="lines+markers", name=f"gate, layer {row['layer']}"))
+        fig.add_trace(go.Scatter(x=centres, y=row["histogram"], mode="lines+markers",
+                                 name=f"gate, layer {row['layer']}"))
     for layer, hist in r.scale_histograms.items():
         fig.add_trace(go.Scatter(x=centres, y=hist, mode="lines", line=dict(dash="dot"),
-                                 name=f"s(q) = 1 − A[q, first], layer {layer}", visible="legendonly" if r.gated else True))
+                                 name=f"s(q) = 1 − A[q, first], layer {layer}",
+                                 visible="legendonly" if r.gated else True))
     fig.update_layout(title=f"{r.name}: gate scores σ(z) per layer (bin 0.05)" if r.gated else
                       f"{r.name}: implicit scale s(q) per layer (bin 0.05)",
                       xaxis_title="score", yaxis_title="share of scores", xaxis_range=[0, 1])
@@ -450,7 +457,8 @@ def uniform_first_token(seq_len: int) -> float:
 def _sink_figure(results: dict[str, ModelResult]) -> go.Figure:
     from plotly.subplots import make_subplots
 
-    fig = make_subplots(rows=1, cols=2, subplot_titles=["first-token attention (F-Attn)", "sink rate (% of heads, α[0] > ε)"])
+    fig = make_subplots(rows=1, cols=2, subplot_titles=["first-token attention (F-Attn)",
+                                                        "sink rate (% of heads, α[0] > ε)"])
     for name, r in results.items():
         rows = [row for row in r.attention if row["first_token"] is not None]
         x = [row["layer"] for row in rows]
@@ -468,7 +476,7 @@ def _attention_table(r: ModelResult) -> pd.DataFrame:
         if kind == "linear":
             rows.append({"layer": row["layer"], "first_token": "no softmax pattern", "sink_rate": "no softmax pattern"})
         else:
-            rows.append(row)
+            rows.append({**row, "sink_rate_ci": _fmt_ci(row["sink_rate_ci"])})
     return pd.DataFrame(rows)
 
 
@@ -518,8 +526,9 @@ def _model_section(rep, r: ModelResult, n_layers: int, n_heads: int, select_by: 
     if not r.gated:
         rep.add_notice(f"{r.name} has no attention output gate: no gate statistics or gate interventions; the "
                        "implicit scale s(q) = 1 − attention to the first token stands in for a gate.", level="info")
-    rep.add_figure(_gate_histograms(r), "Gated models: σ(z) over every token, head and dim of each layer (held-out part); "
-                   "dotted (click the legend on gated models): the implicit scale s(q) of every head and query ≥ 1.")
+    rep.add_figure(_gate_histograms(r), "Gated models: σ(z) over every token, head and dim of each layer "
+                   "(held-out part); dotted (click the legend on gated models): the implicit scale s(q) of every "
+                   "head and query ≥ 1.")
     if r.gated:
         rep.add_figure(layer_head_heatmap(_grid(r.gates, n_layers, n_heads, "mean"), f"{r.name}: mean gate score",
                                           "mean σ(z)", diverging=False))
@@ -533,19 +542,22 @@ def _model_section(rep, r: ModelResult, n_layers: int, n_heads: int, select_by: 
                                       "mean s(q)", diverging=False))
     if r.gated:
         corr = _grid([row for row in r.implicit_scale if row["gate_corr"] is not None], n_layers, n_heads, "gate_corr")
-        rep.add_figure(layer_head_heatmap(corr, f"{r.name}: correlation across queries of gate and first-token attention",
-                                          "Pearson r"),
+        rep.add_figure(layer_head_heatmap(corr, f"{r.name}: correlation across queries of gate and first-token "
+                                          "attention", "Pearson r"),
                        "Per head: r between the head's gate (mean over its dims) and its attention to the first token, "
-                       "over held-out queries ≥ 1. If gates replace sinks, the relation should be weak (a toolkit expectation, not a paper result).")
-    rep.add_figure(_sparsity_figure(r), "Y rebuilt from pattern and values; the mean-gate control scales Y by the layer's "
-                   "mean gate from the selection part (sparsity beyond down-scaling shows as gated > control).")
+                       "over held-out queries ≥ 1. If gates replace sinks, the relation should be weak (a toolkit "
+                       "expectation, not a paper result).")
+    rep.add_figure(_sparsity_figure(r), "Y rebuilt from pattern and values; the mean-gate control scales Y by the "
+                   "layer's mean gate from the selection part (sparsity beyond down-scaling shows as gated > control).")
     rep.add_table(_attention_table(r), f"Sink metrics per layer (held-out part; first token: {r.text['first_token']!r} "
-                  f"in {100 * r.text['first_token_share']:.0f}% of chunks).")
+                  f"in {100 * r.text['first_token_share']:.0f}% of chunks). sink_rate_ci: Wilson 95 % interval, "
+                  "treating (head, sequence) pairs as independent.")
     if r.interventions:
         rep.add_heading("Gate interventions", level=3)
         rep.add_paragraph(f"Selected heads ({SELECT_LABELS[select_by]} on the selection part): "
-                          f"{_fmt_heads(r.selected_heads)}. Loss, first-token attention and M-Act on the held-out part; "
-                          "loss_in_sample on the selection part. Random rows: mean and sd over the draws. The push of "
+                          f"{_fmt_heads(r.selected_heads)}. Loss, first-token attention and M-Act on the held-out "
+                          "part; loss_in_sample on the selection part. Random rows: mean and sd over the draws. The "
+                          "push of "
                           "an intervention on a head is how many times larger it makes the head's output (Σ|new| / "
                           "Σ|gated|, on the selection part): forcing a gate of mean ḡ to 1 pushes by about 1/ḡ, so "
                           "low-gate heads get the largest push. The matched random heads get the same intervention, "
@@ -567,18 +579,21 @@ def build_report(result: Result, tokenizer=None):
     rep.add_paragraph("Gated attention (Qiu et al. 2025): gate scores σ(z) of a sigmoid output gate per head, the "
                       "sparsity of the attention output before and after gating, the sink metrics (first-token "
                       "attention, sink rate) and M-Act, and what happens when the gates are forced to 1, set to "
-                      "their mean or scaled. " + (f"Models side by side: {', '.join(names)}." if len(names) > 1 else ""))
+                      "their mean or scaled. "
+                      + (f"Models side by side: {', '.join(names)}." if len(names) > 1 else ""))
     if len(names) > 1:
         rep.add_heading("Side by side")
         rep.add_table(pd.DataFrame([{
             "model": name, "gated": r.gated,
             "mean gate score": float(np.mean([row["mean"] for row in r.gates])) if r.gates else "no gates",
-            "first-token attention": float(np.mean([row["first_token"] for row in r.attention if row["first_token"] is not None])),
+            "first-token attention": float(np.mean([row["first_token"] for row in r.attention
+                                                     if row["first_token"] is not None])),
             "sink rate (%)": float(np.mean([row["sink_rate"] for row in r.attention if row["sink_rate"] is not None])),
             "M-Act": r.m_act, "held-out loss": r.text["loss"],
-            "mean s(q)": float(np.mean([row["mean"] for row in r.implicit_scale]))} for name, r in result.results.items()]))
-    rep.add_figure(_sink_figure(result.results), "F-Attn: mean attention to the first token over queries ≥ 1 and heads; "
-                   "sink rate: share of heads whose first token gets α[0] > ε (Gu et al. 2024), in %.")
+            "mean s(q)": float(np.mean([row["mean"] for row in r.implicit_scale]))}
+            for name, r in result.results.items()]))
+    rep.add_figure(_sink_figure(result.results), "F-Attn: mean attention to the first token over queries ≥ 1 and "
+                   "heads; sink rate: share of heads whose first token gets α[0] > ε (Gu et al. 2024), in %.")
     models = [result.header["model"]] + ([result.header["compare_model"]] if "compare_model" in result.header else [])
     for r, info in zip(result.results.values(), models):
         _model_section(rep, r, info["n_layers"], info["n_heads"], result.header["config"]["select_by"])
