@@ -13,31 +13,39 @@ creates it and the one that cancels it (sign of the neuron's write against h); J
 share of activation-outlier positions that are attention-outlier keys. Interventions (Sun's set-zero /
 set-mean): the massive dims and their means are chosen on one part of the chunks, then on the other part
 the massive scalars at the emergence layer are set to zero or to the mean; loss, F-Attn, sink rate and
-M-Act are measured, against random dims (same count, several draws) and a repeated-token input.
+M-Act are measured, against random dims matched on the size of the change (same count, several draws; where no
+ordinary dim changes as much, the same change moved onto random dims) and a repeated-token input. ρ keeps each
+chunk's sink set from the layer where it emerges; token-type shares count every outlier position, per layer.
 Details, defaults with citations and deviations: docs/systematic_outliers.md.
 """
 
 from __future__ import annotations
 
-import random
+import math
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 import torch
+from jaxtyping import Float
+from torch import Tensor
 
 from interp import outliers as out
 from interp import sinks
-from interp.analysis import CommonConfig, require, run_header
+from interp.analysis import CommonConfig, require, run_header, warn
 from interp.batching import padded_batches
+from interp.bridge import sdpa_attention, stopped_at
+from interp.controls import ControlUnavailable, Draws, control_row, matched_draws, split
 from interp.datasets import load_dataset
 from interp.errors import UserError
 from interp.figures import intervention_bars, layer_head_heatmap
 from interp.report import analysis_report
-from interp.texts import TextSet, chunk_texts, repeated_token_set, split_indices, token_string
+from interp.texts import TextSet, chunk_texts, repeated_token_set, token_string
 
 DATASET_FIELD = "text_set"
+RENAMED_OPTIONS = {"select_fraction": "selection_fraction"}
 
 
 @dataclass
@@ -46,32 +54,34 @@ class Config(CommonConfig):
 
     text_set: str = "natural-text"  # text set (--dataset): natural-text (bundled), wikitext-2 or redpajama-sample (hub; the papers use RedPajama), or a .txt file
     seq_len: int = 64  # tokens per chunk (Gu et al.'s sink rate is defined at T = 64; An/Sun profile 4096-token chunks)
-    n_texts: int = 100  # chunks analysed (Gu et al.: 100; Sun's profiles: 10)
+    n_chunks: int = 100  # chunks analysed (Gu et al.: 100; Sun's profiles: 10)
     bos: bool = False  # start every chunk with a BOS-like token (papers: no special tokens, the first content token sits first)
     massive_abs: float = 100.0  # Sun et al.'s rule: |h| above this ...
     massive_ratio: float = 1000.0  # ... and at least this many times the median |h| of the sequence (Sun et al.)
     token_tau: float = 1000.0  # An et al.'s token rule: max |h| of a token above tau × the mean |h| of the sequence
-    sink_eps: float = 0.3  # Gu et al.'s sink-rate threshold ε on a head's mean attention to the first token
+    sink_epsilon: float = 0.3  # Gu et al.'s sink-rate threshold ε on a head's mean attention to the first token
     include_first_query: bool = False  # F-Attn averages query 0 too (always 1.0 in a causal model; Qiu et al. do not say)
     outlier_key_frac: float = 0.1  # An et al.: a key is an attention outlier when it receives ≥ frac · T of the head-mean attention
     weight_ratio: float = 500.0  # flag a module whose column max/mean of |W| exceeds this (An et al. give no threshold; our choice)
     max_dims: int = 2  # massive dims intervened on at most (Sun et al. set 2 in LLaMA2-7B)
-    select_fraction: float = 0.5  # share of chunks that choose the dims and their means; the rest measures the effect
-    n_random: int = 5  # random-dims control draws (same number of dims, never the chosen ones)
+    selection_fraction: float = 0.5  # share of chunks that choose the dims and their means; the rest measures the effect
+    random_draws: int = 5  # random-dims control draws (same number of dims, never the chosen ones, matched on norm)
     example: int = 0  # chunk whose attention pattern the report shows
 
     def validate(self, model=None) -> None:
         super().validate(model)
         require(self.seq_len >= 2, f"seq-len must be at least 2; got {self.seq_len}")
-        require(self.n_texts >= 2, f"n-texts must be at least 2 (one part selects, the other measures); got {self.n_texts}")
+        require(self.n_chunks >= 2,
+                f"n-chunks must be at least 2 (one part selects, the other measures); got {self.n_chunks}")
         for name in ("massive_abs", "massive_ratio", "token_tau", "weight_ratio"):
             require(getattr(self, name) > 0, f"{name.replace('_', '-')} must be positive; got {getattr(self, name)}")
-        require(0 < self.sink_eps < 1, f"sink-eps must be in (0, 1); got {self.sink_eps}")
+        require(0 < self.sink_epsilon < 1, f"sink-epsilon must be in (0, 1); got {self.sink_epsilon}")
         require(0 < self.outlier_key_frac <= 1, f"outlier-key-frac must be in (0, 1]; got {self.outlier_key_frac}")
-        require(0 < self.select_fraction < 1, f"select-fraction must be in (0, 1); got {self.select_fraction}")
+        require(0 < self.selection_fraction < 1,
+                f"selection-fraction must be in (0, 1); got {self.selection_fraction}")
         require(self.max_dims >= 1, f"max-dims must be at least 1; got {self.max_dims}")
-        require(self.n_random >= 1, f"n-random must be at least 1; got {self.n_random}")
-        require(0 <= self.example < self.n_texts, f"example must be in 0..{self.n_texts - 1} (a chunk index); got {self.example}")
+        require(0 <= self.example < self.n_chunks,
+                f"example must be in 0..{self.n_chunks - 1} (a chunk index); got {self.example}")
         if model is not None:
             n_ctx = getattr(model.cfg, "n_ctx", None)
             require(not n_ctx or self.seq_len <= n_ctx,
@@ -88,6 +98,7 @@ class Result:
     down_input: list[dict]
     massive_activations: list[dict]
     n_massive: int
+    n_massive_listed: int
     token_outliers: list[dict]
     outlier_dims: list[dict]
     attention: list[dict]
@@ -102,10 +113,12 @@ class Result:
     interventions: list[dict]
     m_act: float
     notes: list[str]
+    warnings: list[str] = field(default_factory=list)  # problems that did not stop the run (results.json, report)
 
     def to_dict(self) -> dict:
-        return {**self.header, "text_set": self.text_set, "residual": self.residual, "down_input": self.down_input,
+        return {**self.header, "warnings": self.warnings, "text_set": self.text_set, "residual": self.residual, "down_input": self.down_input,
                 "massive_activations": self.massive_activations, "n_massive": self.n_massive,
+                "n_massive_listed": self.n_massive_listed,
                 "token_outliers": self.token_outliers, "outlier_dims": self.outlier_dims,
                 "attention": self.attention, "attention_overall": self.attention_overall,
                 "other_sinks": self.other_sinks, "weight_outliers": self.weight_outliers,
@@ -140,9 +153,9 @@ def preflight(config: Config) -> None:
 
 
 def load_text_set(model, config: Config) -> TextSet:
-    """The configured text set, chunked (n_texts, or `limit` when smaller)."""
+    """The configured text set, chunked (n_chunks, or `limit` when smaller)."""
     docs = load_dataset(config.text_set, "texts")
-    n = min(config.n_texts, config.limit) if config.limit else config.n_texts
+    n = min(config.n_chunks, config.limit) if config.limit else config.n_chunks
     return chunk_texts(model.tokenizer, docs, config.seq_len, n, bos=config.bos, source=config.text_set)
 
 
@@ -209,11 +222,20 @@ def position_overlap(act: set, attn: set) -> dict:
             "share_of_activation": inter / len(act) if act else None, "jaccard": inter / union if union else None}
 
 
-def token_type_counts(kind: str, items: list[tuple[int, int]], tokenizer) -> list[dict]:
-    """Rows {kind, type, count, share} for (position, token_id) items."""
-    counts = Counter(out.token_type(p, token_string(tokenizer, t)) for p, t in items)
-    total = sum(counts.values())
-    return [{"kind": kind, "type": k, "count": c, "share": c / total} for k, c in counts.most_common()]
+def token_type_counts(kind: str, counts: Counter, tokenizer) -> list[dict]:
+    """Rows {kind, layer, type, count, share} from `counts[(layer, first, token_id)]` (positions, every one counted;
+    `first`: position 0): per layer, and over all layers (`layer` "all", each layer's positions counted)."""
+    by_layer: dict = {}
+    for (layer, first, tid), c in counts.items():
+        kind_of = out.token_type(0 if first else 1, token_string(tokenizer, tid))
+        for key in (layer, "all"):
+            by_layer.setdefault(key, Counter())[kind_of] += c
+    rows = []
+    for layer in sorted(by_layer, key=lambda k: (k != "all", k if k != "all" else -1)):
+        total = sum(by_layer[layer].values())
+        rows += [{"kind": kind, "layer": layer, "type": t, "count": c, "share": c / total}
+                 for t, c in by_layer[layer].most_common()]
+    return rows
 
 
 # ---------------------------------------------------------------- interventions
@@ -242,11 +264,12 @@ def carrier_positions(h: torch.Tensor, dims: list[int], massive: bool, abs_thr: 
 
 class SetScalars:
     """Forward hook on `blocks.layer.hook_resid_post`: at each sequence's carrier positions (found with `find_dims`),
-    set `dims` to 0 (`means=None`) or to `means[role][dim]` (role 0: position 0, role 1: later positions)."""
+    set `dims` to `targets[role]` (role 0: position 0, role 1: later positions). With `onto`, the dims keep their
+    values and the change that setting would make is added to the dims `onto` instead (same change, other dims)."""
 
-    def __init__(self, layer: int, find_dims: list[int], dims: list[int], means: torch.Tensor | None,
-                 massive: bool, abs_thr: float, ratio: float):
-        self.layer, self.find_dims, self.dims, self.means = layer, find_dims, dims, means
+    def __init__(self, layer: int, find_dims: list[int], dims: list[int], targets: Float[Tensor, "2 k"],
+                 massive: bool, abs_thr: float, ratio: float, onto: list[int] | None = None):
+        self.layer, self.find_dims, self.dims, self.targets, self.onto = layer, find_dims, dims, targets, onto
         self.massive, self.abs_thr, self.ratio = massive, abs_thr, ratio
         self.mask = None
         self.n_positions = 0
@@ -258,8 +281,11 @@ class SetScalars:
             n = int(self.mask[row].sum()) if self.mask is not None else width
             start = width - n
             for p in carrier_positions(x[row, start:], self.find_dims, self.massive, self.abs_thr, self.ratio):
-                value = 0.0 if self.means is None else self.means[int(p > 0)].to(x.dtype).to(x.device)
-                x[row, start + p, self.dims] = value
+                value = self.targets[int(p > 0)].to(x.dtype).to(x.device)
+                if self.onto is None:
+                    x[row, start + p, self.dims] = value
+                else:
+                    x[row, start + p, self.onto] += value - x[row, start + p, self.dims]
                 self.n_positions += 1
         return x
 
@@ -267,10 +293,38 @@ class SetScalars:
         return [(f"blocks.{self.layer}.hook_resid_post", self.hook)]
 
 
+@dataclass
+class CarrierMoments:
+    """Per role (0: position 0, 1: later carrier positions) and residual dim: sum, sum of squares and count of
+    h_layer at the carrier positions of a chunk set."""
+
+    sums: Float[Tensor, "2 d"]
+    squares: Float[Tensor, "2 d"]
+    counts: Float[Tensor, "2"]
+
+    def means(self) -> Float[Tensor, "2 d"]:
+        """Mean per role; a role never seen takes the other role's mean."""
+        means = self.sums / self.counts.clamp_min(1)[:, None]
+        for role in (0, 1):
+            if self.counts[role] == 0:
+                means[role] = means[1 - role]
+        return means.float()
+
+    def change_rms(self, mode: str) -> Float[Tensor, " d"]:
+        """Per dim: root mean square over carrier positions of the change set-`mode` ("zero" | "mean") makes there."""
+        n = self.counts.sum().clamp_min(1)
+        if mode == "zero":
+            return (self.squares.sum(0) / n).sqrt().float()
+        spread = self.squares - self.sums ** 2 / self.counts.clamp_min(1)[:, None]
+        return (spread.sum(0).clamp_min(0) / n).sqrt().float()
+
+
 @torch.no_grad()
-def carrier_means(model, seqs, layer: int, find_dims: list[int], dims: list[int], massive: bool, config: Config) -> torch.Tensor:
-    """Mean of h_layer[carrier, dims] over `seqs`, by role (position 0 / later): `[2, len(dims)]`."""
-    sums, counts = torch.zeros(2, len(dims), dtype=torch.float64), torch.zeros(2)
+def carrier_moments(model, seqs, layer: int, find_dims: list[int], massive: bool, config: Config) -> CarrierMoments:
+    """Sum, sum of squares and count of h_layer at the carrier positions of `seqs`, by role, for every dim."""
+    d = model.cfg.d_model
+    m = CarrierMoments(torch.zeros(2, d, dtype=torch.float64), torch.zeros(2, d, dtype=torch.float64),
+                       torch.zeros(2, dtype=torch.float64))
     state = {}
 
     def read(x, hook):
@@ -278,10 +332,10 @@ def carrier_means(model, seqs, layer: int, find_dims: list[int], dims: list[int]
         for row in range(x.shape[0]):
             n = int(state["mask"][row].sum())
             for p in carrier_positions(x[row, width - n:], find_dims, massive, config.massive_abs, config.massive_ratio):
-                sums[int(p > 0)] += x[row, width - n + p, dims].double().cpu()
-                counts[int(p > 0)] += 1
-
-    from interp.bridge import sdpa_attention, stopped_at
+                h = x[row, width - n + p].double().cpu()
+                m.sums[int(p > 0)] += h
+                m.squares[int(p > 0)] += h ** 2
+                m.counts[int(p > 0)] += 1
 
     hooks = [(f"blocks.{layer}.hook_resid_post", read)]
     with sdpa_attention(model, [n for n, _ in hooks]):
@@ -289,11 +343,26 @@ def carrier_means(model, seqs, layer: int, find_dims: list[int], dims: list[int]
             state["mask"] = mask
             with stopped_at(model, layer + 1) as stop:
                 model.run_with_hooks(tokens, attention_mask=mask, return_type=None, stop_at_layer=stop, fwd_hooks=hooks)
-    means = sums / counts.clamp_min(1)[:, None].double()
-    for role in (0, 1):  # a role never seen on the selection chunks takes the other role's mean
-        if counts[role] == 0:
-            means[role] = means[1 - role]
-    return means.float()
+    return m
+
+
+def norm_stratum(x: float) -> str:
+    """The decade of a change's size: "1e2" for 100 ≤ x < 1000, "0" for no change."""
+    return f"1e{math.floor(math.log10(x))}" if x > 0 else "0"
+
+
+def norm_matched_dims(dims: list[int], change: Sequence[float], draws: int, seed: int, key: str) -> tuple[Draws, bool]:
+    """Random dims for the control of intervening on `dims`, matched on the size of the change (`change[d]`, one
+    value per dim): dims whose change falls in the same decade as each chosen dim's, and `moved` False. Where too
+    few ordinary dims are comparable (massive dims), plain random dims and `moved` True: the control then moves
+    the chosen dims' change onto them (the same change vector, so the same norm, on other dims)."""
+    labels = {d: norm_stratum(float(c)) for d, c in enumerate(change)}
+    pool = range(len(change))
+    try:
+        return matched_draws(dims, pool, stratum=labels, draws=draws, seed=seed, matched_on="norm", key=key), False
+    except ControlUnavailable:
+        plain = matched_draws(dims, pool, draws=draws, seed=seed, matched_on="norm", key=key)
+        return Draws(plain.sets, "norm", dict(sorted(Counter(labels[d] for d in dims).items()))), True
 
 
 def has_lm_head(model) -> bool:
@@ -304,7 +373,7 @@ def has_lm_head(model) -> bool:
 @torch.no_grad()
 def measure(model, seqs, config: Config, intervention: SetScalars | None = None, loss: bool = True) -> dict:
     """Mean next-token loss, F-Attn, Gu's sink rate and M-Act on `seqs`, under `intervention` if given."""
-    stats = sinks.AttentionStats(model.cfg.n_layers, model.cfg.n_heads, eps=config.sink_eps,
+    stats = sinks.AttentionStats(model.cfg.n_layers, model.cfg.n_heads, eps=config.sink_epsilon,
                                  exclude_first_query=not config.include_first_query, causal=is_causal(model),
                                  outlier_frac=config.outlier_key_frac)
     layer_max = torch.zeros(model.cfg.n_layers, dtype=torch.float64)
@@ -335,20 +404,21 @@ def measure(model, seqs, config: Config, intervention: SetScalars | None = None,
             "sink_rate": overall["sink_rate"], "m_act": out.m_act(layer_max)}
 
 
-def _summary(what: str, dims, layer, rows: list[dict]) -> dict:
-    row = {"what": what, "dims": dims, "layer": layer, "draw": "mean ± sd", "n_draws": len(rows)}
-    for k in ("loss", "first_token", "sink_rate", "m_act", "n_positions"):
-        values = [r[k] for r in rows if r[k] is not None]
-        row[k] = float(np.mean(values)) if values else None
-        row[f"{k}_sd"] = float(np.std(values, ddof=1)) if len(values) > 1 else None
-    return row
+MEASURED = ("loss", "first_token", "sink_rate", "m_act", "n_positions")
 
 
-def interventions(model, texts: TextSet, config: Config, notes: list[str]) -> list[dict]:
+def control_summary(what: str, layer: int, rows: list[dict], draws: Draws, moved: bool) -> dict:
+    """The mean ± sd row of a random control (`interp.controls.control_row`) and how it was matched on norm."""
+    values = {k: [r[k] for r in rows] for k in MEASURED if any(r[k] is not None for r in rows)}
+    return {"what": what, "dims": None, "layer": layer, "draw": "mean ± sd", **dict.fromkeys(MEASURED),
+            **control_row(values, draws), "norm_match": "moved_change" if moved else "stratum"}
+
+
+def interventions(model, texts: TextSet, config: Config, notes: list[str], warnings: list[str]) -> list[dict]:
     """Sun's set-zero / set-mean at the emergence layer, chosen on one split and measured on the other (`split`
     "held_out"; the same settings on the selection chunks are the in-sample rows, `split` "selection"), against
-    random dims (same count, `n_random` draws, held out) and a repeated-token input."""
-    sel, held = split_indices(len(texts), config.select_fraction, config.seed)
+    random dims matched on the size of the change (`random_draws` draws, held out) and a repeated-token input."""
+    sel, held = split(len(texts), config.selection_fraction, config.seed)
     sel_seqs, held_seqs = [texts.chunks[i] for i in sel], [texts.chunks[i] for i in held]
     sel_stats = out.residual_stats(model, sel_seqs, batch_size=config.batch_size, down=False,
                                    abs_thr=config.massive_abs, ratio=config.massive_ratio, tau=config.token_tau,
@@ -357,9 +427,8 @@ def interventions(model, texts: TextSet, config: Config, notes: list[str]) -> li
     if not massive:
         notes.append(f"No massive activation on the selection chunks: the interventions use the candidate dims {dims} "
                      f"of layer {layer} (largest top-1 / median ratio) at position 0 and each chunk's largest |h| in them.")
-    rng = random.Random(config.seed)
-    pool = [d for d in range(model.cfg.d_model) if d not in dims]
-    draws = [sorted(rng.sample(pool, len(dims))) for _ in range(config.n_random)]
+    moments = carrier_moments(model, sel_seqs, layer, dims, massive, config)
+    means = moments.means()
     lm = has_lm_head(model) and is_causal(model)
     if not has_lm_head(model):
         notes.append("The model has no LM head: loss / perplexity skipped.")
@@ -370,19 +439,25 @@ def interventions(model, texts: TextSet, config: Config, notes: list[str]) -> li
     rows = [base]
     in_sample = [{"what": "baseline", "dims": [], "layer": None, "draw": None, "n_positions": 0, "split": "selection",
                   **measure(model, sel_seqs, config, loss=lm)}]
+    scalars = dict(massive=massive, abs_thr=config.massive_abs, ratio=config.massive_ratio)
     for mode in ("zero", "mean"):
-        means = carrier_means(model, sel_seqs, layer, dims, dims, massive, config) if mode == "mean" else None
-        for split, part, target in (("held_out", held_seqs, rows), ("selection", sel_seqs, in_sample)):
-            iv = SetScalars(layer, dims, dims, means, massive, config.massive_abs, config.massive_ratio)
-            target.append({"what": f"set_{mode}", "dims": dims, "layer": layer, "draw": None, "split": split,
-                           **measure(model, part, config, iv, loss=lm), "n_positions": iv.n_positions})
+        target = torch.zeros_like(means) if mode == "zero" else means
+        for part_name, part, into in (("held_out", held_seqs, rows), ("selection", sel_seqs, in_sample)):
+            iv = SetScalars(layer, dims, dims, target[:, dims], **scalars)
+            into.append({"what": f"set_{mode}", "dims": dims, "layer": layer, "draw": None, "split": part_name,
+                         **measure(model, part, config, iv, loss=lm), "n_positions": iv.n_positions})
+        draws, moved = norm_matched_dims(dims, moments.change_rms(mode).tolist(), config.random_draws, config.seed, mode)
+        if moved:
+            warn(warnings, f"set_{mode}: no ordinary dim changes as much as the chosen dims {dims} (strata "
+                           f"{draws.strata}); the random control moves the same change onto random dims instead")
         random_rows = []
         for k, rdims in enumerate(draws):
-            means = carrier_means(model, sel_seqs, layer, dims, rdims, massive, config) if mode == "mean" else None
-            iv = SetScalars(layer, dims, rdims, means, massive, config.massive_abs, config.massive_ratio)
+            iv = (SetScalars(layer, dims, dims, target[:, dims], onto=rdims, **scalars) if moved
+                  else SetScalars(layer, dims, rdims, target[:, rdims], **scalars))
             random_rows.append({"what": f"set_{mode}_random", "dims": rdims, "layer": layer, "draw": k,
-                                **measure(model, held_seqs, config, iv, loss=lm), "n_positions": iv.n_positions})
-        rows += random_rows + [_summary(f"set_{mode}_random", None, layer, random_rows)]
+                                **measure(model, held_seqs, config, iv, loss=lm), "n_positions": iv.n_positions,
+                                "matched_on": draws.matched_on, "strata": dict(draws.strata)})
+        rows += random_rows + [control_summary(f"set_{mode}_random", layer, random_rows, draws, moved)]
     rep = repeated_token_set(model.tokenizer, config.seq_len, len(held_seqs), bos=config.bos, seed=config.seed)
     rows.append({"what": "repeated_token", "dims": [], "layer": None, "draw": None, "n_positions": 0,
                  **measure(model, rep.chunks, config, loss=lm)})
@@ -393,7 +468,6 @@ def interventions(model, texts: TextSet, config: Config, notes: list[str]) -> li
         r["n_selection"], r["n_measured"] = len(sel), len(held)
     return rows
 
-
 # ---------------------------------------------------------------- run
 
 def run(model, config: Config | None = None) -> Result:
@@ -401,6 +475,7 @@ def run(model, config: Config | None = None) -> Result:
     config = config or Config()
     config.validate(model)
     notes: list[str] = []
+    warnings: list[str] = []
     moe = out.is_moe(model)
     if moe:
         notes.append("Mixture-of-experts MLP: no single down-projection, so the down-projection input profile, "
@@ -416,7 +491,7 @@ def run(model, config: Config | None = None) -> Result:
     causal = is_causal(model)
     if not causal:
         notes.append("Bidirectional attention: Gu's α[k] averages over every query, not only q ≥ k.")
-    att = sinks.attention_metrics(model, seqs, batch_size=config.batch_size, eps=config.sink_eps,
+    att = sinks.attention_metrics(model, seqs, batch_size=config.batch_size, eps=config.sink_epsilon,
                                   exclude_first_query=not config.include_first_query, causal=causal,
                                   outlier_frac=config.outlier_key_frac, qkv_norms=True, example=config.example,
                                   progress=config.progress)
@@ -432,25 +507,31 @@ def run(model, config: Config | None = None) -> Result:
         "position_overlap": position_overlap(act_pos, attn_pos),
         "qkv_norms": att.qkv_norm_rows(),
     }
-    token_types = (token_type_counts("massive_activation", [(h["position"], h["token_id"]) for h in stats.hits], tok)
-                   + token_type_counts("activation_outlier", [(h["position"], h["token_id"]) for h in stats.token_hits], tok)
-                   + token_type_counts("attention_outlier", [(p, t) for _, _, p, t in att.outlier_keys], tok))
-    rows = interventions(model, texts, config, notes)
+    if stats.n_hits_dropped:
+        warn(warnings, f"massive_activations lists the first {len(stats.hits)} of {stats.n_hits} massive activations "
+                       f"({stats.n_hits_dropped} not listed); n_massive, outlier_dims and token_types count them all")
+    token_types = (token_type_counts("massive_activation", stats.hit_positions, tok)
+                   + token_type_counts("activation_outlier", Counter((h["layer"], h["position"] == 0, h["token_id"])
+                                                                     for h in stats.token_hits), tok)
+                   + token_type_counts("attention_outlier", Counter((layer, p == 0, t)
+                                                                    for layer, _, p, t in att.outlier_keys), tok))
+    rows = interventions(model, texts, config, notes, warnings)
     summary = texts.first_token_summary()
     text_set = {"source": texts.source, "seq_len": texts.seq_len, "bos": texts.bos, "n_chunks": len(texts),
                 "first_token_id": summary["id"], "first_token": summary["token"], "first_token_share": summary["share"]}
     header = run_header("systematic_outliers", model, config)
     return Result(
         header=header, config=config, text_set=text_set, residual=stats.profile(), down_input=stats.down_profile(),
-        massive_activations=hits, n_massive=stats.n_hits,
+        massive_activations=hits, n_massive=stats.n_hits, n_massive_listed=len(stats.hits),
         token_outliers=[{**h, "token": token_string(tok, h["token_id"])} for h in stats.token_hits],
         outlier_dims=stats.outlier_dims(0.5), attention=att.per_layer(), attention_heads=att.per_head(),
-        attention_overall=att.overall(), other_sinks=att.other_sinks(tok),
+        attention_overall={**att.overall(), "sink_set_layers": dict(sorted(att.sink_layers.items()))},
+        other_sinks=att.other_sinks(tok),
         example_pattern={layer: p.tolist() for layer, p in att.example.items()},
         example_tokens=[token_string(tok, t) for t in seqs[config.example]],
         weight_outliers=[] if moe else out.weight_outliers(model, config.weight_ratio),
         connections=connections, token_types=token_types, interventions=rows, m_act=out.m_act(stats.layer_max()),
-        notes=notes)
+        notes=notes, warnings=warnings)
 
 
 # ---------------------------------------------------------------- report
@@ -479,7 +560,7 @@ def example_figure(pattern: list, tokens: list[str], layer: int):
 
 def build_report(result: Result, tokenizer=None):
     """Headline numbers, layer profiles, outlier tables, attention, weights, connections, interventions."""
-    rep = analysis_report(result.header)
+    rep = analysis_report(result.header, result.warnings)
     cfg, ts = result.config, result.text_set
     rows = result.interventions
     base = next(r for r in rows if r["what"] == "baseline" and r["split"] == "held_out")
@@ -490,7 +571,7 @@ def build_report(result: Result, tokenizer=None):
         "outlier dims": ", ".join(str(r["dim"]) for r in result.outlier_dims) or "none",
         "M-Act": result.m_act,
         "F-Attn (first-token attention)": result.attention_overall["first_token"],
-        f"sink rate (ε={cfg.sink_eps}), %": result.attention_overall["sink_rate"],
+        f"sink rate (ε={cfg.sink_epsilon}), %": result.attention_overall["sink_rate"],
         "loss": base["loss"] if base["loss"] is not None else "skipped (no LM head)",
     })
     for note in result.notes:
@@ -505,7 +586,8 @@ def build_report(result: Result, tokenizer=None):
         rep.add_figure(profile_figure(result.down_input, "MLP down-projection input |x| per layer"))
     rep.add_heading("Massive activations")
     if result.massive_activations:
-        rep.add_table(pd.DataFrame(result.massive_activations), caption=f"{result.n_massive} hits (Sun's rule)")
+        rep.add_table(pd.DataFrame(result.massive_activations), caption=f"{result.n_massive} hits (Sun's rule), "
+                      f"{result.n_massive_listed} listed")
         rep.add_table(pd.DataFrame(result.outlier_dims), caption="Dims massive in at least half the blocks")
     else:
         rep.add_paragraph("No massive activation by Sun's rule in any block.")
@@ -514,8 +596,9 @@ def build_report(result: Result, tokenizer=None):
     rep.add_heading("Attention sinks")
     rep.add_paragraph("first_token: mean attention to the chunk's first token over queries "
                       + ("(query 0 included)" if cfg.include_first_query else "1..T−1") + ", heads averaged; "
-                      f"sink_rate: % of heads × chunks with Gu's α[0] > {cfg.sink_eps}; sink_ratio: mean share of a "
-                      f"head's attention to An's attention-outlier keys (≥ {cfg.outlier_key_frac} · T).")
+                      f"sink_rate: % of heads × chunks with Gu's α[0] > {cfg.sink_epsilon}; sink_ratio: An's ρ, the mean share "
+                      f"of a head's attention to the sink set S (the attention-outlier keys, ≥ {cfg.outlier_key_frac} · "
+                      "T, of the first layer where the chunk has any; kept for later layers, 0 before).")
     rep.add_table(pd.DataFrame(result.attention), caption="Per layer")
     heads = pd.DataFrame(result.attention_heads)
     grid = heads.pivot(index="layer", columns="head", values="first_token").values
@@ -546,8 +629,9 @@ def build_report(result: Result, tokenizer=None):
     rep.add_heading("Interventions")
     rep.add_paragraph("Sun et al.'s set-zero / set-mean: dims, layer and means chosen on "
                       f"{rows[0]['n_selection']} chunks, effects measured on the other {rows[0]['n_measured']}. "
-                      f"Control: {cfg.n_random} draws of as many random dims at the same positions; repeated-token "
-                      "input (Gu et al.'s negative control for sinks). Rows with split 'selection' repeat the baseline and the "
+                      f"Control: {cfg.random_draws} draws of as many random dims at the same positions, matched on the "
+                      "size of the change (same decade; where no ordinary dim compares, the same change moved onto "
+                      "random dims: norm_match 'moved_change'); repeated-token input (Gu et al.'s negative control for sinks). Rows with split 'selection' repeat the baseline and the "
                       "two settings on the selection chunks (in-sample).")
     bars = []
     for r in (r for r in rows if r["split"] == "held_out"):

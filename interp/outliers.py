@@ -13,7 +13,8 @@ Public functions:
   down-projection input `blocks.L.mlp.out.hook_in` when `down=True`): `hooks()`, `begin_batch(indices, tokens, mask)`,
   then `profile()` (rows `{layer, max_abs, top1, top2, top3, median_abs, mean_abs, top_dims}`),
   `down_profile()`, `hits` (Sun's rule, `{layer, sequence, position, token_id, dim, value, median}`, the first
-  `max_hits`; `n_hits` and `hit_counts[(layer, dim)]` count them all),
+  `max_hits` listed, `n_hits_dropped` the rest; `n_hits` and `hit_counts[(layer, dim)]` count them all;
+  `hit_positions[(layer, first, token_id)]` counts every position with at least one hit, `first` = position 0),
   `token_hits` (An's rule), `outlier_dims(min_share=0.5)`, `layer_max()`, `dim_max` (`[layer, d_model]`).
 - `residual_stats(model, seqs, ...)` → `ResidualStats`: runs the loop with SDPA attention (no patterns).
 - `down_projection(model, layer)` → `[d_model, d_mlp]` weight of the MLP down-projection (HF layout),
@@ -102,6 +103,7 @@ class ResidualStats:
         self.n_hits = 0
         self.hit_dims: dict[int, set] = {}  # layer → dims with a massive activation
         self.hit_counts: Counter = Counter()  # (layer, dim) → number of massive activations (all, not capped)
+        self.hit_positions: Counter = Counter()  # (layer, position == 0, token_id) → positions with a hit (all)
         self.token_hits: list[dict] = []
         self.down_hits: list[dict] = []
         self._batch = None
@@ -154,6 +156,7 @@ class ResidualStats:
                 self.n_hits += len(hits)
                 self.hit_dims.setdefault(layer, set()).update(d for _, d in hits)
                 self.hit_counts.update((layer, d) for _, d in hits)
+                self.hit_positions.update((layer, t == 0, toks[t]) for t in sorted({t for t, _ in hits}))
                 for t in outlier_tokens(h, self.tau).tolist():
                     self.token_hits.append({"layer": layer, "sequence": seq, "position": t, "token_id": toks[t],
                                             "value": float(a[t].max()), "mean": float(mean)})
@@ -163,6 +166,11 @@ class ResidualStats:
                                    "value": float(h[t, d]), "median": float(median)})
         if kind == "resid":
             self.n_seqs[layer] += len(indices)
+
+    @property
+    def n_hits_dropped(self) -> int:
+        """Massive activations counted but not listed in `hits` (beyond `max_hits`)."""
+        return self.n_hits - len(self.hits)
 
     def _rows(self, kind: str) -> list[dict]:
         rows = []

@@ -12,13 +12,16 @@ Metric functions (tensors in, tensors out; `pattern` is `blocks.L.attn.hook_patt
 - `attention_outlier_keys(pattern, mask, frac=0.1)` → bool `[batch, pos]` (left-aligned): An et al. 2025's
   rule, column sum of the head-mean pattern ≥ frac · T.
 - `sink_ratio(pattern, keys, mask)` → `[batch, head]`: the share of each head's attention that goes to
-  the keys in `keys` (An et al.'s per-head ratio ρ).
+  the keys in `keys` (An et al.'s per-head ratio ρ). `AttentionStats` takes the sink set S of each sequence
+  from its emergence layer (the first layer where the sequence has an attention-outlier key) and keeps it for
+  every later layer, so ρ is not high by construction (re-detecting S in each layer would make it so).
 - `left_align(x, mask)`: move each row's real positions to the front along the last dim.
 
 Streaming: `AttentionStats(n_layers, n_heads, ...)` accumulates those metrics per layer and head;
 `stats.hooks()` gives the forward hooks (pattern, and q/k/v when `qkv_norms`), `stats.begin_batch(indices,
 tokens, mask)` must precede each forward. `attention_metrics(model, seqs, ...)` runs the loop and returns
 the filled `AttentionStats`; read `per_layer()` (rows `{layer, first_token, sink_rate, sink_ratio}`),
+`sink_layers` (emergence layer → number of sequences whose S was fixed there),
 `per_head()` (rows per layer and head), `overall()` (`first_token`, `sink_rate` in %), `other_sinks()`
 (attention-outlier keys after the first token, by position and by token), `outlier_keys` (every attention-outlier key as
 `(layer, sequence, position, token_id)`), `qkv_norm_rows()` and `example` (head-mean pattern of one sequence per layer).
@@ -134,7 +137,9 @@ class AttentionStats:
         self.norm_sums: dict = defaultdict(lambda: torch.zeros(2, dtype=torch.float64))  # (layer, q|k|v, sink?) → [sum, n]
         self.gated_q = gated_q  # q hook holds [q_h | g_h] per head (Qwen3-Next / Qwen3.5): keep the query halves
         self.example_index, self.example = example, {}
+        self.sink_layers: Counter = Counter()  # emergence layer → sequences whose sink set S was fixed there
         self._batch = None
+        self._sink: Tensor | None = None  # [batch, k] sink set S of each sequence of the batch (empty until it emerges)
         self._norms: dict = {}
 
     def hooks(self) -> list[tuple[str, object]]:
@@ -146,6 +151,7 @@ class AttentionStats:
     def begin_batch(self, indices: Sequence[int], tokens: Tensor, mask: Tensor | None) -> None:
         """Set the batch the next forward's hooks see (its sequence indices, tokens and mask)."""
         self._batch = (list(indices), tokens, mask)
+        self._sink = None
         self._norms = {}
 
     def _qkv_hook(self, x, hook):
@@ -169,7 +175,7 @@ class AttentionStats:
         sinks = alpha > self.eps  # [b, head, k]
         self.sink_count[layer] += sinks[:, :, 0].double().sum(0).cpu()
         keys = attention_outlier_keys(pattern, mask, self.outlier_frac)
-        self.ratio_sum[layer] += sink_ratio(pattern, keys, mask).double().sum(0).cpu()
+        self.ratio_sum[layer] += sink_ratio(pattern, self._sink_set(layer, keys), mask).double().sum(0).cpu()
         self.n_seqs[layer] += b
         toks = left_align(tokens, mask).cpu()
         for row, pos in keys.nonzero().tolist():
@@ -185,6 +191,15 @@ class AttentionStats:
             n = int(mask[row].sum()) if mask is not None else pattern.shape[-1]
             self.example[layer] = pattern[row, :, -n:, -n:].float().mean(0).cpu()
 
+    def _sink_set(self, layer: int, keys: Bool[Tensor, "batch k"]) -> Bool[Tensor, "batch k"]:
+        """The batch's sink sets S: a sequence without one yet takes this layer's attention-outlier keys, if any."""
+        if self._sink is None:
+            self._sink = torch.zeros_like(keys)
+        new = keys.any(-1) & ~self._sink.any(-1)
+        self._sink[new] = keys[new]
+        self.sink_layers[layer] += int(new.sum())
+        return self._sink
+
     def per_head(self) -> list[dict]:
         """Rows {layer, head, first_token, sink_rate (% of sequences with α[0] > ε), sink_ratio}."""
         rows = []
@@ -197,7 +212,8 @@ class AttentionStats:
         return rows
 
     def per_layer(self) -> list[dict]:
-        """Rows {layer, first_token (F-Attn), sink_rate (Gu's Sink^ε[0], %), sink_ratio (mean ρ over heads)}."""
+        """Rows {layer, first_token (F-Attn), sink_rate (Gu's Sink^ε[0], %), sink_ratio (mean ρ over heads, S fixed at
+        each sequence's emergence layer; 0 before it)}."""
         rows = []
         for layer in self.layers:
             n = max(int(self.n_seqs[layer]), 1) * self.n_heads

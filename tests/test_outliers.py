@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from interp import outliers, sinks, texts
+from interp.controls import matched_draws, split
 from interp.errors import UserError
 
 F_DIM, D_STAR, NOISE_FROM = 0, 5, 8
@@ -203,8 +204,8 @@ def test_analysis_reports_layer_dim_neuron_and_interventions(pmodel, text_file, 
     from interp.analyses import systematic_outliers as so
     from interp.analysis import config_for
 
-    cfg = config_for("systematic_outliers", pmodel, text_set=str(text_file), seq_len=16, n_texts=16, bos=True,
-                     n_random=3, progress=False)
+    cfg = config_for("systematic_outliers", pmodel, text_set=str(text_file), seq_len=16, n_chunks=16, bos=True,
+                     random_draws=3, progress=False)
     res = so.run(pmodel, cfg)
     d = res.to_dict()
     for key in ("residual", "massive_activations", "outlier_dims", "attention", "weight_outliers", "connections",
@@ -233,9 +234,24 @@ def test_analysis_reports_layer_dim_neuron_and_interventions(pmodel, text_file, 
     assert abs(mean["loss"] - base["loss"]) < 1e-5
     assert zero["first_token"] < base["first_token"] - 0.05 and zero["m_act"] < base["m_act"] / 10
     ctrl = rows[("set_zero_random", "mean ± sd")]
-    assert ctrl["n_draws"] == 3 and abs(ctrl["loss"] - base["loss"]) < 1e-3 and ctrl["loss_sd"] is not None
+    # no ordinary dim is near 6400: the control moves the same change (same norm) onto random dims
+    assert (ctrl["matched_on"], ctrl["strata"], ctrl["norm_match"]) == ("norm", {"1e3": 1}, "moved_change")
+    assert ctrl["n_draws"] == 3 and ctrl["loss_sd"] > 0 and len(ctrl["loss_draws"]) == 3
+    assert any("moves the same change" in w for w in d["warnings"])
     draws = [r for r in d["interventions"] if r["what"] == "set_zero_random" and r["draw"] != "mean ± sd"]
-    assert len(draws) == 3 and all(D_STAR not in r["dims"] for r in draws)
+    assert len(draws) == 3 and all(D_STAR not in r["dims"] and r["strata"] == {"1e3": 1} for r in draws)
+    # planted case: zeroing ordinary dims (the unmatched control) leaves the loss as it is, so set-zero would look
+    # special; a change of the same norm on other dims moves the loss as much (this planted head reads no dim
+    # in particular), and the matched control says so
+    ts = so.load_text_set(pmodel, cfg)
+    held = [ts.chunks[i] for i in split(len(ts), cfg.selection_fraction, cfg.seed).held_out]
+    unmatched = so.SetScalars(0, [D_STAR], [D_STAR + 1], torch.zeros(2, 1), True, 100.0, 1000.0)
+    assert abs(so.measure(pmodel, held, cfg, unmatched)["loss"] - base["loss"]) < 1e-3
+    matched_shift = [abs(r["loss"] - base["loss"]) for r in draws]
+    assert min(matched_shift) <= abs(zero["loss"] - base["loss"]) <= max(matched_shift)
+    mctrl = rows[("set_mean_random", "mean ± sd")]
+    assert (mctrl["matched_on"], mctrl["norm_match"], mctrl["strata"]) == ("norm", "stratum", {"0": 1})
+    assert res.attention_overall["sink_set_layers"] == {0: 16, 1: 0}
     assert base["n_selection"] + base["n_measured"] == 16
     assert ("repeated_token", None) in rows
     rep = so.build_report(res, pmodel.tokenizer)
@@ -277,7 +293,9 @@ def test_streamed_stats_hold_no_per_sequence_tensors(pmodel):
 
     def tensor_bytes(obj):
         total = 0
-        for v in vars(obj).values():
+        for name, v in vars(obj).items():
+            if name.startswith("_"):  # one batch's state (its sink sets), replaced at each batch
+                continue
             items = v.values() if isinstance(v, dict) else [v]
             total += sum(t.numel() * t.element_size() for t in items if isinstance(t, torch.Tensor))
         return total
@@ -338,8 +356,9 @@ def test_model_without_down_projection_is_refused():
 
 @pytest.mark.parametrize("extra, message", [
     (["--seq-len", "4096"], "exceeds the model's context"),
-    (["--sink-eps", "0"], "sink-eps"),
-    (["--n-texts", "1"], "n-texts"),
+    (["--sink-epsilon", "0"], "sink-epsilon"),
+    (["--n-chunks", "1"], "n-chunks"),
+    (["--random-draws", "1"], "random"),
     (["--dataset", "no-such-set"], "unknown text set"),
     (["--dataset", "missing.txt"], "text file not found"),
     (["--example", "100"], "example must be in 0..99"),
@@ -381,7 +400,7 @@ def test_bidirectional_encoder_runs_without_loss(tmp_path):
                                architectures=["BertForMaskedLM"])).save_pretrained(tmp_path)
     model = load_model(str(tmp_path), device="cpu")
     assert not so.is_causal(model)
-    res = so.run(model, config_for("systematic_outliers", model, seq_len=16, n_texts=6, bos=True, n_random=2,
+    res = so.run(model, config_for("systematic_outliers", model, seq_len=16, n_chunks=6, bos=True, random_draws=2,
                                    progress=False))
     assert res.text_set["first_token"] == "[CLS]"
     assert any("Bidirectional encoder" in n for n in res.notes)
@@ -421,7 +440,7 @@ def test_moe_runs_and_says_what_is_skipped(tmp_path):
     tok.save_pretrained(tmp_path)
     model = load_model(str(tmp_path), device="cpu")
     assert outliers.is_moe(model)
-    res = so.run(model, config_for("systematic_outliers", model, seq_len=16, n_texts=4, n_random=2, progress=False))
+    res = so.run(model, config_for("systematic_outliers", model, seq_len=16, n_chunks=4, random_draws=2, progress=False))
     assert any(n.startswith("Mixture-of-experts") for n in res.notes)
     assert res.down_input == [] and res.weight_outliers == [] and res.connections["neurons"] == []
     assert len(res.residual) == 2 and res.interventions[0]["loss"] is not None
@@ -439,3 +458,70 @@ def test_hub_text_sets_fail_offline_with_one_line(monkeypatch):
         with pytest.raises(UserError) as err:
             load_dataset(name, "texts")
         assert "offline?" in str(err.value) and "\n" not in str(err.value)
+
+
+# ---------------------------------------------------------------- matched control, token types
+
+def test_norm_matched_dims_where_the_unmatched_control_misleads():
+    """Planted: a model whose loss rises with the squared size of any change (no dim is special). The chosen dims
+    change by 500 and 300; ten ordinary dims change by 200–900, the rest by 0.1. Unmatched random dims change
+    almost nothing (the chosen dims look 10⁷ × more important); norm-matched ones show the same order of effect."""
+    from interp.analyses.systematic_outliers import norm_matched_dims
+
+    change = [0.1] * 64
+    change[0], change[1] = 500.0, 300.0
+    for i, d in enumerate(range(10, 20)):
+        change[d] = 200.0 + 70 * i
+
+    def effect(dims):
+        return sum(change[d] ** 2 for d in dims)
+
+    chosen = effect([0, 1])
+    unmatched = matched_draws([0, 1], range(64), draws=5, seed=0)
+    draws, moved = norm_matched_dims([0, 1], change, draws=5, seed=0, key="zero")
+    assert not moved and draws.matched_on == "norm" and draws.strata == {"1e2": 2}
+    assert np.mean([effect(s) for s in unmatched]) < chosen / 1e4 < chosen / 100 < np.mean([effect(s) for s in draws])
+    assert all(set(s) <= set(range(10, 20)) for s in draws)
+    # a massive change no ordinary dim reaches: plain random dims, flagged to receive the moved change
+    change[0] = 5000.0
+    draws, moved = norm_matched_dims([0], change, draws=3, seed=0, key="zero")
+    assert moved and draws.strata == {"1e3": 1} and len(draws) == 3 and all(0 not in s for s in draws)
+
+
+def test_token_types_count_every_position_per_layer(pmodel):
+    """Every massive position counts once (however many dims), per layer and over all layers, with no cap; the
+    list of hits is capped and says how many it dropped. Checked against an independent count."""
+    from interp.analyses.systematic_outliers import token_type_counts
+
+    tok = pmodel.tokenizer
+    dot, word = tok.convert_tokens_to_ids("."), tok("warm", add_special_tokens=False)["input_ids"][0]
+    tokens = torch.tensor([[word, word, dot, word, word, dot]])
+    h0, h1 = torch.full((6, 8), 0.1), torch.full((6, 8), 0.1)
+    h0[0, 1], h0[0, 2], h0[2, 1], h0[5, 3] = 900.0, -700.0, 800.0, 600.0   # layer 0: positions 0 (two dims), 2, 5
+    h1[2, 1], h1[4, 4] = 500.0, 400.0                                       # layer 1: positions 2, 4
+    stats = outliers.ResidualStats(2, down=False, max_hits=3)
+    stats.begin_batch([0], tokens, None)
+    stats.update(0, h0[None])
+    stats.update(1, h1[None])
+    assert stats.n_hits == 6 and len(stats.hits) == 3 and stats.n_hits_dropped == 3
+    rows = token_type_counts("massive_activation", stats.hit_positions, tok)
+    got = {(r["layer"], r["type"]): r["count"] for r in rows}
+    expected: dict = {}
+    for layer, h in ((0, h0), (1, h1)):
+        for p in sorted({int(p) for p, _ in outliers.massive_hits(h).tolist()}):
+            t = outliers.token_type(p, tok.decode([int(tokens[0, p])]))
+            for key in ((layer, t), ("all", t)):
+                expected[key] = expected.get(key, 0) + 1
+    assert got == expected == {(0, "initial"): 1, (0, "strong_delimiter"): 2, (1, "strong_delimiter"): 1,
+                               (1, "other"): 1, ("all", "initial"): 1, ("all", "strong_delimiter"): 3, ("all", "other"): 1}
+    assert sum(r["share"] for r in rows if r["layer"] == 0) == pytest.approx(1.0)
+
+
+def test_old_option_names_still_work_and_warn():
+    from interp.analysis import config_for
+
+    with pytest.warns(FutureWarning, match="'select_fraction' is now 'selection_fraction'"):
+        assert config_for("systematic_outliers", select_fraction=0.25).selection_fraction == 0.25
+    with pytest.warns(FutureWarning, match="'n_texts' is now 'n_chunks'"):
+        assert config_for("systematic_outliers", n_texts=7).n_chunks == 7
+    assert config_for("systematic_outliers").random_draws == 5

@@ -101,3 +101,40 @@ def test_gated_q_norms_use_the_query_half():
     n_sink = sum(1 for layer, *_ in stats.outlier_keys if layer == 0)
     overall = (mixed[0] * n_sink + mixed[-1] * (4 - n_sink)) / 4 if len(mixed) == 2 else mixed[0]
     assert overall == pytest.approx(expected, rel=1e-5)
+
+
+def _pattern(sink_keys_by_query: list[int], t: int) -> torch.Tensor:
+    """A [1, 1, T, T] pattern where query q puts all its attention on key `sink_keys_by_query[q]` (≤ q)."""
+    p = torch.zeros(1, 1, t, t)
+    for q, k in enumerate(sink_keys_by_query):
+        p[0, 0, q, k] = 1.0
+    return p
+
+
+def test_rho_keeps_the_sink_set_of_the_emergence_layer():
+    """Planted patterns: layer 0 sinks on key 0; in layer 1 queries 3.. move to key 3 (a delimiter). Re-detecting S in
+    layer 1 follows the attention to key 3 (ρ = 5/8, the most-attended key by construction); An's S fixed where the
+    sink emerges gives the share still on key 0 (3/8)."""
+    t = 8
+    first = _pattern([0] * t, t)
+    moved = _pattern([0, 0, 0] + [3] * (t - 3), t)
+    uniform = torch.tril(torch.ones(t, t)) / torch.arange(1, t + 1)[:, None]
+    layer_patterns = {0: torch.cat([first, uniform[None, None]]), 1: torch.cat([moved, moved])}
+    stats = sinks.AttentionStats(2, 1, eps=0.3, outlier_frac=0.5)
+    stats.begin_batch([0, 1], torch.zeros(2, t, dtype=torch.long), None)
+    for layer in (0, 1):
+        stats.update(layer, layer_patterns[layer])
+    rho = {r["layer"]: r["sink_ratio"] for r in stats.per_layer()}
+    redetected = sinks.sink_ratio(moved, sinks.attention_outlier_keys(moved, frac=0.5)).item()
+    assert redetected == pytest.approx(5 / 8)  # the old per-layer rule: S = {3} in layer 1
+    # sequence 0: S = {0} from layer 0, ρ = 3 / 8 in layer 1; sequence 1: no key in layer 0 (ρ 0), S = {3} from layer 1
+    assert rho[0] == pytest.approx((1.0 + 0.0) / 2)
+    assert rho[1] == pytest.approx((3 / 8 + 5 / 8) / 2)
+    assert stats.sink_layers == {0: 1, 1: 1}
+    # streamed one sequence per batch: the same
+    one = sinks.AttentionStats(2, 1, eps=0.3, outlier_frac=0.5)
+    for i in (0, 1):
+        one.begin_batch([i], torch.zeros(1, t, dtype=torch.long), None)
+        for layer in (0, 1):
+            one.update(layer, layer_patterns[layer][i:i + 1])
+    assert [r["sink_ratio"] for r in one.per_layer()] == pytest.approx([rho[0], rho[1]])
