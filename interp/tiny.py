@@ -72,7 +72,7 @@ def build_tokenizer(vocab_size: int = 512, thinking: bool = True):
 BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
-def build_wordpiece_tokenizer(vocab_size: int = 512, pad_to: int | None = None):
+def build_wordpiece_tokenizer(vocab_size: int = 512, pad_to: int | None = None, text: list[str] | None = None):
     """A lower-casing BERT WordPiece tokenizer adding [CLS] … [SEP]; `pad_to` stores the fixed-length padding
     and truncation that sentence-transformers checkpoints (MiniLM: 128) write into `tokenizer.json`."""
     from transformers import BertTokenizerFast
@@ -81,7 +81,7 @@ def build_wordpiece_tokenizer(vocab_size: int = 512, pad_to: int | None = None):
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
-    tok.train_from_iterator(_TRAINING_TEXT * 4, trainers.WordPieceTrainer(
+    tok.train_from_iterator(text or _TRAINING_TEXT * 4, trainers.WordPieceTrainer(
         vocab_size=vocab_size, special_tokens=BERT_SPECIALS, show_progress=False))
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
@@ -298,13 +298,24 @@ def _byte_fallback(tok: Tokenizer) -> Tokenizer:
     return Tokenizer.from_str(json.dumps(spec))
 
 
-def family_tokenizer(family: str, vocab_size: int = 400):
-    """The tokenizer a `family` checkpoint ships (kind, special tokens, BOS, chat template), trained on a few lines."""
+def _family_training_text() -> list[str]:
+    """Bundled prose and the Laundry-List words, so the analyses' words are whole tokens, as in real vocabularies."""
+    from importlib import resources
+
+    from interp.organisms.corpus import FOODS, NAMES, OBJECTS
+
+    prose = (resources.files("interp") / "data" / "natural_text.txt").read_text().splitlines()
+    words = " ".join(f"the {w}, {w} and {w}." for w in OBJECTS + FOODS + NAMES)
+    return _TRAINING_TEXT * 4 + prose + [words] * 4
+
+
+def family_tokenizer(family: str, vocab_size: int = 1000):
+    """The tokenizer a `family` checkpoint ships (kind, special tokens, BOS, chat template), trained on bundled text."""
     from transformers import PreTrainedTokenizerFast
 
     fam = FAMILIES[family]
     if fam.tokenizer == "wordpiece":
-        tok = build_wordpiece_tokenizer(vocab_size)
+        tok = build_wordpiece_tokenizer(vocab_size, text=_family_training_text())
         tok.chat_template = fam.template
         return tok
     specials = list(dict.fromkeys(t for t in (fam.specials["unk"], fam.specials["bos"], fam.specials["eos"],
@@ -320,7 +331,7 @@ def family_tokenizer(family: str, vocab_size: int = 400):
         tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme=prepend, split=fam.tokenizer == "metaspace")
         tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace(prepend_scheme=prepend)])
         alphabet = []
-    tok.train_from_iterator(_TRAINING_TEXT * 4, trainers.BpeTrainer(
+    tok.train_from_iterator(_family_training_text(), trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=specials, initial_alphabet=alphabet, show_progress=False))
     if fam.tokenizer != "byte_bpe":
         tok = _byte_fallback(tok)
