@@ -52,19 +52,26 @@ RENAMED_OPTIONS = {"select_fraction": "selection_fraction"}
 class Config(CommonConfig):
     """Defaults follow the papers (An et al. 2025, Sun et al. 2024, Gu et al. 2024) unless a comment says otherwise."""
 
-    text_set: str = "natural-text"  # text set (--dataset): natural-text (bundled), wikitext-2 or redpajama-sample (hub; the papers use RedPajama), or a .txt file
+    # text set (--dataset): natural-text (bundled), wikitext-2 or redpajama-sample (hub; the papers use RedPajama),
+    # or a .txt file
+    text_set: str = "natural-text"
     seq_len: int = 64  # tokens per chunk (Gu et al.'s sink rate is defined at T = 64; An/Sun profile 4096-token chunks)
     n_chunks: int = 100  # chunks analysed (Gu et al.: 100; Sun's profiles: 10)
-    bos: bool = False  # start every chunk with a BOS-like token (papers: no special tokens, the first content token sits first)
+    # start every chunk with a BOS-like token (papers: no special tokens, the first content token sits first)
+    bos: bool = False
     massive_abs: float = 100.0  # Sun et al.'s rule: |h| above this ...
     massive_ratio: float = 1000.0  # ... and at least this many times the median |h| of the sequence (Sun et al.)
     token_tau: float = 1000.0  # An et al.'s token rule: max |h| of a token above tau × the mean |h| of the sequence
     sink_epsilon: float = 0.3  # Gu et al.'s sink-rate threshold ε on a head's mean attention to the first token
-    include_first_query: bool = False  # F-Attn averages query 0 too (always 1.0 in a causal model; Qiu et al. do not say)
-    outlier_key_frac: float = 0.1  # An et al.: a key is an attention outlier when it receives ≥ frac · T of the head-mean attention
-    weight_ratio: float = 500.0  # flag a module whose column max/mean of |W| exceeds this (An et al. give no threshold; our choice)
+    # F-Attn averages query 0 too (always 1.0 in a causal model; Qiu et al. do not say)
+    include_first_query: bool = False
+    # An et al.: a key is an attention outlier when it receives ≥ frac · T of the head-mean attention
+    outlier_key_frac: float = 0.1
+    # flag a module whose column max/mean of |W| exceeds this (An et al. give no threshold; our choice)
+    weight_ratio: float = 500.0
     max_dims: int = 2  # massive dims intervened on at most (Sun et al. set 2 in LLaMA2-7B)
-    selection_fraction: float = 0.5  # share of chunks that choose the dims and their means; the rest measures the effect
+    # share of chunks that choose the dims and their means; the rest measures the effect
+    selection_fraction: float = 0.5
     random_draws: int = 5  # random-dims control draws (same number of dims, never the chosen ones, matched on norm)
     example: int = 0  # chunk whose attention pattern the report shows
 
@@ -85,7 +92,8 @@ class Config(CommonConfig):
         if model is not None:
             n_ctx = getattr(model.cfg, "n_ctx", None)
             require(not n_ctx or self.seq_len <= n_ctx,
-                    f"seq-len {self.seq_len} exceeds the model's context of {n_ctx} tokens; use --seq-len {n_ctx} or less")
+                    f"seq-len {self.seq_len} exceeds the model's context of {n_ctx} tokens; "
+                    f"use --seq-len {n_ctx} or less")
             require(self.max_dims < model.cfg.d_model, f"max-dims must be below d_model ({model.cfg.d_model})")
 
 
@@ -116,7 +124,8 @@ class Result:
     warnings: list[str] = field(default_factory=list)  # problems that did not stop the run (results.json, report)
 
     def to_dict(self) -> dict:
-        return {**self.header, "warnings": self.warnings, "text_set": self.text_set, "residual": self.residual, "down_input": self.down_input,
+        return {**self.header, "warnings": self.warnings, "text_set": self.text_set, "residual": self.residual,
+                "down_input": self.down_input,
                 "massive_activations": self.massive_activations, "n_massive": self.n_massive,
                 "n_massive_listed": self.n_massive_listed,
                 "token_outliers": self.token_outliers, "outlier_dims": self.outlier_dims,
@@ -331,7 +340,8 @@ def carrier_moments(model, seqs, layer: int, find_dims: list[int], massive: bool
         width = x.shape[1]
         for row in range(x.shape[0]):
             n = int(state["mask"][row].sum())
-            for p in carrier_positions(x[row, width - n:], find_dims, massive, config.massive_abs, config.massive_ratio):
+            found = carrier_positions(x[row, width - n:], find_dims, massive, config.massive_abs, config.massive_ratio)
+            for p in found:
                 h = x[row, width - n + p].double().cpu()
                 m.sums[int(p > 0)] += h
                 m.squares[int(p > 0)] += h ** 2
@@ -426,14 +436,16 @@ def interventions(model, texts: TextSet, config: Config, notes: list[str], warni
     layer, dims, massive = choose_dims(sel_stats, config.max_dims)
     if not massive:
         notes.append(f"No massive activation on the selection chunks: the interventions use the candidate dims {dims} "
-                     f"of layer {layer} (largest top-1 / median ratio) at position 0 and each chunk's largest |h| in them.")
+                     f"of layer {layer} (largest top-1 / median ratio) at position 0 and each chunk's largest |h| in "
+                     "them.")
     moments = carrier_moments(model, sel_seqs, layer, dims, massive, config)
     means = moments.means()
     lm = has_lm_head(model) and is_causal(model)
     if not has_lm_head(model):
         notes.append("The model has no LM head: loss / perplexity skipped.")
     elif not lm:
-        notes.append("Bidirectional encoder: next-token loss / perplexity is undefined and skipped (masked-LM loss is not computed).")
+        notes.append("Bidirectional encoder: next-token loss / perplexity is undefined and skipped "
+                     "(masked-LM loss is not computed).")
     base = {"what": "baseline", "dims": [], "layer": None, "draw": None, "n_positions": 0,
             **measure(model, held_seqs, config, loss=lm)}
     rows = [base]
@@ -446,7 +458,8 @@ def interventions(model, texts: TextSet, config: Config, notes: list[str], warni
             iv = SetScalars(layer, dims, dims, target[:, dims], **scalars)
             into.append({"what": f"set_{mode}", "dims": dims, "layer": layer, "draw": None, "split": part_name,
                          **measure(model, part, config, iv, loss=lm), "n_positions": iv.n_positions})
-        draws, moved = norm_matched_dims(dims, moments.change_rms(mode).tolist(), config.random_draws, config.seed, mode)
+        change = moments.change_rms(mode).tolist()
+        draws, moved = norm_matched_dims(dims, change, config.random_draws, config.seed, mode)
         if moved:
             warn(warnings, f"set_{mode}: no ordinary dim changes as much as the chosen dims {dims} (strata "
                            f"{draws.strata}); the random control moves the same change onto random dims instead")
@@ -485,7 +498,8 @@ def run(model, config: Config | None = None) -> Result:
     texts = load_text_set(model, config)
     seqs = texts.chunks
     if config.example >= len(seqs):
-        raise UserError(f"example {config.example} is out of range: only {len(seqs)} chunks; use --example 0..{len(seqs) - 1}")
+        raise UserError(f"example {config.example} is out of range: only {len(seqs)} chunks; "
+                        f"use --example 0..{len(seqs) - 1}")
     stats = out.residual_stats(model, seqs, batch_size=config.batch_size, down=not moe, abs_thr=config.massive_abs,
                                ratio=config.massive_ratio, tau=config.token_tau, progress=config.progress)
     causal = is_causal(model)
@@ -596,8 +610,9 @@ def build_report(result: Result, tokenizer=None):
     rep.add_heading("Attention sinks")
     rep.add_paragraph("first_token: mean attention to the chunk's first token over queries "
                       + ("(query 0 included)" if cfg.include_first_query else "1..T−1") + ", heads averaged; "
-                      f"sink_rate: % of heads × chunks with Gu's α[0] > {cfg.sink_epsilon}; sink_ratio: An's ρ, the mean share "
-                      f"of a head's attention to the sink set S (the attention-outlier keys, ≥ {cfg.outlier_key_frac} · "
+                      f"sink_rate: % of heads × chunks with Gu's α[0] > {cfg.sink_epsilon}; sink_ratio: An's ρ, the "
+                      "mean share of a head's attention to the sink set S (the attention-outlier keys, ≥ "
+                      f"{cfg.outlier_key_frac} · "
                       "T, of the first layer where the chunk has any; kept for later layers, 0 before).")
     rep.add_table(pd.DataFrame(result.attention), caption="Per layer")
     heads = pd.DataFrame(result.attention_heads)
@@ -619,19 +634,22 @@ def build_report(result: Result, tokenizer=None):
                       caption=f"Largest per-column max/mean |W| (outlier: > {cfg.weight_ratio:g})")
     rep.add_heading("Connections")
     rep.add_table(pd.DataFrame(result.connections["neurons"]),
-                  caption="Per layer: the down-projection neuron with the largest input and the dims its column writes to")
+                  caption="Per layer: the down-projection neuron with the largest input and the dims its column "
+                          "writes to")
     if result.connections["lifecycle"]:
         rep.add_table(pd.DataFrame(result.connections["lifecycle"]), caption="Massive dims: created and cancelled")
     rep.add_table(pd.DataFrame([result.connections["position_overlap"]]),
                   caption="Activation-outlier positions (An's token rule) vs attention-outlier keys")
     if result.connections["qkv_norms"]:
-        rep.add_table(pd.DataFrame(result.connections["qkv_norms"]), caption="q/k/v norms at attention-outlier keys vs the rest")
+        rep.add_table(pd.DataFrame(result.connections["qkv_norms"]),
+                      caption="q/k/v norms at attention-outlier keys vs the rest")
     rep.add_heading("Interventions")
     rep.add_paragraph("Sun et al.'s set-zero / set-mean: dims, layer and means chosen on "
                       f"{rows[0]['n_selection']} chunks, effects measured on the other {rows[0]['n_measured']}. "
                       f"Control: {cfg.random_draws} draws of as many random dims at the same positions, matched on the "
                       "size of the change (same decade; where no ordinary dim compares, the same change moved onto "
-                      "random dims: norm_match 'moved_change'); repeated-token input (Gu et al.'s negative control for sinks). Rows with split 'selection' repeat the baseline and the "
+                      "random dims: norm_match 'moved_change'); repeated-token input (Gu et al.'s negative control "
+                      "for sinks). Rows with split 'selection' repeat the baseline and the "
                       "two settings on the selection chunks (in-sample).")
     bars = []
     for r in (r for r in rows if r["split"] == "held_out"):

@@ -42,7 +42,8 @@ TOKEN_TAU = 1000.0  # An et al. 2025, token rule on the mean |h|
 WEIGHT_RATIO = 500.0  # threshold on the column max/mean ratio of |W| (An et al. give none; our choice)
 _LAYER = re.compile(r"^blocks\.(\d+)\.")
 
-STRONG_DELIMITERS = frozenset(". \\n , ; : ! ? - -- --- ' \" ( ) [ ] { } / \\ | * & ^ % $ # @ ~ `".split()) | {"\n", "<0x0A>"}
+STRONG_DELIMITERS = (frozenset(". \\n , ; : ! ? - -- --- ' \" ( ) [ ] { } / \\ | * & ^ % $ # @ ~ `".split())
+                     | {"\n", "<0x0A>"})
 WEAK_SEMANTIC = frozenset(["", "▁", "Ġ", "and", "from", "of", "the", "a", "an", "in", "on", "at", "for", "with", "is",
                            "was", "are", "were", "to", "by", "as", "that", "this", "it", "but", "or", "if", "not"]
                           + [str(i) for i in range(1, 10)])
@@ -94,10 +95,12 @@ class ResidualStats:
                  tau: float = TOKEN_TAU, max_hits: int = 5000):
         self.n_layers, self.down = n_layers, down
         self.abs_thr, self.ratio, self.tau, self.max_hits = abs_thr, ratio, tau, max_hits
-        self.sums = {kind: torch.zeros(n_layers, 6, dtype=torch.float64) for kind in ("resid", "down")}  # top1..3, median, mean, top1²
+        # top1..3, median, mean, top1²
+        self.sums = {kind: torch.zeros(n_layers, 6, dtype=torch.float64) for kind in ("resid", "down")}
         self.global_max = {kind: torch.zeros(n_layers, dtype=torch.float64) for kind in ("resid", "down")}
         self.dim_max: dict[str, Tensor | None] = {"resid": None, "down": None}  # [layer, width] max |x|
-        self.dim_where: dict[str, Tensor | None] = {"resid": None, "down": None}  # [layer, width, 3]: sequence, position, sign
+        # [layer, width, 3]: sequence, position, sign
+        self.dim_where: dict[str, Tensor | None] = {"resid": None, "down": None}
         self.n_seqs = torch.zeros(n_layers, dtype=torch.long)
         self.hits: list[dict] = []
         self.n_hits = 0
@@ -138,7 +141,8 @@ class ResidualStats:
             vals, _ = top_k_abs(h, 3)
             vals = torch.cat([vals, vals.new_zeros(3 - len(vals))])
             median, mean = a.median(), a.mean()
-            self.sums[kind][layer] += torch.stack([vals[0], vals[1], vals[2], median, mean, vals[0] ** 2]).double().cpu()
+            row_stats = torch.stack([vals[0], vals[1], vals[2], median, mean, vals[0] ** 2])
+            self.sums[kind][layer] += row_stats.double().cpu()
             self.global_max[kind][layer] = max(self.global_max[kind][layer], float(vals[0]))
             per_dim, pos = a.max(0)
             better = per_dim.double().cpu() > self.dim_max[kind][layer]
@@ -199,7 +203,8 @@ class ResidualStats:
         return self.global_max["resid"].clone()
 
     def outlier_dims(self, min_share: float = 0.5) -> list[dict]:
-        """Dims with a massive activation in at least `min_share` of the blocks: rows {dim, n_blocks, layers, max_abs}."""
+        """Dims with a massive activation in at least `min_share` of the blocks: rows {dim, n_blocks, layers,
+        max_abs}."""
         count: dict[int, list[int]] = {}
         for layer, dims in self.hit_dims.items():
             for d in dims:
@@ -233,7 +238,7 @@ def is_moe(model) -> bool:
 
 
 def down_projection(model, layer: int) -> Float[Tensor, "d_model d_mlp"]:
-    """The MLP down-projection weight of block `layer` as `[d_model, d_mlp]` (column j = neuron j), float32 on the CPU."""
+    """The MLP down-projection weight of block `layer` as `[d_model, d_mlp]` (column j = neuron j), float32, CPU."""
     mlp = getattr(model.blocks[layer], "mlp", None)
     out = getattr(mlp, "out", None) if mlp is not None else None
     if out is None or is_moe(model):
@@ -255,7 +260,7 @@ def check_down_projection(model) -> None:
                         "the outlier analysis needs models with a dense MLP")
 
 
-def column_ratios(w: Float[Tensor, "out inp"]) -> Float[Tensor, "inp"]:
+def column_ratios(w: Float[Tensor, "out inp"]) -> Float[Tensor, " inp"]:
     """Per input column j: max_i |W[i, j]| / (mean_i |W[i, j]| + 1e-8) (An et al.)."""
     a = w.abs().float()
     return a.amax(0) / (a.mean(0) + 1e-8)

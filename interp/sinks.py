@@ -134,7 +134,8 @@ class AttentionStats:
         self.first_sum, self.sink_count, self.ratio_sum = z.clone(), z.clone(), z.clone()
         self.n_seqs = torch.zeros(n_layers, dtype=torch.long)
         self.outlier_keys: list[tuple[int, int, int, int]] = []  # (layer, sequence, position, token_id)
-        self.norm_sums: dict = defaultdict(lambda: torch.zeros(2, dtype=torch.float64))  # (layer, q|k|v, sink?) → [sum, n]
+        # (layer, q|k|v, sink?) → [sum, n]
+        self.norm_sums: dict = defaultdict(lambda: torch.zeros(2, dtype=torch.float64))
         self.gated_q = gated_q  # q hook holds [q_h | g_h] per head (Qwen3-Next / Qwen3.5): keep the query halves
         self.example_index, self.example = example, {}
         self.sink_layers: Counter = Counter()  # emergence layer → sequences whose sink set S was fixed there
@@ -241,7 +242,8 @@ class AttentionStats:
         return rows
 
     def qkv_norm_rows(self) -> list[dict]:
-        """Rows {layer, vector (q|k|v), sink_norm, other_norm}: mean per-head norms at attention-outlier keys vs elsewhere."""
+        """Rows {layer, vector (q|k|v), sink_norm, other_norm}: mean per-head norms at attention-outlier keys vs
+        elsewhere."""
         rows = []
         for layer in self.layers:
             for w in "qkv":
@@ -266,7 +268,8 @@ def attention_metrics(model, seqs: Sequence[Sequence[int]], *, batch_size: int =
     """
     stats = AttentionStats(model.cfg.n_layers, model.cfg.n_heads, layers, eps=eps,
                            exclude_first_query=exclude_first_query, causal=causal, outlier_frac=outlier_frac,
-                           qkv_norms=qkv_norms, example=example, gated_q=bool(getattr(model.cfg, "gated_q_proj", False)))
+                           qkv_norms=qkv_norms, example=example,
+                           gated_q=bool(getattr(model.cfg, "gated_q_proj", False)))
     stop = max(stats.layers) + 1
     for idx, tokens, mask in padded_batches(model, seqs, batch_size, desc="attention", progress=progress):
         stats.begin_batch(idx, tokens, mask)

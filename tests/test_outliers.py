@@ -46,7 +46,8 @@ def write_planted_outliers(path: Path) -> Path:
     config = Qwen2Config(vocab_size=vocab, hidden_size=D_MODEL, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, head_dim=D_HEAD, intermediate_size=D_MLP, max_position_embeddings=128,
                          rope_theta=1e6, rms_norm_eps=EPS, tie_word_embeddings=False, pad_token_id=tok.pad_token_id,
-                         eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id, architectures=["Qwen2ForCausalLM"])
+                         eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id,
+                         architectures=["Qwen2ForCausalLM"])
     if getattr(config, "rope_parameters", None) is not None:
         config.rope_parameters["rope_theta"] = 1e6
     gen = torch.Generator().manual_seed(0)
@@ -187,8 +188,12 @@ def test_residual_stats_find_the_planted_massive_activation(pmodel, planted_dir)
 
     hf = AutoModelForCausalLM.from_pretrained(planted_dir).eval()
     outs = {}
-    for i, layer in enumerate(hf.model.layers):  # decoder-layer outputs (HF's last hidden state is after the final norm)
-        layer.register_forward_hook(lambda mod, args, output, i=i: outs.__setitem__(i, output[0] if isinstance(output, tuple) else output))
+    def keep(i):
+        return lambda mod, args, output: outs.__setitem__(i, output[0] if isinstance(output, tuple) else output)
+
+    # decoder-layer outputs (HF's last hidden state is after the final norm)
+    for i, layer in enumerate(hf.model.layers):
+        layer.register_forward_hook(keep(i))
     with torch.no_grad():
         hf(torch.tensor(ts.chunks))
     for layer in (0, 1):
@@ -197,11 +202,13 @@ def test_residual_stats_find_the_planted_massive_activation(pmodel, planted_dir)
         median = a.flatten(1).median(1).values.mean().item()
         assert stats.profile()[layer]["top1"] == pytest.approx(top1, rel=1e-4)
         assert stats.profile()[layer]["median_abs"] == pytest.approx(median, rel=1e-4)
-    assert outliers.m_act(stats.layer_max()) == pytest.approx(np.mean([outs[i].abs().max().item() for i in (0, 1)]), rel=1e-4)
+    expected_m_act = np.mean([outs[i].abs().max().item() for i in (0, 1)])
+    assert outliers.m_act(stats.layer_max()) == pytest.approx(expected_m_act, rel=1e-4)
 
 
 def test_analysis_reports_layer_dim_neuron_and_interventions(pmodel, text_file, tmp_path):
     from interp.analyses import systematic_outliers as so
+
     from interp.analysis import config_for
 
     cfg = config_for("systematic_outliers", pmodel, text_set=str(text_file), seq_len=16, n_chunks=16, bos=True,
@@ -385,9 +392,9 @@ def test_cli_empty_text_file(planted_dir, tmp_path, capsys):
 
 def test_bidirectional_encoder_runs_without_loss(tmp_path):
     """A tiny BERT through TransformerBridge: bidirectional metrics, `[CLS]` first, loss skipped with a note."""
+    from interp.analyses import systematic_outliers as so
     from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
 
-    from interp.analyses import systematic_outliers as so
     from interp.analysis import config_for
     from interp.models import load_model
 
@@ -423,9 +430,9 @@ def test_gpt2_down_projection_is_read_as_out_by_in(tmp_path):
 
 
 def test_moe_runs_and_says_what_is_skipped(tmp_path):
+    from interp.analyses import systematic_outliers as so
     from transformers import MixtralConfig, MixtralForCausalLM
 
-    from interp.analyses import systematic_outliers as so
     from interp.analysis import config_for
     from interp.models import load_model
     from interp.tiny import build_tokenizer
@@ -440,7 +447,8 @@ def test_moe_runs_and_says_what_is_skipped(tmp_path):
     tok.save_pretrained(tmp_path)
     model = load_model(str(tmp_path), device="cpu")
     assert outliers.is_moe(model)
-    res = so.run(model, config_for("systematic_outliers", model, seq_len=16, n_chunks=4, random_draws=2, progress=False))
+    cfg = config_for("systematic_outliers", model, seq_len=16, n_chunks=4, random_draws=2, progress=False)
+    res = so.run(model, cfg)
     assert any(n.startswith("Mixture-of-experts") for n in res.notes)
     assert res.down_input == [] and res.weight_outliers == [] and res.connections["neurons"] == []
     assert len(res.residual) == 2 and res.interventions[0]["loss"] is not None
@@ -513,7 +521,8 @@ def test_token_types_count_every_position_per_layer(pmodel):
             for key in ((layer, t), ("all", t)):
                 expected[key] = expected.get(key, 0) + 1
     assert got == expected == {(0, "initial"): 1, (0, "strong_delimiter"): 2, (1, "strong_delimiter"): 1,
-                               (1, "other"): 1, ("all", "initial"): 1, ("all", "strong_delimiter"): 3, ("all", "other"): 1}
+                               (1, "other"): 1, ("all", "initial"): 1, ("all", "strong_delimiter"): 3,
+                               ("all", "other"): 1}
     assert sum(r["share"] for r in rows if r["layer"] == 0) == pytest.approx(1.0)
 
 
