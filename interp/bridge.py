@@ -132,7 +132,6 @@ def attention_layers(model) -> tuple[list[int], dict[int, str]]:
     return softmax, others
 
 
-
 def _sdpa_blocks(model) -> list:
     """The blocks whose attention the SDPA path can take over (none unless every softmax layer can)."""
     from transformer_lens.model_bridge.generalized_components.position_embeddings_attention import (

@@ -180,3 +180,20 @@ def test_padding_and_truncation_in_tokenizer_json_are_not_a_mismatch(tmp_path):
         assert ids == file.encode(text).ids and len(ids) < 128
         bare = model.tokenizer(text, add_special_tokens=False)["input_ids"]
         assert bare == file.encode(text, add_special_tokens=False).ids
+
+
+def test_pad_token_added_outside_the_vocabulary_falls_back_to_eos(tmp_path):
+    """GPTNeoXTokenizer adds `<|padding|>` when tokenizer.json has no pad token: an id past the embedding,
+    so every padded batch would index out of range."""
+    from interp.capture import capture
+    from interp.tiny import write_family_checkpoint
+
+    path = write_family_checkpoint(tmp_path, "gpt2")
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps(config | {"tokenizer_class": "GPTNeoXTokenizer"}))
+    model = load_model(str(path), device="cpu")
+    tok = model.tokenizer
+    assert tok.pad_token_id == tok.eos_token_id < model.cfg.d_vocab
+    seqs = [tok("a long sentence about the sea", add_special_tokens=False)["input_ids"], tok("hi")["input_ids"]]
+    assert capture(model, seqs, ["blocks.0.hook_resid_post"], batch_size=2, progress=False)[
+        "blocks.0.hook_resid_post"].shape == (2, 64)
