@@ -16,7 +16,8 @@ EMB_CONST, EMB_REST = 2.0, 3.0            # embedding = EMB_CONST on dim 0 + a p
 
 
 def _tiny_qwen35(path, layer_types, *, planted: bool, seed: int = 0, arch: str = "qwen3_5", same_output: bool = False):
-    """A tiny Qwen3.5 (or, `arch="qwen3_next"`, Qwen3-Next with a small MoE) checkpoint. `planted`: every token embeds the same dim-0 value and a rest of
+    """A tiny Qwen3.5 (or, `arch="qwen3_next"`, Qwen3-Next with a small MoE) checkpoint. `planted`: every token
+    embeds the same dim-0 value and a rest of
     fixed norm, so the normed input's dim 0 is the same at every token; gate rows read only dim 0, so
     head h's gate is GATE_CONSTANTS[h] everywhere. Layer 0's o_proj and MLP write nothing, so layer 1
     sees the embeddings too; the last layer's o_proj is random (no bias). `same_output`: every head of a layer
@@ -189,7 +190,8 @@ def test_gate_hook_equals_hf_module(arch, request):
     for layer in range(2):
         if gates.gate_hook(layer) in hybrid.hook_dict:
             hybrid.add_hook(gates.gate_hook(layer), lambda x, hook: fired.append(hook.name))
-    _, cache = hybrid.run_with_cache(tokens, names_filter=lambda n: n.startswith("blocks.1.attn.hook_") and n.endswith(("q_gate", "pattern", "_v")))
+    _, cache = hybrid.run_with_cache(tokens, names_filter=lambda n: n.startswith("blocks.1.attn.hook_")
+                                     and n.endswith(("q_gate", "pattern", "_v")))
     hybrid.reset_hooks()
     assert fired == [gates.gate_hook(1)]
     hf_gate = seen["q"].view(1, tokens.shape[1], N_HEADS, 2 * D_HEAD)[..., D_HEAD:]
@@ -201,7 +203,8 @@ def test_gate_hook_equals_hf_module(arch, request):
 
 def test_rebuild_equals_hook_z_on_ungated(tiny_model):
     tokens = torch.tensor([_seqs(tiny_model, 1)[0]])
-    _, cache = tiny_model.run_with_cache(tokens, names_filter=lambda n: n.startswith("blocks.0.attn.hook_") and n.endswith(("_z", "pattern", "_v")))
+    _, cache = tiny_model.run_with_cache(tokens, names_filter=lambda n: n.startswith("blocks.0.attn.hook_")
+                                         and n.endswith(("_z", "pattern", "_v")))
     y = gates.rebuild_ungated(cache["blocks.0.attn.hook_pattern"], cache["blocks.0.attn.hook_v"])
     torch.testing.assert_close(y, cache["blocks.0.attn.hook_z"], rtol=1e-5, atol=1e-6)
     assert not gates.is_gated(tiny_model)
@@ -250,6 +253,7 @@ SMALL = dict(seq_len=16, n_chunks=8, random_draws=2, alphas=(2.0,), progress=Fal
 
 def _run(model, **overrides):
     from interp.analyses import gated_attention as ga
+
     from interp.analysis import config_for
 
     config = config_for("gated_attention", model, **{**SMALL, **overrides})
@@ -382,14 +386,16 @@ def test_old_option_names_still_work_and_warn(tiny_model, tmp_path, capsys):
     with pytest.warns(FutureWarning, match="'texts' is now 'text_set'"):
         assert config_for("gated_attention", tiny_model, texts="organism-plain").text_set == "organism-plain"
     with pytest.warns(FutureWarning):
-        code = main(["gated_attention", "--model", "organism-sink-gated", "--out", str(tmp_path / "old"), "--no-progress",
+        code = main(["gated_attention", "--model", "organism-sink-gated", "--out", str(tmp_path / "old"),
+                     "--no-progress",
                      "--compare", "none", "--n-chunks", "4", "--random-draws", "2", "--alphas", "2",
                      "--select-fraction", "0.5", "--texts", "backcopy"])
     assert code == 0, capsys.readouterr().err
     import json
 
     d = json.loads((tmp_path / "old" / "results.json").read_text())
-    assert d["config"]["head_fraction"] == 0.5 and d["config"]["text_set"] == "backcopy" and len(d["selected_heads"]) == 4
+    assert d["config"]["head_fraction"] == 0.5 and d["config"]["text_set"] == "backcopy"
+    assert len(d["selected_heads"]) == 4
 
 
 def test_implicit_scale_matches_first_token_attention(tiny_model):
