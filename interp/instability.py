@@ -230,10 +230,18 @@ def _ranks(x: np.ndarray) -> np.ndarray:
     return ranks
 
 
+TIE_DECIMALS = 9  # scores equal to 1e-9 tie: float round-off (D_t ≈ log 2 to the last bit) must not rank traces
+
+
+def _scores(scores: Sequence[float]) -> np.ndarray:
+    """Scores rounded to `TIE_DECIMALS`, so values that differ only by round-off count as ties."""
+    return np.round(np.asarray(scores, float), TIE_DECIMALS)
+
+
 def roc_auc(scores: Sequence[float], positive: Sequence[bool]) -> float:
-    """ROC-AUC of `scores` (higher = positive) via the Mann-Whitney U statistic, ties count ½.
+    """ROC-AUC of `scores` (higher = positive) via the Mann-Whitney U statistic, ties (to 1e-9) count ½.
     NaN when one class is absent."""
-    s, y = np.asarray(scores, float), np.asarray(positive, bool)
+    s, y = _scores(scores), np.asarray(positive, bool)
     n_pos, n_neg = int(y.sum()), int((~y).sum())
     if n_pos == 0 or n_neg == 0:
         return float("nan")
@@ -243,7 +251,7 @@ def roc_auc(scores: Sequence[float], positive: Sequence[bool]) -> float:
 
 def roc_curve(scores: Sequence[float], positive: Sequence[bool]) -> tuple[np.ndarray, np.ndarray]:
     """(false-positive rate, true-positive rate) at every distinct threshold, from (0, 0) to (1, 1)."""
-    s, y = np.asarray(scores, float), np.asarray(positive, bool)
+    s, y = _scores(scores), np.asarray(positive, bool)
     order = np.argsort(-s, kind="mergesort")
     s, y = s[order], y[order]
     last = np.r_[np.diff(s) != 0, True]       # the last index of each run of tied scores

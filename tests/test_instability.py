@@ -155,6 +155,18 @@ def test_auc_matches_pairwise_count_and_scipy():
     assert math.isnan(ins.roc_auc([1.0, 2.0], [True, True]))
 
 
+def test_auc_ties_scores_that_differ_by_round_off():
+    """Regression: the peak of D is log 2 up to the last bit in most organism traces; the ulps ranked them
+    (AUC 0.650 for the D-only peak on `organism`, an interval excluding 0.5). Round-off now ties."""
+    log2 = math.log(2)
+    s = [log2 + k * 1e-16 for k in (1, 1, 2, 2, 2, 3)] + [log2 - 5e-7]
+    wrong = [True, True, True, False, False, False, False]
+    assert ins.roc_auc(s[:6], wrong[:6]) == 0.5 and ins.roc_auc(np.nextafter(s[:6], 1.0), wrong[:6]) == 0.5
+    assert ins.roc_auc(s, wrong) == pytest.approx((9 * 0.5 + 3 * 1) / 12)     # a real 5e-7 difference still ranks
+    fpr, tpr = ins.roc_curve(s[:6], wrong[:6])
+    assert fpr.tolist() == [0, 1] and tpr.tolist() == [0, 1]
+
+
 def test_auc_interval_without_clusters_is_the_label_stratified_bootstrap():
     rng = np.random.default_rng(3)
     s, y = rng.normal(size=40), rng.random(40) < 0.5
