@@ -49,15 +49,19 @@ MAX_HEATMAP_HEADS = 256  # larger models get layer × layer heatmaps (max over h
 class Config(CommonConfig):
     """Defaults follow the paper where it is known; the rest are the method note's proposals (docs/talking_heads.md)."""
 
-    mode: tuple[Literal["q", "k", "v"], ...] = ("q", "k", "v")  # composition modes scanned (q: reader's query side, k: key side, v: OV); the edit uses the first
+    # composition modes scanned (q: reader's query side, k: key side, v: OV); the edit uses the first
+    mode: tuple[Literal["q", "k", "v"], ...] = ("q", "k", "v")
     fold_norms: bool = True  # fold the norm gains into the weights before scoring (the paper's processed GPT-2 weights)
     min_z: float = 3.0  # a channel's score must exceed the reader's empirical null mean + this many sd
-    min_baseline_ratio: float = 2.0  # a channel's score must also exceed this multiple of the Gaussian baseline's max over a head's components
+    # a channel's score must also exceed this multiple of the Gaussian baseline's max over a head's components
+    min_baseline_ratio: float = 2.0
     energy: float = 0.8  # channel rank: fewest components holding this share of σ²·score² (80 % rule)
     baseline_draws: int = 20  # Gaussian random heads drawn for the baseline
     n_items: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8, 9, 10)  # Laundry List lengths N (2-10)
-    templates: tuple[TEMPLATES, ...] = ("laundry", "bag", "market", "park")  # Laundry List surface templates (objects, objects, food, names)
-    prompts_per_cell: int = 200  # prompts per (N, answer position) cell in each half (method note: >= 200; --limit caps it)
+    # Laundry List surface templates (objects, objects, food, names)
+    templates: tuple[TEMPLATES, ...] = ("laundry", "bag", "market", "park")
+    # prompts per (N, answer position) cell in each half (method note: >= 200; --limit caps it)
+    prompts_per_cell: int = 200
     # share of the templates (and of the items of a vocabulary both halves use) that selects the mover and the edit
     # set; the held-out half measures on the other templates and items
     selection_fraction: float = 0.5
@@ -68,7 +72,8 @@ class Config(CommonConfig):
     sigma_bins: int = 4  # σ quantile bins (within a head) the random components are matched on
     edit_method: Literal["hook", "weight"] = "hook"  # the sweep's edit: hook_z hook or W_O weight edit (same logits)
     view_prompts: int = 200  # held-out prompts in the activation view
-    view_tokens: Literal["end", "items"] = "end"  # activation view at END (the paper's claim) or at the list's item tokens
+    # activation view at END (the paper's claim) or at the first list's item tokens
+    view_tokens: Literal["end", "items"] = "end"
 
     def validate(self, model=None) -> None:
         super().validate(model)
@@ -79,7 +84,8 @@ class Config(CommonConfig):
         require(0 < self.energy <= 1, f"energy must be in (0, 1]; got {self.energy}")
         require(self.min_baseline_ratio >= 0, f"min-baseline-ratio must be >= 0; got {self.min_baseline_ratio}")
         require(0 < self.selection_fraction < 1, f"selection-fraction must be in (0, 1); got {self.selection_fraction}")
-        for name in ("baseline_draws", "prompts_per_cell", "edit_components", "candidates", "sigma_bins", "view_prompts"):
+        counts = ("baseline_draws", "prompts_per_cell", "edit_components", "candidates", "sigma_bins", "view_prompts")
+        for name in counts:
             require(getattr(self, name) >= 1, f"{name.replace('_', '-')} must be at least 1; got {getattr(self, name)}")
         require(self.candidates >= self.edit_components, "candidates must be at least edit-components")
         if model is not None:
@@ -137,7 +143,8 @@ def pick_mover(attention: torch.Tensor, layers: list[int]) -> dict:
     mean = attention.mean(0)  # [layer, head]
     j, h = divmod(int(mean.argmax()), mean.shape[1])
     return {"layer": layers[j], "head": h, "attention_preference": float(mean[j, h]),
-            "per_head": {f"{layers[a]}.{b}": float(mean[a, b]) for a in range(mean.shape[0]) for b in range(mean.shape[1])}}
+            "per_head": {f"{layers[a]}.{b}": float(mean[a, b])
+                         for a in range(mean.shape[0]) for b in range(mean.shape[1])}}
 
 
 def candidate_components(s: comp.Scan, z: torch.Tensor, layer: int, head: int, k: int, min_z: float,
@@ -166,7 +173,8 @@ def directions(V: torch.Tensor, components: list[tuple[int, int, int]]) -> dict[
 Component = tuple[int, int, int]  # (writer layer, writer head, component index)
 
 
-def sigma_strata(S: Float[Tensor, "layer head rank"], heads: list[tuple[int, int]], n_bins: int) -> dict[Component, str]:
+def sigma_strata(S: Float[Tensor, "layer head rank"], heads: list[tuple[int, int]], n_bins: int
+                 ) -> dict[Component, str]:
     """Every component of `heads` → "layer.head:q<bin>", its σ quantile bin among its head's components."""
     out = {}
     for layer, head in heads:
@@ -258,7 +266,8 @@ def run(model, config: Config) -> Result:
     min_score = config.min_baseline_ratio * baseline["component_max"]
     baseline["channel_min_score"] = min_score
     zs = {m: s.z() for m, s in scans.items()}
-    channels = sorted((r for m, s in scans.items() for r in comp.channel_rows(s, zs[m], min_z=config.min_z, min_score=min_score)),
+    channels = sorted((r for m, s in scans.items()
+                       for r in comp.channel_rows(s, zs[m], min_z=config.min_z, min_score=min_score)),
                       key=lambda r: -r["score"])
     whole = [r for s in scans.values() for r in comp.whole_head_rows(s, config.energy)]
     grids = {m: (_pair_grid(s.whole_head()), _pair_grid(s.scores.amax(2))) for m, s in scans.items()}
@@ -276,9 +285,12 @@ def run(model, config: Config) -> Result:
     if enc_held.multi_token or enc_sel.multi_token:
         warn(warnings, "some list items are several tokens for this tokenizer: every item is scored by its first "
                        "token (items sharing a first token were dropped from the pools)")
-    evaluate = lambda ps, enc, desc: ll.evaluate(model, ps, enc, batch_size=config.batch_size,
-                                                 progress=config.progress, desc=desc)
-    base_held, base_sel = evaluate(held, enc_held, "laundry list (held-out)"), evaluate(sel, enc_sel, "laundry list (selection)")
+
+    def evaluate(ps: list[ll.LaundryPrompt], enc: ll.Encoded, desc: str) -> dict[str, Tensor]:
+        return ll.evaluate(model, ps, enc, batch_size=config.batch_size, progress=config.progress, desc=desc)
+
+    base_held = evaluate(held, enc_held, "laundry list (held-out)")
+    base_sel = evaluate(sel, enc_sel, "laundry list (selection)")
     laundry_rows = ll.table(held, base_held)
 
     # 3. mover, candidates and their screening on the selection split
@@ -299,10 +311,10 @@ def run(model, config: Config) -> Result:
     for c in cands:
         c["edited"] = (c["writer_layer"], c["writer_head"], c["component"]) in chosen
     mover.update({"mode": edit_mode, "edit_set": [list(c) for c in chosen],
-                  "score_effect_spearman": spearman([c["score"] for c in cands], [c["ablation_effect"] for c in cands])})
+                  "score_effect_spearman": spearman([c["score"] for c in cands],
+                                                    [c["ablation_effect"] for c in cands])})
 
     # 4. α sweep: the edit set against random components of the same heads and σ bins
-    chosen_dirs = directions(V, chosen)
     try:
         draws = random_control(chosen, S, config.sigma_bins, config.random_draws, config.seed)
     except ControlUnavailable as e:
@@ -329,7 +341,8 @@ def run(model, config: Config) -> Result:
             edits.append({"alpha": alpha, "components": len(chosen), **control_row(values, draws),
                           "selection": "random", "split": "held_out"})
 
-    agreement = edit_agreement(model, chosen_dirs, enc_held.ids[:16], [0.0, max(config.alpha)], config.batch_size, w.W_O)
+    agreement = edit_agreement(model, directions(V, chosen), enc_held.ids[:16], [0.0, max(config.alpha)],
+                               config.batch_size, w.W_O)
 
     # 5. activation view at the mover's input (held-out half)
     view_n = min(config.view_prompts, len(held))
@@ -337,7 +350,8 @@ def run(model, config: Config) -> Result:
     view_prompts = [held[i] for i in view_idx]
     view_enc = ll.Encoded([enc_held.ids[i] for i in view_idx], [enc_held.item_positions[i] for i in view_idx],
                           [enc_held.candidates[i] for i in view_idx], enc_held.multi_token)
-    basis = torch.cat(list(directions(V, [(c["writer_layer"], c["writer_head"], c["component"]) for c in cands]).values()), dim=1)
+    screened = [(c["writer_layer"], c["writer_head"], c["component"]) for c in cands]
+    basis = torch.cat(list(directions(V, screened).values()), dim=1)
     view, points = activation_view(model, view_enc, view_prompts, ml, basis, config)
 
     s = scans[edit_mode]
@@ -353,9 +367,9 @@ def run(model, config: Config) -> Result:
               "selection_prompts": len(sel), "held_out_prompts": len(held)}
     return Result(header=run_header("talking_heads", model, config), config=config, baseline=baseline,
                   channels=channels, whole_head=whole, laundry_list=laundry_rows, mover=mover, candidates=cands,
-                  edits=edits, edit_agreement=agreement, first_token_scoring=enc_held.multi_token or enc_sel.multi_token,
-                  activation_view=view, view_points=points, reader_components=bars, grids=grids, split=halves,
-                  warnings=warnings)
+                  edits=edits, edit_agreement=agreement,
+                  first_token_scoring=enc_held.multi_token or enc_sel.multi_token, activation_view=view,
+                  view_points=points, reader_components=bars, grids=grids, split=halves, warnings=warnings)
 
 
 def _pair_grid(x: torch.Tensor) -> np.ndarray:
@@ -395,13 +409,15 @@ def component_bars(result: Result) -> go.Figure:
     df = df.sort_values("score", ascending=False).reset_index(drop=True)
     fig = go.Figure(go.Bar(x=list(range(len(df))), y=df["score"], marker_color="#1f77b4",
                            customdata=np.stack([df["writer"], df["component"], df["singular_value"]], axis=1),
-                           hovertemplate="writer %{customdata[0]} component %{customdata[1]} (σ=%{customdata[2]:.3g}): %{y:.3f}<extra></extra>"))
+                           hovertemplate="writer %{customdata[0]} component %{customdata[1]} "
+                                         "(σ=%{customdata[2]:.3g}): %{y:.3f}<extra></extra>"))
+    min_z = result.config.min_z
     for y, text, dash in [(b["component_mean"], "Gaussian mean", "dot"),
                           (b["channel_min_score"], f"{result.config.min_baseline_ratio:g}× Gaussian max", "dash"),
-                          (m["null_mean"] + result.config.min_z * m["null_sd"], f"null + {result.config.min_z:g} sd", "dashdot")]:
+                          (m["null_mean"] + min_z * m["null_sd"], f"null + {min_z:g} sd", "dashdot")]:
         fig.add_hline(y=y, line_dash=dash, annotation_text=text)
-    fig.update_layout(title=f"Every earlier component's {m['mode']}-composition score into the mover {m['layer']}.{m['head']}, sorted",
-                      xaxis_title="component rank", yaxis_title="score")
+    fig.update_layout(title=f"Every earlier component's {m['mode']}-composition score into the mover "
+                            f"{m['layer']}.{m['head']}, sorted", xaxis_title="component rank", yaxis_title="score")
     return fig
 
 
@@ -410,7 +426,8 @@ def accuracy_figure(rows: list[dict]) -> go.Figure:
     fig = go.Figure()
     for col, name in (("accuracy", "accuracy among items"), ("top1_accuracy", "full-vocabulary top-1")):
         fig.add_trace(go.Scatter(x=df["n_items"], y=df[col], mode="lines+markers", name=name))
-    fig.add_trace(go.Scatter(x=df["n_items"], y=1 / df["n_items"], mode="lines", name="chance (1/N)", line=dict(dash="dash")))
+    fig.add_trace(go.Scatter(x=df["n_items"], y=1 / df["n_items"], mode="lines", name="chance (1/N)",
+                             line=dict(dash="dash")))
     fig.update_layout(title="Laundry List accuracy vs number of items (held-out split)", xaxis_title="N items",
                       yaxis_title="accuracy")
     return fig
@@ -419,9 +436,10 @@ def accuracy_figure(rows: list[dict]) -> go.Figure:
 def position_heatmap(rows: list[dict]) -> go.Figure:
     df = pd.DataFrame([r for r in rows if r["position"] is not None])
     grid = df.pivot(index="n_items", columns="position", values="accuracy")
-    fig = go.Figure(go.Heatmap(z=grid.values, x=[int(c) + 1 for c in grid.columns], y=grid.index, colorscale="Viridis",
-                               colorbar=dict(title="accuracy")))
-    fig.update_layout(title="Accuracy by answer position × N", xaxis_title="answer position (1 = first)", yaxis_title="N items")
+    fig = go.Figure(go.Heatmap(z=grid.values, x=[int(c) + 1 for c in grid.columns], y=grid.index,
+                               colorscale="Viridis", colorbar=dict(title="accuracy")))
+    fig.update_layout(title="Accuracy by answer position × N", xaxis_title="answer position (1 = first)",
+                      yaxis_title="N items")
     return fig
 
 
@@ -453,6 +471,11 @@ def sweep_figure(edits: list[dict], metric: str, label: str) -> go.Figure:
     return fig
 
 
+def _ci(row: dict) -> str:
+    lo, hi = row["accuracy_ci"]
+    return f"[{lo:.2f}, {hi:.2f}]"
+
+
 def build_report(result: Result, tokenizer=None):
     cfg, m = result.config, result.mover
     rep = analysis_report(result.header, result.warnings)
@@ -461,22 +484,25 @@ def build_report(result: Result, tokenizer=None):
     insample = {r["alpha"]: r for r in result.edits if r["selection"] == "channel" and r["split"] == "selection"}
     best = max(insample, key=lambda a: insample[a]["accuracy"])  # α chosen on the selection split
     per_n = {r["n_items"]: r for r in result.laundry_list if r["position"] is None}
-    ci = lambda r: f"[{r['accuracy_ci'][0]:.2f}, {r['accuracy_ci'][1]:.2f}]"
+    base = f"{held[1.0]['accuracy']:.3f}" if 1.0 in held else "nan"
+    control = f"{rand[best]['accuracy']:.3f} ± {rand[best]['accuracy_sd']:.3f}" if best in rand else "unavailable"
     headline = {"channels found": len(result.channels),
-                "Gaussian baseline (component mean / max)": f"{result.baseline['component_mean']:.3f} / {result.baseline['component_max']:.3f}",
+                "Gaussian baseline (component mean / max)":
+                    f"{result.baseline['component_mean']:.3f} / {result.baseline['component_max']:.3f}",
                 "mover head": f"{m['layer']}.{m['head']}",
                 "edit set": ", ".join(f"{a}.{b}#{c}" for a, b, c in m["edit_set"]),
-                **{f"accuracy N={n}": f"{r['accuracy']:.2f} {ci(r)} (chance {1 / n:.2f})" for n, r in list(per_n.items())[:4]},
-                f"held-out accuracy α=1 → α={best:g} (best in-sample)": f"{held[1.0]['accuracy'] if 1.0 in held else float('nan'):.3f} → {held[best]['accuracy']:.3f} {ci(held[best])}",
-                f"σ-matched random control at α={best:g}": (f"{rand[best]['accuracy']:.3f} ± {rand[best]['accuracy_sd']:.3f}"
-                                                            if best in rand else "unavailable"),
+                **{f"accuracy N={n}": f"{r['accuracy']:.2f} {_ci(r)} (chance {1 / n:.2f})"
+                   for n, r in list(per_n.items())[:4]},
+                f"held-out accuracy α=1 → α={best:g} (best in-sample)":
+                    f"{base} → {held[best]['accuracy']:.3f} {_ci(held[best])}",
+                f"σ-matched random control at α={best:g}": control,
                 "hook vs weight edit, max |Δlogit|": f"{result.edit_agreement:.2e}"}
     rep.add_metrics(headline)
     rep.add_heading("Composition from weights")
     rep.add_paragraph("Each writer head's OV is split into rank-1 SVD components σ u vᵀ; a component's score against a "
-                      "reader is ‖vᵀ M‖/‖M‖_F with M the reader's QK (q: query side, k: key side, offset-0 rotary) or OV "
-                      "(v). The whole-head score (Elhage et al.) is the σ²-weighted RMS of the component scores, so a "
-                      "strong component with a small σ is diluted in it: compare the two heatmaps of each mode. "
+                      "reader is ‖vᵀ M‖/‖M‖_F with M the reader's QK (q: query side, k: key side, offset-0 rotary) or "
+                      "OV (v). The whole-head score (Elhage et al.) is the σ²-weighted RMS of the component scores, so "
+                      "a strong component with a small σ is diluted in it: compare the two heatmaps of each mode. "
                       f"Norm gains folded: {cfg.fold_norms}.")
     n_layers, n_heads = result.header["model"]["n_layers"], result.header["model"]["n_heads"]
     for mode, (whole_grid, best_grid) in result.grids.items():
@@ -491,11 +517,13 @@ def build_report(result: Result, tokenizer=None):
     rep.add_figure(component_bars(result))
     if result.channels:
         rep.add_table(pd.DataFrame(result.channels).head(30), caption=f"Channels: components above both thresholds "
-                      f"(z > {cfg.min_z:g} against the reader's null and > {result.baseline['channel_min_score']:.3f}), strongest first")
+                      f"(z > {cfg.min_z:g} against the reader's null and > {result.baseline['channel_min_score']:.3f}),"
+                      " strongest first")
     else:
         rep.add_paragraph("No component clears both channel thresholds.")
     wh = pd.DataFrame(result.whole_head).sort_values("max_component_score", ascending=False).head(20)
-    rep.add_table(wh, caption="Head pairs with the strongest single component, beside their diluted whole-head score and channel rank")
+    rep.add_table(wh, caption="Head pairs with the strongest single component, beside their diluted whole-head score "
+                              "and channel rank")
     rep.add_heading("Laundry List")
     sp = result.split
     rep.add_paragraph("Accuracy = the answer's logit is the largest among the N list items (95 % Wilson interval in "
@@ -525,9 +553,10 @@ def build_report(result: Result, tokenizer=None):
                       f"({cfg.edit_method} edit) on the held-out split. Control: random components of the same heads, "
                       f"as many in each of the head's {cfg.sigma_bins} σ quantile bins as the edit set (scaling a "
                       f"component moves the output by |α − 1| σ), disjoint from it, {cfg.random_draws} draws.")
-    rep.add_table(pd.DataFrame(result.candidates), caption="Screened components (ablation_effect > 0: removing it lowers the mover's "
-                  f"preference for the answer). Spearman ρ(composition score, ablation effect) = {m['score_effect_spearman']:.2f} "
-                  "(the paper's Fig. 2 relation: weights predict the data-side effect)")
+    rep.add_table(pd.DataFrame(result.candidates),
+                  caption="Screened components (ablation_effect > 0: removing it lowers the mover's preference for the "
+                          f"answer). Spearman ρ(composition score, ablation effect) = {m['score_effect_spearman']:.2f} "
+                          "(the paper's Fig. 2 relation: weights predict the data-side effect)")
     rep.add_figure(sweep_figure(result.edits, "accuracy", "Laundry List accuracy"))
     rep.add_figure(sweep_figure(result.edits, "logit_diff", "logit difference"))
     rep.add_table(pd.DataFrame(result.edits), caption="Edit sweep")

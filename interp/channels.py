@@ -51,7 +51,8 @@ def scale_components(model, directions: Mapping[Head, Tensor], alpha: float, met
     for (layer, head), V in directions.items():
         by_layer[layer][head] = (W_O[layer, head], V.float().cpu())
     if method == "hook":
-        mats = {layer: {h: z_edit_matrix(W, V, alpha) for h, (W, V) in heads.items()} for layer, heads in by_layer.items()}
+        mats = {layer: {h: z_edit_matrix(W, V, alpha) for h, (W, V) in heads.items()}
+                for layer, heads in by_layer.items()}
 
         def make(layer):
             def hook(z, hook):

@@ -205,9 +205,12 @@ def gaussian_baseline(d_model: int, d_head: int, n_draws: int = 20, seed: int = 
         comp.append(cs.mean())
         top.append(cs.max())
         whole.append(((s ** 2 * cs ** 2).sum() / (s ** 2).sum()).sqrt())
-    mean = lambda xs: float(torch.stack(xs).mean())
-    return {"component_mean": mean(comp), "component_max": mean(top), "whole_head": mean(whole),
+    return {"component_mean": _mean(comp), "component_max": _mean(top), "whole_head": _mean(whole),
             "n_draws": n_draws, "d_model": d_model, "d_head": d_head}
+
+
+def _mean(xs: list[Tensor]) -> float:
+    return float(torch.stack(xs).mean())
 
 
 def channel_rows(s: Scan, z: Tensor, *, min_z: float, min_score: float, limit: int | None = None) -> list[dict]:

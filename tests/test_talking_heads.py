@@ -12,7 +12,9 @@ import torch
 
 from interp import composition as comp
 from interp import laundry as ll
+from interp.analysis import config_for
 from interp.channels import scale_components
+from interp.controls import ControlUnavailable, matched_draws, mean_sd, wilson
 from interp.errors import UserError
 
 D_MODEL, D_HEAD, N_HEADS, N_KV = 64, 16, 4, 2
@@ -166,7 +168,8 @@ def test_fold_norms_matches_transformerlens_processing(tmp_path):
     for name, mine in (("W_Q", ours.W_Q), ("W_K", ours.W_K), ("W_V", ours.W_V)):
         for layer in range(model.cfg.n_layers):
             key = ProcessWeights._get_param_key(f"blocks.{layer}.attn.{name}", model.adapter)
-            theirs = ProcessWeights.convert_tensor_to_tl_format(key, processed, processed[key], model.cfg, model.adapter, layer)
+            theirs = ProcessWeights.convert_tensor_to_tl_format(key, processed, processed[key], model.cfg,
+                                                                model.adapter, layer)
             torch.testing.assert_close(mine[layer], theirs.float(), atol=1e-5, rtol=1e-5)
 
 
@@ -252,18 +255,19 @@ def test_laundry_scoring_matches_full_forward(channel_model):
         assert scores["logit_diff"][i] == pytest.approx(float(answer - others.max()), abs=1e-4)
         assert scores["top1"][i] == float(int(full.argmax()) == enc.candidates[i][p.position])
     rows = ll.table(prompts, scores)
-    assert {(r["n_items"], r["position"]) for r in rows} == {(3, 0), (3, 1), (3, 2), (3, None), (4, 0), (4, 1), (4, 2), (4, 3), (4, None)}
+    assert {(r["n_items"], r["position"]) for r in rows} == {(3, 0), (3, 1), (3, 2), (3, None), (4, 0), (4, 1), (4, 2),
+                                                             (4, 3), (4, None)}
 
 
 # ---------------------------------------------------------------- the analysis
 
-SMALL = dict(n_items=(2, 3), templates=("laundry", "bag", "market"), prompts_per_cell=4, alpha=(0.0, 1.0, 3.0), candidates=3, edit_components=1,
+SMALL = dict(n_items=(2, 3), templates=("laundry", "bag", "market"), prompts_per_cell=4, alpha=(0.0, 1.0, 3.0),
+             candidates=3, edit_components=1,
              random_draws=5, baseline_draws=4, view_prompts=8, progress=False)
 
 
 def test_analysis_end_to_end_with_first_token_scoring(channel_model, tmp_path, monkeypatch):
     from interp.analyses import talking_heads as th
-    from interp.analysis import config_for
 
     result = th.run(channel_model, config_for("talking_heads", channel_model, batch_size=8, **SMALL))
     d = result.to_dict()
@@ -273,9 +277,12 @@ def test_analysis_end_to_end_with_first_token_scoring(channel_model, tmp_path, m
     c = d["channels"][0]
     assert set(c) >= {"writer_layer", "writer_head", "component", "reader_layer", "reader_head", "mode", "score", "z",
                       "singular_value"}
-    assert (c["writer_layer"], c["writer_head"], c["component"], c["reader_layer"], c["reader_head"]) == (*WRITER, D_HEAD - 1, *READER)
-    assert all(set(r) >= {"writer_layer", "writer_head", "reader_layer", "reader_head", "mode", "score"} for r in d["whole_head"])
-    assert all(set(r) >= {"n_items", "position", "accuracy", "top1_accuracy", "logit_diff", "n"} for r in d["laundry_list"])
+    found = (c["writer_layer"], c["writer_head"], c["component"], c["reader_layer"], c["reader_head"])
+    assert found == (*WRITER, D_HEAD - 1, *READER)
+    whole_keys = {"writer_layer", "writer_head", "reader_layer", "reader_head", "mode", "score"}
+    assert all(set(r) >= whole_keys for r in d["whole_head"])
+    laundry_keys = {"n_items", "position", "accuracy", "top1_accuracy", "logit_diff", "n"}
+    assert all(set(r) >= laundry_keys for r in d["laundry_list"])
     rand = [r for r in d["edits"] if r["selection"] == "random"]
     chan = [r for r in d["edits"] if r["selection"] == "channel"]
     assert rand and chan and all(r["n_draws"] == 5 and "accuracy_sd" in r and "logit_diff_sd" in r for r in rand)
@@ -305,7 +312,8 @@ def test_analysis_end_to_end_with_first_token_scoring(channel_model, tmp_path, m
 def test_cli_rejects_bad_options(planted_channel, tmp_path, capsys, args):
     from interp.run import main
 
-    code = main(["talking_heads", "--model", str(planted_channel[0]), "--out", str(tmp_path / "o"), "--no-progress", *args])
+    code = main(["talking_heads", "--model", str(planted_channel[0]), "--out", str(tmp_path / "o"), "--no-progress",
+                 *args])
     err = capsys.readouterr().err
     assert code == 2 and "error:" in err and "Traceback" not in err
 
@@ -356,10 +364,11 @@ def test_sigma_matched_control_where_the_effect_follows_sigma():
     drawn uniformly over the head's components has a smaller effect than a large-σ edit set whatever the
     components do: the unmatched control calls the edit set special, the σ-matched one does not."""
     from interp.analyses.talking_heads import random_control
-    from interp.controls import matched_draws, mean_sd
 
     S = _clustered_sigma()
-    effect = lambda components: sum(float(S[lw, hw, i]) for lw, hw, i in components)  # |α − 1| = 1
+
+    def effect(components):
+        return sum(float(S[lw, hw, i]) for lw, hw, i in components)  # |α − 1| = 1
     chosen = [(0, 0, 1), (0, 1, 5)]  # a σ ≈ 8 component of head 0.0, a σ ≈ 4 component of head 0.1
     pool = [(0, h, i) for h in range(2) for i in range(16)]
     unmatched = matched_draws(chosen, pool, draws=8, seed=0, matched_on="none")
@@ -376,7 +385,6 @@ def test_sigma_matched_control_where_the_effect_follows_sigma():
 
 def test_random_control_raises_when_a_sigma_bin_is_exhausted():
     from interp.analyses.talking_heads import random_control
-    from interp.controls import ControlUnavailable
 
     chosen = [(0, 0, i) for i in range(4)]  # the whole top bin of head 0.0
     with pytest.raises(ControlUnavailable, match="sigma"):
@@ -402,8 +410,6 @@ def test_split_pools_share_no_template_and_no_item():
 def test_end_to_end_halves_intervals_warnings_and_matched_rows(channel_model, tmp_path):
     """The run's halves are disjoint, accuracies carry Wilson intervals, random rows say what they match."""
     from interp.analyses import talking_heads as th
-    from interp.analysis import config_for
-    from interp.controls import wilson
 
     result = th.run(channel_model, config_for("talking_heads", channel_model, batch_size=8, **SMALL))
     d = json.loads(json.dumps(result.to_dict(), default=str))
