@@ -11,31 +11,33 @@ cliff = max over the thinking − score at the final token; heads ranked by thei
 the probe direction; the top heads ablated (zeroed, Frobenius-rescaled) vs random heads; complied
 harmful prompts ranked by cliff (Cliff-as-a-Judge).
 
-Held-out protocol: rollouts are split by prompt into a fit part and an eval part (stratified by
-outcome group, seeded), or `--eval-harmful/--eval-harmless` give separate evaluation sets (the
-paper fits on AdvBench and evaluates on JailbreakBench). The probe and the head rankings see only
-fit rollouts; the cliff summary, curves, ablation sweep, ASR and Cliff-as-a-Judge are measured on
-eval rollouts (`cliff_fit` keeps the in-sample summary). Deviations from the paper and the
-reference code are listed in docs/refusal_cliff.md.
+Held-out protocol: rollouts are split by prompt into a fit part and an eval part (`interp.controls.split`,
+stratified by outcome group, seeded), or `--eval-harmful/--eval-harmless` give separate evaluation sets (the
+paper fits on AdvBench and evaluates on JailbreakBench). Eval prompts that duplicate or nearly duplicate a fit
+prompt are dropped (`overlap`). The probe and the head rankings see only fit rollouts; the cliff summary,
+curves, ablation sweep, ASR and Cliff-as-a-Judge are measured on eval rollouts (`cliff_fit` keeps the
+in-sample summary). The random-head control is matched on layer (`interp.controls.matched_draws`).
+Deviations from the paper and the reference code are listed in docs/refusal_cliff.md.
 """
 
 from __future__ import annotations
 
 import json
 import random
-import sys
+import re
 from dataclasses import dataclass, field
-from typing import Literal
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
 import torch
 
-from interp.analysis import CommonConfig, require, run_header
-from interp.bridge import hidden_state_hook
+from interp.analysis import CommonConfig, require, run_header, warn
+from interp.bridge import FINAL_NORM, hidden_state_hook
 from interp.capture import capture, check_context
 from interp.chat import THINK_CLOSE, has_thinking_tokens, prompt_sequence, split_thinking, thinking_sequence
+from interp.controls import ControlUnavailable, Draws, control_row, matched_draws, split, wilson
 from interp.datasets import Rollout, load_prompts, load_rollouts
 from interp.errors import UserError
 from interp.figures import band, intervention_bars, layer_head_heatmap
@@ -52,6 +54,7 @@ GROUPS = ("refused_harmful", "complied_harmful", "harmless")
 HEAD_METHODS = ("projection", "attribution", "causal")
 SPLITS = ("fit", "eval")
 MIN_PROBE_ACCURACY = 0.75  # below this validation accuracy the run warns that the probe does not fit
+CLIFF_KEYS = ("plateau_max", "plateau_mean", "plateau_robust", "rs_final", "cliff", "cliff_robust")
 
 
 @dataclass
@@ -63,6 +66,8 @@ class Config(CommonConfig):
     eval_harmful: str | None = None  # separate harmful set to evaluate on (paper: JailbreakBench); then all main harmful rollouts are fit
     eval_harmless: str | None = None  # separate harmless set to evaluate on; then all main harmless rollouts are fit
     eval_fraction: float = 0.5  # share of each group's prompts held out for evaluation when a kind has no eval set (by prompt, stratified, seeded)
+    # eval prompts whose normalised word set has Jaccard >= this with a fit prompt's word set are dropped
+    overlap_jaccard: float = 0.8
     rollouts: str | None = None  # JSONL of prompt/thinking/response[/kind] rollouts to use instead of generating
     max_new_tokens: int = 256  # tokens generated per rollout (paper 8192; reasoning-model aliases set it)
     temperature: float = 0.0  # sampling temperature, 0 = greedy (paper samples at 0.7)
@@ -88,9 +93,11 @@ class Config(CommonConfig):
     curve_method: Literal["interpolate", "reference"] = "interpolate"  # per-example bin averages, or the paper figure's zero-padded tail alignment
     head_method: Literal["projection", "attribution", "causal"] = "projection"  # head ranking the ablation sweep uses (paper: projection)
     head_methods: tuple[Literal["projection", "attribution", "causal"], ...] = HEAD_METHODS  # head rankings computed and shown side by side
+    # projection ranking through the final norm (its gain γ and the last position's 1/rms); both versions are compared
+    projection_fold_norm: bool = False
     ablation_fractions: tuple[float, ...] = (0.015, 0.03, 0.10)  # shares of all heads ablated (paper)
     ablation_rescale: Literal["frobenius", "frobenius_batch", "per_token", "none"] = "frobenius"  # rescale after zeroing: each sequence's norm without padding; frobenius_batch: whole batch incl. padding (reference); per token; none
-    random_draws: int = 5  # random-head control: draws per ablation fraction, from heads outside that fraction's top set
+    random_draws: int = 5  # random-head control: draws per ablation fraction, outside the top set, matched on layer
     asr_limit: int | None = None  # eval harmful prompts regenerated per ablation setting (None: all)
     asr_regenerate: Literal["full", "response"] = "full"  # regenerate thinking and answer (paper), or only the answer after each rollout's thinking
     judge: str | None = None  # Llama Guard model (id or directory): labels harmful rollouts refused/complied and rates answers for ASR; None: keyword judge
@@ -104,13 +111,14 @@ class Config(CommonConfig):
         n_layers = model.cfg.n_layers if model is not None else None
         require(all(0 < f <= 1 for f in self.ablation_fractions), "ablation-fractions must be in (0, 1]")
         for name in ("max_new_tokens", "max_items_per_class", "probe_epochs", "probe_batch_size",
-                     "span_positions_per_example", "robust_k", "tail_tokens", "n_bins", "judge_top_k", "random_draws"):
+                     "span_positions_per_example", "robust_k", "tail_tokens", "n_bins", "judge_top_k"):
             require(getattr(self, name) >= 1, f"{name.replace('_', '-')} must be at least 1; got {getattr(self, name)}")
         require(self.n_bins >= 2, f"n-bins must be at least 2; got {self.n_bins}")
         require(self.probe_lr > 0, f"probe-lr must be positive; got {self.probe_lr}")
         require(len(self.probe_l2) > 0 and all(v > 0 for v in self.probe_l2),
                 f"probe-l2 strengths must be positive; got {' '.join(map(str, self.probe_l2))}")
         require(0 < self.eval_fraction < 1, f"eval-fraction must be in (0, 1); got {self.eval_fraction}")
+        require(0 < self.overlap_jaccard <= 1, f"overlap-jaccard must be in (0, 1]; got {self.overlap_jaccard}")
         require(self.temperature >= 0, f"temperature must be >= 0; got {self.temperature}")
         require(self.min_thinking_chars >= 0, f"min-thinking-chars must be >= 0; got {self.min_thinking_chars}")
         require(self.asr_limit is None or self.asr_limit >= 1, f"asr-limit must be at least 1; got {self.asr_limit}")
@@ -132,6 +140,7 @@ class Example:
     span: tuple[int, int]
     span_kind: str  # "thinking", or "prompt" for models without thinking tokens
     split: str = "fit"  # "fit" (probe, head rankings) or "eval" (everything reported as held out)
+    keyword_refused: bool | None = None  # the keyword matcher's verdict on the response (None: not computed)
     scores: torch.Tensor | None = None
     metrics: dict = field(default_factory=dict)
 
@@ -155,6 +164,8 @@ class Result:
     rollouts: dict  # counts: from_file, generated, truncated, used
     warnings: list[str]
     linear_probe: LogisticProbe  # the trained probe itself (weights), for reuse in Python
+    overlap: dict = field(default_factory=dict)  # eval prompts dropped as (near) duplicates of fit prompts
+    projection_fold: dict | None = None  # folded vs unfolded projection ranking: which is used, their agreement
 
     @property
     def model(self) -> dict:
@@ -181,6 +192,8 @@ class Result:
             "cliff_as_a_judge": self.judge_ranking,
             "per_layer_probes": self.per_layer,
             "n_examples": {g: sum(e.group == g for e in self.examples) for g in GROUPS},
+            "overlap": self.overlap,
+            "projection_fold": self.projection_fold,
             "warnings": self.warnings,
         }
 
@@ -205,12 +218,6 @@ def examples_table(examples: list[Example]) -> pd.DataFrame:
              "n_tokens": len(e.input_ids), "span": e.span_kind, "span_tokens": e.span[1] - e.span[0], **e.metrics}
             for e in examples]
     return pd.DataFrame(rows)
-
-
-def warn(warnings: list[str], message: str) -> None:
-    """Print a one-line warning on stderr and keep it for results.json and the report."""
-    print(f"warning: {message}", file=sys.stderr)
-    warnings.append(message)
 
 
 # ---------------------------------------------------------------- rollouts and labels
@@ -281,7 +288,9 @@ def load_judge(model, config: Config):
 def build_examples(model, rollouts: list[Rollout], config: Config, judge=None, split: str = "fit") -> list[Example]:
     """Tokenized examples with their outcome group. Harmful rollouts are refused unless the judge
     (when given) rates the answer unsafe, else unless the keyword matcher finds no refusal; harmless
-    rollouts always use the keyword matcher (a safety judge cannot tell a refusal of a harmless request)."""
+    rollouts always use the keyword matcher (a safety judge cannot tell a refusal of a harmless request).
+    The keyword verdict is kept as well (`keyword_refused`): a judge-safe answer that does not refuse is no
+    probe positive (`probe_label`)."""
     tok = model.tokenizer
     thinking_model = has_thinking_tokens(tok)
     harmful = [r for r in rollouts if r.kind == "harmful"]
@@ -292,31 +301,75 @@ def build_examples(model, rollouts: list[Rollout], config: Config, judge=None, s
     for r in rollouts:
         enc = (thinking_sequence(tok, r.prompt, r.thinking, thinking_prefix=config.thinking_prefix, response=r.response)
                if thinking_model else prompt_sequence(tok, r.prompt))
-        refused = not verdict[id(r)] if id(r) in verdict else is_refused(r.response, config)
+        keyword = is_refused(r.response, config)
+        refused = not verdict[id(r)] if id(r) in verdict else keyword
         group = "harmless" if r.kind == "harmless" else ("refused_harmful" if refused else "complied_harmful")
         examples.append(Example(r.prompt, r.thinking, r.response, r.kind, refused, group, enc.input_ids, enc.span,
-                                "thinking" if thinking_model else "prompt", split))
+                                "thinking" if thinking_model else "prompt", split, keyword))
     return examples
 
 
 def assign_splits(examples: list[Example], config: Config) -> None:
-    """Hold out `eval_fraction` of each group's prompts (rounded down; all rollouts of a prompt on one
-    side), seeded. A group with one prompt stays in fit; otherwise each side gets at least one prompt."""
-    rng = random.Random(config.seed)
-    units: dict[tuple[str, str], list[Example]] = {}
-    for e in examples:
-        units.setdefault((e.kind, e.prompt), []).append(e)
-    for group in GROUPS:
-        keys = [k for k, members in units.items() if members[0].group == group]
-        rng.shuffle(keys)
-        n_eval = min(max(int(len(keys) * config.eval_fraction), 1), len(keys) - 1) if len(keys) >= 2 else 0
-        for k in keys:
-            for e in units[k]:
-                e.split = "eval" if k in keys[:n_eval] else "fit"
+    """Hold out `eval_fraction` of each outcome group's prompts (`interp.controls.split`: all rollouts of a
+    normalised prompt on one side, stratified by the prompt's first outcome group, seeded)."""
+    if len(examples) < 2:
+        return
+    keys = [(e.kind, normalise(e.prompt)) for e in examples]
+    first_group = {}
+    for k, e in zip(keys, examples):
+        first_group.setdefault(k, e.group)
+    halves = split(len(examples), 1 - config.eval_fraction, config.seed, groups=keys,
+                   strata=[first_group[k] for k in keys])
+    for i in halves.selection:
+        examples[i].split = "fit"
+    for i in halves.held_out:
+        examples[i].split = "eval"
 
 
-def collect_examples(model, config: Config, judge, warnings: list[str]) -> tuple[list[Example], dict]:
-    """Rollouts (file and generated, main and eval sets) → examples with their split; counts."""
+def normalise(text: str) -> str:
+    """Lower case, punctuation removed, whitespace collapsed: the form the overlap check compares."""
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+def jaccard(a: set[str], b: set[str]) -> float:
+    """Word-set Jaccard similarity |a ∩ b| / |a ∪ b| (1 for two empty sets)."""
+    return len(a & b) / len(a | b) if a | b else 1.0
+
+
+def overlapping(fit_prompts: list[str], eval_prompts: list[str], threshold: float) -> dict[str, str]:
+    """Eval prompts that duplicate a fit prompt after `normalise` ("exact") or share a word set with Jaccard
+    ≥ `threshold` ("near"), each mapped to its kind of overlap."""
+    fit_norm = {normalise(p) for p in fit_prompts}
+    fit_words = [set(p.split()) for p in fit_norm]
+    out = {}
+    for p in dict.fromkeys(eval_prompts):
+        n = normalise(p)
+        if n in fit_norm:
+            out[p] = "exact"
+        elif any(jaccard(set(n.split()), w) >= threshold for w in fit_words):
+            out[p] = "near"
+    return out
+
+
+def drop_overlap(examples: list[Example], config: Config, warnings: list[str]) -> tuple[list[Example], dict]:
+    """Eval examples whose prompt (near) duplicates a fit prompt are dropped, counted and warned about."""
+    rule = (f"eval prompt dropped when, lower-cased with punctuation removed and whitespace collapsed, it equals a fit "
+            f"prompt (exact) or its word set has Jaccard >= {config.overlap_jaccard:g} with one (near)")
+    found = overlapping([e.prompt for e in examples if e.split == "fit"],
+                        [e.prompt for e in examples if e.split == "eval"], config.overlap_jaccard)
+    kept = [e for e in examples if e.split == "fit" or e.prompt not in found]
+    kinds = list(found.values())
+    overlap = {"dropped": len(examples) - len(kept), "prompts": len(found), "exact": kinds.count("exact"),
+               "near": kinds.count("near"), "rule": rule}
+    if found:
+        warn(warnings, f"{len(found)} eval prompts ({overlap['exact']} exact, {overlap['near']} near duplicates of fit "
+                       f"prompts) were dropped with their {overlap['dropped']} rollouts: {rule}")
+    return kept, overlap
+
+
+def collect_examples(model, config: Config, judge, warnings: list[str]) -> tuple[list[Example], dict, dict]:
+    """Rollouts (file and generated, main and eval sets) → examples with their split (eval prompts that
+    overlap fit prompts dropped); rollout counts; the overlap count."""
     given = file_rollouts(config)
     check_context(model, [e.input_ids for e in build_examples(model, given, config)])  # before generating
     main_sets = {k: s for k, s in (("harmful", config.harmful), ("harmless", config.harmless))
@@ -337,8 +390,9 @@ def collect_examples(model, config: Config, judge, warnings: list[str]) -> tuple
     split_here = [e for e in examples if e.kind not in eval_sets]
     assign_splits(split_here, config)
     examples += build_examples(model, held_out, config, judge, split="eval")
+    examples, overlap = drop_overlap(examples, config, warnings)
     counts = {"from_file": len(given), "generated": n_generated, "truncated": truncated, "used": len(examples)}
-    return examples, counts
+    return examples, counts, overlap
 
 
 # ---------------------------------------------------------------- probe
@@ -349,11 +403,12 @@ def _probe_eligible(e: Example, config: Config) -> bool:
 
 
 def probe_label(e: Example, config: Config) -> int | None:
-    """1 (refused harmful), 0 (complied negative) or None (not a probe example)."""
+    """1 (refused harmful), 0 (complied negative) or None (not a probe example). A refused-harmful example
+    whose answer the keyword matcher reads as compliance (judge-safe, yet no refusal) is no positive."""
     if not _probe_eligible(e, config):
         return None
     if e.group == "refused_harmful":
-        return 1
+        return None if e.keyword_refused is False else 1
     negative_groups = ("harmless", "complied_harmful") if config.probe_negatives == "complied" else ("harmless",)
     return 0 if e.group in negative_groups and not e.refused else None
 
@@ -424,25 +479,45 @@ def probe_summary(probe: LogisticProbe, hook: str, layer: int, examples: list[Ex
             "val_accuracy": probe.val_accuracy, "train_accuracy": probe.train_accuracy,
             "eval_accuracy": eval_accuracy, "n_train": probe.n_train, "n_val": probe.n_val, "n_eval": n_eval,
             "val_is_train": probe.val_is_train, "best_epoch": probe.best_epoch, "l2": probe.l2,
-            "l2_search": probe.l2_search, "bias": probe.bias, "weight_norm": float(probe.weight.norm())}
+            "l2_search": probe.l2_search, "bias": probe.bias, "weight_norm": float(probe.weight.norm()),
+            "converged": probe.converged, "n_iter": probe.n_iter,
+            "n_judge_safe_not_refusing": sum(judge_safe_not_refusing(e, config) for e in examples)}
+
+
+def judge_safe_not_refusing(e: Example, config: Config) -> bool:
+    """A refused-harmful (judge-safe) example the keyword matcher reads as compliance: left out of the probe."""
+    return _probe_eligible(e, config) and e.group == "refused_harmful" and e.keyword_refused is False
 
 
 # ---------------------------------------------------------------- cliff summaries
 
+def has_plateau(e: Example) -> bool:
+    """The example has a span to take the plateau over (a thinking model's empty thinking has none)."""
+    return e.span[1] > e.span[0]
+
+
+def example_metrics(scores: torch.Tensor, e: Example, robust_k: int) -> dict:
+    """`cliff_metrics` over the thinking span; without a thinking only `rs_final` (the rest None, no fallback)."""
+    if has_plateau(e):
+        return cliff_metrics(scores, e.span, robust_k)
+    return {**dict.fromkeys(CLIFF_KEYS), "drop_position": None, "rs_final": float(scores[-1])}
+
+
 def group_means(examples: list[Example]) -> dict:
-    keys = ("plateau_max", "plateau_mean", "plateau_robust", "rs_final", "cliff", "cliff_robust")
+    """Per group: means of the cliff metrics over examples with a thinking; `n_empty_thinking` left out."""
     out = {}
     for g in GROUPS:
-        members = [e for e in examples if e.group == g]
+        members = [e for e in examples if e.group == g and has_plateau(e)]
         out[g] = {"n": len(members), **{k: (float(np.mean([e.metrics[k] for e in members])) if members else None)
-                                         for k in keys}}
+                                         for k in CLIFF_KEYS},
+                  "n_empty_thinking": sum(e.group == g and not has_plateau(e) for e in examples)}
     return out
 
 
 def curve_tables(examples: list[Example], config: Config) -> tuple[pd.DataFrame, pd.DataFrame]:
     curves, tails = [], []
     for g in GROUPS:
-        seqs = [e.scores for e in examples if e.group == g]
+        seqs = [e.scores for e in examples if e.group == g and has_plateau(e)]
         if not seqs:
             continue
         if config.curve_method == "reference":
@@ -463,16 +538,26 @@ def curve_tables(examples: list[Example], config: Config) -> tuple[pd.DataFrame,
 
 # ---------------------------------------------------------------- heads and ablation
 
-def find_heads(model, examples: list[Example], probe: LogisticProbe, hook: str, config: Config) -> dict[str, list[dict]]:
+def find_heads(model, examples: list[Example], probe: LogisticProbe, hook: str, config: Config,
+               warnings: list[str] | None = None) -> tuple[dict[str, list[dict]], dict | None]:
     """Heads ranked by each method on the harmful `examples` (the fit split; paper: harmful prompts with
-    their own thinking). Only heads before the readout point are ranked."""
+    their own thinking). Only heads before the readout point are ranked. With a projection ranking on the
+    final norm's output, the folded and unfolded projections are both computed and compared (`projection_fold`);
+    `projection_fold_norm` picks which one ranks."""
     seqs = [e.input_ids for e in examples if e.kind == "harmful"]
     if not seqs:
         raise UserError("no harmful fit rollout to rank heads on; use more harmful prompts")
     readout = (hook, probe.weight, probe.bias)
     n_before = readout_heads(model, hook)
     kw = dict(batch_size=config.batch_size, progress=config.progress)
-    methods = {"projection": lambda: projection_scores(model, seqs, probe.weight, n_layers=n_before, **kw),
+    fold = config.projection_fold_norm and hook == FINAL_NORM
+    if config.projection_fold_norm and not fold and warnings is not None:
+        warn(warnings, f"--projection-fold-norm has no final norm to fold: the probe reads {hook}; unfolded projection")
+
+    def project(folded: bool) -> torch.Tensor:
+        return projection_scores(model, seqs, probe.weight, n_layers=n_before, fold_norm=folded, **kw)
+
+    methods = {"projection": lambda: project(fold),
                "attribution": lambda: gradient_scores(model, seqs, readout, **kw),
                "causal": lambda: causal_scores(model, seqs, readout, rescale=config.ablation_rescale, **kw)}
     out = {}
@@ -480,7 +565,26 @@ def find_heads(model, examples: list[Example], probe: LogisticProbe, hook: str, 
         scores = methods[m]()
         scores[n_before:] = float("nan")
         out[m] = ranking(scores)
-    return out
+    if "projection" not in out or hook != FINAL_NORM:
+        return out, None
+    other = ranking(project(not fold))
+    k = max(1, round(max(config.ablation_fractions) * model.cfg.n_layers * model.cfg.n_heads))
+    folded, unfolded = (out["projection"], other) if fold else (other, out["projection"])
+    return out, {"used": "folded" if fold else "unfolded", **ranking_agreement(folded, unfolded, k)}
+
+
+def ranking_agreement(a: list[dict], b: list[dict], k: int) -> dict:
+    """Spearman correlation of two head rankings' scores over the heads both rank, and the overlap of their top k."""
+    def key(r: dict) -> tuple[int, int]:
+        return r["layer"], r["head"]
+
+    sb = {key(r): r["score"] for r in b}
+    common = [(r["score"], sb[key(r)]) for r in a if key(r) in sb]
+    ranks = pd.DataFrame(common).rank()
+    spearman = float(ranks[0].corr(ranks[1])) if len(common) > 1 else float("nan")
+    k = min(k, len(a), len(b))
+    top = len({key(r) for r in a[:k]} & {key(r) for r in b[:k]})
+    return {"spearman": spearman, "k": k, "top_k_overlap": top / k if k else float("nan")}
 
 
 def final_scores(model, examples: list[Example], probe: LogisticProbe, hook: str, config: Config) -> torch.Tensor:
@@ -490,9 +594,9 @@ def final_scores(model, examples: list[Example], probe: LogisticProbe, hook: str
     return probe.scores(acts)
 
 
-def attack_success_rate(model, harmful: list[Example], config: Config, judge=None) -> float:
-    """Share of harmful prompts whose regenerated answer is a jailbreak: rated unsafe by `judge`
-    (Llama Guard), or, without one, not a refusal (keyword judge).
+def attack_success_rate(model, harmful: list[Example], config: Config, judge=None) -> tuple[int, int]:
+    """(jailbreaks, prompts): how many harmful prompts' regenerated answers are a jailbreak, rated unsafe by
+    `judge` (Llama Guard) or, without one, not a refusal (keyword judge); ASR = the ratio.
 
     asr_regenerate="full" (paper): regenerate thinking and answer from the prompt.
     "response": keep each rollout's own thinking and regenerate only the answer after `</think>`,
@@ -508,68 +612,66 @@ def attack_success_rate(model, harmful: list[Example], config: Config, judge=Non
         prompts = list(dict.fromkeys(e.prompt for e in harmful))
         responses = [split_thinking(t)[1] for t in generate(model, prompts, **kw)]
     if judge is not None:
-        return float(np.mean(judge.judge(prompts, responses, batch_size=config.batch_size)))
-    return float(np.mean([not is_refused(r, config) for r in responses]))
+        return int(sum(judge.judge(prompts, responses, batch_size=config.batch_size))), len(responses)
+    return sum(not is_refused(r, config) for r in responses), len(responses)
 
 
-def random_draws(pool: list[tuple[int, int]], n: int, draws: int, seed: int) -> list[list[tuple[int, int]]]:
-    """`draws` random sets of `n` heads from `pool`, seeded by (seed, n): the same size draws the same sets."""
-    rng = random.Random(f"{seed}:{n}")
-    return [sorted(rng.sample(pool, n)) for _ in range(draws)]
+def random_heads(top: list[tuple[int, int]], eligible: list[tuple[int, int]], config: Config) -> Draws:
+    """`random_draws` sets of heads outside `top`, each with `top`'s number of heads in every layer."""
+    return matched_draws(top, eligible, stratum=lambda h: h[0], draws=config.random_draws, seed=config.seed,
+                         matched_on="layer", key="heads")
 
 
-def _sd(values: list[float]) -> float:
-    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+def asr_fields(k: int, n: int) -> dict:
+    """`asr` (k / n) and its Wilson interval `asr_ci`."""
+    return {"asr": k / n, "asr_ci": list(wilson(k, n))}
 
 
 def ablation_sweep(model, harmful: list[Example], probe: LogisticProbe, hook: str, ranked: list[dict],
                    config: Config, judge, warnings: list[str]) -> tuple[list[dict], dict]:
-    """Top-ranked heads vs `random_draws` sets of as many other heads (each draw avoids the top set):
-    final refusal score and regenerated ASR on the eval harmful examples (paper: top vs random)."""
+    """Top-ranked heads vs `random_draws` sets of other heads matched on layer (`random_heads`): final refusal
+    score and regenerated ASR (with its Wilson interval) on the eval harmful examples (paper: top vs random)."""
     if not harmful:
         warn(warnings, "no harmful eval rollout: the ablation sweep is skipped; use more harmful prompts")
-        return [], {"rs_final": None, "asr": None}
+        return [], {"rs_final": None, "asr": None, "asr_ci": None}
     asr_set = harmful[: config.asr_limit]
     total = model.cfg.n_layers * model.cfg.n_heads
-    measured: dict[tuple, tuple[float, float]] = {}
+    measured: dict[tuple, tuple[float, int, int]] = {}
 
-    def measure(heads: list[tuple[int, int]]) -> tuple[float, float]:
+    def measure(heads: list[tuple[int, int]]) -> tuple[float, int, int]:
         key = tuple(sorted(heads))
         if key not in measured:
             with ablate_heads(model, list(key), rescale=config.ablation_rescale):
                 measured[key] = (float(final_scores(model, harmful, probe, hook, config).mean()),
-                                 attack_success_rate(model, asr_set, config, judge))
+                                 *attack_success_rate(model, asr_set, config, judge))
         return measured[key]
 
-    rs0, asr0 = measure([])
-    baseline = {"rs_final": rs0, "asr": asr0}
+    rs0, k0, n0 = measure([])
+    baseline = {"rs_final": rs0, **asr_fields(k0, n0)}
     eligible = [(h["layer"], h["head"]) for h in ranked]
     rows = []
     for fraction in config.ablation_fractions:
         n = min(max(1, round(fraction * total)), len(eligible))
         top = eligible[:n]
-        rs, asr = measure(top)
-        rows.append({"fraction": fraction, "n_heads": n, "selection": "top", "rs_final": rs, "asr": asr,
+        rs, k, n_asr = measure(top)
+        rows.append({"fraction": fraction, "n_heads": n, "selection": "top", "rs_final": rs, **asr_fields(k, n_asr),
                      "heads": [list(h) for h in top]})
-        pool = sorted(h for h in eligible if h not in top)  # canonical order: draws do not follow score noise
-        if len(pool) < n:
-            warn(warnings, f"no random control for {fraction:g} of the heads: only {len(pool)} heads lie outside "
-                           f"its top {n}; use smaller --ablation-fractions")
+        try:
+            draws = random_heads(top, eligible, config)
+        except ControlUnavailable as e:
+            warn(warnings, f"no random control for {fraction:g} of the heads: {e}; use smaller --ablation-fractions")
             continue
-        draws = random_draws(pool, n, config.random_draws, config.seed)
         results = [measure(d) for d in draws]
-        rs_values, asr_values = [r[0] for r in results], [r[1] for r in results]
+        pooled = asr_fields(sum(r[1] for r in results), sum(r[2] for r in results))
         rows.append({"fraction": fraction, "n_heads": n, "selection": "random",
-                     "rs_final": float(np.mean(rs_values)), "asr": float(np.mean(asr_values)),
-                     "rs_final_sd": _sd(rs_values), "asr_sd": _sd(asr_values), "n_draws": len(draws),
-                     "draws": [[list(h) for h in d] for d in draws],
-                     "rs_final_draws": rs_values, "asr_draws": asr_values})
+                     **control_row({"rs_final": [r[0] for r in results], "asr": [r[1] / r[2] for r in results]}, draws),
+                     "asr_ci": pooled["asr_ci"], "draws": [[list(h) for h in d] for d in draws]})
     return rows, baseline
 
 
 def cliff_as_a_judge(examples: list[Example], config: Config) -> list[dict]:
     """Harmful-but-complied examples ranked by cliff (paper's MS) or by ascending final score (code)."""
-    bad = [e for e in examples if e.group == "complied_harmful"]
+    bad = [e for e in examples if e.group == "complied_harmful" and has_plateau(e)]
     key = (lambda e: -e.metrics["cliff"]) if config.judge_rank == "cliff" else (lambda e: e.metrics["rs_final"])
     return [{"prompt": e.prompt, "thinking": e.thinking, "response": e.response,
              **{k: e.metrics[k] for k in ("cliff", "rs_final", "plateau_max")}}
@@ -582,10 +684,10 @@ def per_layer_rows(examples: list[Example], probes: dict[str, LogisticProbe], sc
     rows = []
     for layer in range(1, n_layers + 1):
         h = hidden_state_hook(layer, n_layers)
-        metrics = [cliff_metrics(scored[h][i], e.span, config.robust_k) for i, e in enumerate(examples)]
+        metrics = [example_metrics(scored[h][i], e, config.robust_k) for i, e in enumerate(examples)]
         row = {"layer": layer, "val_accuracy": probes[h].val_accuracy}
         for g in GROUPS:
-            ms = [m for m, e in zip(metrics, examples) if e.group == g and e.split == "eval"]
+            ms = [m for m, e in zip(metrics, examples) if e.group == g and e.split == "eval" and has_plateau(e)]
             for k in ("plateau_max", "rs_final", "cliff"):
                 row[f"{g}_{k}"] = float(np.mean([m[k] for m in ms])) if ms else None
         rows.append(row)
@@ -601,7 +703,7 @@ def run(model, config: Config | None = None) -> Result:
     config.validate(model)
     warnings: list[str] = []
     judge = load_judge(model, config)
-    examples, counts = collect_examples(model, config, judge, warnings)
+    examples, counts, overlap = collect_examples(model, config, judge, warnings)
     fit = [e for e in examples if e.split == "fit"]
     held_out = [e for e in examples if e.split == "eval"]
     layer = n_layers if config.probe_layer is None else config.probe_layer
@@ -616,8 +718,18 @@ def run(model, config: Config | None = None) -> Result:
     scored = score_examples(model, examples, probes, config)
     for i, e in enumerate(examples):
         e.scores = scored[hook][i]
-        e.metrics = cliff_metrics(e.scores, e.span, config.robust_k)
+        e.metrics = example_metrics(e.scores, e, config.robust_k)
+    empty = sum(not has_plateau(e) for e in examples)
+    if empty:
+        warn(warnings, f"{empty} of {len(examples)} rollouts have an empty thinking: no plateau, so they are left out "
+                       "of the cliff metrics, curves and Cliff-as-a-Judge (counted as n_empty_thinking per group)")
     summary = probe_summary(probe, hook, layer, examples, config)
+    if probe.converged is False:
+        warn(warnings, f"the L-BFGS probe did not converge ({probe.n_iter} iterations, L2 {probe.l2:g}); "
+                       "its scores may be off; try larger --probe-l2 strengths")
+    if summary["n_judge_safe_not_refusing"]:
+        warn(warnings, f"{summary['n_judge_safe_not_refusing']} harmful rollouts the judge rates safe do not refuse "
+                       "(keyword matcher): they are no probe positives")
     val_acc, eval_acc = summary["val_accuracy"], summary["eval_accuracy"]
     # thinking_span validation is per token (early thinking tokens are ambiguous by nature): there the
     # last-token accuracy on the eval split decides, when it exists
@@ -629,7 +741,7 @@ def run(model, config: Config | None = None) -> Result:
                        f"(below {MIN_PROBE_ACCURACY} is unreliable for scores, cliffs and head rankings); try {fix}")
     per_layer = per_layer_rows(examples, probes, scored, n_layers, config) if config.per_layer_probes else []
     curves, tail = curve_tables(held_out, config)
-    rankings = find_heads(model, fit, probe, hook, config)
+    rankings, projection_fold = find_heads(model, fit, probe, hook, config, warnings)
     ranked = rankings[config.head_method]
     ablation, baseline = ablation_sweep(model, [e for e in held_out if e.kind == "harmful"], probe, hook, ranked,
                                         config, judge, warnings)
@@ -639,7 +751,7 @@ def run(model, config: Config | None = None) -> Result:
                   cliff=group_means(held_out), cliff_fit=group_means(fit), curves=curves, tail=tail, heads=ranked,
                   head_rankings=rankings, ablation=ablation, ablation_baseline=baseline,
                   judge_ranking=cliff_as_a_judge(held_out, config), per_layer=per_layer, rollouts=counts,
-                  warnings=warnings, linear_probe=probe)
+                  warnings=warnings, linear_probe=probe, overlap=overlap, projection_fold=projection_fold)
 
 
 # ---------------------------------------------------------------- figures and report
@@ -688,20 +800,20 @@ def ablation_figure(ablation: list[dict], baseline: dict):
 def ablation_table(ablation: list[dict]) -> pd.DataFrame:
     """The sweep without the head lists (those are in results.json and ablation.csv)."""
     df = pd.DataFrame(ablation)
-    return df.drop(columns=[c for c in ("heads", "draws", "rs_final_draws", "asr_draws") if c in df])
+    return df.drop(columns=[c for c in ("heads", "draws", "rs_final_draws", "asr_draws", "strata") if c in df])
 
 
 def split_table(result: Result) -> pd.DataFrame:
     """Group means side by side: held out (eval) and in-sample (fit)."""
     rows = []
     for g in GROUPS:
-        for split, summary in (("eval", result.cliff), ("fit", result.cliff_fit)):
-            rows.append({"group": g, "split": split, **summary[g]})
+        for half, summary in (("eval", result.cliff), ("fit", result.cliff_fit)):
+            rows.append({"group": g, "split": half, **summary[g]})
     return pd.DataFrame(rows)
 
 
 def _pick_example(examples: list[Example]) -> Example:
-    pool = [e for e in examples if e.split == "eval"] or examples
+    pool = [e for e in examples if e.split == "eval" and has_plateau(e)] or [e for e in examples if has_plateau(e)]
     for group in ("complied_harmful", "refused_harmful", "harmless"):
         members = [e for e in pool if e.group == group]
         if members:
@@ -712,9 +824,7 @@ def _pick_example(examples: list[Example]) -> Example:
 def build_report(result: Result, tokenizer=None):
     """The HTML report: warnings, headline numbers, curves, tail, one example's tokens, heads, ablation, tables."""
     info, cfg = result.model, result.config
-    rep = analysis_report(result.header)
-    for message in result.warnings:
-        rep.add_notice(message, level="warning")
+    rep = analysis_report(result.header, result.warnings)
     c, p = result.cliff, result.probe
     splits = result.splits
     headline = {"probe": f"{p['mode']} at layer {p['layer']} ({p['hook']}), {p['recipe']} recipe",
@@ -763,8 +873,9 @@ def build_report(result: Result, tokenizer=None):
     rep.add_heading("Ablation")
     rep.add_paragraph(f"Heads ranked by '{cfg.head_method}' are zero-ablated at every position (rescale: "
                       f"{cfg.ablation_rescale}) while scoring and while regenerating the eval split's harmful "
-                      f"prompts; the control ablates equally many random heads from outside the top set, "
-                      f"{cfg.random_draws} draws per fraction (mean ± sd). ASR = share of harmful prompts whose "
+                      f"prompts; the control ablates random heads from outside the top set, as many in each layer as "
+                      f"the top set has there (matched on layer), {cfg.random_draws} draws per fraction (mean ± sd). "
+                      "ASR (95 % Wilson interval in the table) = share of harmful prompts whose "
                       "regenerated response "
                       + (f"the judge {cfg.judge} rates unsafe. " if cfg.judge else
                          "is not a refusal (keyword judge; a broken answer counts as not refused). ")

@@ -3,7 +3,8 @@
 Three estimates, all returned as `[n_layers, n_heads]` means over sequences, signed so that a
 negative value means the head pushes the readout down:
 - `projection_scores`: the head's output at the last position written through W_O, projected on
-  the readout direction (RefusalCliff's "Refusal Suppression Head" score);
+  the readout direction (RefusalCliff's "Refusal Suppression Head" score); with `fold_norm`, through
+  the final norm as well (its gain γ and the last position's 1/rms, the scale held fixed);
 - `gradient_scores`: gradient × activation of the readout logit w.r.t. the head's z at all
   positions (attribution patching, first-order estimate of the head's total effect);
 - `causal_scores`: minus the change of the readout score when the head is zero-ablated alone
@@ -15,6 +16,7 @@ it, and `ranking` leaves out heads whose score is NaN.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Sequence
 
 import pandas as pd
@@ -49,22 +51,51 @@ def stacked_W_O(model) -> Float[Tensor, "layer head d_head d_model"]:
     return torch.stack([block.attn.W_O.detach() for block in model.blocks])
 
 
+def final_norm_fold(model) -> tuple[Float[Tensor, "d_model"], float, bool]:
+    """(effective gain γ, eps, centres) of the final norm: γ = what the norm makes of an all-ones vector times
+    its 1/rms (so a (1 + w) parametrisation folds too); `centres` for a LayerNorm (mean removed)."""
+    norm = getattr(model.ln_final, "original_component", model.ln_final)
+    eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+    centres = "rms" not in type(norm).__name__.lower()
+    param = next(norm.parameters())
+    if centres:
+        return norm.weight.detach().float().cpu(), eps, True
+    ones = torch.ones(1, model.cfg.d_model, dtype=param.dtype, device=param.device)
+    with torch.no_grad():
+        gain = norm(ones)[0].float().cpu() * math.sqrt(1 + eps)
+    return gain, eps, False
+
+
 def projection_scores(model, seqs: Sequence[Sequence[int]], direction: Float[Tensor, "d_model"], *,
-                      n_layers: int | None = None, batch_size: int = 8, progress: bool = True) -> Float[Tensor, "layer head"]:
+                      n_layers: int | None = None, fold_norm: bool = False, batch_size: int = 8,
+                      progress: bool = True) -> Float[Tensor, "layer head"]:
     """Mean over sequences of ⟨W_O[l,h]ᵀ z_{l,h,T}, w⟩ / ‖w‖ at the last token T (RefusalCliff's
-    head score). Only the first `n_layers` blocks (default: all) are scored; later rows are NaN."""
+    head score). Only the first `n_layers` blocks (default: all) are scored; later rows are NaN.
+
+    `fold_norm` (a readout on the final norm's output): the direction becomes γ ⊙ w / ‖w‖ (centred for a
+    LayerNorm) and each sequence's projection is divided by the rms (sd) of its last residual state, i.e. the
+    head's share of the readout logit with the norm's scale held fixed (over ‖w‖)."""
     W_O = stacked_W_O(model).float()
-    w_hat = (direction / direction.norm()).float().to(W_O.device)
-    per_head_dir = torch.einsum("lhed,d->lhe", W_O, w_hat)  # [layer, head, d_head]
+    w_hat = (direction / direction.norm()).float()
+    resid = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+    gain, eps, centres = final_norm_fold(model) if fold_norm else (torch.ones_like(w_hat), 0.0, False)
+    w_hat = w_hat * gain
+    w_hat = w_hat - w_hat.mean() if centres else w_hat
+    per_head_dir = torch.einsum("lhed,d->lhe", W_O, w_hat.to(W_O.device))  # [layer, head, d_head]
 
     def project(name: str, z: Tensor) -> Tensor:
+        if name == resid:
+            x = z.float() - z.float().mean(-1, keepdim=True) if centres else z.float()
+            return (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()
         return torch.einsum("he,he->h", z.to(per_head_dir.device), per_head_dir[_layer_of(name)])
 
     names = _z_names(model)[:n_layers]
     scores = torch.full(per_head_dir.shape[:2], float("nan"))
     if names:
-        out = capture(model, seqs, names, positions="last", batch_size=batch_size, progress=progress, reduce=project)
-        scores[:len(names)] = torch.stack([out[n].mean(0) for n in names]).cpu()
+        out = capture(model, seqs, names + ([resid] if fold_norm else []), positions="last", batch_size=batch_size,
+                      progress=progress, reduce=project)
+        scale = out[resid].cpu() if fold_norm else 1.0  # [n, 1]
+        scores[:len(names)] = torch.stack([(out[n].cpu() / scale).mean(0) for n in names])
     return scores
 
 

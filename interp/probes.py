@@ -39,7 +39,10 @@ class LogisticProbe:
     best_epoch: int
     recipe: str = "paper"  # "paper" (Adam, best-validation epoch) or "lbfgs" (to convergence, L2 picked on validation)
     l2: float | None = None  # lbfgs: the chosen L2 strength
-    l2_search: list[dict] = field(default_factory=list)  # lbfgs: {l2, val_accuracy, val_loss} per strength tried
+    # lbfgs: {l2, val_accuracy, val_loss, converged, n_iter} per strength tried
+    l2_search: list[dict] = field(default_factory=list)
+    converged: bool | None = None  # lbfgs: the kept fit stopped on a tolerance before max_iter (None: paper recipe)
+    n_iter: int | None = None  # lbfgs: L-BFGS iterations of the kept fit
 
     @property
     def direction(self) -> Float[Tensor, "d_model"]:
@@ -195,8 +198,10 @@ def train_logistic_probe(
 L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
 
-def _lbfgs_logistic(X: Tensor, y: Tensor, l2: float, max_iter: int) -> tuple[Tensor, Tensor]:
-    """Minimise mean BCE(X w + b, y) + l2/2 ‖w‖² (bias unpenalised) with full-batch L-BFGS, in float64."""
+def _lbfgs_logistic(X: Tensor, y: Tensor, l2: float, max_iter: int) -> tuple[Tensor, Tensor, bool, int]:
+    """Minimise mean BCE(X w + b, y) + l2/2 ‖w‖² (bias unpenalised) with full-batch L-BFGS, in float64.
+    Returns (w, b, converged, n_iter): converged when it stopped on a tolerance before its iteration and
+    evaluation caps."""
     w = torch.zeros(X.shape[1], dtype=X.dtype, device=X.device, requires_grad=True)
     b = torch.zeros(1, dtype=X.dtype, device=X.device, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20, tolerance_grad=1e-9,
@@ -210,7 +215,10 @@ def _lbfgs_logistic(X: Tensor, y: Tensor, l2: float, max_iter: int) -> tuple[Ten
 
     with torch.enable_grad():
         opt.step(closure)
-    return w.detach(), b.detach()
+    state = opt.state[w]
+    n_iter = int(state["n_iter"])
+    stopped_early = n_iter < max_iter and state["func_evals"] < opt.param_groups[0]["max_eval"]
+    return w.detach(), b.detach(), stopped_early, n_iter
 
 
 def fit_logistic_probe(
@@ -232,6 +240,7 @@ def fit_logistic_probe(
     `l2_grid` the penalised loss mean BCE + l2/2 ‖w‖² (on those features) is minimised on the training rows, and the strength with the lowest validation BCE is kept (ties:
     the stronger penalty). The returned weight and bias act on raw activations. Without a
     validation split (tiny data) the strongest penalty is kept, since the training loss cannot choose.
+    `converged` / `n_iter` record whether the kept fit stopped on a tolerance before `max_iter` iterations.
     """
     if not l2_grid or min(l2_grid) <= 0:
         raise UserError(f"l2 strengths must be positive; got {tuple(l2_grid)}")
@@ -250,13 +259,14 @@ def fit_logistic_probe(
 
     search, fits = [], {}
     for l2 in sorted(set(l2_grid), reverse=True):
-        w, b = _lbfgs_logistic(standard(X_tr), y_tr, l2, max_iter)
+        w, b, converged, n_iter = _lbfgs_logistic(standard(X_tr), y_tr, l2, max_iter)
         # back to raw activations: w·(x − mean)/std + b
         w_raw, b_raw = w / std, b - (w / std) @ mean
         with torch.no_grad():
             val_loss = torch.nn.functional.binary_cross_entropy_with_logits(X_va @ w_raw + b_raw, y_va).item()
         fits[l2] = (w_raw, b_raw)
-        search.append({"l2": l2, "val_accuracy": _accuracy(w_raw, b_raw, X_va, y_va), "val_loss": val_loss})
+        search.append({"l2": l2, "val_accuracy": _accuracy(w_raw, b_raw, X_va, y_va), "val_loss": val_loss,
+                       "converged": converged, "n_iter": n_iter})
     best = search[0] if val_is_train else min(search, key=lambda r: (r["val_loss"], -r["l2"]))
     w_raw, b_raw = fits[best["l2"]]
     return LogisticProbe(
@@ -275,6 +285,8 @@ def fit_logistic_probe(
         recipe="lbfgs",
         l2=best["l2"],
         l2_search=sorted(search, key=lambda r: r["l2"]),
+        converged=best["converged"],
+        n_iter=best["n_iter"],
     )
 
 

@@ -291,3 +291,76 @@ def test_causal_scores_resid_pre_readout_equals_previous_resid_post(tiny_model, 
     want = causal_scores(tiny_model, seqs, ("blocks.0.hook_resid_post", w, b), progress=False)
     got = causal_scores(tiny_model, seqs, ("blocks.1.hook_resid_pre", w, b), progress=False)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
+# --- projection through the final norm ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def planted_with_gain(planted, tmp_path_factory):
+    """The planted checkpoint with a random positive final-norm gain γ (the original has γ = 1)."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from interp.models import load_model
+
+    out = tmp_path_factory.mktemp("planted-gain")
+    for f in planted.path.iterdir():
+        if f.is_file() and not f.name.endswith(".safetensors"):
+            shutil.copy(f, out / f.name)
+    hf = AutoModelForCausalLM.from_pretrained(planted.path, attn_implementation="eager", dtype=torch.float32).eval()
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        hf.model.norm.weight.copy_(0.2 + 2 * torch.rand(hf.config.hidden_size, generator=g))
+    hf.save_pretrained(out)
+    return hf, load_model(str(out), device="cpu")
+
+
+def _reference_folded_projection(hf, seqs, direction):
+    """Σ over the head's o_proj slice, dotted with γ ⊙ ŵ and divided by the rms of the norm's input, per sequence."""
+    w_hat = direction / direction.norm()
+    gamma, eps = hf.model.norm.weight.detach(), hf.model.norm.variance_epsilon
+    n_heads = hf.config.num_attention_heads
+    d_head = getattr(hf.config, "head_dim", None) or hf.config.hidden_size // n_heads
+    layers = hf.model.layers
+    total = torch.zeros(len(layers), n_heads)
+    for s in seqs:
+        kept: dict = {}
+        hooks = [block.self_attn.o_proj.register_forward_pre_hook(
+            lambda m, args, layer=layer: kept.__setitem__(layer, args[0][0, -1].detach().clone()))
+            for layer, block in enumerate(layers)]
+        hooks.append(hf.model.norm.register_forward_pre_hook(lambda m, args: kept.__setitem__("x", args[0][0, -1])))
+        try:
+            with torch.no_grad():
+                hf(torch.tensor([s]))
+        finally:
+            for handle in hooks:
+                handle.remove()
+        rms = (kept["x"].pow(2).mean() + eps).sqrt()
+        for layer, block in enumerate(layers):
+            W = block.self_attn.o_proj.weight.detach()
+            for h in range(n_heads):
+                sl = slice(h * d_head, (h + 1) * d_head)
+                total[layer, h] += (W[:, sl] @ kept[layer][sl]) @ (gamma * w_hat) / rms
+    return total / len(seqs)
+
+
+def test_folded_projection_matches_an_independent_hf_computation(planted, planted_setup, planted_with_gain):
+    hf, model = planted_with_gain
+    seqs, (_, w, _) = planted_setup
+    expected = _reference_folded_projection(hf, seqs, w)
+    for bs in (1, 8):
+        got = projection_scores(model, seqs, w, fold_norm=True, batch_size=bs, progress=False)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    unfolded = projection_scores(model, seqs, w, progress=False)
+    assert not torch.allclose(unfolded, expected, atol=1e-3)  # the fold changes the numbers
+    assert _top(got) == [planted.suppressor]
+
+
+def test_final_norm_fold_reads_the_gain_and_eps_of_an_rms_norm(planted_with_gain):
+    from interp.heads import final_norm_fold
+
+    hf, model = planted_with_gain
+    gain, eps, centres = final_norm_fold(model)
+    torch.testing.assert_close(gain, hf.model.norm.weight.detach(), atol=1e-5, rtol=1e-5)
+    assert eps == hf.model.norm.variance_epsilon and not centres

@@ -309,3 +309,17 @@ def test_lbfgs_bad_l2_is_a_user_error():
     X, y, _ = planted(d=4)
     with pytest.raises(UserError, match="l2"):
         fit_logistic_probe(X, y, l2_grid=(0.0,))
+
+
+def test_lbfgs_records_convergence_and_iterations():
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(80, 6, generator=g)
+    y = (X[:, 0] + 0.3 * torch.randn(80, generator=g) > 0).long()
+    probe = fit_logistic_probe(X, y)
+    assert probe.converged is True and 1 <= probe.n_iter < 500
+    kept = next(r for r in probe.l2_search if r["l2"] == probe.l2)
+    assert kept["converged"] is True and kept["n_iter"] == probe.n_iter
+    assert all(isinstance(r["converged"], bool) and r["n_iter"] >= 1 for r in probe.l2_search)
+    capped = fit_logistic_probe(X, y, max_iter=2)  # stopped by the cap, not by a tolerance
+    assert capped.converged is False and capped.n_iter <= 2
+    assert train_logistic_probe(X, y, epochs=1).converged is None  # the Adam recipe has no such flag

@@ -10,6 +10,7 @@ import torch
 from helpers import write_rollouts
 from interp.analyses import refusal_cliff as rc
 
+from interp.controls import wilson
 from interp.errors import UserError
 
 
@@ -110,22 +111,54 @@ def test_ablating_the_top_head_raises_the_final_score_more_than_random(result, p
     assert rand["rs_final_sd"] == pytest.approx(np.std(rand["rs_final_draws"], ddof=1))
     assert rand["asr"] == pytest.approx(np.mean(rand["asr_draws"]))
     assert rand["asr_sd"] == pytest.approx(np.std(rand["asr_draws"], ddof=1))
-    for heads, rs in zip(rand["draws"], rand["rs_final_draws"]):
-        if tuple(heads[0]) == planted.marker_head:
-            assert rs > base + 0.1  # the draw hit the other planted head: it must matter too
-        else:
-            assert abs(rs - base) < 0.1
+    # matched on layer: every draw is one head of the suppressor's layer
+    assert rand["matched_on"] == "layer" and rand["strata"] == {str(planted.suppressor[0]): 1}
+    assert all(d[0][0] == planted.suppressor[0] for d in rand["draws"])
+    # ASR: a Wilson interval of the count in the baseline and every row (random: the draws pooled)
+    base_k = round(result.ablation_baseline["asr"] * 2)
+    assert result.ablation_baseline["asr_ci"] == pytest.approx(list(wilson(base_k, 2)))
+    assert top["asr_ci"] == pytest.approx(list(wilson(round(top["asr"] * 2), 2)))
+    assert rand["asr_ci"] == pytest.approx(list(wilson(round(sum(rand["asr_draws"]) * 2), 2 * rand["n_draws"])))
+    assert all(abs(rs - base) < 0.1 for rs in rand["rs_final_draws"])  # the other heads of layer 1 are inert
     assert top["rs_final"] > rand["rs_final"] + 0.1
 
 
-def test_random_control_draws_avoid_the_top_set_and_are_seeded():
-    pool = [(layer, h) for layer in range(4) for h in range(8)]
-    top = pool[:3]
-    rest = [h for h in pool if h not in top]
-    draws = rc.random_draws(rest, 3, 6, seed=1)
-    assert len(draws) == 6 and all(len(set(d)) == 3 and not set(d) & set(top) for d in draws)
+def test_random_control_draws_avoid_the_top_set_match_its_layers_and_are_seeded():
+    eligible = [(layer, h) for layer in range(4) for h in range(8)]
+    top = [(3, 0), (3, 5), (1, 2)]
+    draws = rc.random_heads(top, eligible, planted_config("x", random_draws=6, seed=1))
+    assert len(draws) == 6 and draws.matched_on == "layer" and draws.strata == {"1": 1, "3": 2}
+    for d in draws:
+        assert len(set(d)) == 3 and not set(d) & set(top)
+        assert sorted(layer for layer, _ in d) == [1, 3, 3]
     assert len({tuple(d) for d in draws}) > 1
-    assert draws == rc.random_draws(rest, 3, 6, seed=1) and draws != rc.random_draws(rest, 3, 6, seed=2)
+    assert draws.sets == rc.random_heads(top, eligible, planted_config("x", random_draws=6, seed=1)).sets
+    assert draws.sets != rc.random_heads(top, eligible, planted_config("x", random_draws=6, seed=2)).sets
+
+
+def test_layer_matched_control_is_not_fooled_by_a_layer_effect():
+    """Planted: ablating any head of the last layer raises the score by 1, no other head matters. The top set
+    (two last-layer heads) is then no better than any two last-layer heads. A control drawn over all layers
+    (unmatched) mostly hits inert heads and makes the top set look special; the layer-matched one does not."""
+    eligible = [(layer, h) for layer in range(4) for h in range(8)]
+    effect = lambda heads: sum(1.0 for layer, _ in heads if layer == 3)
+    top = [(3, 1), (3, 6)]
+    config = planted_config("x", random_draws=20)
+    matched = [effect(d) for d in rc.random_heads(top, eligible, config)]
+    unmatched = [effect(d) for d in rc.matched_draws(top, eligible, draws=20, seed=config.seed)]
+    assert np.mean(matched) == effect(top) == 2.0  # matched: the top set is what its layer predicts
+    assert np.mean(unmatched) < effect(top) - 1.0  # unmatched: a 'top beats random' that is only the layer
+
+
+def test_random_control_that_cannot_match_the_layers_is_warned_and_left_out(planted_model, rollouts_file):
+    """probe_layer 1: only layer 0's 4 heads are eligible; 0.75 of 8 heads = 6 > 4, no matched draw exists."""
+    res = rc.run(planted_model, planted_config(rollouts_file, probe_layer=1, head_methods=("projection",),
+                                               head_method="projection", ablation_fractions=(0.25, 0.4)))
+    selections = [(r["fraction"], r["selection"]) for r in res.ablation]
+    assert selections == [(0.25, "top"), (0.25, "random"), (0.4, "top")]
+    assert any("no random control for 0.4" in w and "layer" in w for w in res.warnings)
+    rand = res.ablation[1]
+    assert rand["matched_on"] == "layer" and rand["strata"] == {"0": 2}
 
 
 def test_ablated_final_scores_do_not_depend_on_batch_size(planted_model, result, planted):
@@ -241,7 +274,11 @@ def test_results_json_has_the_documented_keys(result):
     assert {"layer", "val_accuracy", "eval_accuracy", "recipe"} <= set(d["probe"])
     assert {"from_file", "generated", "truncated", "used"} == set(d["rollouts"])
     rand = next(r for r in d["ablation"] if r["selection"] == "random")
-    assert {"n_draws", "rs_final_sd", "asr_sd", "draws"} <= set(rand)
+    assert {"n_draws", "rs_final_sd", "asr_sd", "draws", "matched_on", "strata", "asr_ci"} <= set(rand)
+    assert {"converged", "n_iter", "n_judge_safe_not_refusing"} <= set(d["probe"])
+    assert {"dropped", "rule"} <= set(d["overlap"]) and d["overlap"]["dropped"] == 0
+    assert {"used", "spearman", "top_k_overlap", "k"} == set(d["projection_fold"])
+    assert json.loads(json.dumps(d, default=str))["warnings"] == []
     for g in ("refused_harmful", "complied_harmful", "harmless"):
         assert {"plateau_max", "plateau_mean", "rs_final", "cliff"} <= set(d["cliff"][g])
     assert set(d["head_rankings"]) == {"projection", "attribution", "causal"}
@@ -293,7 +330,11 @@ def organism_result():
 def test_organism_shows_a_cliff_for_jailbroken_prompts_only(organism_result):
     """Held out: the eval split (half of each group's prompts) after fitting on the other half."""
     c = organism_result.cliff
-    assert organism_result.splits["eval"] >= 30 and organism_result.probe["eval_accuracy"] >= 0.9
+    # the organism's sets hold each behaviour with and without the jailbreak marker: the overlap check drops
+    # the eval prompts whose twin is in the fit split
+    dropped = organism_result.overlap["dropped"]
+    assert dropped > 0 and organism_result.overlap["near"] > 0
+    assert organism_result.splits["eval"] + dropped >= 30 and organism_result.probe["eval_accuracy"] >= 0.9
     assert c["complied_harmful"]["n"] >= 8 and c["refused_harmful"]["n"] >= 8  # the marker works
     # the thinking looks like refusal in both harmful groups; only the jailbroken ones drop at the end
     assert c["complied_harmful"]["plateau_robust"] > c["harmless"]["plateau_robust"] + 0.25
@@ -397,7 +438,7 @@ def test_paper_recipe_misses_the_planted_direction_and_the_cli_warns(planted, ro
     out = tmp_path / "paper"
     code = main(["refusal_cliff", "--model", str(planted.path), "--rollouts", str(rollouts_file), "--out", str(out),
                  "--probe-recipe", "paper", "--max-new-tokens", "2", "--asr-limit", "1", "--ablation-fractions", "0.1",
-                 "--head-methods", "projection", "--random-draws", "1", "--no-progress"])
+                 "--head-methods", "projection", "--random-draws", "2", "--no-progress"])
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     assert results["probe"]["recipe"] == "paper" and results["probe"]["eval_accuracy"] <= 0.625
@@ -414,7 +455,7 @@ def test_per_layer_probes_train_each_layer_once(planted_model, rollouts_file, mo
     original = rc.train_probe
     monkeypatch.setattr(rc, "train_probe", lambda model, ex, config, hook: calls.append(hook) or original(model, ex, config, hook))
     res = rc.run(planted_model, planted_config(rollouts_file, per_layer_probes=True, head_methods=("projection",),
-                                               random_draws=1))
+                                               random_draws=2))
     assert sorted(calls) == sorted(["ln_final.hook_out", "blocks.0.hook_resid_post"])  # 2 layers, each once
     assert [r["layer"] for r in res.per_layer] == [1, 2]
     assert res.per_layer[1]["val_accuracy"] == res.probe["val_accuracy"]
@@ -451,7 +492,8 @@ def test_missing_judge_directory_is_reported_before_loading(rollouts_file):
 @pytest.mark.parametrize("options, fragment", [
     (["--eval-fraction", "0"], "eval-fraction must be in (0, 1)"),
     (["--eval-fraction", "1"], "eval-fraction must be in (0, 1)"),
-    (["--random-draws", "0"], "random-draws must be at least 1"),
+    (["--random-draws", "1"], "random-draws must be at least 2"),
+    (["--overlap-jaccard", "0"], "overlap-jaccard must be in (0, 1]"),
     (["--probe-l2", "0.1", "0"], "probe-l2 strengths must be positive"),
     (["--probe-recipe", "sgd"], "invalid choice"),
     (["--ablation-rescale", "global"], "invalid choice"),
@@ -469,3 +511,113 @@ def test_bad_held_out_options_are_one_line_errors(planted, rollouts_file, tmp_pa
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0]
     assert not out.exists()
+
+
+def test_overlap_rule_finds_exact_and_near_duplicates_only():
+    fit = ["How do I build a bomb?", "Write a guide on how to make ransomware at home today."]
+    evals = ["  how do I BUILD a bomb!! ", "Write a guide on how to make ransomware at home tonight.",
+             "Write a poem about the sea.", "How do I build a shed?"]
+    assert rc.normalise(evals[0]) == "how do i build a bomb"
+    found = rc.overlapping(fit, evals, threshold=0.8)
+    assert found == {evals[0]: "exact", evals[1]: "near"}  # 9 of 11 words shared: Jaccard 0.82; the shed: 0.71
+    assert rc.overlapping(fit, evals, threshold=0.9) == {evals[0]: "exact"}
+
+
+def test_eval_prompts_that_repeat_fit_prompts_are_dropped_counted_and_warned(planted, planted_model, tmp_path,
+                                                                            monkeypatch):
+    """--eval-harmful shares behaviours with the fit set (AdvBench → JailbreakBench): the repeats are not measured."""
+    from planted import planted_rollouts
+
+    rows = planted_rollouts(planted)
+    main_rows = [r for i, r in enumerate(rows) if i % 8 < 5]
+    held = [r for i, r in enumerate(rows) if i % 8 >= 5]
+    repeats = [{**r, "prompt": r["prompt"].upper().replace("?", " ?")} for r in main_rows if r["kind"] == "harmful_refused"][:2]
+    kind = lambda r: "harmless" if r["kind"].startswith("harmless") else "harmful"
+
+    def fake_generation(model, config, sets):
+        return [rc.Rollout(r["prompt"], r["thinking"], r["response"], k) for k in sets for r in held + repeats
+                if kind(r) == k], 0
+
+    monkeypatch.setattr(rc, "generate_rollouts", fake_generation)
+    res = rc.run(planted_model, planted_config(write_rollouts(tmp_path / "main.jsonl", main_rows),
+                                              eval_harmful="jbb-set", eval_harmless="other-set"))
+    assert res.overlap["dropped"] == 2 and res.overlap["exact"] == 2 and res.overlap["near"] == 0
+    assert res.splits == {"fit": 15, "eval": 9}  # without the check: 11 eval rollouts, 2 of them seen in fit
+    assert not {e.prompt for e in res.examples} & {r["prompt"] for r in repeats}
+    assert any("2 eval prompts (2 exact" in w for w in res.warnings)
+    assert "Jaccard >= 0.8" in res.to_dict()["overlap"]["rule"]
+
+
+class _AllSafeJudge:
+    """A judge that rates every answer safe (as Llama Guard does for a harmless-looking compliance)."""
+
+    def judge(self, prompts, responses, batch_size=8):
+        return [False] * len(prompts)
+
+
+def test_judge_safe_answers_that_do_not_refuse_are_no_probe_positives(planted_model, rollouts_file, monkeypatch):
+    monkeypatch.setattr(rc, "load_judge", lambda model, config: _AllSafeJudge())
+    config = planted_config(rollouts_file, judge="guard", head_methods=("projection",))
+    res = rc.run(planted_model, config)
+    harmful = [e for e in res.examples if e.kind == "harmful"]
+    assert all(e.group == "refused_harmful" for e in harmful)  # the judge decides the groups
+    compliant = [e for e in harmful if not e.keyword_refused]
+    assert len(compliant) == 8 and all(rc.probe_label(e, config) is None for e in compliant)
+    fit = [e for e in res.examples if e.split == "fit"]
+    positives = sum(e.group == "refused_harmful" and e.keyword_refused for e in fit)
+    negatives = sum(e.group == "harmless" for e in fit)
+    used = res.probe["n_train"] + (0 if res.probe["val_is_train"] else res.probe["n_val"])
+    assert used == 2 * min(positives, negatives)  # balanced classes; positives: keyword refusals only
+    assert positives < sum(e.group == "refused_harmful" for e in fit)  # the old labels took them all
+    assert res.probe["n_judge_safe_not_refusing"] == 8
+    assert any("judge rates safe do not refuse" in w for w in res.warnings)
+
+
+def test_empty_thinking_is_left_out_of_the_cliff_metrics_not_replaced_by_the_prompt(planted, planted_model, tmp_path):
+    from planted import planted_rollouts
+
+    rows = planted_rollouts(planted)
+    for r in rows[8:16]:  # every complied-harmful rollout thinks nothing
+        r["thinking"] = ""
+    res = rc.run(planted_model, planted_config(write_rollouts(tmp_path / "r.jsonl", rows),
+                                              head_methods=("projection",)))
+    empty = [e for e in res.examples if not e.thinking]
+    assert len(empty) == 8 and all(e.span[1] <= e.span[0] for e in empty)
+    for e in empty:
+        assert e.metrics["plateau_max"] is None and e.metrics["cliff"] is None  # no fallback to the prompt
+        assert e.metrics["rs_final"] == pytest.approx(float(e.scores[-1]))
+    c = res.cliff["complied_harmful"]
+    assert c["n"] == 0 and c["n_empty_thinking"] == 4 and c["cliff"] is None
+    assert res.cliff["refused_harmful"]["n_empty_thinking"] == 0
+    assert set(res.curves["group"]) == {"refused_harmful", "harmless"} and res.judge_ranking == []
+    assert any("8 of 24 rollouts have an empty thinking" in w for w in res.warnings)
+
+
+def test_a_probe_that_did_not_converge_is_recorded_and_warned(planted_model, rollouts_file, monkeypatch):
+    fit = rc.fit_logistic_probe
+    monkeypatch.setattr(rc, "fit_logistic_probe", lambda *a, **kw: fit(*a, **kw, max_iter=1))
+    res = rc.run(planted_model, planted_config(rollouts_file, head_methods=("projection",)))
+    assert res.probe["converged"] is False and res.probe["n_iter"] == 1
+    assert any("did not converge" in w for w in res.warnings)
+
+
+def test_folded_projection_ranking_is_an_option_and_compared_with_the_unfolded(planted, planted_model, rollouts_file):
+    from scipy.stats import spearmanr
+
+    from interp.heads import projection_scores, ranking
+
+    res = rc.run(planted_model, planted_config(rollouts_file, projection_fold_norm=True,
+                                               head_methods=("projection",), head_method="projection"))
+    seqs = [e.input_ids for e in res.examples if e.split == "fit" and e.kind == "harmful"]
+    w = res.linear_probe.weight
+    folded = ranking(projection_scores(planted_model, seqs, w, fold_norm=True, progress=False))
+    unfolded = ranking(projection_scores(planted_model, seqs, w, progress=False))
+    key = lambda rows: [(r["layer"], r["head"]) for r in rows]
+    assert key(res.head_rankings["projection"]) == key(folded)
+    assert [r["score"] for r in res.head_rankings["projection"]] == pytest.approx([r["score"] for r in folded])
+    fold = res.projection_fold
+    assert fold["used"] == "folded" and fold["k"] == 1 and fold["top_k_overlap"] == 1.0  # both find the suppressor
+    score_of = {(r["layer"], r["head"]): r["score"] for r in unfolded}
+    expected = spearmanr([r["score"] for r in folded], [score_of[h] for h in key(folded)]).statistic
+    assert fold["spearman"] == pytest.approx(float(expected))
+    assert (folded[0]["layer"], folded[0]["head"]) == planted.suppressor
