@@ -63,15 +63,26 @@ SELECTION_OFFSET = ITEM_STRIDE // 2  # selection items' ids follow the held-out 
 class Config(CommonConfig):
     """Defaults follow the paper and its reference code (Li et al. 2025) unless a comment says otherwise."""
 
-    forget: str = "gsm8k"  # skill to unlearn: a registered skill set (--list) or a JSONL file (FILE or FILE:SKILL) (paper: GSM8K, MBPP, MLQA languages)
-    retain: str = "mbpp"  # comma-separated skills to keep, pooled for the retain statistics (paper: MBPP when forgetting GSM8K)
-    top_percent: float = 3.0  # Neuron Adjust: percent of all gate neurons (pooled over layers) selected by mu_forget - mu_retain (paper: 3 math/code, 0.5 languages)
-    h: float | None = None  # Key Space Detection: hypercube half-width h*k*sigma (default: picked on the selection split's prompts; paper's fixed values: 2 GSM8K, 1.4 MBPP, 0.06 MLQA)
+    # skill to unlearn: a registered skill set (--list) or a JSONL file (FILE or FILE:SKILL) (paper: GSM8K, MBPP, MLQA
+    # languages)
+    forget: str = "gsm8k"
+    # comma-separated skills to keep, pooled for the retain statistics (paper: MBPP when forgetting GSM8K)
+    retain: str = "mbpp"
+    # Neuron Adjust: percent of all gate neurons (pooled over layers) selected by mu_forget - mu_retain (paper: 3
+    # math/code, 0.5 languages)
+    top_percent: float = 3.0
+    # Key Space Detection: hypercube half-width h*k*sigma (default: picked on the selection split's prompts; paper's
+    # fixed values: 2 GSM8K, 1.4 MBPP, 0.06 MLQA)
+    h: float | None = None
     n_probe: int = 200  # selection items per skill: statistics, neuron selection, the hypercube and h (paper N = 200)
     n_eval: int = 100  # held-out items per skill for the before/after evaluation
-    random_draws: int = 5  # random-neuron control: draws of as many random neurons per layer as selected (mean and sd reported)
-    reference: bool = False  # reproduce the reference code's Neuron Adjust quirks (variance as std, sigma_forget = mu_forget, one draw per forward)
-    max_new_tokens: int = 256  # greedy generation length for accuracy (paper: 256 GSM8K/MBPP, 24 MLQA; items may cap it lower)
+    # random-neuron control: draws of as many random neurons per layer as selected (mean and sd reported)
+    random_draws: int = 5
+    # reproduce the reference code's Neuron Adjust quirks (variance as std, sigma_forget = mu_forget, one draw per
+    # forward)
+    reference: bool = False
+    # greedy generation length for accuracy (paper: 256 GSM8K/MBPP, 24 MLQA; items may cap it lower)
+    max_new_tokens: int = 256
     top_neurons_shown: int = 4  # selected neurons whose activation histograms the report shows
 
     def validate(self, model=None) -> None:
@@ -84,7 +95,8 @@ class Config(CommonConfig):
         require(bool(self.forget.strip()), "forget must name a skill set or a JSONL file")
         retain = self.retain_skills
         require(bool(retain), "retain must name at least one skill (comma-separated)")
-        require(self.forget not in retain, f"the forget skill {self.forget!r} is also in --retain; pick other retain skills")
+        require(self.forget not in retain,
+                f"the forget skill {self.forget!r} is also in --retain; pick other retain skills")
         require(len(set(retain)) == len(retain), "retain names a skill twice")
 
     @property
@@ -265,7 +277,8 @@ def run(model, config: Config | None = None) -> Result:
     tok = model.tokenizer
     n_layers, d_mlp = model.cfg.n_layers, model.cfg.d_mlp
     if f"blocks.{n_layers - 1}.mlp.hook_post" not in model.hook_dict or gate_hook(0) not in model.hook_dict:
-        raise UserError("this model has no MLP gate / key hooks (blocks.L.mlp.hook_pre / hook_post); skill_unlearning needs an MLP in every block")
+        raise UserError("this model has no MLP gate / key hooks (blocks.L.mlp.hook_pre / hook_post); "
+                        "skill_unlearning needs an MLP in every block")
     splits = load_splits(config)
     texts = {s.name: _encode(tok, [i.text for i in s.selection]) for s in splits}
     hook_diff = max(check_gate_hook(model, texts[splits[0].name][0], layer) for layer in (0, n_layers - 1))
@@ -360,12 +373,12 @@ def run(model, config: Config | None = None) -> Result:
                  "selection": {"tpr": tpr_s, "fpr": fpr_s, "tpr_ci": tpr_s_ci, "fpr_ci": fpr_s_ci,
                                "n_forget": len(forget_sel), "n_retain": len(retain_sel)}}
 
-    neuron_rows = [{"layer": int(l), "neuron": int(n), "mu_forget": float(forget.mean[l, n]),
-                    "mu_retain": float(retain.mean[l, n]), "delta": float(delta[l, n]),
-                    "sd_forget": float(forget.std[l, n]), "sd_retain": float(retain.std[l, n])}
-                   for l, n in neurons.tolist()]
+    neuron_rows = [{"layer": int(layer), "neuron": int(n), "mu_forget": float(forget.mean[layer, n]),
+                    "mu_retain": float(retain.mean[layer, n]), "delta": float(delta[layer, n]),
+                    "sd_forget": float(forget.std[layer, n]), "sd_retain": float(retain.std[layer, n])}
+                   for layer, n in neurons.tolist()]
     counts = torch.bincount(neurons[:, 0], minlength=n_layers).tolist()
-    selected = {"per_layer": [{"layer": l, "count": c} for l, c in enumerate(counts)], "neurons": neuron_rows,
+    selected = {"per_layer": [{"layer": layer, "count": c} for layer, c in enumerate(counts)], "neurons": neuron_rows,
                 "top_percent": config.top_percent, "n_selected": len(neuron_rows), "n_total": n_layers * d_mlp,
                 "threshold": float(delta[neurons[:, 0], neurons[:, 1]].min()),
                 "replaced_share": spec.replaced_share,
@@ -393,15 +406,15 @@ def run(model, config: Config | None = None) -> Result:
 def _top_values(model, splits: list[SkillSplit], top: torch.Tensor, tok, config: Config, cap: int = 4000) -> dict:
     """Held-out gate values of the `top` neurons at every token, per skill (at most `cap` per skill)."""
     layers = sorted(set(top[:, 0].tolist()))
-    out: dict[str, dict[str, list[float]]] = {f"{l}.{n}": {} for l, n in top.tolist()}
+    out: dict[str, dict[str, list[float]]] = {f"{layer}.{n}": {} for layer, n in top.tolist()}
     for s in splits:
-        cols = {gate_hook(l): top[top[:, 0] == l, 1] for l in layers}
+        cols = {gate_hook(layer): top[top[:, 0] == layer, 1] for layer in layers}
         got = capture(model, _encode(tok, [i.text for i in s.held_out]), list(cols), positions="all",
                       batch_size=config.batch_size, progress=False, reduce=lambda name, x: x[:, cols[name]])
-        for l in layers:
-            vals = torch.cat(got[gate_hook(l)])[:cap]
-            for c, n in enumerate(cols[gate_hook(l)].tolist()):
-                out[f"{l}.{n}"][s.name] = vals[:, c].tolist()
+        for layer in layers:
+            vals = torch.cat(got[gate_hook(layer)])[:cap]
+            for c, n in enumerate(cols[gate_hook(layer)].tolist()):
+                out[f"{layer}.{n}"][s.name] = vals[:, c].tolist()
     return out
 
 
@@ -429,7 +442,8 @@ def distribution_figure(top_values: dict, forget: str):
             fig.add_trace(go.Histogram(x=vals, name=skill + (" (forget)" if skill == forget else ""), opacity=0.55,
                                        histnorm="probability density", marker_color=colours[k % len(colours)],
                                        legendgroup=skill, showlegend=c == 1), row=1, col=c)
-    fig.update_layout(barmode="overlay", title="Gate pre-activation of the top selected neurons, held-out tokens per skill")
+    fig.update_layout(barmode="overlay",
+                      title="Gate pre-activation of the top selected neurons, held-out tokens per skill")
     return fig
 
 
@@ -442,7 +456,8 @@ def key_figure(key_scores: pd.DataFrame, threshold: float):
         fig.add_trace(go.Scatter(x=s, y=np.arange(1, len(s) + 1) / len(s), mode="lines", line_shape="hv",
                                  name=f"{skill} ({df['role'].iloc[0]})"))
     fig.add_vline(x=threshold, line_dash="dash", annotation_text="h·k")
-    fig.update_layout(title="Held-out prompts inside the forget hypercube μ ± m·σ (last-layer key vector, last prompt token)",
+    fig.update_layout(title="Held-out prompts inside the forget hypercube μ ± m·σ "
+                            "(last-layer key vector, last prompt token)",
                       xaxis_title="multiplier m (max over dims of |x − μ| / σ)", yaxis_title="share of prompts inside",
                       xaxis_type="log")
     return fig
@@ -492,7 +507,8 @@ def build_report(result: Result, tokenizer=None):
                                  "no model change under KSD, or not a random control)")
     rows = []
     for _, r in ev[ev.method != "key_space"].iterrows():
-        rows.append({"label": f"{r.skill} ({r.role})", "selection": "selected" if r.method == "neuron_adjust" else "random",
+        rows.append({"label": f"{r.skill} ({r.role})",
+                     "selection": "selected" if r.method == "neuron_adjust" else "random",
                      "logprob_change": r.logprob_change, "logprob_change_sd": r.get("logprob_after_sd"),
                      "accuracy_after": r.accuracy_after, "accuracy_after_sd": r.get("accuracy_after_sd")})
     rep.add_figure(intervention_bars(rows, ["logprob_change", "accuracy_after"],
@@ -516,7 +532,8 @@ def build_report(result: Result, tokenizer=None):
                       "at the prompt). Abstention when the key vector at the last position of a generation forward "
                       f"(prompt or generated token) is inside: TPR {ks['tpr']:.3f} {_ci(ks['tpr_ci'])} on "
                       f"{ks['n_forget']} held-out forget queries, FPR {ks['fpr']:.3f} {_ci(ks['fpr_ci'])} on "
-                      f"{ks['n_retain']} retain queries (prompt only: {ks['tpr_prefill']:.3f} / {ks['fpr_prefill']:.3f}).")
+                      f"{ks['n_retain']} retain queries (prompt only: {ks['tpr_prefill']:.3f} / "
+                      f"{ks['fpr_prefill']:.3f}).")
     rep.add_figure(key_figure(result.key_scores, ks["h"] * ks["k"]))
     st = result.statistics
     rep.add_heading("Statistics")
@@ -524,6 +541,7 @@ def build_report(result: Result, tokenizer=None):
                                 "held-out items": st["held_out_items"],
                                 "full cache bytes (not kept)": st["full_cache_bytes"]}).reset_index(names="skill"),
                   caption=f"Running moments keep {st['state_bytes_per_skill']} bytes per skill whatever the data size; "
-                          f"bridge gate hook vs raw HF gate_proj hook: max |diff| {st['gate_hook_max_abs_diff_vs_hf']:.2g}")
+                          "bridge gate hook vs raw HF gate_proj hook: max |diff| "
+                          f"{st['gate_hook_max_abs_diff_vs_hf']:.2g}")
     rep.add_run_section(result.header)
     return rep

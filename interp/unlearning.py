@@ -206,8 +206,7 @@ class Rows:
     positions: Int[Tensor, "batch pos"]         # absolute position of each column (padding: any)
     prompt_len: Int[Tensor, "batch"]            # tokens of the prompt (generated tokens come after)
     mask: Int[Tensor, "batch pos"]
-    step: int | None = None                     # generation step: 0 = prefill, t = t-th generated token;
-    #                                             None = not generating (a teacher-forced pass)
+    step: int | None = None                     # generation step (0 prefill, t the t-th token); None: teacher-forced
 
     @classmethod
     def for_batch(cls, items: Sequence[int], mask: Tensor, prompt_len: Sequence[int],

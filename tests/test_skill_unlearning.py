@@ -358,6 +358,7 @@ PLANTED_PERCENT = 100 * len(PLANTED) / (2 * D_MLP)  # exactly the planted count
 
 def _run(planted_skills, **kw):
     from interp.analyses import skill_unlearning as su
+
     from interp.analysis import config_for
 
     model, path = planted_skills
@@ -456,8 +457,9 @@ def test_intended_draws_match_an_independent_forward(planted_skills):
             return out
         return hook
     layers = hf.model.layers
-    handles = [getattr(layers[l].mlp.gate_proj, "original_component", layers[l].mlp.gate_proj).register_forward_hook(manual(l, n, k))
-               for k, (l, n) in enumerate(neurons.tolist())]
+    gates = [layers[layer].mlp.gate_proj for layer, _ in neurons.tolist()]
+    handles = [getattr(g, "original_component", g).register_forward_hook(manual(layer, n, k))
+               for k, (g, (layer, n)) in enumerate(zip(gates, neurons.tolist()))]
     try:
         with torch.no_grad():
             want = hf(tokens).logits[0, -1]
@@ -535,6 +537,7 @@ def test_too_few_items_is_a_user_error(tmp_path):
 def test_runs_on_other_mlp_architectures(arch, tmp_path):
     """GPT-2 (hook_pre = x·W_in + b_in) and Llama: the hook check passes and every output is filled."""
     from interp.analyses import skill_unlearning as su
+
     from interp.analysis import config_for
     from interp.models import load_model
     from interp.tiny import write_tiny_checkpoint
@@ -548,7 +551,7 @@ def test_runs_on_other_mlp_architectures(arch, tmp_path):
     assert sum(r["count"] for r in result.selected_neurons["per_layer"]) == math.ceil(0.03 * 2 * model.cfg.d_mlp)
 
 
-# --------------------------------------------------------------------------- matched control, KSD leak, h on the selection half
+# ------------------------------------------------------------- matched control, KSD leak, h on the selection half
 
 @pytest.mark.slow
 def test_layer_matched_control_on_a_planted_layer_effect(tmp_path):
@@ -558,6 +561,7 @@ def test_layer_matched_control_on_a_planted_layer_effect(tmp_path):
     import statistics
 
     from interp.analyses import skill_unlearning as su
+
     from interp.models import load_model
     from interp.unlearning import AdjustSpec, gate_moments, neuron_adjust, neuron_draws
 
@@ -603,6 +607,7 @@ def test_key_space_counts_generated_steps_only(tmp_path):
     token (never generated) could make a query abstain. Attention on; for several retain queries the gold token's
     key vector is inside the cube while the prompt's and the generated tokens' are not: none may abstain."""
     from interp.analyses import skill_unlearning as su
+
     from interp.capture import capture
     from interp.models import load_model
     from interp.unlearning import Hypercube, key_hook
