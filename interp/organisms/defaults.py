@@ -51,4 +51,5 @@ ANALYSIS_DEFAULTS: dict[str, dict] = {
 # The Bigram-Backcopy sink twins (organism-sink, organism-sink-gated): measured in docs/gated_attention.md
 SINK_ANALYSIS_DEFAULTS: dict[str, dict] = {
     "gated_attention": {"text_set": "backcopy", "bos": True, "seq_len": 64},  # their training task and length
+    "systematic_outliers": {"text_set": "backcopy", "bos": True, "seq_len": 64},  # the same (measured in its docs page)
 }
