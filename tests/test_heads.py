@@ -317,7 +317,7 @@ def planted_with_gain(planted, tmp_path_factory):
 
 
 def _reference_folded_projection(hf, seqs, direction):
-    """Σ over the head's o_proj slice, dotted with γ ⊙ ŵ and divided by the rms of the norm's input, per sequence."""
+    """Each head's o_proj slice output · (γ ⊙ ŵ) / rms of the final norm's input, averaged over sequences."""
     w_hat = direction / direction.norm()
     gamma, eps = hf.model.norm.weight.detach(), hf.model.norm.variance_epsilon
     n_heads = hf.config.num_attention_heads

@@ -327,7 +327,8 @@ def organism_result():
     return rc.run(model, config_for("refusal_cliff", model, progress=False))
 
 
-@pytest.mark.xfail(strict=True, reason="split-sensitive: with interp.controls.split (seed 42) the fit half changes, the "
+@pytest.mark.xfail(strict=True, reason="split-sensitive: with interp.controls.split (seed 42) the fit half changes, "
+                   "the "
                    "causal scan ranks (0,1) first (ablating it: ASR 0.56 -> 1.00, broken answers) and the jailbroken "
                    "robust cliff is 0.29 vs 0.24 harmless; see docs/refusal_cliff.md")
 def test_organism_shows_a_cliff_for_jailbroken_prompts_only(organism_result):
@@ -346,7 +347,8 @@ def test_organism_shows_a_cliff_for_jailbroken_prompts_only(organism_result):
     assert c["complied_harmful"]["cliff_robust"] > c["refused_harmful"]["cliff_robust"] + 0.4
 
 
-@pytest.mark.xfail(strict=True, reason="split-sensitive: with interp.controls.split (seed 42) the fit half changes, the "
+@pytest.mark.xfail(strict=True, reason="split-sensitive: with interp.controls.split (seed 42) the fit half changes, "
+                   "the "
                    "causal scan ranks (0,1) first (ablating it: ASR 0.56 -> 1.00, broken answers) and the jailbroken "
                    "robust cliff is 0.29 vs 0.24 harmless; see docs/refusal_cliff.md")
 def test_organism_causal_scan_finds_the_suppression_head_and_ablating_it_restores_refusal(organism_result):
@@ -537,7 +539,8 @@ def test_eval_prompts_that_repeat_fit_prompts_are_dropped_counted_and_warned(pla
     rows = planted_rollouts(planted)
     main_rows = [r for i, r in enumerate(rows) if i % 8 < 5]
     held = [r for i, r in enumerate(rows) if i % 8 >= 5]
-    repeats = [{**r, "prompt": r["prompt"].upper().replace("?", " ?")} for r in main_rows if r["kind"] == "harmful_refused"][:2]
+    refused = [r for r in main_rows if r["kind"] == "harmful_refused"]
+    repeats = [{**r, "prompt": r["prompt"].upper().replace("?", " ?")} for r in refused[:2]]
     kind = lambda r: "harmless" if r["kind"].startswith("harmless") else "harmful"
 
     def fake_generation(model, config, sets):
