@@ -264,7 +264,7 @@ def _rates(flags: list[bool], rows: list[int]) -> tuple[float, list[float]]:
     return (k / len(rows) if rows else float("nan")), list(wilson(k, len(rows)))
 
 
-def _inside_rates(scores: Float[torch.Tensor, "n"], threshold: float) -> tuple[float, list[float]]:
+def _inside_rates(scores: Float[torch.Tensor, " n"], threshold: float) -> tuple[float, list[float]]:
     inside = (scores <= threshold).tolist()
     return _rates(inside, list(range(len(inside))))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+
 from interp.batching import padded_batches
 from interp.bridge import per_row_sampling
 from interp.capture import check_context

@@ -51,7 +51,7 @@ def stacked_W_O(model) -> Float[Tensor, "layer head d_head d_model"]:
     return torch.stack([block.attn.W_O.detach() for block in model.blocks])
 
 
-def final_norm_fold(model) -> tuple[Float[Tensor, "d_model"], float, bool]:
+def final_norm_fold(model) -> tuple[Float[Tensor, " d_model"], float, bool]:
     """(effective gain γ, eps, centres) of the final norm: γ = what the norm makes of an all-ones vector times
     its 1/rms (so a (1 + w) parametrisation folds too); `centres` for a LayerNorm (mean removed)."""
     norm = getattr(model.ln_final, "original_component", model.ln_final)
@@ -66,7 +66,7 @@ def final_norm_fold(model) -> tuple[Float[Tensor, "d_model"], float, bool]:
     return gain, eps, False
 
 
-def projection_scores(model, seqs: Sequence[Sequence[int]], direction: Float[Tensor, "d_model"], *,
+def projection_scores(model, seqs: Sequence[Sequence[int]], direction: Float[Tensor, " d_model"], *,
                       n_layers: int | None = None, fold_norm: bool = False, batch_size: int = 8,
                       progress: bool = True) -> Float[Tensor, "layer head"]:
     """Mean over sequences of ⟨W_O[l,h]ᵀ z_{l,h,T}, w⟩ / ‖w‖ at the last token T (RefusalCliff's

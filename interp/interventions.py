@@ -97,14 +97,14 @@ def ablate_heads(model, heads: Sequence[Head], *, rescale: str = "none",
             yield
 
 
-def project_out(x: Float[Tensor, "... d"], direction: Float[Tensor, "d"]) -> Tensor:
+def project_out(x: Float[Tensor, "... d"], direction: Float[Tensor, " d"]) -> Tensor:
     """x − (x·r̂) r̂: remove the component along `direction`."""
     r = (direction / direction.norm()).to(x.dtype).to(x.device)
     return x - (x @ r).unsqueeze(-1) * r
 
 
 @contextlib.contextmanager
-def ablate_direction(model, direction: Float[Tensor, "d_model"], hook_names: Sequence[str] | None = None) -> Iterator[None]:
+def ablate_direction(model, direction: Float[Tensor, " d_model"], hook_names: Sequence[str] | None = None) -> Iterator[None]:
     """Directional ablation (Arditi et al.): project `direction` out of the given residual hooks.
 
     Default: every block's resid_pre, attention output and MLP output, at all positions.
@@ -118,7 +118,7 @@ def ablate_direction(model, direction: Float[Tensor, "d_model"], hook_names: Seq
 
 
 @contextlib.contextmanager
-def add_direction(model, direction: Float[Tensor, "d_model"], hook_name: str, alpha: float = 1.0) -> Iterator[None]:
+def add_direction(model, direction: Float[Tensor, " d_model"], hook_name: str, alpha: float = 1.0) -> Iterator[None]:
     """Activation addition: x ← x + alpha · direction at `hook_name`, all positions."""
     with model.hooks(fwd_hooks=[(hook_name, lambda x, hook: x + alpha * direction.to(x.dtype).to(x.device))]):
         yield

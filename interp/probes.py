@@ -25,15 +25,15 @@ class LogisticProbe:
     epoch `best_epoch` (1-based).
     """
 
-    weight: Float[Tensor, "d_model"]
+    weight: Float[Tensor, " d_model"]
     bias: float
     train_accuracy: float
     val_accuracy: float
     n_train: int
     n_val: int
     val_is_train: bool
-    train_idx: Int[Tensor, "n_train"]
-    val_idx: Int[Tensor, "n_val"]
+    train_idx: Int[Tensor, " n_train"]
+    val_idx: Int[Tensor, " n_val"]
     epoch_val_accuracy: list[float]
     epoch_val_loss: list[float]
     best_epoch: int
@@ -45,7 +45,7 @@ class LogisticProbe:
     n_iter: int | None = None  # lbfgs: L-BFGS iterations of the kept fit
 
     @property
-    def direction(self) -> Float[Tensor, "d_model"]:
+    def direction(self) -> Float[Tensor, " d_model"]:
         """The weight scaled to unit norm."""
         return self.weight / self.weight.norm()
 
@@ -115,7 +115,7 @@ def _split(y_cpu: Tensor, gen: torch.Generator, val_fraction: float, balance: bo
 
 def train_logistic_probe(
     X: Float[Tensor, "n d_model"],
-    y: Int[Tensor, "n"] | Bool[Tensor, "n"],
+    y: Int[Tensor, " n"] | Bool[Tensor, " n"],
     *,
     val_fraction: float = 0.2,
     epochs: int = 5,
@@ -124,7 +124,7 @@ def train_logistic_probe(
     seed: int = 42,
     balance: bool = True,
     weight_decay: float = 0.0,
-    groups: Int[Tensor, "n"] | None = None,
+    groups: Int[Tensor, " n"] | None = None,
     tie_break: str = "val_loss",
 ) -> LogisticProbe:
     """Train nn.Linear(d, 1) with BCE-with-logits and Adam, as the RefusalCliff "Refusal Prober".
@@ -223,13 +223,13 @@ def _lbfgs_logistic(X: Tensor, y: Tensor, l2: float, max_iter: int) -> tuple[Ten
 
 def fit_logistic_probe(
     X: Float[Tensor, "n d_model"],
-    y: Int[Tensor, "n"] | Bool[Tensor, "n"],
+    y: Int[Tensor, " n"] | Bool[Tensor, " n"],
     *,
     val_fraction: float = 0.2,
     l2_grid: tuple[float, ...] = L2_GRID,
     seed: int = 42,
     balance: bool = True,
-    groups: Int[Tensor, "n"] | None = None,
+    groups: Int[Tensor, " n"] | None = None,
     max_iter: int = 500,
 ) -> LogisticProbe:
     """L2-regularised logistic regression trained to convergence (full-batch L-BFGS, float64).
@@ -291,7 +291,7 @@ def fit_logistic_probe(
 
 
 def diff_of_means(
-    X_pos: Float[Tensor, "n_pos *rest"], X_neg: Float[Tensor, "n_neg *rest"]
+    X_pos: Float[Tensor, "n_pos *rest"], X_neg: Float[Tensor, "n_neg *rest"]  # noqa: F821 (jaxtyping dims)
 ) -> Float[Tensor, "*rest"]:
     """mean(X_pos) - mean(X_neg) over the first axis, computed in float64 and cast back to X_pos's dtype."""
     if X_pos.shape[0] == 0 or X_neg.shape[0] == 0:

@@ -202,9 +202,9 @@ def hash_uniform(*keys: Tensor | int) -> Tensor:
 class Rows:
     """What the hooks need to know about the rows of the current forward (set by the caller per batch)."""
 
-    items: Int[Tensor, "batch"]                 # global item ids (seed the uniform draws)
+    items: Int[Tensor, " batch"]                 # global item ids (seed the uniform draws)
     positions: Int[Tensor, "batch pos"]         # absolute position of each column (padding: any)
-    prompt_len: Int[Tensor, "batch"]            # tokens of the prompt (generated tokens come after)
+    prompt_len: Int[Tensor, " batch"]            # tokens of the prompt (generated tokens come after)
     mask: Int[Tensor, "batch pos"]
     step: int | None = None                     # generation step (0 prefill, t the t-th token); None: teacher-forced
 
@@ -314,8 +314,8 @@ def rows_of(rows: Rows) -> Iterator[None]:
 class Hypercube:
     """Axis-aligned cube μ ± k·σ (σ the sample std) around the probe key vectors, k the smallest enclosing all."""
 
-    mu: Float[Tensor, "d"]
-    sd: Float[Tensor, "d"]
+    mu: Float[Tensor, " d"]
+    sd: Float[Tensor, " d"]
     k: float
 
     @classmethod
@@ -333,7 +333,7 @@ class Hypercube:
         return self.score(x) <= h * self.k
 
 
-def pick_h(k: float, forget: Float[Tensor, "n"], retain: Float[Tensor, "m"]) -> float:
+def pick_h(k: float, forget: Float[Tensor, " n"], retain: Float[Tensor, " m"]) -> float:
     """h from selection-split cube scores (max_d |x − μ|/σ) of forget and retain prompts: the smallest score
     threshold t with the largest TPR − FPR (inside = score ≤ t), moved halfway (geometric mean) to the next
     larger score; h = threshold / k."""
@@ -344,7 +344,7 @@ def pick_h(k: float, forget: Float[Tensor, "n"], retain: Float[Tensor, "m"]) -> 
     return float(threshold) / k
 
 
-def _share_at_most(values: Float[Tensor, "n"], thresholds: Float[Tensor, "t"]) -> Float[Tensor, "t"]:
+def _share_at_most(values: Float[Tensor, " n"], thresholds: Float[Tensor, " t"]) -> Float[Tensor, " t"]:
     """Share of `values` ≤ each threshold."""
     return (values.double()[None, :] <= thresholds[:, None]).double().mean(1)
 

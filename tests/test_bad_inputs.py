@@ -137,7 +137,6 @@ def test_a_failed_run_leaves_nothing_and_the_rerun_works(capsys, tmp_path, plant
     """Outputs are written into a temporary sibling and renamed at the end: a run that dies midway
     leaves no directory (nothing that looks complete, nothing that blocks the rerun)."""
     import interp.analyses.refusal_cliff as rc
-
     from interp.errors import UserError
 
     out = tmp_path / "o"

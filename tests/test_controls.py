@@ -8,8 +8,17 @@ import random
 import numpy as np
 import pytest
 
-from interp.controls import (ControlUnavailable, bootstrap_ci, control_row, matched_draws, mean_sd, n_selected,
-                             quantile_bins, split, wilson)
+from interp.controls import (
+    ControlUnavailable,
+    bootstrap_ci,
+    control_row,
+    matched_draws,
+    mean_sd,
+    n_selected,
+    quantile_bins,
+    split,
+    wilson,
+)
 
 
 def test_one_rounding_rule_and_both_sides_non_empty():

@@ -253,7 +253,6 @@ SMALL = dict(seq_len=16, n_chunks=8, random_draws=2, alphas=(2.0,), progress=Fal
 
 def _run(model, **overrides):
     from interp.analyses import gated_attention as ga
-
     from interp.analysis import config_for
 
     config = config_for("gated_attention", model, **{**SMALL, **overrides})

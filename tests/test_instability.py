@@ -445,7 +445,6 @@ def organism():
 
 def test_local_model_path_matches_jsonl_and_batch_size(organism, tmp_path):
     from interp.analyses import instability as an
-
     from interp.analysis import config_for
 
     kw = dict(limit=8, max_new_tokens=40, n_boot=200, progress=False)
@@ -481,7 +480,6 @@ def test_local_model_path_matches_jsonl_and_batch_size(organism, tmp_path):
 @pytest.mark.slow
 def test_user_task_file_and_offline_hub(organism, tmp_path, monkeypatch):
     from interp.analyses import instability as an
-
     from interp.datasets import load_skill
     from interp.organisms import corpus
 
@@ -507,7 +505,6 @@ def test_user_task_file_and_offline_hub(organism, tmp_path, monkeypatch):
 
 def test_samples_per_question_share_a_question_and_round_trip(organism, tmp_path):
     from interp.analyses import instability as an
-
     from interp.analysis import config_for
 
     kw = dict(limit=3, max_new_tokens=24, n_boot=100, progress=False, temperature=1.0, samples_per_question=3,

@@ -22,8 +22,8 @@ def execute(path: Path, cwd: Path) -> nbformat.NotebookNode:
 
 @pytest.mark.slow
 def test_refusal_cliff_notebook_executes(tmp_path, monkeypatch, planted):
-    from planted import planted_rollouts
     from helpers import write_rollouts
+    from planted import planted_rollouts
 
     rollouts = write_rollouts(tmp_path / "rollouts.jsonl", planted_rollouts(planted))
     monkeypatch.setenv("INTERP_MODEL", str(planted.path))

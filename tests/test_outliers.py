@@ -208,7 +208,6 @@ def test_residual_stats_find_the_planted_massive_activation(pmodel, planted_dir)
 
 def test_analysis_reports_layer_dim_neuron_and_interventions(pmodel, text_file, tmp_path):
     from interp.analyses import systematic_outliers as so
-
     from interp.analysis import config_for
 
     cfg = config_for("systematic_outliers", pmodel, text_set=str(text_file), seq_len=16, n_chunks=16, bos=True,
@@ -392,9 +391,9 @@ def test_cli_empty_text_file(planted_dir, tmp_path, capsys):
 
 def test_bidirectional_encoder_runs_without_loss(tmp_path):
     """A tiny BERT through TransformerBridge: bidirectional metrics, `[CLS]` first, loss skipped with a note."""
-    from interp.analyses import systematic_outliers as so
     from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
 
+    from interp.analyses import systematic_outliers as so
     from interp.analysis import config_for
     from interp.models import load_model
 
@@ -430,9 +429,9 @@ def test_gpt2_down_projection_is_read_as_out_by_in(tmp_path):
 
 
 def test_moe_runs_and_says_what_is_skipped(tmp_path):
-    from interp.analyses import systematic_outliers as so
     from transformers import MixtralConfig, MixtralForCausalLM
 
+    from interp.analyses import systematic_outliers as so
     from interp.analysis import config_for
     from interp.models import load_model
     from interp.tiny import build_tokenizer

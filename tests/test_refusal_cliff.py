@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 from helpers import write_rollouts
-from interp.analyses import refusal_cliff as rc
 
+from interp.analyses import refusal_cliff as rc
 from interp.controls import wilson
 from interp.errors import UserError
 

@@ -358,7 +358,6 @@ PLANTED_PERCENT = 100 * len(PLANTED) / (2 * D_MLP)  # exactly the planted count
 
 def _run(planted_skills, **kw):
     from interp.analyses import skill_unlearning as su
-
     from interp.analysis import config_for
 
     model, path = planted_skills
@@ -537,7 +536,6 @@ def test_too_few_items_is_a_user_error(tmp_path):
 def test_runs_on_other_mlp_architectures(arch, tmp_path):
     """GPT-2 (hook_pre = x·W_in + b_in) and Llama: the hook check passes and every output is filled."""
     from interp.analyses import skill_unlearning as su
-
     from interp.analysis import config_for
     from interp.models import load_model
     from interp.tiny import write_tiny_checkpoint
@@ -561,7 +559,6 @@ def test_layer_matched_control_on_a_planted_layer_effect(tmp_path):
     import statistics
 
     from interp.analyses import skill_unlearning as su
-
     from interp.models import load_model
     from interp.unlearning import AdjustSpec, gate_moments, neuron_adjust, neuron_draws
 
@@ -607,7 +604,6 @@ def test_key_space_counts_generated_steps_only(tmp_path):
     token (never generated) could make a query abstain. Attention on; for several retain queries the gold token's
     key vector is inside the cube while the prompt's and the generated tokens' are not: none may abstain."""
     from interp.analyses import skill_unlearning as su
-
     from interp.capture import capture
     from interp.models import load_model
     from interp.unlearning import Hypercube, key_hook
