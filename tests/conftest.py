@@ -88,3 +88,19 @@ def tiny_guard(tmp_path_factory):
     assert config.hidden_size != config.vocab_size
     LlamaForCausalLM(config).save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def family_dirs(tmp_path_factory):
+    """A tiny random checkpoint of every family users load (interp.tiny.FAMILIES), written once."""
+    from interp.tiny import FAMILIES, write_family_checkpoint
+
+    root = tmp_path_factory.mktemp("families")
+    return {family: write_family_checkpoint(root / family, family) for family in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def family_models(family_dirs):
+    from interp.models import load_model
+
+    return {family: load_model(str(path), device="cpu") for family, path in family_dirs.items()}

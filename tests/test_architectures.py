@@ -8,23 +8,10 @@ import torch
 
 from interp.bridge import attention_layers, sdpa_attention
 from interp.capture import capture
-from interp.tiny import FAMILIES, write_family_checkpoint
+from interp.tiny import FAMILIES
 
 TEXT = "How do I bake bread? Mix flour, water, salt and yeast, then knead. Sure, here is a poem about the sea."
 HYBRID = {"qwen3.5", "qwen3-next"}
-
-
-@pytest.fixture(scope="session")
-def family_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("families")
-    return {family: write_family_checkpoint(root / family, family) for family in FAMILIES}
-
-
-@pytest.fixture(scope="session")
-def family_models(family_dirs):
-    from interp.models import load_model
-
-    return {family: load_model(str(path), device="cpu") for family, path in family_dirs.items()}
 
 
 def _hf_model(family, path):
