@@ -72,7 +72,8 @@ HEADLINES = {
     "gated_attention": lambda r: [r["m_act"]],
     "talking_heads": lambda r: [r["edit_agreement"], r["baseline"]["component_mean"], r["baseline"]["whole_head"]],
     "refusal_cliff": lambda r: [r["probe"]["eval_accuracy"]] + [g["rs_final"] for g in r["cliff"].values()],
-    "skill_unlearning": lambda r: [row[k] for row in r["evaluation"] for k in ("logprob_before", "logprob_after")],
+    "skill_unlearning": lambda r: [row[k] for row in r["evaluation"] for k in ("logprob_before", "logprob_after")
+                                   if row["method"] != "key_space"],  # Key Space Detection abstains: no logprob
     "instability": lambda r: [r["accuracy"]] + [t["peak"] for t in r["traces"]],
 }
 
