@@ -74,7 +74,9 @@ class Config(CommonConfig):
     text_set: str = "natural-text"
     seq_len: int = 64  # tokens per chunk (Gu et al.'s sink rate is defined at T = 64; the paper evaluates at 4096)
     n_chunks: int = 64  # chunks of the text set used (fewer if the text is shorter)
-    bos: bool = False  # start each chunk with a BOS-like token (Qwen tokenizers add none; the papers' code adds none)
+    # a BOS first in every chunk: unset, where the model's own tokenizer adds one (as trained; Gu et al.'s sink rate);
+    # --bos always (a BOS-like token where it adds none, e.g. Qwen's <|endoftext|>); --no-bos never
+    bos: bool | None = None
     selection_fraction: float = 0.5  # share of chunks for head selection and gate means; the rest is held out
     sparsity_threshold: float = 0.01  # θ: share of |output| < θ (paper Fig. 5: 1e-2 and 1e-3)
     sink_epsilon: float = 0.3  # sink rate threshold ε on α[0] (Gu et al. 2024)
@@ -162,9 +164,11 @@ def text_set(model, config: Config):
     """The chunked text set for `model`'s tokenizer."""
     from interp.datasets import load_dataset
     from interp.texts import chunk_texts
+    from interp.tokens import bos_id
 
     texts = load_dataset(config.text_set, "texts", limit=config.limit)
-    return chunk_texts(model.tokenizer, texts, config.seq_len, config.n_chunks, bos=config.bos, source=config.text_set)
+    first = bos_id(model.tokenizer, config.bos) is not None
+    return chunk_texts(model.tokenizer, texts, config.seq_len, config.n_chunks, bos=first, source=config.text_set)
 
 
 class _Evaluation:

@@ -37,6 +37,7 @@ from interp.datasets import load_skill
 from interp.errors import UserError
 from interp.report import analysis_report
 from interp.skills import SkillItem, is_correct
+from interp.tokens import Joint, bos_id, encode, encode_joint
 from interp.unlearning import (
     AdjustSpec,
     Hypercube,
@@ -84,6 +85,9 @@ class Config(CommonConfig):
     # greedy generation length for accuracy (paper: 256 GSM8K/MBPP, 24 MLQA; items may cap it lower)
     max_new_tokens: int = 256
     top_neurons_shown: int = 4  # selected neurons whose activation histograms the report shows
+    # a BOS first in every input: unset, where the model's own tokenizer adds one (as trained; the reference code
+    # tokenizes with the default call); --bos always (a BOS-like token where it adds none); --no-bos never
+    bos: bool | None = None
 
     def validate(self, model=None) -> None:
         super().validate(model)
@@ -165,26 +169,42 @@ def load_splits(config: Config) -> list[SkillSplit]:
     return out
 
 
-def _encode(tok, texts: list[str]) -> list[list[int]]:
-    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
-    if any(not i for i in ids):
+def _encode(tok, texts: list[str], bos: bool | None = None) -> list[list[int]]:
+    """Each text's ids with the BOS the `bos` option gives (`interp.tokens.encode`)."""
+    first = bos_id(tok, bos)
+    ids = [encode(tok, t, bos=bos) for t in texts]
+    if any(len(i) == (first is not None) for i in ids):
         raise UserError("a skill item's prompt or target is empty after tokenization")
     return ids
 
 
+def _encode_joint(tok, items: list[SkillItem], bos: bool | None = None) -> list[Joint]:
+    """Prompt + gold continuation of each item tokenized in one call and split at the boundary by character offsets
+    (`interp.tokens.encode_joint`; two separate calls would put a bare `▁` at the joint on SentencePiece tokenizers)."""
+    joints = [encode_joint(tok, i.prompt, i.target, bos=bos) for i in items]
+    if any(not j.continuation_ids for j in joints):
+        raise UserError("a skill item's target is empty after tokenization")
+    return joints
+
+
 @dataclass
 class Batch:
-    """Items of every skill, one list, with global ids (they seed Neuron Adjust's draws)."""
+    """Items of every skill, one list, with global ids (they seed Neuron Adjust's draws).
+
+    `prompts`: each prompt as the model is asked it (tokenized alone; generation and the key vectors start there).
+    `contexts` + `targets`: prompt + gold continuation tokenized in one call and split at the boundary (teacher
+    forcing scores `targets` after `contexts`); `contexts` equals `prompts` unless a token straddles the joint."""
 
     items: list[SkillItem]
     skills: list[str]
     roles: list[str]
     ids: list[int]
     prompts: list[list[int]]
+    contexts: list[list[int]]
     targets: list[list[int]]
 
     @classmethod
-    def of(cls, tok, splits: list[SkillSplit], half: str) -> Batch:
+    def of(cls, tok, splits: list[SkillSplit], half: str, bos: bool | None = None) -> Batch:
         items, skills, roles, ids = [], [], [], []
         for si, s in enumerate(splits):
             for j, item in enumerate(getattr(s, half)):
@@ -192,8 +212,9 @@ class Batch:
                 skills.append(s.name)
                 roles.append(s.role)
                 ids.append(si * ITEM_STRIDE + (SELECTION_OFFSET if half == "selection" else 0) + j)
-        return cls(items, skills, roles, ids, _encode(tok, [i.prompt for i in items]),
-                   _encode(tok, [i.target for i in items]))
+        joints = _encode_joint(tok, items, bos)
+        return cls(items, skills, roles, ids, _encode(tok, [i.prompt for i in items], bos),
+                   [j.prompt_ids for j in joints], [j.continuation_ids for j in joints])
 
     def rows(self, skill: str) -> list[int]:
         return [j for j, name in enumerate(self.skills) if name == skill]
@@ -212,7 +233,7 @@ def _accuracy(items: list[SkillItem], generated: list[str], abstained: list[bool
 
 def _logprobs(model, batch: Batch, config: Config) -> list[float]:
     """Mean log-probability per token of each item's gold continuation (teacher-forced)."""
-    return target_logprobs(model, batch.prompts, batch.targets, batch.ids, batch_size=config.batch_size,
+    return target_logprobs(model, batch.contexts, batch.targets, batch.ids, batch_size=config.batch_size,
                            progress=config.progress).tolist()
 
 
@@ -280,7 +301,7 @@ def run(model, config: Config | None = None) -> Result:
         raise UserError("this model has no MLP gate / key hooks (blocks.L.mlp.hook_pre / hook_post); "
                         "skill_unlearning needs an MLP in every block")
     splits = load_splits(config)
-    texts = {s.name: _encode(tok, [i.text for i in s.selection]) for s in splits}
+    texts = {s.name: _encode(tok, [i.text for i in s.selection], config.bos) for s in splits}
     hook_diff = max(check_gate_hook(model, texts[splits[0].name][0], layer) for layer in (0, n_layers - 1))
     if hook_diff > 1e-4:
         warn(warnings, f"the bridge's gate hook differs from a raw hook on the HF gate_proj output (max |diff| "
@@ -298,7 +319,7 @@ def run(model, config: Config | None = None) -> Result:
 
     # Key Space Detection: hypercube on the forget selection prompts' last-token key vectors; h on the selection half
     khook = key_hook(n_layers - 1)
-    sel, held = Batch.of(tok, splits, "selection"), Batch.of(tok, splits, "held_out")
+    sel, held = Batch.of(tok, splits, "selection", config.bos), Batch.of(tok, splits, "held_out", config.bos)
     sel_keys = capture(model, sel.prompts, [khook], batch_size=config.batch_size, progress=config.progress)[khook]
     forget_sel, retain_sel = sel.rows(config.forget), [j for j, r in enumerate(sel.roles) if r == "retain"]
     cube = Hypercube.fit(sel_keys[forget_sel])
@@ -409,7 +430,7 @@ def _top_values(model, splits: list[SkillSplit], top: torch.Tensor, tok, config:
     out: dict[str, dict[str, list[float]]] = {f"{layer}.{n}": {} for layer, n in top.tolist()}
     for s in splits:
         cols = {gate_hook(layer): top[top[:, 0] == layer, 1] for layer in layers}
-        got = capture(model, _encode(tok, [i.text for i in s.held_out]), list(cols), positions="all",
+        got = capture(model, _encode(tok, [i.text for i in s.held_out], config.bos), list(cols), positions="all",
                       batch_size=config.batch_size, progress=False, reduce=lambda name, x: x[:, cols[name]])
         for layer in layers:
             vals = torch.cat(got[gate_hook(layer)])[:cap]

@@ -1,11 +1,12 @@
 """Systematic outliers (An et al. 2025; Sun et al. 2024; Gu et al. 2024): massive activations, attention sinks
 and weight outliers, how they connect, and what removing the massive activations does.
 
-Method. A text set is chunked to `seq_len` tokens (items joined by "\\n\\n", no special tokens; optionally a
-BOS-like first token) and streamed through the model twice: once with SDPA attention capturing the block
-outputs `h_ℓ` and the MLP down-projection inputs (profiles: top-1/2/3 |h|, median, mean; Sun's massive
-activations |h| > 100 and ≥ 1000 × median; An's token rule max_d |h| > 1000 × mean), once with the
-attention patterns (F-Attn with query 0 excluded, Gu's sink rate at ε = 0.3, An's attention-outlier keys
+Method. A text set is chunked to `seq_len` tokens (items joined by "\\n\\n"; a BOS first where the model's own
+tokenizer adds one, `--bos` / `--no-bos` to force either way; `interp.tokens`) and streamed through the model
+twice: once with SDPA attention capturing the block outputs `h_ℓ` and the MLP down-projection inputs (profiles:
+top-1/2/3 |h|, median, mean; Sun's massive activations |h| > 100 and ≥ 1000 × median; An's token rule
+max_d |h| > 1000 × mean), once with the attention patterns (F-Attn with query 0 excluded, Gu's sink rate at
+ε = 0.3, also read at T = 64 from the first 64 rows of a longer chunk; An's attention-outlier keys
 with column sum ≥ 0.1·T and per-head ratio ρ, q/k/v norms at those keys). Weight outliers: per-column
 max/mean of |W| for every linear module, the down-projection first. Connections: each layer's top
 down-projection neuron and the residual dims its column writes to; per massive dim the layer that
@@ -43,6 +44,7 @@ from interp.errors import UserError
 from interp.figures import intervention_bars, layer_head_heatmap
 from interp.report import analysis_report
 from interp.texts import TextSet, chunk_texts, repeated_token_set, token_string
+from interp.tokens import bos_id
 
 DATASET_FIELD = "text_set"
 RENAMED_OPTIONS = {"select_fraction": "selection_fraction"}
@@ -57,8 +59,9 @@ class Config(CommonConfig):
     text_set: str = "natural-text"
     seq_len: int = 64  # tokens per chunk (Gu et al.'s sink rate is defined at T = 64; An/Sun profile 4096-token chunks)
     n_chunks: int = 100  # chunks analysed (Gu et al.: 100; Sun's profiles: 10)
-    # start every chunk with a BOS-like token (papers: no special tokens, the first content token sits first)
-    bos: bool = False
+    # a BOS first in every chunk: unset, where the model's own tokenizer adds one (as trained; Gu et al.'s sink rate);
+    # --bos always (a BOS-like token where it adds none); --no-bos never (An's and Sun's code: no special tokens)
+    bos: bool | None = None
     massive_abs: float = 100.0  # Sun et al.'s rule: |h| above this ...
     massive_ratio: float = 1000.0  # ... and at least this many times the median |h| of the sequence (Sun et al.)
     token_tau: float = 1000.0  # An et al.'s token rule: max |h| of a token above tau × the mean |h| of the sequence
@@ -165,7 +168,8 @@ def load_text_set(model, config: Config) -> TextSet:
     """The configured text set, chunked (n_chunks, or `limit` when smaller)."""
     docs = load_dataset(config.text_set, "texts")
     n = min(config.n_chunks, config.limit) if config.limit else config.n_chunks
-    return chunk_texts(model.tokenizer, docs, config.seq_len, n, bos=config.bos, source=config.text_set)
+    first = bos_id(model.tokenizer, config.bos) is not None
+    return chunk_texts(model.tokenizer, docs, config.seq_len, n, bos=first, source=config.text_set)
 
 
 def is_causal(model) -> bool:
@@ -471,7 +475,7 @@ def interventions(model, texts: TextSet, config: Config, notes: list[str], warni
                                 **measure(model, held_seqs, config, iv, loss=lm), "n_positions": iv.n_positions,
                                 "matched_on": draws.matched_on, "strata": dict(draws.strata)})
         rows += random_rows + [control_summary(f"set_{mode}_random", layer, random_rows, draws, moved)]
-    rep = repeated_token_set(model.tokenizer, config.seq_len, len(held_seqs), bos=config.bos, seed=config.seed)
+    rep = repeated_token_set(model.tokenizer, config.seq_len, len(held_seqs), bos=texts.bos, seed=config.seed)
     rows.append({"what": "repeated_token", "dims": [], "layer": None, "draw": None, "n_positions": 0,
                  **measure(model, rep.chunks, config, loss=lm)})
     rows += in_sample

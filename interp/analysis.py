@@ -55,6 +55,8 @@ OPTION_VOCABULARY = {
     "text_set": "the text set (a registered name or a .txt file)",
     "n_chunks": "how many fixed-length chunks of the text set are used",
     "sink_epsilon": "Gu et al.'s sink threshold ε on a head's attention to the first token",
+    "bos": "a BOS first: unset, where the model's own tokenizer adds one (as it was trained; interp.tokens); "
+           "--bos always (a BOS-like token where it adds none); --no-bos never",
 }
 RENAMED_OPTIONS = {"n_random": "random_draws", "sink_eps": "sink_epsilon", "texts": "text_set", "n_texts": "n_chunks"}
 
@@ -79,7 +81,8 @@ class CommonConfig:
             values = value if isinstance(value, (tuple, list)) else (value,)
             bad = [v for v in values if v not in choices]
             if bad:
-                raise UserError(f"{f.name.replace('_', '-')} must be one of {', '.join(map(str, choices))}; got {bad[0]!r}")
+                raise UserError(f"{f.name.replace('_', '-')} must be one of {', '.join(map(str, choices))}; "
+                                f"got {bad[0]!r}")
         require(self.batch_size >= 1, f"batch-size must be at least 1; got {self.batch_size}")
         draws = getattr(self, "random_draws", None)
         require(draws is None or draws >= 2, f"random-draws must be at least 2 (one draw has no spread); got {draws}")
@@ -141,12 +144,17 @@ def _comment_above(lines: list[str], index: int) -> str:
 
 
 def run_header(analysis: str, model, config) -> dict[str, Any]:
-    """The first keys of every `results.json`: analysis, model (None when none was loaded), environment, config."""
+    """The first keys of every `results.json`: analysis, model (None when none was loaded), environment, config,
+    tokenization (`interp.tokens.tokenization`: whether plain-text inputs start with a BOS under the config's `bos`
+    option, and the model's own rule; None without a model or tokenizer)."""
     from interp.models import model_info
     from interp.outputs import environment_info
+    from interp.tokens import tokenization
 
+    tok = getattr(model, "tokenizer", None) if model is not None else None
     return {"analysis": analysis, "model": model_info(model).to_dict() if model is not None else None,
-            "environment": environment_info(), "config": dataclasses.asdict(config)}
+            "environment": environment_info(), "config": dataclasses.asdict(config),
+            "tokenization": tokenization(tok, getattr(config, "bos", None)) if tok is not None else None}
 
 
 def available() -> list[str]:

@@ -223,6 +223,9 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "auto", dtype: s
     if tok.pad_token_id is None or tok.pad_token_id >= bridge.cfg.d_vocab:  # e.g. a class default added at load
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
+    from interp.tokens import record_trained_bos
+
+    record_trained_bos(tok, path, trust_remote_code=trust_remote_code)  # the BOS rule of its own files (interp.tokens)
     card = _model_card(path)
     cfg = bridge.cfg
     info = ModelInfo(name=name_or_path, source=source,

@@ -51,7 +51,7 @@ def _field_options(parser: argparse.ArgumentParser, config_cls) -> None:
         help_text = f"{helps.get(f.name, '')} (default: {shown})".strip().replace("%", "%%")
         choices = literal_choices(hint)
         kw = dict(default=argparse.SUPPRESS, help=help_text)
-        if hint is bool:
+        if hint is bool or set(typing.get_args(hint)) == {bool, type(None)}:  # bool | None: unset, --x, --no-x
             group.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **kw)
             continue
         base = next((a for a in typing.get_args(hint) if a is not type(None)), hint) if typing.get_args(hint) else hint
@@ -80,9 +80,12 @@ def build_parser(analysis: str | None) -> argparse.ArgumentParser:
     parser.add_argument("analysis", nargs="?", help="the analysis to run (--list shows them)")
     parser.add_argument("--list", action="store_true", help="list analyses, model names and datasets, then exit")
     parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help=f"an embedded model, an alias, a Hugging Face id or a local directory (default: {DEFAULT_MODEL})")
-    parser.add_argument("--out", help="output directory (default: runs/<analysis>-<model>-<time>); never overwritten without --force")
-    parser.add_argument("--device", default="auto", help="where the model runs: auto (CUDA if available), cpu or cuda[:N]")
+                        help="an embedded model, an alias, a Hugging Face id or a local directory "
+                             f"(default: {DEFAULT_MODEL})")
+    parser.add_argument("--out", help="output directory (default: runs/<analysis>-<model>-<time>); "
+                                      "never overwritten without --force")
+    parser.add_argument("--device", default="auto",
+                        help="where the model runs: auto (CUDA if available), cpu or cuda[:N]")
     parser.add_argument("--dtype", default="auto", choices=DTYPES,
                         help="weights' dtype: auto is bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--dataset", help="the analysis's main input set: a registered name (--list) or a file")

@@ -14,8 +14,8 @@ Public functions (signatures kept stable for other analyses):
 - `bos_token(tokenizer)` → (id, string): `[CLS]` (encoders), else the tokenizer's BOS, else `<|endoftext|>`, else EOS.
 - `chunk_texts(tokenizer, texts, seq_len, n_chunks=None, bos=False)` → `TextSet`: the papers' recipe
   (An et al. 2025; Sun et al. 2024): items joined by "\\n\\n", tokenized without special tokens, cut into
-  non-overlapping chunks of exactly `seq_len` tokens (with `bos`, a BOS-like token then `seq_len − 1`
-  content tokens).
+  non-overlapping chunks of exactly `seq_len` tokens (with `bos`, a BOS then `seq_len − 1` content tokens:
+  the BOS the model's own tokenizer adds, else `bos_token`'s; analyses decide `bos` with `interp.tokens.bos_id`).
 - `repeated_token_set(tokenizer, seq_len, n_chunks, bos=False, seed=0)` → `TextSet`: one token repeated
   `seq_len` times per chunk (a different random token per chunk): Gu et al.'s negative control for sinks.
 - `split_indices(n, fraction, seed)` → (selection, held_out) index lists.
@@ -127,6 +127,13 @@ def bos_token(tokenizer) -> tuple[int, str]:
     raise UserError("the tokenizer has no BOS, <|endoftext|> or EOS token; run with --no-bos")
 
 
+def _bos_like(tokenizer) -> int:
+    """The BOS the model's own tokenizer adds (`interp.tokens`), else `bos_token`'s BOS-like token."""
+    from interp.tokens import bos_id
+
+    return bos_id(tokenizer, True)
+
+
 def token_string(tokenizer, tid: int) -> str:
     """A token as text (decoded, so byte-level BPE shows spaces and newlines as themselves)."""
     return tokenizer.decode([tid])
@@ -143,7 +150,7 @@ def chunk_texts(tokenizer, texts: list[str], seq_len: int, n_chunks: int | None 
         raise UserError(f"--seq-len must be at least 2; got {seq_len}")
     ids = tokenizer("\n\n".join(texts), add_special_tokens=False)["input_ids"]
     body = seq_len - 1 if bos else seq_len
-    prefix = [bos_token(tokenizer)[0]] if bos else []
+    prefix = [_bos_like(tokenizer)] if bos else []
     chunks = [prefix + ids[i:i + body] for i in range(0, len(ids) - body + 1, body)]
     if n_chunks is not None:
         chunks = chunks[:n_chunks]
@@ -158,7 +165,7 @@ def repeated_token_set(tokenizer, seq_len: int, n_chunks: int, *, bos: bool = Fa
     special = set(tokenizer.all_special_ids)
     vocab = [i for i in range(len(tokenizer)) if i not in special]
     rng = random.Random(seed)
-    prefix = [bos_token(tokenizer)[0]] if bos else []
+    prefix = [_bos_like(tokenizer)] if bos else []
     chunks = [prefix + [rng.choice(vocab)] * (seq_len - len(prefix)) for _ in range(n_chunks)]
     return _text_set(tokenizer, "repeated-token", seq_len, bos, chunks)
 
