@@ -320,8 +320,9 @@ def analyse_model(model, config: Config, warnings: list[str]) -> ModelResult:
     n_sink = len(held) * model.cfg.n_heads
     attention = [{"layer": layer, "first_token": per_layer[layer]["first_token"],
                   "sink_rate": per_layer[layer]["sink_rate"],
-                  "sink_rate_ci": sink_rate_ci(per_layer[layer]["sink_rate"], n_sink)} if layer in per_layer else
-                 {"layer": layer, "first_token": None, "sink_rate": None, "sink_rate_ci": None}
+                  "sink_rate_ci": sink_rate_ci(per_layer[layer]["sink_rate"], n_sink),
+                  "sink_rate_t64": per_layer[layer]["sink_rate_t64"]} if layer in per_layer else
+                 {"layer": layer, "first_token": None, "sink_rate": None, "sink_rate_ci": None, "sink_rate_t64": None}
                  for layer in range(model.cfg.n_layers)]
     sparsity_rows = {r["layer"]: r for r in sparsity.rows(gated)}
     sparsity_out = [sparsity_rows.get(layer, {"layer": layer, "ungated": None, "gated": None})
@@ -334,6 +335,8 @@ def analyse_model(model, config: Config, warnings: list[str]) -> ModelResult:
         interventions, selected = _interventions(model, layers, fit, held, gate_fit, push, config)
     first = chunks.first_token_summary()
     summary = evaluation.summary()
+    t64 = evaluation.attention.overall()["sink_rate_t64"]  # Gu's T = 64: the first 64 rows (None if chunks are shorter)
+    n_pairs = len(held) * len(layers) * model.cfg.n_heads
     return ModelResult(
         name=name, gated=gated, gates=gate_held.head_rows() if gated else [], sparsity=sparsity_out,
         attention=attention, m_act=evaluation.m_act(), interventions=interventions, layer_kinds=kinds,
@@ -344,7 +347,8 @@ def analyse_model(model, config: Config, warnings: list[str]) -> ModelResult:
         text={"source": chunks.source, "seq_len": chunks.seq_len, "bos": chunks.bos, "n_selection": len(fit),
               "n_held_out": len(held), "first_token": first["token"], "first_token_share": first["share"],
               "loss": summary["loss"], "sink_rate": summary["sink_rate"],
-              "sink_rate_ci": sink_rate_ci(summary["sink_rate"], len(held) * len(layers) * model.cfg.n_heads)})
+              "sink_rate_ci": sink_rate_ci(summary["sink_rate"], n_pairs),
+              "sink_rate_t64": t64, "sink_rate_t64_ci": sink_rate_ci(t64, n_pairs) if t64 is not None else None})
 
 
 # ---------------------------------------------------------------- result
@@ -513,6 +517,14 @@ def _fmt_ci(ci) -> str:
 SELECT_LABELS = {"low_mean": "lowest mean gate", "high_var": "highest gate variance across tokens"}
 
 
+def _t64_text(text: dict) -> str:
+    """The sink rate at Gu's T = 64 with its interval, or why there is none."""
+    if text.get("sink_rate_t64") is None:
+        return f"n/a (chunks of {text['seq_len']} < 64 tokens)"
+    ci = _fmt_ci(text["sink_rate_t64_ci"])
+    return f"{text['sink_rate_t64']:.1f} (95% CI {ci}); the row above: T = {text['seq_len']}"
+
+
 def _model_section(rep, r: ModelResult, n_layers: int, n_heads: int, select_by: str) -> None:
     rep.add_heading(f"{r.name}: {'gated' if r.gated else 'ungated'} attention")
     linear = [i for i, kind in enumerate(r.layer_kinds) if kind == "linear"]
@@ -522,6 +534,7 @@ def _model_section(rep, r: ModelResult, n_layers: int, n_heads: int, select_by: 
         "gated": r.gated, "mean gate score": overall_gate if r.gated else "no gates",
         "first-token attention": float(np.mean([row["first_token"] for row in soft])),
         "sink rate (%)": f"{r.text['sink_rate']:.1f} (95% CI {_fmt_ci(r.text['sink_rate_ci'])})",
+        "sink rate at Gu's T = 64 (%)": _t64_text(r.text),
         "F-Attn if attention were uniform": uniform_first_token(r.text["seq_len"]),
         "M-Act": r.m_act, "held-out loss": r.text["loss"]})
     if linear:
@@ -555,7 +568,8 @@ def _model_section(rep, r: ModelResult, n_layers: int, n_heads: int, select_by: 
                    "layer's mean gate from the selection part (sparsity beyond down-scaling shows as gated > control).")
     rep.add_table(_attention_table(r), f"Sink metrics per layer (held-out part; first token: {r.text['first_token']!r} "
                   f"in {100 * r.text['first_token_share']:.0f}% of chunks). sink_rate_ci: Wilson 95 % interval, "
-                  "treating (head, sequence) pairs as independent.")
+                  "treating (head, sequence) pairs as independent. sink_rate_t64: the sink rate on each chunk's first "
+                  "64 tokens (Gu et al.'s T; the first 64 rows of a causal pattern are the 64-token prefix's).")
     if r.interventions:
         rep.add_heading("Gate interventions", level=3)
         rep.add_paragraph(f"Selected heads ({SELECT_LABELS[select_by]} on the selection part): "
@@ -593,6 +607,7 @@ def build_report(result: Result, tokenizer=None):
             "first-token attention": float(np.mean([row["first_token"] for row in r.attention
                                                      if row["first_token"] is not None])),
             "sink rate (%)": float(np.mean([row["sink_rate"] for row in r.attention if row["sink_rate"] is not None])),
+            "sink rate at T = 64 (%)": r.text.get("sink_rate_t64"),
             "M-Act": r.m_act, "held-out loss": r.text["loss"],
             "mean s(q)": float(np.mean([row["mean"] for row in r.implicit_scale]))}
             for name, r in result.results.items()]))

@@ -49,6 +49,9 @@ class Config(CommonConfig):
     tasks: str = "gsm8k"
     # wrap each task prompt in the model's chat template (the organisms' arithmetic prompts already are)
     chat_template: bool = False
+    # a BOS first in every prompt: unset, where the model's own tokenizer adds one (as trained; a chat template writes
+    # its own); --bos always (a BOS-like token where it adds none); --no-bos never
+    bos: bool | None = None
     max_new_tokens: int = 256  # tokens generated per trace
     # traces sampled per task (needs --temperature > 0); the AUC intervals resample whole tasks
     samples_per_question: int = 1
@@ -163,13 +166,14 @@ def generate_traces(model, config: Config, warnings: list[str]) -> tuple[list[in
     from interp.chat import chat_prefix
     from interp.generation import generate_tokens
     from interp.skills import is_correct
+    from interp.tokens import encode
 
     tok = model.tokenizer
     items = load_tasks(config.tasks, config.limit)
-    if config.chat_template:
-        encoded = [tok(chat_prefix(tok, it.prompt), add_special_tokens=False)["input_ids"] for it in items]
-    else:
-        encoded = [tok(it.prompt)["input_ids"] for it in items]
+    # as the model was trained (interp.tokens): not TransformerLens' default call, which puts <|endoftext|> before
+    # every GPT-2 / Pythia / OLMo-2 prompt
+    encoded = [encode(tok, chat_prefix(tok, it.prompt) if config.chat_template else it.prompt, bos=config.bos,
+                      chat=config.chat_template) for it in items]
     n = config.samples_per_question
     asked = [(q, j) for q in range(len(items)) for j in range(n)]
     prompts = [encoded[q] for q, _ in asked]

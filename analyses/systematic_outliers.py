@@ -576,6 +576,13 @@ def example_figure(pattern: list, tokens: list[str], layer: int):
     return fig
 
 
+def _t64_text(value: float | None, seq_len: int) -> float | str:
+    """The T = 64 sink rate, or why there is none."""
+    if value is not None:
+        return value
+    return f"n/a (chunks of {seq_len} < 64 tokens)" if seq_len < 64 else "n/a (bidirectional attention)"
+
+
 def build_report(result: Result, tokenizer=None):
     """Headline numbers, layer profiles, outlier tables, attention, weights, connections, interventions."""
     rep = analysis_report(result.header, result.warnings)
@@ -589,7 +596,8 @@ def build_report(result: Result, tokenizer=None):
         "outlier dims": ", ".join(str(r["dim"]) for r in result.outlier_dims) or "none",
         "M-Act": result.m_act,
         "F-Attn (first-token attention)": result.attention_overall["first_token"],
-        f"sink rate (ε={cfg.sink_epsilon}), %": result.attention_overall["sink_rate"],
+        f"sink rate (ε={cfg.sink_epsilon}, T = {ts['seq_len']}), %": result.attention_overall["sink_rate"],
+        "sink rate at Gu's T = 64, %": _t64_text(result.attention_overall.get("sink_rate_t64"), ts["seq_len"]),
         "loss": base["loss"] if base["loss"] is not None else "skipped (no LM head)",
     })
     for note in result.notes:
@@ -614,7 +622,9 @@ def build_report(result: Result, tokenizer=None):
     rep.add_heading("Attention sinks")
     rep.add_paragraph("first_token: mean attention to the chunk's first token over queries "
                       + ("(query 0 included)" if cfg.include_first_query else "1..T−1") + ", heads averaged; "
-                      f"sink_rate: % of heads × chunks with Gu's α[0] > {cfg.sink_epsilon}; sink_ratio: An's ρ, the "
+                      f"sink_rate: % of heads × chunks with Gu's α[0] > {cfg.sink_epsilon} at the chunk length; "
+                      "sink_rate_t64: the same on each chunk's first 64 tokens (Gu et al.'s T; the first 64 rows of a "
+                      "causal pattern are the 64-token prefix's); sink_ratio: An's ρ, the "
                       "mean share of a head's attention to the sink set S (the attention-outlier keys, ≥ "
                       f"{cfg.outlier_key_frac} · "
                       "T, of the first layer where the chunk has any; kept for later layers, 0 before).")

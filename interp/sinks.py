@@ -9,6 +9,9 @@ Metric functions (tensors in, tensors out; `pattern` is `blocks.L.attn.hook_patt
 - `key_attention(pattern, mask, causal=True)` → `[batch, head, pos]`: Gu et al. 2024's
   α[k] = mean over queries q ≥ k (all queries when `causal=False`) of A[q, k], keys left-aligned
   (index 0 = the first real token); padded keys are 0.
+- `first_key_alpha(pattern, mask, t=64)` → `[batch, head]`: α[0] over the first `t` real queries. Gu et al. define the
+  sink rate at T = 64 (with the tokenizer's default BOS); in a causal model the first 64 rows of a longer pattern are
+  the 64-token prefix's pattern, so `sink_rate_t64` is reported beside the sink rate at the sequences' own length.
 - `attention_outlier_keys(pattern, mask, frac=0.1)` → bool `[batch, pos]` (left-aligned): An et al. 2025's
   rule, column sum of the head-mean pattern ≥ frac · T.
 - `sink_ratio(pattern, keys, mask)` → `[batch, head]`: the share of each head's attention that goes to
@@ -20,7 +23,7 @@ Metric functions (tensors in, tensors out; `pattern` is `blocks.L.attn.hook_patt
 Streaming: `AttentionStats(n_layers, n_heads, ...)` accumulates those metrics per layer and head;
 `stats.hooks()` gives the forward hooks (pattern, and q/k/v when `qkv_norms`), `stats.begin_batch(indices,
 tokens, mask)` must precede each forward. `attention_metrics(model, seqs, ...)` runs the loop and returns
-the filled `AttentionStats`; read `per_layer()` (rows `{layer, first_token, sink_rate, sink_ratio}`),
+the filled `AttentionStats`; read `per_layer()` (rows `{layer, first_token, sink_rate, sink_rate_t64, sink_ratio}`),
 `sink_layers` (emergence layer → number of sequences whose S was fixed there),
 `per_head()` (rows per layer and head), `overall()` (`first_token`, `sink_rate` in %), `other_sinks()`
 (attention-outlier keys after the first token, by position and by token), `outlier_keys` (every attention-outlier key as
@@ -41,6 +44,7 @@ from interp.batching import padded_batches
 from interp.bridge import stopped_at
 
 SINK_EPS = 0.3  # Gu et al. 2024, sink rate threshold ε
+GU_T = 64  # Gu et al. 2024 define the sink rate on sequences of T = 64 tokens
 OUTLIER_KEY_FRAC = 0.1  # An et al. 2025, attention-outlier key: column sum ≥ 0.1 · T
 _LAYER = re.compile(r"^blocks\.(\d+)\.")
 
@@ -100,6 +104,19 @@ def key_attention(pattern: Float[Tensor, "batch head q k"], mask: Int[Tensor, "b
     return left_align(alpha, mask)
 
 
+def first_key_alpha(pattern: Float[Tensor, "batch head q k"], mask: Int[Tensor, "batch pos"] | None = None,
+                    t: int = GU_T) -> Float[Tensor, "batch head"]:
+    """Gu et al.'s α[0] over the first `t` real tokens: mean attention of queries 0..t−1 to the first real token.
+    In a causal model (sliding windows included) these rows are exactly the pattern of the `t`-token prefix, so a
+    longer sequence gives the T = `t` sink rate with no second forward."""
+    b, h, width, _ = pattern.shape
+    starts, _ = _starts_lengths(mask, b, width, pattern.device)
+    to_first = pattern.float().gather(-1, starts.view(b, 1, 1, 1).expand(b, h, width, 1))[..., 0]  # [b, head, q]
+    pos = torch.arange(width, device=pattern.device)[None]
+    rows = ((pos >= starts[:, None]) & (pos < starts[:, None] + t)).float()
+    return (to_first * rows[:, None]).sum(-1) / rows.sum(-1).clamp_min(1)[:, None]
+
+
 def attention_outlier_keys(pattern: Float[Tensor, "batch head q k"], mask: Int[Tensor, "batch pos"] | None = None,
                            frac: float = OUTLIER_KEY_FRAC) -> Bool[Tensor, "batch k"]:
     """Keys whose column sum of the head-mean pattern (over real queries) is ≥ frac · T (left-aligned)."""
@@ -132,6 +149,8 @@ class AttentionStats:
         self.exclude_first_query, self.outlier_frac, self.qkv_norms = exclude_first_query, outlier_frac, qkv_norms
         z = torch.zeros(n_layers, n_heads, dtype=torch.float64)
         self.first_sum, self.sink_count, self.ratio_sum = z.clone(), z.clone(), z.clone()
+        # Gu's sink rate at T = 64 (first 64 rows); None when a sequence is shorter, or longer in an encoder
+        self.sink64_count, self.t64_exact = z.clone(), True
         self.n_seqs = torch.zeros(n_layers, dtype=torch.long)
         self.outlier_keys: list[tuple[int, int, int, int]] = []  # (layer, sequence, position, token_id)
         # (layer, q|k|v, sink?) → [sum, n]
@@ -175,6 +194,9 @@ class AttentionStats:
         alpha = key_attention(pattern, mask, self.causal)
         sinks = alpha > self.eps  # [b, head, k]
         self.sink_count[layer] += sinks[:, :, 0].double().sum(0).cpu()
+        self.sink64_count[layer] += (first_key_alpha(pattern, mask) > self.eps).double().sum(0).cpu()
+        lengths = _starts_lengths(mask, b, pattern.shape[-1], pattern.device)[1]
+        self.t64_exact &= bool(lengths.min() >= GU_T and (self.causal or lengths.max() == GU_T))
         keys = attention_outlier_keys(pattern, mask, self.outlier_frac)
         self.ratio_sum[layer] += sink_ratio(pattern, self._sink_set(layer, keys), mask).double().sum(0).cpu()
         self.n_seqs[layer] += b
@@ -202,32 +224,42 @@ class AttentionStats:
         return self._sink
 
     def per_head(self) -> list[dict]:
-        """Rows {layer, head, first_token, sink_rate (% of sequences with α[0] > ε), sink_ratio}."""
+        """Rows {layer, head, first_token, sink_rate (% of sequences with α[0] > ε), sink_rate_t64 (the same on the
+        first 64 tokens; None when it cannot be read, see `sink_rate_t64`), sink_ratio}."""
         rows = []
         for layer in self.layers:
             n = max(int(self.n_seqs[layer]), 1)
             for h in range(self.n_heads):
                 rows.append({"layer": layer, "head": h, "first_token": float(self.first_sum[layer, h] / n),
                              "sink_rate": float(100 * self.sink_count[layer, h] / n),
+                             "sink_rate_t64": self._t64(self.sink64_count[layer, h], n),
                              "sink_ratio": float(self.ratio_sum[layer, h] / n)})
         return rows
 
+    def _t64(self, count: Tensor, n: int) -> float | None:
+        return float(100 * count.sum() / n) if self.t64_exact and n else None
+
     def per_layer(self) -> list[dict]:
-        """Rows {layer, first_token (F-Attn), sink_rate (Gu's Sink^ε[0], %), sink_ratio (mean ρ over heads, S fixed at
+        """Rows {layer, first_token (F-Attn), sink_rate (Gu's Sink^ε[0], %, at the sequences' length), sink_rate_t64
+        (the same at Gu's T = 64: the first 64 rows of each pattern), sink_ratio (mean ρ over heads, S fixed at
         each sequence's emergence layer; 0 before it)}."""
         rows = []
         for layer in self.layers:
             n = max(int(self.n_seqs[layer]), 1) * self.n_heads
             rows.append({"layer": layer, "first_token": float(self.first_sum[layer].sum() / n),
                          "sink_rate": float(100 * self.sink_count[layer].sum() / n),
+                         "sink_rate_t64": self._t64(self.sink64_count[layer], n),
                          "sink_ratio": float(self.ratio_sum[layer].sum() / n)})
         return rows
 
     def overall(self) -> dict:
-        """{first_token: F-Attn averaged over layers, sink_rate: Gu's Sink^ε[0] in % of heads × layers × sequences}."""
+        """{first_token: F-Attn averaged over layers, sink_rate: Gu's Sink^ε[0] in % of heads × layers × sequences,
+        sink_rate_t64: the same at Gu's T = 64 (first 64 rows; None when a sequence is shorter than 64 tokens, or
+        longer in a bidirectional encoder, where the first rows are not the prefix's pattern)}."""
         n = max(int(self.n_seqs[self.layers].sum()), 1) * self.n_heads
         return {"first_token": float(self.first_sum[self.layers].sum() / n),
-                "sink_rate": float(100 * self.sink_count[self.layers].sum() / n)}
+                "sink_rate": float(100 * self.sink_count[self.layers].sum() / n),
+                "sink_rate_t64": self._t64(self.sink64_count[self.layers], n)}
 
     def other_sinks(self, tokenizer=None, top: int = 20) -> list[dict]:
         """Keys other than the first that draw attention (An et al.'s attention-outlier rule), most frequent first:

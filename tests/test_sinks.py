@@ -138,3 +138,92 @@ def test_rho_keeps_the_sink_set_of_the_emergence_layer():
         for layer in (0, 1):
             one.update(layer, layer_patterns[layer][i:i + 1])
     assert [r["sink_ratio"] for r in one.per_layer()] == pytest.approx([rho[0], rho[1]])
+
+
+# ---------------------------------------------------------------- Gu's sink rate at T = 64
+
+
+def test_first_key_alpha_reads_the_first_rows():
+    assert sinks.first_key_alpha(P, t=2).item() == pytest.approx((1.0 + 0.6) / 2)
+    assert sinks.first_key_alpha(P, t=64).item() == pytest.approx(sinks.key_attention(P)[0, 0, 0].item())
+    padded = torch.zeros(1, 1, 6, 6)
+    padded[0, 0, 2:, 2:] = P[0, 0]
+    padded[0, 0, :2, :2] = 0.5
+    assert sinks.first_key_alpha(padded, torch.tensor([[0, 0, 1, 1, 1, 1]]), t=3).item() == pytest.approx(2.1 / 3)
+
+
+def _alpha0(model, seqs: list[list[int]]) -> torch.Tensor:
+    """Gu's α[0] per sequence, layer and head from each sequence's own full pattern (one sequence per forward)."""
+    out = []
+    for s in seqs:
+        _, cache = model.run_with_cache(torch.tensor([s]), names_filter=lambda n: n.endswith("hook_pattern"))
+        out.append(torch.stack([sinks.key_attention(cache[f"blocks.{layer}.attn.hook_pattern"])[0, :, 0]
+                                for layer in range(model.cfg.n_layers)]))
+    return torch.stack(out)  # [seq, layer, head]
+
+
+def test_sink_rate_t64_equals_a_separate_run_on_the_64_token_prefixes(tiny_model):
+    """In a causal model the first 64 rows of a longer pattern are the 64-token prefix's pattern: the T = 64 sink rate
+    read from 128-token chunks (and from left-padded chunks of mixed lengths) equals the sink rate of a separate run on
+    the prefixes, per layer, per head and overall; at 64 tokens it equals the sink rate itself."""
+    from interp.texts import chunk_texts, natural_text
+
+    chunks = chunk_texts(tiny_model.tokenizer, natural_text(), 128, 6).chunks
+    prefixes = [c[:64] for c in chunks]
+    alpha = _alpha0(tiny_model, prefixes)
+    # a threshold in the widest gap among the middle α[0] values: rates strictly between 0 and 100, far from any α
+    vals = alpha.flatten().sort().values
+    lo = len(vals) // 4
+    k = lo + int((vals[lo + 1:3 * lo] - vals[lo:3 * lo - 1]).argmax())
+    eps = float(vals[k] + vals[k + 1]) / 2
+    long = sinks.attention_metrics(tiny_model, chunks, eps=eps, batch_size=4, progress=False)
+    mixed = sinks.attention_metrics(tiny_model, [c[:64 + 12 * i] for i, c in enumerate(chunks)], eps=eps,
+                                    batch_size=4, progress=False)  # left padding inside a batch
+    short = sinks.attention_metrics(tiny_model, prefixes, eps=eps, batch_size=4, progress=False)
+    expected = 100 * (alpha > eps).double().mean().item()
+    assert 0 < expected < 100
+    assert short.overall()["sink_rate"] == pytest.approx(expected)
+    for stats in (long, mixed):
+        assert stats.overall()["sink_rate_t64"] == pytest.approx(expected)
+        for a, b in zip(stats.per_layer(), short.per_layer(), strict=True):
+            assert a["sink_rate_t64"] == pytest.approx(b["sink_rate"])
+        for a, b in zip(stats.per_head(), short.per_head(), strict=True):
+            assert a["sink_rate_t64"] == pytest.approx(b["sink_rate"])
+    assert long.overall()["sink_rate"] != pytest.approx(expected)  # T matters (Gu et al.): 128 tokens differ
+    assert short.overall()["sink_rate_t64"] == short.overall()["sink_rate"]
+    assert [r["sink_rate_t64"] for r in short.per_head()] == [r["sink_rate"] for r in short.per_head()]
+    too_short = sinks.attention_metrics(tiny_model, [c[:32] for c in chunks], eps=eps, progress=False)
+    assert too_short.overall()["sink_rate_t64"] is None and too_short.per_layer()[0]["sink_rate_t64"] is None
+
+
+@pytest.mark.parametrize("analysis", ["systematic_outliers", "gated_attention"])
+def test_analyses_report_the_sink_rate_at_t64(analysis, tiny_model):
+    """Both analyses report `sink_rate_t64` beside the sink rate at --seq-len: equal at 64; at 128 the same as an
+    independent run of the sink metrics on the 64-token prefixes of the chunks the analysis measured."""
+    from interp.analyses import gated_attention as ga
+    from interp.analyses import systematic_outliers as so
+    from interp.analysis import config_for, run_analysis
+
+    eps = 0.08
+    small = dict(n_chunks=4, sink_epsilon=eps, progress=False)
+    if analysis == "systematic_outliers":
+        small |= dict(random_draws=2)
+    for seq_len in (64, 128):
+        res = run_analysis(analysis, tiny_model, seq_len=seq_len, **small)
+        cfg = config_for(analysis, tiny_model, seq_len=seq_len, **small)
+        if analysis == "systematic_outliers":
+            got, at_len = res.attention_overall["sink_rate_t64"], res.attention_overall["sink_rate"]
+            measured = so.load_text_set(tiny_model, cfg).chunks
+            assert all("sink_rate_t64" in row for row in res.attention)
+        else:
+            got, at_len = res.primary.text["sink_rate_t64"], res.primary.text["sink_rate"]
+            chunks = ga.text_set(tiny_model, cfg)
+            held = ga.split(len(chunks), cfg.selection_fraction, cfg.seed).held_out
+            measured = [chunks.chunks[i] for i in held]
+            assert all("sink_rate_t64" in row for row in res.primary.attention)
+        if seq_len == 64:
+            assert got == at_len
+        else:
+            independent = sinks.attention_metrics(tiny_model, [c[:64] for c in measured], eps=eps,
+                                                  progress=False).overall()["sink_rate"]
+            assert got == pytest.approx(independent)
