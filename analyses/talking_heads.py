@@ -114,13 +114,15 @@ class Result:
     grids: dict  # mode -> (whole-head grid, best-component grid), writer × reader
     split: dict  # the templates and items of each half
     warnings: list[str] = field(default_factory=list)
+    # what head_weights folded into the weights (reader norm, q/k norm, writer norm): `HeadWeights.processing`
+    weight_processing: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {**self.header, "warnings": self.warnings, "channels": self.channels, "whole_head": self.whole_head,
                 "laundry_list": self.laundry_list, "edits": self.edits, "edit_agreement": self.edit_agreement,
                 "baseline": self.baseline, "mover": self.mover, "candidates": self.candidates,
                 "first_token_scoring": self.first_token_scoring, "activation_view": self.activation_view,
-                "split": self.split}
+                "split": self.split, "weight_processing": self.weight_processing}
 
     def tables(self) -> dict[str, pd.DataFrame]:
         return {"channels": pd.DataFrame(self.channels), "whole_head": pd.DataFrame(self.whole_head),
@@ -260,6 +262,8 @@ def run(model, config: Config) -> Result:
 
     # 1. weights
     w = comp.head_weights(model, fold_norms=config.fold_norms)
+    for note in w.notes:
+        warn(warnings, note)
     S, V = comp.writer_svd(w)
     scans = {m: comp.scan(w, m, S=S, V=V, progress=config.progress) for m in dict.fromkeys(config.mode)}
     baseline = comp.gaussian_baseline(cfg.d_model, cfg.d_head, config.baseline_draws, config.seed)
@@ -369,7 +373,8 @@ def run(model, config: Config) -> Result:
                   channels=channels, whole_head=whole, laundry_list=laundry_rows, mover=mover, candidates=cands,
                   edits=edits, edit_agreement=agreement,
                   first_token_scoring=enc_held.multi_token or enc_sel.multi_token, activation_view=view,
-                  view_points=points, reader_components=bars, grids=grids, split=halves, warnings=warnings)
+                  view_points=points, reader_components=bars, grids=grids, split=halves, warnings=warnings,
+                  weight_processing={**w.processing, "reads": {m: sc.reads for m, sc in scans.items()}})
 
 
 def _pair_grid(x: torch.Tensor) -> np.ndarray:
@@ -476,6 +481,13 @@ def _ci(row: dict) -> str:
     return f"[{lo:.2f}, {hi:.2f}]"
 
 
+def _processing_text(processing: dict) -> str:
+    """The weight processing (`HeadWeights.processing`) and what each mode's reader side is, as report prose."""
+    folds = "; ".join(f"{k.replace('_', ' ')}: {v}" for k, v in processing.items() if k != "reads")
+    sides = ", ".join(f"{m}: {r}" for m, r in processing.get("reads", {}).items())
+    return f"Weights: {folds}." + (f" Reader side per mode: {sides}." if sides else "")
+
+
 def build_report(result: Result, tokenizer=None):
     cfg, m = result.config, result.mover
     rep = analysis_report(result.header, result.warnings)
@@ -503,7 +515,7 @@ def build_report(result: Result, tokenizer=None):
                       "reader is ‖vᵀ M‖/‖M‖_F with M the reader's QK (q: query side, k: key side, offset-0 rotary) or "
                       "OV (v). The whole-head score (Elhage et al.) is the σ²-weighted RMS of the component scores, so "
                       "a strong component with a small σ is diluted in it: compare the two heatmaps of each mode. "
-                      f"Norm gains folded: {cfg.fold_norms}.")
+                      + _processing_text(result.weight_processing))
     n_layers, n_heads = result.header["model"]["n_layers"], result.header["model"]["n_heads"]
     for mode, (whole_grid, best_grid) in result.grids.items():
         for grid, what in ((whole_grid, "whole head"), (best_grid, "best single component")):

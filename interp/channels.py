@@ -3,7 +3,8 @@
 Scaling component i of head (L, H), ``OV' = OV + (α−1) σ_i u_i v_iᵀ``, is ``W_O[H] ← W_O[H] P`` with
 ``P = I + (α−1) Σ_i v_i v_iᵀ`` (the v_i orthonormal write directions of the head's OV). In z-space the
 same edit is ``z_H ← z_H M`` with ``M = I + (α−1) W_O[H] V (Vᵀ W_O[H]⁺)`` (exact: each v_i lies in
-W_O[H]'s row space). Both act per query head, so a GQA group's shared W_V is never touched.
+W_O[H]'s row space); the weight edit writes ``W_O[H] ← M W_O[H]``, the same map. Both act per query head, so
+a GQA group's shared W_V is never touched.
 """
 
 from __future__ import annotations
@@ -41,8 +42,10 @@ def scale_components(model, directions: Mapping[Head, Tensor], alpha: float, met
     orthonormal columns) by `alpha` at every position; `method` "hook" (hook_z) or "weight" (W_O).
 
     `W_O` ([layer, head, d_head, d_model]) is the output matrix the directions came from (e.g.
-    `HeadWeights.W_O`, centred on LayerNorm models); default the model's. On a LayerNorm model the
-    two methods then differ only along the all-ones direction, which every LayerNorm removes."""
+    `HeadWeights.W_O`: centred on LayerNorm models, with a post-attention norm's gain on Gemma / OLMo-2);
+    default the model's. Both methods apply the same d_head × d_head map M (z ← z M, or W_O ← M W_O on the
+    model's own o-projection), which scales the components of that `W_O` exactly: z M W_O' = z W_O' (I + (α−1)
+    V Vᵀ) for the given W_O', whatever fixed map (centring, a gain) turns the model's W_O into it."""
     if method not in ("hook", "weight"):
         raise ValueError("method must be 'hook' or 'weight'")
     d_head = model.cfg.d_head
@@ -71,10 +74,11 @@ def scale_components(model, directions: Mapping[Head, Tensor], alpha: float, met
             for layer, heads in by_layer.items():
                 weight, conv = _o_weight(model, layer)
                 saved.append((weight, weight.detach().clone()))
-                for h, (_, V) in heads.items():
+                for h, (W_src, V) in heads.items():
                     cols = slice(h * d_head, (h + 1) * d_head)
                     W = (weight[cols, :] if conv else weight[:, cols].T).detach().double().cpu()
-                    new = (W + (alpha - 1) * (W @ V.double()) @ V.double().T).to(weight.dtype)
+                    # W ← M W: the hook's z ← z M moved into the weight (= W (I + (α−1) V Vᵀ) when W_src is W)
+                    new = (z_edit_matrix(W_src, V, alpha).double() @ W).to(weight.dtype)
                     if conv:
                         weight[cols, :] = new.to(weight.device)
                     else:

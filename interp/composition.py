@@ -12,22 +12,24 @@ Talking Heads (Merullo, Eickhoff & Pavlick, NeurIPS 2024) decomposes a writer he
 (2021), ``‖OV_s M_d‖_F / (‖OV_s‖_F ‖M_d‖_F)``, is the σ²-weighted RMS of the component scores,
 ``CS² = Σ_i σ_i² CS_i² / Σ_i σ_i²``: one strong component with a small σ is diluted in it.
 
-Every reader matrix M is reduced to a factor ``R = U_M S_M / ‖S_M‖`` (its SVD), so that
-``CS_i = ‖v_iᵀ R‖``; the scan is one einsum per (reader layer, chunk of writer layers), so memory
-stays bounded on 7B-size models. Norm folding (``fold_norms``): the reader's input-norm gain and
-the q/k-norm gains (Qwen3) are multiplied into W_Q / W_K / W_V, and LayerNorm models' writer
-outputs are centred, as TransformerLens' ``fold_ln`` + ``center_writing_weights`` do; the gains
-are read by evaluating each norm module on a vector of ones, so zero-centred RMSNorms (Qwen3.5)
-fold too. Rotary: ``QK`` is the bilinear form at relative offset 0; ``rotary_invariant`` scores use
-W_Q (mode q) or W_K (mode k) alone, which rotary (orthogonal, applied after the projection) cannot
-change. GQA: a reader's key/value side is its KV group's, expanded to every query head of the
-group (per query head in q and v modes; the k-mode ``rotary_invariant`` score is the group's).
+Every reader matrix M is reduced to a factor ``R = U_M S_M / ‖S_M‖`` (its SVD), so that ``CS_i = ‖v_iᵀ R‖``;
+the scan is one einsum per (reader layer, chunk of writer layers), so memory stays bounded on 7B-size models.
+Norm folding (``fold_norms``, `head_weights`): the reader's input-norm gain and the q/k-norm gains (Qwen3,
+Gemma-3, OLMo-2) are multiplied into W_Q / W_K / W_V, which LayerNorm models also centre over d_model, and
+LayerNorm models' writer outputs are centred, as TransformerLens' ``fold_ln`` + ``center_writing_weights`` do;
+a post-attention norm's gain (Gemma-2/3, OLMo-2) goes into W_O. The per-token 1/rms of a q/k norm or
+post-attention norm is not linear and is left out (q/k-side scores are pre-norm). The gains are read by
+evaluating each norm module on a vector of ones, so zero-centred RMSNorms (Gemma, Qwen3.5) fold too. Rotary:
+``QK`` is the bilinear form at relative offset 0; ``rotary_invariant`` scores use W_Q (mode q) or W_K (mode k)
+alone, which rotary (orthogonal, applied after the projection) cannot change. GQA: a reader's key/value side
+is its KV group's, expanded to every query head of the group (per query head in q and v modes; the k-mode
+``rotary_invariant`` score is the group's).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from jaxtyping import Float
@@ -48,6 +50,8 @@ class HeadWeights:
     W_K: Float[Tensor, "layer kv d_model d_head"]
     W_V: Float[Tensor, "layer kv d_model d_head"]
     W_O: Float[Tensor, "layer head d_head d_model"]
+    processing: dict[str, str] = field(default_factory=dict)  # what `head_weights` folded in (results.json)
+    notes: list[str] = field(default_factory=list)  # where the weights are not the exact map the model applies
 
     @property
     def n_layers(self) -> int:
@@ -66,15 +70,44 @@ class HeadWeights:
         return w.repeat_interleave(self.group, dim=-3)
 
 
-def _norm_gain(norm, width: int) -> Tensor:
-    """The per-dim gain of an RMSNorm module (its output on a vector of ones, eps aside)."""
+def _norm_gain(norm, width: int | None = None) -> Tensor:
+    """The per-dim gain of an RMSNorm module (its output on a vector of ones, eps aside; a (1 + w) parametrisation
+    folds too). `width` defaults to the norm's own (its weight's length)."""
     with torch.no_grad():
         p = next(norm.parameters())
+        width = p.shape[-1] if width is None else width
         return norm(torch.ones(1, 1, width, dtype=p.dtype, device=p.device))[0, 0].float().cpu()
 
 
+def _head_gain(norm, n_heads: int, d_head: int) -> Tensor:
+    """A q/k norm's gain as [heads, 1, d_head] (broadcasts on W [heads, d_model, d_head]): per head (Qwen3, Gemma-3:
+    the norm's width is d_head) or over all heads at once (OLMo-2: width heads · d_head)."""
+    gain = _norm_gain(norm)
+    if gain.numel() not in (d_head, n_heads * d_head):
+        raise UserError(f"a q/k norm of width {gain.numel()} fits neither d_head ({d_head}) nor heads × d_head "
+                        f"({n_heads * d_head})")
+    return gain.reshape(-1, 1, d_head)  # [1 or heads, 1, d_head]
+
+
+def _child(module, name: str):
+    return getattr(module, name, None) if hasattr(module, name) else None
+
+
 def head_weights(model, fold_norms: bool = True) -> HeadWeights:
-    """The bridge's W_Q, W_K, W_V, W_O (float32, CPU), with norm gains folded in when `fold_norms`."""
+    """The bridge's W_Q, W_K, W_V, W_O (float32, CPU); with `fold_norms`, the norms around attention folded in
+    wherever they are linear, as TransformerLens' processed weights (`fold_ln` + `center_writing_weights`):
+
+    - reader side: the pre-attention norm's gain multiplied into W_Q/W_K/W_V, and on LayerNorm models W_Q/W_K/W_V
+      centred over d_model (LayerNorm removes the all-ones direction of its input: `fold_ln`'s centring); no
+      pre-attention norm (OLMo-2) leaves them as they are (the reader reads the un-normalised residual);
+    - q/k norms (Qwen3, Gemma-3 per head; OLMo-2 over all heads): their gains folded into W_Q/W_K; their per-token
+      1/rms cannot be, so q/k-side scores are of the query/key before the norm's scaling (pre-norm);
+    - writer side: LayerNorm models' W_O centred over d_model (`center_writing_weights`); a post-attention norm on
+      the attention output (Gemma-2/3, OLMo-2) gets its gain multiplied into W_O, its per-token 1/rms (one scalar
+      for all heads of the layer) not: write directions and scores are exact, singular values up to that scale.
+
+    `HeadWeights.processing` says what was folded (results.json), `HeadWeights.notes` where the result is not the
+    exact linear map the model applies."""
     cfg = model.cfg
     try:
         W_Q, W_K, W_V, W_O = (w.detach().float().cpu().clone() for w in (model.W_Q, model.W_K, model.W_V, model.W_O))
@@ -82,20 +115,65 @@ def head_weights(model, fold_norms: bool = True) -> HeadWeights:
         raise UserError(f"this model's attention weights cannot be stacked per layer ({type(exc).__name__}); "
                         "talking_heads needs attention in every layer") from None
     if not fold_norms:
-        return HeadWeights(W_Q, W_K, W_V, W_O)
+        return HeadWeights(W_Q, W_K, W_V, W_O, processing={"norms": "not folded (raw weights, fold_norms off)"})
+    if getattr(cfg, "attention_dir", "causal") == "bidirectional":  # BERT-style: LayerNorm after the residual add
+        note = ("norm gains not folded: this encoder normalises the residual after each sublayer (post-LayerNorm), "
+                "which does not fold into the weights; scores are of the raw weights")
+        return HeadWeights(W_Q, W_K, W_V, W_O, processing={"norms": note}, notes=[note])
     layer_norm = getattr(cfg, "normalization_type", "RMS") in ("LN", "LNPre")
+    n_kv = W_K.shape[1]
+    kinds: dict[str, set[str]] = {"reader": set(), "qk": set(), "writer": set()}
     for layer, block in enumerate(model.blocks):
-        gain = block.ln1.weight.detach().float().cpu() if layer_norm else _norm_gain(block.ln1, cfg.d_model)
-        for w in (W_Q, W_K, W_V):
-            w[layer] *= gain[:, None]
-        attn = block.attn
-        if getattr(attn, "q_norm", None) is not None:
-            W_Q[layer] *= _norm_gain(attn.q_norm, cfg.d_head)
-        if getattr(attn, "k_norm", None) is not None:
-            W_K[layer] *= _norm_gain(attn.k_norm, cfg.d_head)
+        ln1, attn = _child(block, "ln1"), block.attn
+        if ln1 is None:
+            kinds["reader"].add("none")
+        else:
+            gain = ln1.weight.detach().float().cpu() if layer_norm else _norm_gain(ln1, cfg.d_model)
+            for w in (W_Q, W_K, W_V):
+                w[layer] *= gain[:, None]
+                if layer_norm:
+                    w[layer] -= w[layer].mean(-2, keepdim=True)
+            kinds["reader"].add("ln" if layer_norm else "rms")
+        if _child(attn, "q_norm") is not None:
+            W_Q[layer] *= _head_gain(attn.q_norm, cfg.n_heads, cfg.d_head)
+            kinds["qk"].add("q")
+        if _child(attn, "k_norm") is not None:
+            W_K[layer] *= _head_gain(attn.k_norm, n_kv, cfg.d_head)
+            kinds["qk"].add("k")
+        post = _child(block, "ln1_post")
+        if post is not None:
+            W_O[layer] *= _norm_gain(post, cfg.d_model)
+            kinds["writer"].add("post")
     if layer_norm:
         W_O = W_O - W_O.mean(-1, keepdim=True)
-    return HeadWeights(W_Q, W_K, W_V, W_O)
+        kinds["writer"].add("centred")
+    return HeadWeights(W_Q, W_K, W_V, W_O, *_describe(kinds))
+
+
+def _describe(kinds: dict[str, set[str]]) -> tuple[dict[str, str], list[str]]:
+    """(processing, notes) for `head_weights`' folds."""
+    reader = {"ln": "LayerNorm gain folded into W_Q/W_K/W_V, which are centred over d_model (TransformerLens fold_ln)",
+              "rms": "RMSNorm gain folded into W_Q/W_K/W_V (TransformerLens fold_ln)",
+              "none": "no pre-attention norm: W_Q/W_K/W_V read the un-normalised residual stream"}
+    processing = {"reader_norm": "; ".join(reader[k] for k in sorted(kinds["reader"]))}
+    notes = []
+    if kinds["qk"]:
+        processing["qk_norm"] = ("q/k-norm gains folded into W_Q/W_K; the norm's per-token 1/rms is not: q- and "
+                                 "k-mode scores read the query/key before the q/k norm's scaling (pre-norm)")
+        notes.append("this model normalises queries and keys (q/k norm): q- and k-mode scores are of the pre-norm "
+                     "query/key (gains folded, the per-token 1/rms not), exact up to a positive scale per token")
+    writer = []
+    if "centred" in kinds["writer"]:
+        writer.append("W_O centred over d_model (TransformerLens center_writing_weights)")
+    if "post" in kinds["writer"]:
+        writer.append("post-attention norm gain folded into W_O; its per-token 1/rms (one scalar per layer and token) "
+                      "is not: write directions and scores exact, singular values up to that scale")
+        notes.append("this model normalises the attention output before the residual add (post-attention norm): its "
+                     "gain is in the writers' W_O, its per-token 1/rms is not (singular values are up to that scale; "
+                     "the scores do not depend on it)")
+    if writer:
+        processing["writer_norm"] = "; ".join(writer)
+    return processing, notes
 
 
 def writer_svd(w: HeadWeights, layers: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
@@ -139,6 +217,7 @@ class Scan:
     scores: Float[Tensor, "layer head comp layer head"]
     sigma: Float[Tensor, "layer head comp"]
     rotary_invariant: Tensor | None = None
+    reads: str = ""  # what the reader side is: "query", "key" (" before the q/k norm" on q/k-norm models), "OV"
 
     def whole_head(self) -> Float[Tensor, "layer head layer head"]:
         """Elhage et al.'s whole-head score from the identity CS² = Σ σ_i² CS_i² / Σ σ_i²."""
@@ -188,7 +267,14 @@ def scan(w: HeadWeights, mode: str, *, S: Tensor | None = None, V: Tensor | None
                 stop = min(lr, start + chunk_layers)
                 C = torch.einsum("lhdi,gdj->lhigj", V[start:stop], R)
                 out[start:stop, :, :, lr] = C.norm(dim=-1)
-    return Scan(mode, scores, S, rot)
+    return Scan(mode, scores, S, rot, reads(w, mode))
+
+
+def reads(w: HeadWeights, mode: str) -> str:
+    """The reader quantity a `mode` score is about; q/k on a q/k-norm model: the query/key before the norm's
+    per-token 1/rms ("pre-norm", `head_weights`)."""
+    side = {"q": "query", "k": "key", "v": "OV"}[mode]
+    return f"{side} (pre-norm: before the q/k norm's 1/rms)" if mode != "v" and "qk_norm" in w.processing else side
 
 
 def gaussian_baseline(d_model: int, d_head: int, n_draws: int = 20, seed: int = 0) -> dict[str, float]:
@@ -221,8 +307,8 @@ def channel_rows(s: Scan, z: Tensor, *, min_z: float, min_score: float, limit: i
     rows = []
     for lw, hw, i, lr, hr in idx:
         row = {"writer_layer": lw, "writer_head": hw, "component": i, "reader_layer": lr, "reader_head": hr,
-               "mode": s.mode, "score": float(s.scores[lw, hw, i, lr, hr]), "z": float(z[lw, hw, i, lr, hr]),
-               "singular_value": float(s.sigma[lw, hw, i])}
+               "mode": s.mode, "reads": s.reads, "score": float(s.scores[lw, hw, i, lr, hr]),
+               "z": float(z[lw, hw, i, lr, hr]), "singular_value": float(s.sigma[lw, hw, i])}
         if s.rotary_invariant is not None:
             row["rotary_invariant"] = float(s.rotary_invariant[lw, hw, i, lr, hr])
         rows.append(row)

@@ -173,6 +173,150 @@ def test_fold_norms_matches_transformerlens_processing(tmp_path):
             torch.testing.assert_close(mine[layer], theirs.float(), atol=1e-5, rtol=1e-5)
 
 
+def _randomise_norms(path, patterns, seed=0, offset=0.5):
+    """Rewrite `path`'s safetensors with random norm parameters (weights in [offset, offset + 1), biases ~ 0.1 N)
+    for every key containing one of `patterns`, so that folding them matters."""
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(path / "model.safetensors"))
+    g = torch.Generator().manual_seed(seed)
+    for k in sd:
+        if any(p in k for p in patterns):
+            shape = sd[k].shape
+            sd[k] = offset + torch.rand(shape, generator=g) if k.endswith("weight") else 0.1 * torch.randn(shape,
+                                                                                                           generator=g)
+    save_file(sd, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return path
+
+
+@pytest.fixture(scope="module")
+def layernorm_gpt2(tmp_path_factory):
+    """A GPT-2-shaped tiny model (LayerNorm, fused c_attn, Conv1D) with random LayerNorm gains and biases, and the
+    same checkpoint on a bridge processed by TransformerLens itself (fold_ln + center_writing_weights)."""
+    from interp.models import load_model
+    from interp.tiny import write_tiny_checkpoint
+
+    path = write_tiny_checkpoint(tmp_path_factory.mktemp("ln_gpt2") / "m", "gpt2", seed=3)
+    _randomise_norms(path, (".ln_1.", ".ln_2.", "ln_f."))
+    ours = load_model(str(path), device="cpu")
+    tl = load_model(str(path), device="cpu")
+    tl.enable_compatibility_mode(disable_warnings=True, fold_ln=True, center_writing_weights=True,
+                                 center_unembed=False, fold_value_biases=False)
+    return ours, tl
+
+
+def test_layernorm_fold_centres_like_transformerlens(layernorm_gpt2):
+    """GPT-2 (LayerNorm): folded W_Q/W_K/W_V (γ, then centred over d_model: LayerNorm removes the all-ones direction)
+    and centred W_O equal TransformerLens' own processed weights, and so do the per-component scores of every mode
+    (TransformerLens' composition_scores on each rank-1 writer component of its processed OV) and the whole-head
+    scores (its all_composition_scores). Without the reader-side centring the component scores move by > 5 %."""
+    from transformer_lens import FactoredMatrix
+    from transformer_lens.utilities import composition_scores
+
+    model, tl = layernorm_gpt2
+    w = comp.head_weights(model, fold_norms=True)
+    for name in ("W_Q", "W_K", "W_V", "W_O"):
+        torch.testing.assert_close(getattr(w, name), getattr(tl, name).detach().float(), atol=1e-6, rtol=1e-5)
+    assert w.processing["reader_norm"].startswith("LayerNorm") and "centred" in w.processing["writer_norm"]
+    scans = {m: comp.scan(w, m) for m in comp.MODES}
+    OV, QK = tl.OV, tl.QK
+    U, S, V = OV.svd()
+    heads = range(tl.cfg.n_heads)
+    for h in heads:
+        for i in range(tl.cfg.d_head):
+            left = FactoredMatrix(U[0, h][:, i:i + 1] * S[0, h][i], V[0, h][:, i:i + 1].T)
+            for r in heads:
+                expected = {"q": composition_scores(left, QK[1, r]), "k": composition_scores(left, QK[1, r].T),
+                            "v": composition_scores(left, OV[1, r])}
+                for m, value in expected.items():
+                    assert float(scans[m].scores[0, h, i, 1, r]) == pytest.approx(float(value), abs=2e-5)
+    for m, name in (("q", "Q"), ("k", "K"), ("v", "V")):
+        ours = scans[m].whole_head()
+        theirs = torch.tensor(tl.all_composition_scores(name).detach().numpy())
+        mask = ~torch.isnan(ours)
+        torch.testing.assert_close(ours[mask], theirs[mask], atol=1e-5, rtol=0)
+    # the same gains without the centring (the earlier fold) give other scores: the test can fail
+    raw = comp.head_weights(model, fold_norms=False)
+    gain = torch.stack([b.ln1.weight.detach().float() for b in model.blocks])[:, None, :, None]
+    uncentred = comp.HeadWeights(raw.W_Q * gain, raw.W_K * gain, raw.W_V * gain, w.W_O)
+    for m in comp.MODES:
+        moved = (comp.scan(uncentred, m).scores - scans[m].scores).abs() / scans[m].scores
+        assert float(moved.nan_to_num(0).max()) > 0.05
+
+
+@torch.no_grad()
+def test_layernorm_fold_is_what_the_query_reads_from_the_raw_residual(layernorm_gpt2):
+    """Activation check, independent of TransformerLens' processing: GPT-2's query is LN(x) W_Q + b, and with the
+    centred fold (x − mean) / sd · γ W_Q = x W_Q' / sd, so q − (β W_Q + b_Q) is x W_Q' up to the token's 1/sd."""
+    model, _ = layernorm_gpt2
+    w = comp.head_weights(model, fold_norms=True)
+    tokens = torch.tensor([model.tokenizer("How do I bake bread? Mix flour and water.")["input_ids"]])
+    _, cache = model.run_with_cache(tokens)
+    for layer in range(model.cfg.n_layers):
+        x = cache[f"blocks.{layer}.hook_resid_pre"][0].float()
+        ln = model.blocks[layer].ln1
+        const = torch.einsum("d,hde->he", ln.bias.detach().float(), model.W_Q[layer].detach().float()) + \
+            model.b_Q[layer].detach().float()
+        q = cache[f"blocks.{layer}.attn.hook_q"][0].float() - const  # [pos, head, d_head]
+        eps = getattr(ln, "original_component", ln).eps
+        sd = (x.var(-1, unbiased=False) + eps).sqrt()
+        pred = torch.einsum("pd,hde->phe", x, w.W_Q[layer]) / sd[:, None, None]
+        torch.testing.assert_close(pred, q, atol=2e-4, rtol=2e-4)
+
+
+def _family_with_random_norms(tmp_path, family):
+    from interp.models import load_model
+    from interp.tiny import write_family_checkpoint
+
+    path = _randomise_norms(write_family_checkpoint(tmp_path / family, family), ("norm",), seed=1, offset=0.3)
+    return load_model(str(path), device="cpu")
+
+
+def _cosine(a, b):
+    return torch.nn.functional.cosine_similarity(a.flatten(1), b.flatten(1), dim=-1)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma-3", "olmo-2"])
+@torch.no_grad()
+def test_qk_norm_fold_is_the_pre_norm_query_and_key(tmp_path, family):
+    """q/k-norm models (per head: Qwen3, Gemma-3; over all heads: OLMo-2, which has no pre-attention norm): the
+    folded W_Q/W_K give the normalised query/key of every head up to a positive per-token scale (the norm's 1/rms,
+    which the scores leave out: pre-norm); the raw W_Q/W_K (gains not folded) do not. Results say pre-norm."""
+    model = _family_with_random_norms(tmp_path, family)
+    w, raw = comp.head_weights(model, fold_norms=True), comp.head_weights(model, fold_norms=False)
+    assert "pre-norm" in w.processing["qk_norm"] and any("q/k norm" in n for n in w.notes)
+    assert ("no pre-attention norm" in w.processing["reader_norm"]) == (family == "olmo-2")
+    assert "pre-norm" in comp.scan(w, "q").reads and comp.scan(w, "v").reads == "OV"
+    tokens = torch.tensor([model.tokenizer("How do I bake bread? Mix flour and water.")["input_ids"]])
+    _, cache = model.run_with_cache(tokens)
+    for layer in range(model.cfg.n_layers):
+        x = cache[f"blocks.{layer}.hook_resid_pre"][0].float()  # an RMSNorm input only scales it per token
+        for side, W, W_raw in (("q", w.W_Q, raw.W_Q), ("k", w.W_K, raw.W_K)):
+            normed = cache[f"blocks.{layer}.attn.hook_{side}_normed"][0].float()
+            heads = W.shape[1]
+            normed = normed.reshape(x.shape[0], heads, -1) if normed.dim() == 2 else normed.transpose(0, 1)
+            for h in range(heads):
+                assert float(_cosine(x @ W[layer, h], normed[:, h]).min()) > 1 - 1e-5
+            assert min(float(_cosine(x @ W_raw[layer, h], normed[:, h]).min()) for h in range(heads)) < 0.999
+
+
+@pytest.mark.parametrize("family", ["gemma-2", "gemma-3", "olmo-2"])
+@torch.no_grad()
+def test_post_attention_norm_gain_is_in_the_writers_ov(tmp_path, family):
+    """Gemma-2/3 and OLMo-2 normalise the attention output before the residual add: Σ_h z_h W_O'[h] with the folded
+    W_O' is what the post-attention norm writes, up to its per-token 1/rms (cosine 1); the raw W_O is not."""
+    model = _family_with_random_norms(tmp_path, family)
+    w, raw = comp.head_weights(model, fold_norms=True), comp.head_weights(model, fold_norms=False)
+    assert "post-attention norm" in w.processing["writer_norm"] and any("post-attention" in n for n in w.notes)
+    tokens = torch.tensor([model.tokenizer("How do I bake bread? Mix flour and water.")["input_ids"]])
+    _, cache = model.run_with_cache(tokens)
+    for layer in range(model.cfg.n_layers):
+        z = cache[f"blocks.{layer}.attn.hook_z"][0].float()
+        written = cache[f"blocks.{layer}.ln1_post.hook_out"][0].float()
+        assert float(_cosine(torch.einsum("phe,hed->pd", z, w.W_O[layer]), written).min()) > 1 - 1e-5
+        assert float(_cosine(torch.einsum("phe,hed->pd", z, raw.W_O[layer]), written).min()) < 0.999
+
+
 def test_channel_rank_and_gaussian_baseline():
     sigma = torch.tensor([2.0, 1.0, 0.5])[None, None]                      # one writer head
     scores = torch.full((1, 1, 3, 2, 1), float("nan"))
