@@ -154,7 +154,7 @@ def sdpa_attention(model, needed_hooks: Sequence[str] = ()) -> Iterator[bool]:
 
     Only when no requested or active hook needs attention internals (scores, pattern, rotary);
     otherwise, or for architectures it does not cover, it is a no-op. Yields whether SDPA is on.
-    Not for generation: the bridge's KV cache lives in its eager path.
+    Generation may use it: the wrapped HF attention then updates the KV cache itself (`interp.generation`).
     """
     needs_eager = any(_EAGER_ONLY.search(n) for n in list(needed_hooks) + _active_hook_names(model))
     blocks = [] if needs_eager else _sdpa_blocks(model)

@@ -28,3 +28,113 @@ def test_sampling_follows_the_seed(tiny_model):
     # each sequence gets its own draw: identical prompts need not continue identically
     twins = encode_prompts(tiny_model.tokenizer, ["Hi"] * 4)
     assert len({tuple(t) for t in generate_tokens(tiny_model, twins, seed=3, **kw)}) > 1
+
+
+# --------------------------------------------------------------------------- KV cache, hooks, truncation
+
+HEADS = [(1, 1)]  # one head: the continuation still depends on every position (padding errors show)
+
+
+def _ablated(model, seqs, **kw):
+    from interp.interventions import ablate_heads
+
+    with ablate_heads(model, HEADS):
+        return generate_tokens(model, seqs, progress=False, **kw)
+
+
+@pytest.mark.parametrize("eager", [False, True])
+def test_cached_ablated_generation_equals_recomputed(tiny_model, eager):
+    """Head ablation (hook_z) with the KV cache gives the same tokens as recomputing the whole sequence each
+    step, on a ragged left-padded batch, through SDPA and through the eager path (a pattern hook forces it)."""
+    seqs = encode_prompts(tiny_model.tokenizer, PROMPTS)
+    hooks = [("blocks.0.attn.hook_pattern", lambda x, hook: x)] if eager else []
+    kw = dict(max_new_tokens=12, batch_size=5)
+    with tiny_model.hooks(fwd_hooks=hooks):
+        cached = _ablated(tiny_model, seqs, **kw)
+        recomputed = _ablated(tiny_model, seqs, use_cache=False, **kw)
+    assert cached == recomputed
+    assert cached != generate_tokens(tiny_model, seqs, progress=False, **kw)  # the ablation acts
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_cached_ablated_generation_does_not_depend_on_padding(tiny_model, temperature):
+    seqs = encode_prompts(tiny_model.tokenizer, PROMPTS)
+    kw = dict(max_new_tokens=12, temperature=temperature, seed=5)
+    alone = _ablated(tiny_model, seqs, batch_size=1, **kw)  # no padding
+    assert _ablated(tiny_model, seqs, batch_size=5, **kw) == alone  # left-padded up to the longest prompt
+    assert _ablated(tiny_model, seqs, batch_size=2, **kw) == alone
+    assert _ablated(tiny_model, seqs, batch_size=5, use_cache=False, **kw) == alone
+
+
+def test_greedy_generation_matches_hugging_face(tiny_dir, tiny_model):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from interp.batching import pad_left
+
+    tok = tiny_model.tokenizer
+    seqs = encode_prompts(tok, PROMPTS)
+    ours = generate_tokens(tiny_model, seqs, max_new_tokens=10, batch_size=5, progress=False)
+    hf = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    tokens, mask = pad_left(seqs, tok.pad_token_id)
+    with torch.no_grad():
+        ref = hf.generate(tokens, attention_mask=mask, max_new_tokens=10, do_sample=False,
+                          pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)[:, tokens.shape[1]:]
+    for row, ids in zip(ref.tolist(), ours):
+        assert ids == [t for t in row if t != tok.pad_token_id][:len(ids)]
+        assert tok.eos_token_id not in row or row[len(ids)] == tok.eos_token_id
+
+
+def _eos_at(model, step: int):
+    """A hook that makes EOS the argmax at the `step`-th forward (0: the prefill) and only there."""
+    calls = [0]
+
+    def hook(logits, hook):
+        if calls[0] == step:
+            logits = logits.clone()
+            logits[:, -1, model.tokenizer.eos_token_id] = 1e4
+        calls[0] += 1
+        return logits
+    return ("unembed.hook_out", hook)
+
+
+def test_rows_say_whether_they_ended_or_hit_the_cap(tiny_model):
+    seqs = encode_prompts(tiny_model.tokenizer, PROMPTS[:4])
+    caps = [2, 3, 8, 8]  # EOS comes at the 4th token: rows capped at 2 or 3 never see it
+    with tiny_model.hooks(fwd_hooks=[_eos_at(tiny_model, 3)]):
+        new = generate_tokens(tiny_model, seqs, max_new_tokens=caps, batch_size=4, progress=False)
+    assert [len(ids) for ids in new] == [2, 3, 3, 3]
+    assert new.truncated == [True, True, False, False]
+    assert new.n_truncated == 2
+    plain = generate_tokens(tiny_model, seqs, max_new_tokens=3, batch_size=4, progress=False)
+    assert plain.truncated == [True] * 4 and all(len(ids) == 3 for ids in plain)
+    from interp.generation import generate
+
+    texts = generate(tiny_model, PROMPTS[:2], max_new_tokens=3, progress=False)
+    assert texts.truncated == [True, True] and all(isinstance(t, str) for t in texts)
+
+
+def test_finished_rows_leave_the_batch_and_steps_describe_the_forward(tiny_model):
+    """After a row ends, later forwards (and the hooks in them) no longer carry it; each step says which
+    rows, the whole mask so far and how many new columns the forward computes."""
+    import contextlib
+
+    seqs = encode_prompts(tiny_model.tokenizer, PROMPTS[:3])
+    steps, widths = [], []
+
+    @contextlib.contextmanager
+    def record(step):
+        steps.append(step)
+        yield
+
+    with tiny_model.hooks(fwd_hooks=[("blocks.0.hook_resid_pre", lambda x, hook: widths.append(tuple(x.shape[:2])))]):
+        new = generate_tokens(tiny_model, seqs, max_new_tokens=[1, 4, 2], batch_size=3, progress=False,
+                              step_context=record)
+    assert [len(ids) for ids in new] == [1, 4, 2]
+    longest = max(len(s) for s in seqs)
+    assert [s.step for s in steps] == [0, 1, 2, 3]
+    assert [len(s.rows) for s in steps] == [3, 2, 1, 1]
+    assert [s.new for s in steps] == [longest, 1, 1, 1]
+    assert [s.mask.shape[1] for s in steps] == [longest, longest + 1, longest + 2, longest + 3]
+    assert widths == [(3, longest), (2, 1), (1, 1), (1, 1)]
+    assert all(int(s.mask[k].sum()) == len(seqs[i]) + s.step for s in steps for k, i in enumerate(s.rows))
