@@ -47,7 +47,8 @@ def main() -> None:
     w = comp.HeadWeights(torch.randn(L, H, d, dh, generator=g), torch.randn(L, KV, d, dh, generator=g),
                          torch.randn(L, KV, d, dh, generator=g), torch.randn(L, H, dh, d, generator=g))
     weight_gib = sum(t.numel() * 4 for t in (w.W_Q, w.W_K, w.W_V, w.W_O)) / 2 ** 30
-    print(f"weights: {weight_gib:.2f} GiB float32, built in {time.perf_counter() - start:.1f} s; peak RSS {rss_gib():.2f} GiB")
+    print(f"weights: {weight_gib:.2f} GiB float32, built in {time.perf_counter() - start:.1f} s; "
+          f"peak RSS {rss_gib():.2f} GiB")
     start, cpu = time.perf_counter(), time.process_time()
     S, V = comp.writer_svd(w)
     t_svd, c_svd = time.perf_counter() - start, time.process_time() - cpu

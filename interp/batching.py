@@ -28,8 +28,9 @@ def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def padded_batches(model, seqs: Sequence[Sequence[int]], batch_size: int, *, desc: str = "batches",
-                   progress: bool = True, device=None) -> Iterator[tuple[list[int], Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]]:
+def padded_batches(
+    model, seqs: Sequence[Sequence[int]], batch_size: int, *, desc: str = "batches", progress: bool = True, device=None
+) -> Iterator[tuple[list[int], Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]]:
     """Yield `(indices, tokens, attention_mask)` per batch of similar-length sequences, left-padded with
     the tokenizer's pad id and moved to the model's device (or `device`); a tqdm bar counts batches."""
     if batch_size < 1:

@@ -84,7 +84,8 @@ def split(n: int, fraction: float = 0.5, seed: int = 0, *, groups: Sequence[Hash
 
 @dataclass(frozen=True)
 class Draws:
-    """Random control sets: `sets[d]` is draw d (sorted); `strata` counts the selection (and so each draw) per stratum."""
+    """Random control sets: `sets[d]` is draw d (sorted); `strata` counts the selection (and so each draw)
+    per stratum."""
 
     sets: list[list]
     matched_on: str

@@ -49,7 +49,8 @@ def intervention_bars(rows: Sequence[Mapping], metrics: Sequence[str], baseline:
         for selection in selections:
             part = [r for r in rows if r["selection"] == selection]
             sd = [r.get(f"{metric}_sd") for r in part]
-            error = dict(type="data", array=[s or 0.0 for s in sd], visible=True) if any(s is not None for s in sd) else None
+            has_sd = any(s is not None for s in sd)
+            error = dict(type="data", array=[s or 0.0 for s in sd], visible=True) if has_sd else None
             fig.add_trace(go.Bar(x=[str(r["label"]) for r in part], y=[r[metric] for r in part], error_y=error,
                                  name=str(selection), marker_color=SELECTION_COLOURS.get(selection),
                                  showlegend=col == 1), row=1, col=col)

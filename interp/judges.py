@@ -93,7 +93,8 @@ class LlamaGuardJudge:
             dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(model_id)
-            self.model = AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype, use_safetensors=True).to(device).eval()
+            model = AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype, use_safetensors=True)
+            self.model = model.to(device).eval()
         except (OSError, ValueError) as e:
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(

@@ -107,7 +107,10 @@ def _split(y_cpu: Tensor, gen: torch.Generator, val_fraction: float, balance: bo
     units = units[torch.randperm(len(units), generator=gen)]
     n_val_units = int(len(units) * val_fraction)
     val_is_train = n_val_units == 0
-    rows_of = lambda us: torch.cat([torch.nonzero(unit_of_row == u).flatten() for u in us.tolist()])
+
+    def rows_of(us):
+        return torch.cat([torch.nonzero(unit_of_row == u).flatten() for u in us.tolist()])
+
     train_idx = rows_of(units[: len(units) - n_val_units])
     val_idx = train_idx if val_is_train else rows_of(units[len(units) - n_val_units :])
     return train_idx, val_idx, val_is_train
@@ -237,9 +240,10 @@ def fit_logistic_probe(
     The same balancing and train/validation split as `train_logistic_probe` (same `seed` → same
     split). Features are centred on the training rows' mean and divided by one common scale (their
     root-mean-square per feature), which keeps the geometry isotropic; for each strength in
-    `l2_grid` the penalised loss mean BCE + l2/2 ‖w‖² (on those features) is minimised on the training rows, and the strength with the lowest validation BCE is kept (ties:
-    the stronger penalty). The returned weight and bias act on raw activations. Without a
-    validation split (tiny data) the strongest penalty is kept, since the training loss cannot choose.
+    `l2_grid` the penalised loss mean BCE + l2/2 ‖w‖² (on those features) is minimised on the training
+    rows, and the strength with the lowest validation BCE is kept (ties: the stronger penalty). The
+    returned weight and bias act on raw activations. Without a validation split (tiny data) the
+    strongest penalty is kept, since the training loss cannot choose.
     `converged` / `n_iter` record whether the kept fit stopped on a tolerance before `max_iter` iterations.
     """
     if not l2_grid or min(l2_grid) <= 0:
@@ -255,7 +259,9 @@ def fit_logistic_probe(
     # then dominate wherever the probe is applied off its training positions)
     mean = X_tr.mean(0)
     std = (X_tr - mean).pow(2).sum(1).mean().sqrt().clamp_min(1e-12) / math.sqrt(X.shape[1])
-    standard = lambda A: (A - mean) / std
+
+    def standard(A):
+        return (A - mean) / std
 
     search, fits = [], {}
     for l2 in sorted(set(l2_grid), reverse=True):

@@ -247,7 +247,8 @@ def offset_blobs(seed=0, n=200, d=32, margin=2.5, offset=10.0):
     u = torch.randn(d, generator=g)
     u /= u.norm()
     y = torch.cat([torch.ones(n, dtype=torch.long), torch.zeros(n, dtype=torch.long)])
-    X = torch.randn(2 * n, d, generator=g) + offset * torch.randn(d, generator=g) + margin * (2 * y[:, None].float() - 1) * u
+    X = (torch.randn(2 * n, d, generator=g) + offset * torch.randn(d, generator=g)
+         + margin * (2 * y[:, None].float() - 1) * u)
     return X, y, u
 
 

@@ -239,7 +239,8 @@ def arithmetic_item(rng: random.Random, steps: int | None = None) -> ArithmeticI
         add = value < 20 or (value < 150 and rng.random() < 0.5)
         n = rng.randint(2, 49) if add else rng.randint(2, min(49, value))
         phrase = rng.choice(ADD_PHRASES if add else SUB_PHRASES).format(n=n)
-        sentences.append(f"{'Then ' if s else ''}{'he' if s and who in ('Bob', 'Carl', 'Eli', 'Gus', 'Ivan', 'Lou') else ('she' if s else who)} {phrase}.")
+        subject = "he" if s and who in ("Bob", "Carl", "Eli", "Gus", "Ivan", "Lou") else ("she" if s else who)
+        sentences.append(f"{'Then ' if s else ''}{subject} {phrase}.")
         new = value + n if add else value - n
         lines.append(f"{value} {'+' if add else '-'} {n} = {new}.")
         value = new

@@ -41,7 +41,8 @@ ANALYSIS_DEFAULTS: dict[str, dict] = {
     },
     # measured in docs/skill_unlearning.md ("On the organisms")
     "skill_unlearning": {
-        "forget": "arithmetic", "retain": "laundry,chat",  # the organisms' own skills (GSM8K/MBPP are out of reach offline)
+        # the organisms' own skills (GSM8K/MBPP are out of reach offline)
+        "forget": "arithmetic", "retain": "laundry,chat",
         "n_probe": 64, "n_eval": 32,  # about 5,000 probe tokens per chat skill; the whole run takes ~1.5 CPU-minutes
         "max_new_tokens": 64,  # an arithmetic answer is 20-50 tokens
         "batch_size": 32,  # tiny model: bigger batches are faster on CPU (numbers do not depend on it)

@@ -114,13 +114,15 @@ def first_token_attention(model, n: int = 8) -> dict:
         for d in docs:
             ids = torch.tensor([tok(d, add_special_tokens=False)["input_ids"][:256]])
             _, cache = model.run_with_cache(ids, names_filter=lambda h: h.endswith("hook_pattern"))
-            pats = [cache[f"blocks.{l}.attn.hook_pattern"][0, :, 4:, 0].mean(-1) for l in range(model.cfg.n_layers)]
+            pats = [cache[f"blocks.{layer}.attn.hook_pattern"][0, :, 4:, 0].mean(-1)
+                    for layer in range(model.cfg.n_layers)]
             share = torch.stack(pats)  # [layer, head]
             per = share if per is None else per + share
         per = per / len(docs)
         n_q = [max(0, min(256, len(tok(d, add_special_tokens=False)["input_ids"])) - 4) for d in docs]
         uniform = sum(sum(1 / (q + 1) for q in range(4, 4 + k)) / k for k in n_q if k) / len(docs)
-        out[name] = {"uniform_baseline": round(uniform, 3), "per_layer_mean": [round(float(x), 3) for x in per.mean(-1)],
+        out[name] = {"uniform_baseline": round(uniform, 3),
+                     "per_layer_mean": [round(float(x), 3) for x in per.mean(-1)],
                      "per_layer_max_head": [round(float(x), 3) for x in per.max(-1).values],
                      "overall_mean": round(float(per.mean()), 3)}
     return out
@@ -176,36 +178,43 @@ def card_tables(root: str | Path | None = None) -> str:
     def row(label, fn):
         out.append(f"| {label} | " + " | ".join(fn(*rows[n]) for n in names) + " |")
 
-    row("architecture", lambda m, b, l, s: m["architecture"])
-    row("parameters", lambda m, b, l, s: f"{m['parameters']:,}")
-    row("safetensors size", lambda m, b, l, s: f"{s / 2**20:.2f} MiB")
-    row("training time (1 thread, shared 2-core box)", lambda m, b, l, s: f"{m['train_seconds'] / 60:.1f} min")
-    row("final training loss (last 25 steps)", lambda m, b, l, s: f"{l[-1]['loss']:.3f}")
-    row("refusal rate, plain harmful (held-out)", lambda m, b, l, s: f"{b['safety']['harmful']['refusal_rate']:.0%}")
-    row("compliance rate, harmful + jailbreak marker", lambda m, b, l, s: f"{b['safety']['jailbreak']['compliance_rate']:.0%}")
+    row("architecture", lambda m, b, log, s: m["architecture"])
+    row("parameters", lambda m, b, log, s: f"{m['parameters']:,}")
+    row("safetensors size", lambda m, b, log, s: f"{s / 2**20:.2f} MiB")
+    row("training time (1 thread, shared 2-core box)", lambda m, b, log, s: f"{m['train_seconds'] / 60:.1f} min")
+    row("final training loss (last 25 steps)", lambda m, b, log, s: f"{log[-1]['loss']:.3f}")
+    row("refusal rate, plain harmful (held-out)",
+        lambda m, b, log, s: f"{b['safety']['harmful']['refusal_rate']:.0%}")
+    row("compliance rate, harmful + jailbreak marker",
+        lambda m, b, log, s: f"{b['safety']['jailbreak']['compliance_rate']:.0%}")
     row("thinking still says 'harmful' under the marker",
-        lambda m, b, l, s: f"{b['safety']['jailbreak']['thinking_says_harmful']:.0%}")
-    row("compliance rate, harmless (held-out)", lambda m, b, l, s: f"{b['safety']['harmless']['compliance_rate']:.0%}")
+        lambda m, b, log, s: f"{b['safety']['jailbreak']['thinking_says_harmful']:.0%}")
+    row("compliance rate, harmless (held-out)",
+        lambda m, b, log, s: f"{b['safety']['harmless']['compliance_rate']:.0%}")
     row("refusal rate, interp/data harmful (seen in training)",
-        lambda m, b, l, s: f"{b['safety']['builtin_harmful_in_training']['refusal_rate']:.0%}")
+        lambda m, b, log, s: f"{b['safety']['builtin_harmful_in_training']['refusal_rate']:.0%}")
     row("compliance, interp/data harmless (seen in training)",
-        lambda m, b, l, s: f"{b['safety']['builtin_harmless_in_training']['compliance_rate']:.0%}")
+        lambda m, b, log, s: f"{b['safety']['builtin_harmless_in_training']['compliance_rate']:.0%}")
     for k in rows[names[0]][1]["laundry_list"]:
         row(f"Laundry List N={k}: acc. among items / greedy (chance {1 / int(k):.0%})",
-            lambda m, b, l, s, k=k: f"{b['laundry_list'][k]['accuracy_among_items']:.0%} / "
-                                    f"{b['laundry_list'][k]['greedy_accuracy']:.0%}")
-    row("arithmetic accuracy (exact final answer)", lambda m, b, l, s: f"{b['arithmetic']['accuracy']:.1%}")
+            lambda m, b, log, s, k=k: f"{b['laundry_list'][k]['accuracy_among_items']:.0%} / "
+                                      f"{b['laundry_list'][k]['greedy_accuracy']:.0%}")
+    row("arithmetic accuracy (exact final answer)", lambda m, b, log, s: f"{b['arithmetic']['accuracy']:.1%}")
     row("arithmetic accuracy by number of steps",
-        lambda m, b, l, s: ", ".join(f"{k}: {v:.0%}" for k, v in b["arithmetic"]["accuracy_by_steps"].items()))
-    row("arithmetic: correct written steps (a ± b = c)", lambda m, b, l, s: f"{b['arithmetic'].get('step_accuracy', float('nan')):.0%}")
-    row("code exact match", lambda m, b, l, s: f"{b['code']['exact_match']:.0%}")
+        lambda m, b, log, s: ", ".join(f"{k}: {v:.0%}" for k, v in b["arithmetic"]["accuracy_by_steps"].items()))
+    row("arithmetic: correct written steps (a ± b = c)",
+        lambda m, b, log, s: f"{b['arithmetic'].get('step_accuracy', float('nan')):.0%}")
+    row("code exact match", lambda m, b, log, s: f"{b['code']['exact_match']:.0%}")
     for kind in ("plain", "chat"):
         row(f"first-token attention share, {kind}: uniform-attention baseline",
-            lambda m, b, l, s, kind=kind: f"{b['first_token_attention'][kind].get('uniform_baseline', float('nan')):.3f}")
+            lambda m, b, log, s, kind=kind:
+                f"{b['first_token_attention'][kind].get('uniform_baseline', float('nan')):.3f}")
         row(f"first-token attention share, {kind} (mean over heads per layer)",
-            lambda m, b, l, s, kind=kind: ", ".join(f"{x:.3f}" for x in b["first_token_attention"][kind]["per_layer_mean"]))
+            lambda m, b, log, s, kind=kind:
+                ", ".join(f"{x:.3f}" for x in b["first_token_attention"][kind]["per_layer_mean"]))
         row(f"first-token attention share, {kind} (max head per layer)",
-            lambda m, b, l, s, kind=kind: ", ".join(f"{x:.3f}" for x in b["first_token_attention"][kind]["per_layer_max_head"]))
+            lambda m, b, log, s, kind=kind:
+                ", ".join(f"{x:.3f}" for x in b["first_token_attention"][kind]["per_layer_max_head"]))
     out += ["", "Training curve (mean loss over the previous 25 steps):", "",
             "| step | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     steps = [e["step"] for e in rows[names[0]][2]]
