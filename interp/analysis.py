@@ -17,7 +17,9 @@ files before a model loads), `needs_model(config) -> bool` (False: `run` gets `m
 `RENAMED_OPTIONS` (old option name → new, for names only this analysis used).
 
 Every `Result` has a `warnings: list[str]` (filled through `warn`), written to `results.json` and shown at
-the top of the report by `analysis_report(header, warnings)`.
+the top of the report by `analysis_report(header, warnings)`. An analysis that cannot run on a model's architecture
+raises `NotApplicable` (`not_applicable(analysis, model, reason)`) before any heavy work; one that reads attention
+heads runs on the softmax-attention layers (`attention_scope`) and writes the others to `skipped_layers`.
 
 One vocabulary across analyses (`OPTION_VOCABULARY`): the same idea has the same option name everywhere;
 older names (`RENAMED_OPTIONS` here and in a module) still work and warn. The two halves of every split are
@@ -45,7 +47,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Literal
 
-from interp.errors import UserError
+from interp.errors import NotApplicable, UserError
 
 ANALYSES_PACKAGE = "interp.analyses"
 
@@ -99,6 +101,49 @@ def warn(warnings: list[str], message: str) -> None:
     """Print a one-line warning on stderr and keep it in `warnings` (the Result's, for results.json and the report)."""
     print(f"warning: {message}", file=sys.stderr)
     warnings.append(message)
+
+
+def skip_layers(skipped: dict[int, str], warnings: list[str], layers: dict[int, str], what: str) -> None:
+    """Record the layers a part of an analysis left out (`what`, e.g. "attention patterns") and why (`layers`:
+    {layer: reason}), the `skipped_layers` convention: `skipped[layer]` gets "<what>: <reason>" (several parts'
+    reasons for one layer are joined by "; "); one `warn` line names the layers, the part and the reasons. The
+    Result writes `skipped` to results.json as "skipped_layers"."""
+    if not layers:
+        return
+    for layer, reason in sorted(layers.items()):
+        text = f"{what}: {reason}"
+        if text not in skipped.get(layer, ""):
+            skipped[layer] = f"{skipped[layer]}; {text}" if layer in skipped else text
+    names = ", ".join(str(layer) for layer in sorted(layers))
+    warn(warnings, f"{what} skipped on layer{'s' if len(layers) > 1 else ''} {names}: "
+                   + "; ".join(dict.fromkeys(reason for _, reason in sorted(layers.items()))))
+
+
+def family(model) -> str:
+    """The model's family as `NotApplicable` names it: its Hugging Face architecture class (e.g. Qwen3_5ForCausalLM)."""
+    from interp.models import model_info
+
+    name = model_info(model).architecture
+    return name if name != "?" else type(getattr(model, "original_model", model)).__name__
+
+
+def not_applicable(analysis: str, model, reason: str) -> NotApplicable:
+    """The `NotApplicable` error for `analysis` on this model's family (raise it before any heavy work)."""
+    return NotApplicable(analysis, family(model), reason)
+
+
+def attention_scope(analysis: str, model, skipped: dict[int, str], warnings: list[str],
+                    what: str = "attention heads") -> list[int]:
+    """The softmax-attention layers `analysis` reads: on a hybrid (Qwen3.5, Qwen3-Next: linear attention between
+    softmax layers) the others go to `skipped` as "<what>: <kind>" (e.g. "attention heads: linear_attention") with
+    one warning (`skip_layers`); with no softmax-attention layer at all the analysis does not apply."""
+    from interp.bridge import attention_layers
+
+    layers, others = attention_layers(model)
+    if not layers:
+        raise not_applicable(analysis, model, "it has no softmax-attention layer")
+    skip_layers(skipped, warnings, others, what)
+    return layers
 
 
 def literal_choices(hint) -> tuple | None:

@@ -10,24 +10,34 @@ Public functions:
 - `outlier_tokens(h, tau=1000)` → positions whose max |h| > tau × mean |h| (An et al.'s token rule).
 - `token_type(position, token)` → "initial" | "strong_delimiter" | "weak_semantic" | "other" (An et al.'s classes).
 - `ResidualStats(n_layers, ...)`: streaming accumulator over `blocks.L.hook_resid_post` (and the MLP
-  down-projection input `blocks.L.mlp.out.hook_in` when `down=True`): `hooks()`, `begin_batch(indices, tokens, mask)`,
-  then `profile()` (rows `{layer, max_abs, top1, top2, top3, median_abs, mean_abs, top_dims}`),
+  down-projection input when `down=True`: `down_hooks`, default `blocks.L.mlp.out.hook_in`; MoE layers are fed
+  by `residual_stats` through `update(..., "down")`, unrouted entries NaN): `hooks()`, `begin_batch(indices,
+  tokens, mask)`, then `profile()` (rows `{layer, max_abs, top1, top2, top3, median_abs, mean_abs, top_dims}`),
   `down_profile()`, `hits` (Sun's rule, `{layer, sequence, position, token_id, dim, value, median}`, the first
   `max_hits` listed, `n_hits_dropped` the rest; `n_hits` and `hit_counts[(layer, dim)]` count them all;
   `hit_positions[(layer, first, token_id)]` counts every position with at least one hit, `first` = position 0),
   `token_hits` (An's rule), `outlier_dims(min_share=0.5)`, `layer_max()`, `dim_max` (`[layer, d_model]`).
 - `residual_stats(model, seqs, ...)` → `ResidualStats`: runs the loop with SDPA attention (no patterns).
-- `down_projection(model, layer)` → `[d_model, d_mlp]` weight of the MLP down-projection (HF layout),
-  UserError when the model has none; `is_moe(model)`.
+- `down_layers(model)` → ({layer: `LayerDown`}, {layer: reason skipped}): the down-projection(s) of each layer. A
+  dense layer has one; an MoE layer one per routed expert plus its shared expert's, read as one layer-wide neuron
+  axis: routed expert e's neuron j is neuron e·F + j, the shared expert's follow (`LayerDown.label`). Its
+  down-projection input is each expert's act(gate)·up on the tokens routed to it (NaN elsewhere: statistics are
+  over routed entries), the shared expert's on every token.
+- `down_projection(model, layer, expert=None)` → `[d_model, width]` weight of a dense MLP down-projection (HF
+  layout), of routed expert `expert` or of the shared expert (`expert="shared"`) of an MoE layer; UserError when
+  there is none; `is_moe(model)` (any layer MoE; per layer: `interp.mlp.mlp_kinds`).
 - `weight_outliers(model, ratio=500)` → rows per layer and linear module: max and median of the per-column
-  max/mean ratio of |W| (down-projection first), top columns, `outlier` flag.
+  max/mean ratio of |W| (down-projections first, one row per expert in an MoE layer, `expert` set), top columns,
+  `outlier` flag.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 from jaxtyping import Float
@@ -36,6 +46,16 @@ from torch import Tensor
 from interp.batching import padded_batches
 from interp.bridge import sdpa_attention, stopped_at
 from interp.errors import UserError
+from interp.mlp import (
+    DenseMLP,
+    RoutedExperts,
+    dense_mlp,
+    mlp_kind,
+    routed_down_inputs,
+    routed_experts,
+    shared_expert,
+    unreadable_reason,
+)
 
 MASSIVE_ABS, MASSIVE_RATIO = 100.0, 1000.0  # Sun et al. 2024
 TOKEN_TAU = 1000.0  # An et al. 2025, token rule on the mean |h|
@@ -92,8 +112,15 @@ class ResidualStats:
     """Streaming accumulator of residual (and down-projection input) magnitude statistics per layer."""
 
     def __init__(self, n_layers: int, *, down: bool = True, abs_thr: float = MASSIVE_ABS, ratio: float = MASSIVE_RATIO,
-                 tau: float = TOKEN_TAU, max_hits: int = 5000):
+                 tau: float = TOKEN_TAU, max_hits: int = 5000, down_hooks: dict[int, str] | None = None,
+                 sparse_layers: Sequence[int] = ()):
         self.n_layers, self.down = n_layers, down
+        # layer → bridge hook of its dense down-projection input; MoE layers (`sparse_layers`, NaN where a token
+        # is not routed to an expert) are fed through `update` by `residual_stats`
+        self.down_hooks = ({layer: f"blocks.{layer}.mlp.out.hook_in" for layer in range(n_layers)}
+                           if down_hooks is None else dict(down_hooks))
+        self.sparse_layers = set(sparse_layers)
+        self.down_seen: set[int] = set()
         self.abs_thr, self.ratio, self.tau, self.max_hits = abs_thr, ratio, tau, max_hits
         # top1..3, median, mean, top1²
         self.sums = {kind: torch.zeros(n_layers, 6, dtype=torch.float64) for kind in ("resid", "down")}
@@ -114,7 +141,7 @@ class ResidualStats:
     def hooks(self) -> list[tuple[str, object]]:
         fwd = [(f"blocks.{layer}.hook_resid_post", self._resid_hook) for layer in range(self.n_layers)]
         if self.down:
-            fwd += [(f"blocks.{layer}.mlp.out.hook_in", self._down_hook) for layer in range(self.n_layers)]
+            fwd += [(name, self._down_hook) for name in self.down_hooks.values()]
         return fwd
 
     def begin_batch(self, indices: Sequence[int], tokens: Tensor, mask: Tensor | None) -> None:
@@ -126,35 +153,54 @@ class ResidualStats:
     def _down_hook(self, x, hook):
         self.update(int(_LAYER.match(hook.name).group(1)), x.detach(), "down")
 
+    def _widen(self, kind: str, width: int) -> None:
+        """Make room for `width` neurons (an MoE layer's neuron axis is wider than a dense layer's)."""
+        if self.dim_max[kind] is None:
+            self.dim_max[kind] = torch.zeros(self.n_layers, width, dtype=torch.float64)
+            self.dim_where[kind] = torch.zeros(self.n_layers, width, 3, dtype=torch.long)
+        elif self.dim_max[kind].shape[1] < width:
+            extra = width - self.dim_max[kind].shape[1]
+            self.dim_max[kind] = torch.nn.functional.pad(self.dim_max[kind], (0, extra))
+            self.dim_where[kind] = torch.nn.functional.pad(self.dim_where[kind], (0, 0, 0, extra))
+
     @torch.no_grad()
     def update(self, layer: int, x: Float[Tensor, "batch pos width"], kind: str = "resid") -> None:
-        """Add one layer's activations (`resid`: block output; `down`: MLP down-projection input) for the batch."""
+        """Add one layer's activations (`resid`: block output; `down`: MLP down-projection input) for the batch.
+        On an MoE layer (`sparse_layers`, kind "down") NaN marks entries of experts a token is not routed to: the
+        statistics are over the routed entries."""
         indices, tokens, mask = self._batch
         width = x.shape[1]
-        if self.dim_max[kind] is None:
-            self.dim_max[kind] = torch.zeros(self.n_layers, x.shape[-1], dtype=torch.float64)
-            self.dim_where[kind] = torch.zeros(self.n_layers, x.shape[-1], 3, dtype=torch.long)
+        self._widen(kind, x.shape[-1])
+        sparse = kind == "down" and layer in self.sparse_layers
+        if kind == "down":
+            self.down_seen.add(layer)
         for row, seq in enumerate(indices):
             n = int(mask[row].sum()) if mask is not None else width
             h = x[row, width - n:].float()
             a = h.abs()
+            if sparse:
+                real = ~torch.isnan(h)
+                median, mean = a[real].median(), a[real].mean()
+                h, a = h.nan_to_num(0.0), a.nan_to_num(0.0)
+            else:
+                median, mean = a.median(), a.mean()
             vals, _ = top_k_abs(h, 3)
             vals = torch.cat([vals, vals.new_zeros(3 - len(vals))])
-            median, mean = a.median(), a.mean()
             row_stats = torch.stack([vals[0], vals[1], vals[2], median, mean, vals[0] ** 2])
             self.sums[kind][layer] += row_stats.double().cpu()
             self.global_max[kind][layer] = max(self.global_max[kind][layer], float(vals[0]))
             per_dim, pos = a.max(0)
-            better = per_dim.double().cpu() > self.dim_max[kind][layer]
+            better = per_dim.double().cpu() > self.dim_max[kind][layer, :h.shape[-1]]
             if better.any():
-                self.dim_max[kind][layer][better] = per_dim.double().cpu()[better]
+                self.dim_max[kind][layer, :h.shape[-1]][better] = per_dim.double().cpu()[better]
                 where = self.dim_where[kind][layer]
                 dims = better.nonzero()[:, 0]
                 where[dims, 0] = seq
                 where[dims, 1] = pos.cpu()[dims]
                 where[dims, 2] = torch.sign(h[pos, torch.arange(h.shape[-1], device=h.device)]).long().cpu()[dims]
             toks = tokens[row, width - n:].tolist()
-            hits = massive_hits(h, self.abs_thr, self.ratio).tolist()
+            hits = ((a > self.abs_thr) & (a >= self.ratio * median)).nonzero().tolist() if sparse \
+                else massive_hits(h, self.abs_thr, self.ratio).tolist()
             target = self.hits if kind == "resid" else self.down_hits
             if kind == "resid":
                 self.n_hits += len(hits)
@@ -195,8 +241,8 @@ class ResidualStats:
         return self._rows("resid")
 
     def down_profile(self) -> list[dict]:
-        """The same for the MLP down-projection input (`top_dims` are neurons)."""
-        return self._rows("down") if self.down else []
+        """The same for the MLP down-projection input (`top_dims` are neurons), for the layers read."""
+        return [r for r in self._rows("down") if r["layer"] in self.down_seen] if self.down else []
 
     def layer_max(self) -> Tensor:
         """Largest |h| per layer over the set (M-Act's per-layer term)."""
@@ -215,14 +261,147 @@ class ResidualStats:
                 for d, ls in sorted(count.items(), key=lambda kv: -len(kv[1])) if len(ls) >= need]
 
 
+# ---------------------------------------------------------------- down-projections per layer (dense and MoE)
+
+@dataclass
+class LayerDown:
+    """The down-projection(s) of one layer: a dense MLP's, or an MoE layer's routed experts' and shared expert's,
+    on one neuron axis (routed expert e's neuron j at e·F + j, then the shared expert's neurons)."""
+
+    layer: int
+    dense: DenseMLP | None = None
+    routed: RoutedExperts | None = None
+    shared: DenseMLP | None = None
+
+    @property
+    def kind(self) -> str:
+        return "dense" if self.dense is not None else "moe"
+
+    @property
+    def routed_width(self) -> int:
+        return self.routed.n_experts * self.routed.width if self.routed is not None else 0
+
+    @property
+    def width(self) -> int:
+        if self.dense is not None:
+            return self.dense.width
+        return self.routed_width + (self.shared.width if self.shared is not None else 0)
+
+    def label(self, neuron: int) -> tuple[int | str | None, int]:
+        """(expert, neuron within it) of a layer-axis neuron: expert None on a dense layer, "shared" for the
+        shared expert's."""
+        if self.dense is not None:
+            return None, neuron
+        if neuron < self.routed_width:
+            return neuron // self.routed.width, neuron % self.routed.width
+        return "shared", neuron - self.routed_width
+
+    def parts(self, d_model: int) -> list[tuple[int | str | None, Tensor]]:
+        """(expert, `[d_model, F]` down-projection weight) of every part, in neuron-axis order."""
+        if self.dense is not None:
+            return [(None, self.dense.down_weight(d_model))]
+        found: list[tuple[int | str | None, Tensor]] = []
+        if self.routed is not None:
+            found += list(enumerate(self.routed.down_weights()))
+        if self.shared is not None:
+            found.append(("shared", self.shared.down_weight(d_model)))
+        return found
+
+    def weight(self, d_model: int) -> Float[Tensor, "d_model width"]:
+        """The whole layer's down-projection on the neuron axis, `[d_model, width]`."""
+        return torch.cat([w for _, w in self.parts(d_model)], dim=1)
+
+    def column(self, neuron: int, d_model: int) -> Float[Tensor, " d_model"]:
+        expert, j = self.label(neuron)
+        if expert is None:
+            return self.dense.down_weight(d_model)[:, j]
+        if expert == "shared":
+            return self.shared.down_weight(d_model)[:, j]
+        return self.routed.down_weight(expert)[:, j]
+
+
+def down_layers(model) -> tuple[dict[int, LayerDown], dict[int, str]]:
+    """({layer: its down-projection(s)}, {layer: why it has none interp reads}) for every layer."""
+    found, skipped = {}, {}
+    for layer in range(model.cfg.n_layers):
+        kind = mlp_kind(model, layer)
+        if kind == "dense":
+            dense = dense_mlp(model, layer)
+            if dense is not None and dense.down_hook in model.hook_dict:
+                found[layer] = LayerDown(layer, dense=dense)
+            else:
+                skipped[layer] = f"no MLP down-projection interp reads (blocks.{layer}.mlp.out)"
+        elif kind == "moe":
+            routed = routed_experts(model, layer)
+            if routed is None:
+                skipped[layer] = unreadable_reason(model, layer) or "mixture of experts interp does not read"
+            else:
+                found[layer] = LayerDown(layer, routed=routed, shared=shared_expert(model, layer))
+        else:
+            skipped[layer] = "no MLP in this block"
+    return found, skipped
+
+
+class _MoEDownInputs:
+    """Assembles an MoE layer's down-projection input `[batch, pos, width]` during a forward (routed experts through
+    `interp.mlp.routed_down_inputs`, the shared expert through its `hook_post`; NaN where a token is not routed to
+    an expert) and hands it to `ResidualStats.update` when the MoE block's output hook fires."""
+
+    def __init__(self, layers: dict[int, LayerDown], stats: ResidualStats):
+        self.layers, self.stats = layers, stats
+        self.buf: dict[int, Tensor] = {}
+        self.shape: dict[int, tuple[int, int]] = {}
+
+    def hooks(self) -> list[tuple[str, object]]:
+        fwd = []
+        for layer, parts in self.layers.items():
+            fwd += [(f"blocks.{layer}.mlp.hook_in", self._begin), (f"blocks.{layer}.mlp.hook_out", self._flush)]
+            if parts.shared is not None:
+                fwd.append((parts.shared.key_hook, self._shared))
+        return fwd
+
+    def _begin(self, x, hook):
+        layer = int(_LAYER.match(hook.name).group(1))
+        b, pos = x.shape[:2]
+        self.shape[layer] = (b, pos)
+        self.buf[layer] = torch.full((b * pos, self.layers[layer].width), float("nan"), device=x.device)
+
+    def routed(self, layer: int, tokens: Tensor, expert: int, x: Tensor) -> None:
+        if layer in self.buf:
+            w = self.layers[layer].routed.width
+            self.buf[layer][tokens, expert * w:(expert + 1) * w] = x.float()
+
+    def _shared(self, x, hook):
+        layer = int(_LAYER.match(hook.name).group(1))
+        if layer in self.buf:
+            self.buf[layer][:, self.layers[layer].routed_width:] = x.detach().float().reshape(-1, x.shape[-1])
+
+    def _flush(self, x, hook):
+        layer = int(_LAYER.match(hook.name).group(1))
+        buf = self.buf.pop(layer, None)
+        if buf is not None:
+            self.stats.update(layer, buf.view(*self.shape[layer], -1), "down")
+
+    @contextlib.contextmanager
+    def active(self, model) -> Iterator[None]:
+        with routed_down_inputs(model, list(self.layers), self.routed):
+            yield
+
+
 @torch.no_grad()
 def residual_stats(model, seqs: Sequence[Sequence[int]], *, batch_size: int = 8, down: bool = True,
                    abs_thr: float = MASSIVE_ABS, ratio: float = MASSIVE_RATIO, tau: float = TOKEN_TAU,
                    fwd_hooks: Sequence = (), progress: bool = True) -> ResidualStats:
-    """Stream `seqs` through the model (SDPA attention, no patterns) and return the filled `ResidualStats`."""
-    stats = ResidualStats(model.cfg.n_layers, down=down, abs_thr=abs_thr, ratio=ratio, tau=tau)
-    hooks = list(fwd_hooks) + stats.hooks()
-    with sdpa_attention(model, [n for n, _ in hooks]):
+    """Stream `seqs` through the model (SDPA attention, no patterns) and return the filled `ResidualStats`. With
+    `down`, the down-projection input of every layer `down_layers` reads (MoE layers: per expert, on routed tokens)."""
+    layers = down_layers(model)[0] if down else {}
+    moe = {layer: d for layer, d in layers.items() if d.kind == "moe"}
+    stats = ResidualStats(model.cfg.n_layers, down=down, abs_thr=abs_thr, ratio=ratio, tau=tau,
+                          down_hooks={layer: d.dense.down_hook for layer, d in layers.items() if d.kind == "dense"},
+                          sparse_layers=list(moe))
+    assembler = _MoEDownInputs(moe, stats)
+    hooks = list(fwd_hooks) + stats.hooks() + assembler.hooks()
+    with sdpa_attention(model, [n for n, _ in hooks]), assembler.active(model):
         for idx, tokens, mask in padded_batches(model, seqs, batch_size, desc="residual", progress=progress):
             stats.begin_batch(idx, tokens, mask)
             with stopped_at(model, model.cfg.n_layers) as stop_at_layer:
@@ -232,32 +411,40 @@ def residual_stats(model, seqs: Sequence[Sequence[int]], *, batch_size: int = 8,
 
 
 def is_moe(model) -> bool:
-    """True when the blocks' MLP is a mixture of experts (no single down-projection)."""
-    mlp = getattr(model.blocks[0], "mlp", None)
-    return mlp is not None and any("expert" in name for name, _ in mlp.named_modules())
+    """True when any layer's MLP is a mixture of experts (per layer: `interp.mlp.mlp_kinds`)."""
+    from interp.mlp import is_moe as any_moe
+
+    return any_moe(model)
 
 
-def down_projection(model, layer: int) -> Float[Tensor, "d_model d_mlp"]:
-    """The MLP down-projection weight of block `layer` as `[d_model, d_mlp]` (column j = neuron j), float32, CPU."""
-    mlp = getattr(model.blocks[layer], "mlp", None)
-    out = getattr(mlp, "out", None) if mlp is not None else None
-    if out is None or is_moe(model):
-        raise UserError("this model has no single MLP down-projection (blocks.L.mlp.out); "
-                        "the outlier analysis needs a dense MLP")
-    module = getattr(out, "original_component", out)
-    w = module.weight.detach().float().cpu()
+def down_projection(model, layer: int, expert: int | str | None = None) -> Float[Tensor, "d_model width"]:
+    """The down-projection weight of block `layer` as `[d_model, width]` (column j = neuron j), float32, CPU: the
+    dense MLP's; on an MoE layer routed expert `expert`'s, or the shared expert's (`expert="shared"`)."""
+    if getattr(model.blocks[layer], "mlp", None) is None:
+        raise UserError(f"block {layer} has no MLP down-projection")
+    kind = mlp_kind(model, layer)
     d_model = model.cfg.d_model
-    return w if w.shape[0] == d_model else w.T  # GPT-2's Conv1D stores [in, out]
+    if kind == "dense" and expert is None:
+        dense = dense_mlp(model, layer)
+        if dense is not None:
+            return dense.down_weight(d_model)
+    elif kind == "moe" and expert is not None:
+        if expert == "shared" and shared_expert(model, layer) is not None:
+            return shared_expert(model, layer).down_weight(d_model)
+        routed = routed_experts(model, layer)
+        if routed is not None and isinstance(expert, int) and 0 <= expert < routed.n_experts:
+            return routed.down_weight(expert)
+    what = "a mixture of experts: pass expert=" if kind == "moe" and expert is None else "no such "
+    raise UserError(f"block {layer} has {what}MLP down-projection (expert {expert!r}, layer kind {kind})")
 
 
 def check_down_projection(model) -> None:
-    """UserError unless every block has an MLP down-projection with the `mlp.out.hook_in` hook."""
-    if is_moe(model):
-        return
-    missing = [layer for layer in range(model.cfg.n_layers) if f"blocks.{layer}.mlp.out.hook_in" not in model.hook_dict]
-    if missing:
-        raise UserError(f"block {missing[0]} has no MLP down-projection (blocks.{missing[0]}.mlp.out); "
-                        "the outlier analysis needs models with a dense MLP")
+    """UserError when no block has an MLP down-projection interp reads (dense, or MoE experts)."""
+    layers, skipped = down_layers(model)
+    if not layers:
+        first = min(skipped)
+        raise UserError(f"block {first} has no MLP down-projection interp reads ({skipped[first]}); "
+                        "the outlier analysis needs an MLP")
 
 
 def column_ratios(w: Float[Tensor, "out inp"]) -> Float[Tensor, " inp"]:
@@ -266,10 +453,19 @@ def column_ratios(w: Float[Tensor, "out inp"]) -> Float[Tensor, " inp"]:
     return a.amax(0) / (a.mean(0) + 1e-8)
 
 
-def _linear_modules(model, layer: int) -> list[tuple[str, Tensor]]:
-    """(name, weight as [out, in]) of the block's linear layers, the down-projection first."""
-    found = [("down", down_projection(model, layer))]
-    seen = {id(getattr(model.blocks[layer].mlp.out, "original_component", None))}
+def _linear_modules(model, layer: int, down: LayerDown | None = None) -> list[tuple[str, int | str | None, Tensor]]:
+    """(name, expert, weight as [out, in]) of the block's linear layers, the down-projection(s) first (one per
+    expert on an MoE layer), then the routed experts' fused gate/up projections, then the block's other linears."""
+    d_model = model.cfg.d_model
+    found: list[tuple[str, int | str | None, Tensor]] = []
+    seen = set()
+    if down is not None:
+        found += [("down", expert, w) for expert, w in down.parts(d_model)]
+        for mlp in (down.dense, down.shared):
+            if mlp is not None:
+                seen.add(id(getattr(mlp.down, "original_component", mlp.down)))
+        if down.routed is not None:
+            found += [("gate_up", e, down.routed.gate_up_weight(e)) for e in range(down.routed.n_experts)]
     hf_layer = getattr(model.blocks[layer], "original_component", None)
     if hf_layer is None:
         return found
@@ -280,20 +476,22 @@ def _linear_modules(model, layer: int) -> list[tuple[str, Tensor]]:
             continue
         w = mod.weight.detach().float()
         label = [part for part in name.split(".") if part != "_original_component"][-1]
-        found.append((label, w.T if isinstance(mod, Conv1D) else w))
+        found.append((label, None, w.T if isinstance(mod, Conv1D) else w))
     return found
 
 
 def weight_outliers(model, ratio: float = WEIGHT_RATIO, top: int = 3) -> list[dict]:
-    """Rows {layer, module, max_ratio, median_ratio, top_columns, row_max_ratio, outlier} for every linear
-    module of every block, the down-projection first. `max_ratio` is the largest per-column max/mean of |W|;
-    `row_max_ratio` the same over rows (An et al.'s module comparison takes the larger of the two)."""
+    """Rows {layer, module, expert, max_ratio, median_ratio, top_columns, row_max_ratio, outlier} for every linear
+    module of every block, the down-projection(s) first (`expert`: the routed expert's index or "shared" on an MoE
+    layer, None elsewhere). `max_ratio` is the largest per-column max/mean of |W|; `row_max_ratio` the same over rows
+    (An et al.'s module comparison takes the larger of the two)."""
+    layers = down_layers(model)[0]
     rows = []
     for layer in range(model.cfg.n_layers):
-        for name, w in _linear_modules(model, layer):
+        for name, expert, w in _linear_modules(model, layer, layers.get(layer)):
             r = column_ratios(w)
             rr = column_ratios(w.T)
-            rows.append({"layer": layer, "module": name, "max_ratio": float(r.max()), "median_ratio": float(r.median()),
-                         "top_columns": r.topk(min(top, r.numel())).indices.tolist(),
+            rows.append({"layer": layer, "module": name, "expert": expert, "max_ratio": float(r.max()),
+                         "median_ratio": float(r.median()), "top_columns": r.topk(min(top, r.numel())).indices.tolist(),
                          "row_max_ratio": float(rr.max()), "outlier": bool(max(r.max(), rr.max()) > ratio)})
     return rows
