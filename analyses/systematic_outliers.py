@@ -35,7 +35,7 @@ from torch import Tensor
 
 from interp import outliers as out
 from interp import sinks
-from interp.analysis import CommonConfig, require, run_header, warn
+from interp.analysis import CommonConfig, require, run_header, skip_layers, warn
 from interp.batching import padded_batches
 from interp.bridge import sdpa_attention, stopped_at
 from interp.controls import ControlUnavailable, Draws, control_row, matched_draws, split
@@ -125,9 +125,11 @@ class Result:
     m_act: float
     notes: list[str]
     warnings: list[str] = field(default_factory=list)  # problems that did not stop the run (results.json, report)
+    skipped_layers: dict[int, str] = field(default_factory=dict)  # layer → what was not measured there and why
 
     def to_dict(self) -> dict:
-        return {**self.header, "warnings": self.warnings, "text_set": self.text_set, "residual": self.residual,
+        return {**self.header, "warnings": self.warnings, "skipped_layers": self.skipped_layers,
+                "text_set": self.text_set, "residual": self.residual,
                 "down_input": self.down_input,
                 "massive_activations": self.massive_activations, "n_massive": self.n_massive,
                 "n_massive_listed": self.n_massive_listed,
@@ -179,35 +181,54 @@ def is_causal(model) -> bool:
 
 # ---------------------------------------------------------------- connections
 
-def _neuron_rows(model, stats: out.ResidualStats, massive_dims: set[int]) -> list[dict]:
-    """Per layer: the down-projection neuron with the largest |input| and the residual dims its column writes to."""
+def _neuron_rows(model, stats: out.ResidualStats, massive_dims: set[int],
+                 layers: dict[int, out.LayerDown]) -> list[dict]:
+    """Per layer read: the down-projection neuron with the largest |input| and the residual dims its column writes to.
+    On an MoE layer a neuron is one of a routed expert's (`expert` its index) or of the shared expert's ("shared");
+    `neuron` is its index within that expert, and its input counts the tokens routed to the expert only."""
     rows = []
-    for layer in range(model.cfg.n_layers):
-        dmax = stats.dim_max["down"][layer]
+    profile = {r["layer"]: r for r in stats.down_profile()}
+    for layer, down in layers.items():
+        dmax = stats.dim_max["down"][layer, :down.width]
         j = int(dmax.argmax())
-        w = out.down_projection(model, layer)[:, j]
-        top = w.abs().topk(3).indices.tolist()
-        prof = stats.down_profile()[layer]
-        rows.append({"layer": layer, "neuron": j, "max_input": float(dmax[j]),
+        w = down.column(j, model.cfg.d_model)
+        expert, neuron = down.label(j)
+        top = w.abs().topk(min(3, w.numel())).indices.tolist()
+        prof = profile[layer]
+        rows.append({"layer": layer, "mlp": down.kind, "expert": expert, "neuron": neuron, "max_input": float(dmax[j]),
                      "input_ratio_to_median": float(dmax[j]) / max(prof["median_abs"], 1e-12),
                      "massive": bool(dmax[j] > stats.abs_thr and dmax[j] >= stats.ratio * prof["median_abs"]),
                      "writes_to": top, "weights": [float(w[d]) for d in top],
-                     "column_ratio": float(out.column_ratios(out.down_projection(model, layer))[j]),
+                     "column_ratio": float(out.column_ratios(w[:, None])[0]),
                      "writes_to_outlier_dims": sorted(set(top) & massive_dims)})
     return rows
 
 
-def _writer(model, stats: out.ResidualStats, layer: int, dim: int) -> tuple[int, float]:
-    """The neuron of `layer` with the largest |input| × |W_down[dim, j]| and the sign of its write into `dim`."""
-    w = out.down_projection(model, layer)[dim]
-    j = int((stats.dim_max["down"][layer].float() * w.abs()).argmax())
-    sign = float(stats.dim_where["down"][layer, j, 2]) * float(torch.sign(w[j]))
-    return j, sign
+def down_rows(stats: out.ResidualStats, layers: dict[int, out.LayerDown]) -> list[dict]:
+    """The down-projection input profile, per layer read, with its MLP kind; on an MoE layer `top_dims` are neurons
+    within their experts, `top_experts` the experts (index, or "shared")."""
+    rows = []
+    for row in stats.down_profile():
+        down = layers[row["layer"]]
+        labels = [down.label(j) for j in row["top_dims"]]
+        rows.append({**row, "mlp": down.kind, "top_dims": [j for _, j in labels],
+                     "top_experts": [e for e, _ in labels] if down.kind == "moe" else None})
+    return rows
 
 
-def lifecycle(model, stats: out.ResidualStats) -> list[dict]:
+def _writer(model, stats: out.ResidualStats, down: out.LayerDown, dim: int) -> tuple[int | str | None, int, float]:
+    """(expert, neuron) of the layer's neuron with the largest |input| × |W_down[dim, j]| and the sign of its write
+    into `dim` (expert None on a dense layer)."""
+    w = down.weight(model.cfg.d_model)[dim]
+    j = int((stats.dim_max["down"][down.layer, :down.width].float() * w.abs()).argmax())
+    sign = float(stats.dim_where["down"][down.layer, j, 2]) * float(torch.sign(w[j]))
+    return *down.label(j), sign
+
+
+def lifecycle(model, stats: out.ResidualStats, layers: dict[int, out.LayerDown]) -> list[dict]:
     """Per massive dim: the layer that creates it (first block with a hit) and the one that cancels it, with the
-    neuron writing into the dim there and whether its write has the sign of h (creates) or the opposite (cancels)."""
+    neuron writing into the dim there and whether its write has the sign of h (creates) or the opposite (cancels).
+    On an MoE layer the neuron is an expert's (`*_expert`); a layer whose down-projection is not read has None."""
     layers_of: dict[int, list[int]] = {}
     for layer, dims in stats.hit_dims.items():
         for d in dims:
@@ -217,13 +238,18 @@ def lifecycle(model, stats: out.ResidualStats) -> list[dict]:
         first = min(layers)
         after = [layer for layer in range(first + 1, model.cfg.n_layers) if layer not in layers]
         h_sign = float(stats.dim_where["resid"][first, d, 2])
-        j, s = _writer(model, stats, first, d)
-        row = {"dim": d, "emerges_at": first, "creator_neuron": j, "creator_same_sign": s == h_sign,
-               "cancelled_at": None, "canceller_neuron": None, "canceller_opposite_sign": None}
+        row = {"dim": d, "emerges_at": first, "creator_expert": None, "creator_neuron": None, "creator_same_sign": None,
+               "cancelled_at": None, "canceller_expert": None, "canceller_neuron": None,
+               "canceller_opposite_sign": None}
+        if first in layers:
+            e, j, s = _writer(model, stats, layers[first], d)
+            row.update(creator_expert=e, creator_neuron=j, creator_same_sign=s == h_sign)
         if after:
-            jc, sc = _writer(model, stats, after[0], d)
-            prev_sign = float(stats.dim_where["resid"][after[0] - 1, d, 2])
-            row.update(cancelled_at=after[0], canceller_neuron=jc, canceller_opposite_sign=sc == -prev_sign)
+            row.update(cancelled_at=after[0])
+            if after[0] in layers:
+                ec, jc, sc = _writer(model, stats, layers[after[0]], d)
+                prev_sign = float(stats.dim_where["resid"][after[0] - 1, d, 2])
+                row.update(canceller_expert=ec, canceller_neuron=jc, canceller_opposite_sign=sc == -prev_sign)
         rows.append(row)
     return rows
 
@@ -493,18 +519,20 @@ def run(model, config: Config | None = None) -> Result:
     config.validate(model)
     notes: list[str] = []
     warnings: list[str] = []
-    moe = out.is_moe(model)
+    skipped: dict[int, str] = {}
+    down_layers, no_down = out.down_layers(model)
+    skip_layers(skipped, warnings, no_down, "MLP down-projection (input profile, neurons, lifecycle)")
+    moe = sorted(layer for layer, d in down_layers.items() if d.kind == "moe")
     if moe:
-        notes.append("Mixture-of-experts MLP: no single down-projection, so the down-projection input profile, "
-                     "neuron connections and weight outliers are skipped.")
-    else:
-        out.check_down_projection(model)
+        notes.append(f"Mixture-of-experts MLP in layer{'s' if len(moe) > 1 else ''} {', '.join(map(str, moe))}: the "
+                     "down-projection input is read per routed expert on the tokens routed to it (and the shared "
+                     "expert's on every token); its neurons, weight outliers and writers are (expert, neuron) pairs.")
     texts = load_text_set(model, config)
     seqs = texts.chunks
     if config.example >= len(seqs):
         raise UserError(f"example {config.example} is out of range: only {len(seqs)} chunks; "
                         f"use --example 0..{len(seqs) - 1}")
-    stats = out.residual_stats(model, seqs, batch_size=config.batch_size, down=not moe, abs_thr=config.massive_abs,
+    stats = out.residual_stats(model, seqs, batch_size=config.batch_size, down=True, abs_thr=config.massive_abs,
                                ratio=config.massive_ratio, tau=config.token_tau, progress=config.progress)
     causal = is_causal(model)
     if not causal:
@@ -520,8 +548,8 @@ def run(model, config: Config | None = None) -> Result:
     act_pos = {(h["sequence"], h["position"]) for h in stats.token_hits}
     attn_pos = {(s, p) for _, s, p, _ in att.outlier_keys}
     connections = {
-        "neurons": [] if moe else _neuron_rows(model, stats, massive_dims),
-        "lifecycle": [] if moe else lifecycle(model, stats),
+        "neurons": _neuron_rows(model, stats, massive_dims, down_layers),
+        "lifecycle": lifecycle(model, stats, down_layers),
         "position_overlap": position_overlap(act_pos, attn_pos),
         "qkv_norms": att.qkv_norm_rows(),
     }
@@ -539,7 +567,8 @@ def run(model, config: Config | None = None) -> Result:
                 "first_token_id": summary["id"], "first_token": summary["token"], "first_token_share": summary["share"]}
     header = run_header("systematic_outliers", model, config)
     return Result(
-        header=header, config=config, text_set=text_set, residual=stats.profile(), down_input=stats.down_profile(),
+        header=header, config=config, text_set=text_set, residual=stats.profile(),
+        down_input=down_rows(stats, down_layers),
         massive_activations=hits, n_massive=stats.n_hits, n_massive_listed=len(stats.hits),
         token_outliers=[{**h, "token": token_string(tok, h["token_id"])} for h in stats.token_hits],
         outlier_dims=stats.outlier_dims(0.5), attention=att.per_layer(), attention_heads=att.per_head(),
@@ -547,9 +576,9 @@ def run(model, config: Config | None = None) -> Result:
         other_sinks=att.other_sinks(tok),
         example_pattern={layer: p.tolist() for layer, p in att.example.items()},
         example_tokens=[token_string(tok, t) for t in seqs[config.example]],
-        weight_outliers=[] if moe else out.weight_outliers(model, config.weight_ratio),
+        weight_outliers=out.weight_outliers(model, config.weight_ratio),
         connections=connections, token_types=token_types, interventions=rows, m_act=out.m_act(stats.layer_max()),
-        notes=notes, warnings=warnings)
+        notes=notes, warnings=warnings, skipped_layers=skipped)
 
 
 # ---------------------------------------------------------------- report
