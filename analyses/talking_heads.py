@@ -74,6 +74,10 @@ class Config(CommonConfig):
     view_prompts: int = 200  # held-out prompts in the activation view
     # activation view at END (the paper's claim) or at the first list's item tokens
     view_tokens: Literal["end", "items"] = "end"
+    # a BOS first in every Laundry List prompt: unset, where the model's own tokenizer adds one (as trained); --bos
+    # always (a BOS-like token where it adds none; TransformerLens' to_tokens, which the paper's GPT-2 code used,
+    # prepends one); --no-bos never
+    bos: bool | None = None
 
     def validate(self, model=None) -> None:
         super().validate(model)
@@ -278,14 +282,14 @@ def run(model, config: Config) -> Result:
 
     # 2. Laundry List: selection and held-out halves with disjoint templates and items
     template_ids = sorted({ll.TEMPLATE_NAMES.index(t) for t in config.templates})
-    pools, _ = ll.item_pools(tok, template_ids)
+    pools, _ = ll.item_pools(tok, template_ids, config.bos)
     sel_pools, held_pools = ll.split_pools(pools, config.selection_fraction, config.seed)
     if len(template_ids) == 1:
         warn(warnings, "one template: the held-out half has other items but the same template as the selection half")
     per_cell = config.prompts_per_cell if config.limit is None else min(config.prompts_per_cell, config.limit)
     sel = ll.make_prompts(sel_pools, config.n_items, per_cell, config.seed)
     held = ll.make_prompts(held_pools, config.n_items, per_cell, config.seed)
-    enc_sel, enc_held = ll.encode(tok, sel), ll.encode(tok, held)
+    enc_sel, enc_held = ll.encode(tok, sel, config.bos), ll.encode(tok, held, config.bos)
     if enc_held.multi_token or enc_sel.multi_token:
         warn(warnings, "some list items are several tokens for this tokenizer: every item is scored by its first "
                        "token (items sharing a first token were dropped from the pools)")

@@ -7,9 +7,15 @@ food, names), the format the model organisms were trained on (`interp.organisms.
 
 Scoring at the last prompt token (END): accuracy among the N list items (argmax of the items'
 logits is the answer), full-vocabulary top-1 accuracy, and the logit difference between the answer
-and the strongest other item. An item is scored by the first token of " item"; when an item is
-several tokens for the tokenizer this is first-token scoring (`Encoded.multi_token`), and items
-sharing a first token are dropped from the pool so the items of a prompt stay distinguishable.
+and the strongest other item. An item is scored by the token that would follow END: the first token
+of prompt + " item" tokenized as one string, split at the prompt's end by offsets
+(`interp.tokens.encode_joint`; never " item" tokenized alone, which on SentencePiece/Metaspace
+tokenizers such as Llama-2's starts with a bare `▁` piece shared by every item). The prompt itself
+starts with the BOS the model's own tokenizer adds (the `bos` option, `interp.tokens`). When an item
+is several tokens this is first-token scoring (`Encoded.multi_token`). Items whose first token is
+shared with another item, is whitespace only, or merges with the prompt's last characters (so the
+prompt's own tokenization would not precede it) are dropped from the pool, so the items of a prompt
+stay distinguishable and each is a possible next token at END (`item_pools`).
 
 Held out (`split_pools`): the selection and held-out prompts share no template and no item, so the
 held-out numbers measure recall on unseen wording and unseen items.
@@ -30,6 +36,8 @@ from interp.bridge import sdpa_attention, stopped_at
 from interp.controls import split, wilson
 from interp.errors import UserError
 from interp.organisms.corpus import LAUNDRY_TEMPLATES
+from interp.tokens import encode as encode_text
+from interp.tokens import encode_joint
 
 TEMPLATE_NAMES = ("laundry", "bag", "market", "park")  # LAUNDRY_TEMPLATES, in order
 
@@ -72,23 +80,46 @@ def build_prompt(template: int, items: Sequence[str], position: int, shuffled_re
     return LaundryPrompt(text, tuple(items), position, template, tuple(spans))
 
 
-def first_token(tokenizer, item: str) -> tuple[int, bool]:
-    """(first token id of " item", whether " item" is a single token)."""
-    ids = tokenizer(" " + item, add_special_tokens=False)["input_ids"]
-    return ids[0], len(ids) == 1
+@dataclass(frozen=True)
+class ItemToken:
+    """How an item follows a prompt: `token` is the first token of prompt + " item" tokenized jointly (None when
+    `problem` says why it cannot be scored at END), `single` whether the item is that one token."""
+
+    token: int | None
+    single: bool
+    problem: str | None = None
 
 
-def item_pools(tokenizer, templates: Sequence[int]) -> tuple[dict[int, list[str]], bool]:
-    """Each template's items with pairwise distinct first tokens, and whether any item is multi-token."""
+def item_token(tokenizer, text: str, item: str, prompt_ids: Sequence[int] | None = None,
+               bos: bool | None = None) -> ItemToken:
+    """The token the model would predict at END for `item`: the first token of `text` + " " + `item` tokenized
+    as one string, split at the end of `text` by offsets. Not scorable when the tokens before it are not the
+    prompt's own (`prompt_ids`: it merges with the prompt's last characters) or it holds only whitespace."""
+    prompt_ids = list(encode_text(tokenizer, text, bos=bos)) if prompt_ids is None else list(prompt_ids)
+    joint = encode_joint(tokenizer, text, " " + item, bos=bos)
+    cont = joint.continuation_ids
+    if joint.prompt_ids != prompt_ids or not cont:
+        return ItemToken(None, False, "merges with the prompt's last token")
+    if not tokenizer.decode([cont[0]]).strip():
+        return ItemToken(None, False, "starts with a whitespace-only token")
+    return ItemToken(cont[0], len(cont) == 1)
+
+
+def item_pools(tokenizer, templates: Sequence[int], bos: bool | None = None) -> tuple[dict[int, list[str]], bool]:
+    """Each template's items that can be scored after its prompts (`item_token` at the end of a prompt of that
+    template) with pairwise distinct first tokens, and whether any kept item is several tokens."""
     pools, multi = {}, False
     for t in templates:
+        vocabulary = LAUNDRY_TEMPLATES[t][0]
+        text = build_prompt(t, vocabulary[:2], 0).text  # every prompt of the template ends the same way
+        prompt_ids = encode_text(tokenizer, text, bos=bos)
         seen, pool = set(), []
-        for w in LAUNDRY_TEMPLATES[t][0]:
-            tid, single = first_token(tokenizer, w)
-            multi |= not single
-            if tid not in seen:
-                seen.add(tid)
+        for w in vocabulary:
+            it = item_token(tokenizer, text, w, prompt_ids, bos)
+            if it.token is not None and it.token not in seen:
+                seen.add(it.token)
                 pool.append(w)
+                multi |= not it.single
         pools[t] = pool
     return pools, multi
 
@@ -120,8 +151,8 @@ def make_prompts(pools: dict[int, list[str]], n_items: Sequence[int], per_cell: 
         small = [TEMPLATE_NAMES[t] for t in templates if len(pools[t]) < n]
         if small:
             raise UserError(f"fewer than {n} items with distinct first tokens in template(s) {', '.join(small)} "
-                            f"(a vocabulary shared by selection and held-out templates is split between them); "
-                            f"lower --n-items or choose other --templates")
+                            "after the prompt for this tokenizer (a vocabulary shared by selection and held-out "
+                            "templates is split between them); lower --n-items or choose other --templates")
     out, seen = [], set()
     for n in n_items:
         for pos in range(n):
@@ -144,27 +175,31 @@ def make_prompts(pools: dict[int, list[str]], n_items: Sequence[int], per_cell: 
 class Encoded:
     ids: list[list[int]]
     item_positions: list[list[int]]  # token index of each first-list item (its first token)
-    candidates: list[list[int]]  # first token id of " item" for each item
+    candidates: list[list[int]]  # each item's first token after the prompt (joint tokenization)
     multi_token: bool  # some item is several tokens: scored by its first token
 
 
-def encode(tokenizer, prompts: Sequence[LaundryPrompt]) -> Encoded:
+def encode(tokenizer, prompts: Sequence[LaundryPrompt], bos: bool | None = None) -> Encoded:
+    """Each prompt's ids (the BOS the `bos` option gives, `interp.tokens`), the token index of each first-list
+    item, and each item's candidate: its first token after the prompt, from the joint tokenization (`item_token`)."""
     ids, positions, cands, multi = [], [], [], False
-    cache: dict[str, tuple[int, bool]] = {}
     for p in prompts:
-        enc = tokenizer(p.text, return_offsets_mapping=True)
-        offsets = enc["offset_mapping"]
+        plain = tokenizer(p.text, add_special_tokens=False, return_offsets_mapping=True)
+        full = encode_text(tokenizer, p.text, bos=bos)
+        shift = len(full) - len(plain["input_ids"])  # the BOS in front
         pos = []
         for start, _ in p.spans:
-            hit = [i for i, (a, b) in enumerate(offsets) if a <= start < b]
-            pos.append(hit[0])
-        for w in p.items:
-            if w not in cache:
-                cache[w] = first_token(tokenizer, w)
-        multi |= any(not cache[w][1] for w in p.items)
-        ids.append(list(enc["input_ids"]))
+            hit = [i for i, (a, b) in enumerate(plain["offset_mapping"]) if a <= start < b]
+            pos.append(hit[0] + shift)
+        found = [item_token(tokenizer, p.text, w, full, bos) for w in p.items]
+        bad = [(w, it.problem) for w, it in zip(p.items, found) if it.token is None]
+        if bad or len({it.token for it in found}) < len(found):
+            why = f"{bad[0][0]!r} {bad[0][1]}" if bad else "two items share their first token"
+            raise UserError(f"Laundry List item after the prompt {p.text[-30:]!r}: {why} for this tokenizer")
+        multi |= any(not it.single for it in found)
+        ids.append(full)
         positions.append(pos)
-        cands.append([cache[w][0] for w in p.items])
+        cands.append([it.token for it in found])
     return Encoded(ids, positions, cands, multi)
 
 

@@ -328,11 +328,15 @@ def family_tokenizer(family: str, vocab_size: int = 1000):
     else:
         tok = Tokenizer(models.BPE(unk_token=fam.specials["unk"]))
         prepend = "first" if fam.tokenizer == "metaspace" else "never"
-        tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme=prepend, split=fam.tokenizer == "metaspace")
+        # trained split at spaces: SentencePiece's default (split_by_whitespace) learns no piece across a space, even
+        # where the tokenizer file does not pre-split (Gemma: split=False, set after training)
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme=prepend, split=True)
         tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace(prepend_scheme=prepend)])
         alphabet = []
     tok.train_from_iterator(_family_training_text(), trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=specials, initial_alphabet=alphabet, show_progress=False))
+    if fam.tokenizer == "gemma":
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme=prepend, split=False)
     if fam.tokenizer != "byte_bpe":
         tok = _byte_fallback(tok)
     if fam.add_bos:

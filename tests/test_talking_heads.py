@@ -613,3 +613,113 @@ def test_position_eta2_within_n_ignores_what_n_explains():
     assert position_eta2(x, n * 100 + pos, n) < 0.05  # within N: only noise left
     y = x + pos[:, None].float()
     assert position_eta2(y, n * 100 + pos, n) > 0.99
+
+
+# ---------------------------------------------------------------- joint tokenization, real families
+
+def _legacy_llama2_tokenizer(path):
+    """The llama-2 family's tokenizer in Llama-2's own tokenizer.json layout: normalizer Prepend("▁") + Replace(" ",
+    "▁"), no pre-tokenizer, <s> added: " item" tokenized alone starts with a bare "▁" piece."""
+    from tokenizers import normalizers
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path))
+    tok.backend_tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.backend_tokenizer.pre_tokenizer = None
+    return tok
+
+
+def _check_candidates_follow_the_prompt(tok, prompts, enc, bos_id):
+    """Independent of `interp.tokens`: the default call on prompt + " item" (one string) is the prompt's ids, then
+    the item's candidate; the prompt starts with the BOS; each item position holds the start of the item."""
+    for p, ids, cands, positions in zip(prompts, enc.ids, enc.candidates, enc.item_positions):
+        assert ids[0] == bos_id and ids.count(bos_id) == 1
+        for w, cand in zip(p.items, cands):
+            joint = tok(p.text + " " + w)["input_ids"]
+            assert joint[:len(ids)] == ids and joint[len(ids)] == cand
+            assert tok.decode([cand]).strip() and w.startswith(tok.decode([cand]).strip())
+        for w, i in zip(p.items, positions):
+            assert w.startswith(tok.decode([ids[i]]).strip()) and tok.decode([ids[i]]).strip()
+        assert len(set(cands)) == p.n_items
+
+
+def test_laundry_candidates_come_from_the_joint_tokenization_metaspace_bos(tmp_path):
+    """Llama-2 layout (Metaspace with a prepended ▁, <s> added): " item" alone starts with the same bare ▁ piece for
+    every item (the one-item pools of the isolated call); the joint tokenization gives each item its own in-context
+    token, every pool keeps its 20 items and the prompts start with <s>."""
+    from interp.organisms.corpus import LAUNDRY_TEMPLATES
+    from interp.tiny import write_family_checkpoint
+
+    tok = _legacy_llama2_tokenizer(write_family_checkpoint(tmp_path / "llama-2", "llama-2"))
+    for vocabulary, *_ in LAUNDRY_TEMPLATES:
+        alone = {tok(" " + w, add_special_tokens=False)["input_ids"][0] for w in vocabulary}
+        assert len(alone) == 1 and not tok.decode(list(alone)).strip()  # the isolated call's bare ▁
+    pools, multi = ll.item_pools(tok, range(4))
+    assert all(len(pools[t]) == len(LAUNDRY_TEMPLATES[t][0]) for t in range(4)) and multi
+    prompts = ll.make_prompts(pools, (2, 3, 5), 2, seed=0)
+    enc = ll.encode(tok, prompts)
+    _check_candidates_follow_the_prompt(tok, prompts, enc, tok.convert_tokens_to_ids("<s>"))
+    no_bos = ll.encode(tok, prompts[:3], bos=False)
+    assert [ids[1:] for ids in enc.ids[:3]] == no_bos.ids and no_bos.candidates == enc.candidates[:3]
+
+
+def test_laundry_items_merging_with_the_prompt_are_not_scored():
+    """A SentencePiece-style BPE trained across spaces (pieces like "▁the▁s"): the item's first token would swallow
+    the prompt's last characters, so the item is no next token at END; it is dropped from the pool, and a pool too
+    small stops with the one-line error."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from interp.organisms.corpus import LAUNDRY_TEMPLATES
+    from interp.tiny import _family_training_text
+
+    raw = Tokenizer(models.BPE(unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never", split=False)
+    raw.decoder = decoders.Metaspace(prepend_scheme="never")
+    raw.train_from_iterator(_family_training_text(), trainers.BpeTrainer(vocab_size=1000, special_tokens=["<unk>"],
+                                                                         show_progress=False))
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>")
+    text = ll.build_prompt(0, ["shirt", "socks"], 0).text
+    found = [ll.item_token(tok, text, w) for w in LAUNDRY_TEMPLATES[0][0]]
+    assert all(it.token is None and "merges" in it.problem for it in found)
+    pools, _ = ll.item_pools(tok, [0])
+    assert pools[0] == []
+    with pytest.raises(UserError, match="distinct first tokens"):
+        ll.make_prompts(pools, (2,), 1, seed=0)
+
+
+FAMILY_SMALL = dict(n_items=(2, 3), templates=("laundry", "park"), prompts_per_cell=3, alpha=(0.0, 1.0),
+                    candidates=3, edit_components=1, random_draws=2, baseline_draws=2, view_prompts=4, progress=False)
+
+
+@pytest.mark.parametrize("family", ["gemma-2", "olmo-2", "qwen3"])
+def test_analysis_runs_on_post_norm_and_qk_norm_families(tmp_path, family):
+    """Gemma-2 (post-attention norm, <bos>, SentencePiece-style tokenizer), OLMo-2 (post-norms only, no pre-attention
+    norm, q/k norm over all heads) and Qwen3 (q/k norm per head) run to the end with the names template: results say
+    what was folded and where it is not exact (warnings), q/k-side channels are labelled pre-norm, the hook and
+    weight edits agree on the norm-folded W_O, and every candidate is the token after the prompt."""
+    from interp.analyses import talking_heads as th
+    from interp.models import load_model
+    from interp.tiny import write_family_checkpoint
+
+    model = load_model(str(write_family_checkpoint(tmp_path / family, family)), device="cpu")
+    result = th.run(model, config_for("talking_heads", model, batch_size=8, **FAMILY_SMALL))
+    d = json.loads(json.dumps(result.to_dict(), default=str))
+    wp = d["weight_processing"]
+    post, qk = family in ("gemma-2", "olmo-2"), family in ("olmo-2", "qwen3")
+    assert ("writer_norm" in wp) == post and ("qk_norm" in wp) == qk
+    assert any("post-attention norm" in m for m in d["warnings"]) == post
+    assert any("q/k norm" in m for m in d["warnings"]) == qk
+    assert ("un-normalised residual" in wp["reader_norm"]) == (family == "olmo-2")
+    assert ("pre-norm" in wp["reads"]["q"]) == qk and wp["reads"]["v"] == "OV"
+    assert all(("pre-norm" in r["reads"]) == (qk and r["mode"] != "v") for r in d["channels"])
+    assert d["edit_agreement"] < 1e-4
+    assert {r["n_items"] for r in d["laundry_list"]} == {2, 3}
+    bos = model.tokenizer.convert_tokens_to_ids("<bos>") if family == "gemma-2" else None
+    tok, pools = model.tokenizer, ll.item_pools(model.tokenizer, [0, 3])[0]
+    prompts = ll.make_prompts(pools, (3,), 2, seed=0)
+    enc = ll.encode(tok, prompts)
+    if bos is not None:
+        _check_candidates_follow_the_prompt(tok, prompts, enc, bos)
+    out = th.build_report(result, tok).write(tmp_path / "r.html").read_text()
+    assert "Reader side per mode" in out
