@@ -225,7 +225,7 @@ def _writer(model, stats: out.ResidualStats, down: out.LayerDown, dim: int) -> t
     return *down.label(j), sign
 
 
-def lifecycle(model, stats: out.ResidualStats, layers: dict[int, out.LayerDown]) -> list[dict]:
+def lifecycle(model, stats: out.ResidualStats, downs: dict[int, out.LayerDown]) -> list[dict]:
     """Per massive dim: the layer that creates it (first block with a hit) and the one that cancels it, with the
     neuron writing into the dim there and whether its write has the sign of h (creates) or the opposite (cancels).
     On an MoE layer the neuron is an expert's (`*_expert`); a layer whose down-projection is not read has None."""
@@ -241,13 +241,13 @@ def lifecycle(model, stats: out.ResidualStats, layers: dict[int, out.LayerDown])
         row = {"dim": d, "emerges_at": first, "creator_expert": None, "creator_neuron": None, "creator_same_sign": None,
                "cancelled_at": None, "canceller_expert": None, "canceller_neuron": None,
                "canceller_opposite_sign": None}
-        if first in layers:
-            e, j, s = _writer(model, stats, layers[first], d)
+        if first in downs:
+            e, j, s = _writer(model, stats, downs[first], d)
             row.update(creator_expert=e, creator_neuron=j, creator_same_sign=s == h_sign)
         if after:
             row.update(cancelled_at=after[0])
-            if after[0] in layers:
-                ec, jc, sc = _writer(model, stats, layers[after[0]], d)
+            if after[0] in downs:
+                ec, jc, sc = _writer(model, stats, downs[after[0]], d)
                 prev_sign = float(stats.dim_where["resid"][after[0] - 1, d, 2])
                 row.update(canceller_expert=ec, canceller_neuron=jc, canceller_opposite_sign=sc == -prev_sign)
         rows.append(row)

@@ -428,7 +428,7 @@ def test_gpt2_down_projection_is_read_as_out_by_in(tmp_path):
     assert outliers.weight_outliers(model)[0]["module"] == "down"
 
 
-def test_moe_runs_and_says_what_is_skipped(tmp_path):
+def test_mixtral_runs_with_per_expert_down_projections(tmp_path):
     from transformers import MixtralConfig, MixtralForCausalLM
 
     from interp.analyses import systematic_outliers as so
@@ -448,8 +448,11 @@ def test_moe_runs_and_says_what_is_skipped(tmp_path):
     assert outliers.is_moe(model)
     cfg = config_for("systematic_outliers", model, seq_len=16, n_chunks=4, random_draws=2, progress=False)
     res = so.run(model, cfg)
-    assert any(n.startswith("Mixture-of-experts") for n in res.notes)
-    assert res.down_input == [] and res.weight_outliers == [] and res.connections["neurons"] == []
+    assert any(n.startswith("Mixture-of-experts") for n in res.notes) and res.skipped_layers == {}
+    # read per expert (tests/test_moe.py plants a massive activation in one expert)
+    assert [r["mlp"] for r in res.down_input] == ["moe", "moe"] and len(res.connections["neurons"]) == 2
+    modules = {(r["module"], r["expert"]) for r in res.weight_outliers if r["layer"] == 0}
+    assert modules >= {("down", e) for e in range(4)}
     assert len(res.residual) == 2 and res.interventions[0]["loss"] is not None
 
 
