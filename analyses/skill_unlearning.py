@@ -237,17 +237,29 @@ def _logprobs(model, batch: Batch, config: Config) -> list[float]:
                            progress=config.progress).tolist()
 
 
-def _generate(model, batch: Batch, config: Config, mask: list[bool]) -> list[str | None]:
-    """Greedy continuation of every item where `mask` (None elsewhere)."""
+def _generate(model, batch: Batch, config: Config, mask: list[bool]) -> tuple[list[str | None], list[bool | None]]:
+    """Greedy continuation of every item where `mask` (None elsewhere), and whether it hit its token limit
+    without EOS (truncated; None where not generated)."""
     sel = [j for j, g in enumerate(mask) if g]
     texts: list[str | None] = [None] * len(batch.items)
+    truncated: list[bool | None] = [None] * len(batch.items)
     if sel:
         limits = [min(config.max_new_tokens, batch.items[j].max_new_tokens or config.max_new_tokens) for j in sel]
         new = greedy_generate(model, [batch.prompts[j] for j in sel], [batch.ids[j] for j in sel], limits,
                               batch_size=config.batch_size, progress=config.progress)
-        for j, t in zip(sel, new):
-            texts[j] = model.tokenizer.decode(t, skip_special_tokens=True)
-    return texts
+        for j, t, cut in zip(sel, new, new.truncated):
+            texts[j], truncated[j] = model.tokenizer.decode(t, skip_special_tokens=True), cut
+    return texts, truncated
+
+
+def _count(flags: list[bool | None], rows: list[int]) -> int:
+    """Items of `rows` flagged True (truncated generations)."""
+    return sum(bool(flags[j]) for j in rows)
+
+
+def _generated(flags: list[bool | None], rows: list[int]) -> int:
+    """Items of `rows` that were generated at all."""
+    return sum(flags[j] is not None for j in rows)
 
 
 def _nanmean(xs) -> float:
@@ -332,7 +344,7 @@ def run(model, config: Config | None = None) -> Result:
     checkable = [i.check != "none" for i in held.items]
     lp0, sel_lp0 = _logprobs(model, held, config), _logprobs(model, sel, config)
     with key_space_watch(model, cube, h) as watch:  # only generation forwards count, never the gold continuation
-        text0 = _generate(model, held, config, every)
+        text0, cut0 = _generate(model, held, config, every)
     abstain = [watch.any_step[i] for i in held.ids]
     prefill = [watch.prefill[i] for i in held.ids]
     acc0 = _accuracy(held.items, text0)
@@ -341,17 +353,19 @@ def run(model, config: Config | None = None) -> Result:
     spec = AdjustSpec.from_moments(neurons, forget, retain, reference=config.reference, seed=config.seed)
     with neuron_adjust(model, spec):
         lp_na, sel_lp_na = _logprobs(model, held, config), _logprobs(model, sel, config)
-        text_na = _generate(model, held, config, checkable)
+        text_na, cut_na = _generate(model, held, config, checkable)
     acc_na = _accuracy(held.items, [t or "" for t in text_na])
 
-    rand_lp, rand_sel_lp, rand_acc = [], [], []
+    rand_lp, rand_sel_lp, rand_acc, rand_cut = [], [], [], []
     for d, pairs in enumerate(draws):
         rspec = AdjustSpec.from_moments(torch.tensor(pairs), forget, retain, reference=config.reference,
                                         seed=config.seed + 1 + d)
         with neuron_adjust(model, rspec):
             rand_lp.append(_logprobs(model, held, config))
             rand_sel_lp.append(_logprobs(model, sel, config))
-            rand_acc.append(_accuracy(held.items, [t or "" for t in _generate(model, held, config, checkable)]))
+            rand_text, cut = _generate(model, held, config, checkable)
+            rand_acc.append(_accuracy(held.items, [t or "" for t in rand_text]))
+            rand_cut.append(cut)
 
     top = neurons[delta[neurons[:, 0], neurons[:, 1]].argsort(descending=True)[:config.top_neurons_shown]]
     top_values = _top_values(model, splits, top, tok, config)
@@ -364,18 +378,24 @@ def run(model, config: Config | None = None) -> Result:
             return [xs[j] for j in at]
         base = dict(skill=s.name, role=s.role, accuracy_before=_nanmean(pick(acc0)),
                     accuracy_before_ci=_rate_ci(pick(acc0)), logprob_before=_nanmean(pick(lp0)), n=len(rows),
-                    logprob_before_selection=_nanmean(pick(sel_lp0, srows)), n_selection=len(srows))
+                    logprob_before_selection=_nanmean(pick(sel_lp0, srows)), n_selection=len(srows),
+                    truncated_before=_count(cut0, rows))
         evaluation.append(dict(method="neuron_adjust", **base, accuracy_after=_nanmean(pick(acc_na)),
                                accuracy_after_ci=_rate_ci(pick(acc_na)), logprob_after=_nanmean(pick(lp_na)),
-                               logprob_after_selection=_nanmean(pick(sel_lp_na, srows))))
+                               logprob_after_selection=_nanmean(pick(sel_lp_na, srows)),
+                               truncated_after=_count(cut_na, rows), generated_after=_generated(cut_na, rows)))
         control = control_row({"accuracy_after": [_nanmean(pick(a)) for a in rand_acc],
                                "logprob_after": [_nanmean(pick(lp)) for lp in rand_lp],
                                "logprob_after_selection": [_nanmean(pick(lp, srows)) for lp in rand_sel_lp]}, draws)
-        evaluation.append(dict(method="random_neurons", **base, **control, draws=len(draws)))
+        evaluation.append(dict(method="random_neurons", **base, **control, draws=len(draws),
+                               truncated_after=_nanmean([_count(c, rows) for c in rand_cut]),
+                               truncated_after_draws=[_count(c, rows) for c in rand_cut],
+                               generated_after=_generated(cut_na, rows)))
         evaluation.append(dict(method="key_space", **base, accuracy_after=_nanmean(pick(acc_ksd)),
                                accuracy_after_ci=_rate_ci(pick(acc_ksd)), logprob_after=float("nan"),
                                logprob_after_selection=float("nan"), abstained=float(np.mean(pick(abstain))),
-                               abstained_prefill=float(np.mean(pick(prefill)))))
+                               abstained_prefill=float(np.mean(pick(prefill))),
+                               truncated_after=_count(cut0, rows), generated_after=len(rows)))
     for row in evaluation:
         row["accuracy_drop"] = _drop(row["accuracy_before"], row["accuracy_after"])
         row["logprob_change"] = row["logprob_after"] - row["logprob_before"]
@@ -410,10 +430,18 @@ def run(model, config: Config | None = None) -> Result:
                   "selection_items": {s.name: len(s.selection) for s in splits},
                   "held_out_items": {s.name: len(s.held_out) for s in splits},
                   "state_bytes_per_skill": forget.nbytes,
+                  "truncated": {"max_new_tokens": config.max_new_tokens,
+                                "before": {s.name: _count(cut0, held.rows(s.name)) for s in splits},
+                                "neuron_adjust": {s.name: _count(cut_na, held.rows(s.name)) for s in splits},
+                                "random_neurons": {s.name: [_count(c, held.rows(s.name)) for c in rand_cut]
+                                                   for s in splits},
+                                "generated_before": {s.name: len(held.rows(s.name)) for s in splits},
+                                "generated_after": {s.name: _generated(cut_na, held.rows(s.name)) for s in splits}},
                   "full_cache_bytes": {name: n * n_layers * d_mlp * 4 for name, n in tokens.items()},
                   "gate_hook_max_abs_diff_vs_hf": hook_diff}
     per_item = pd.DataFrame({"skill": held.skills, "role": held.roles, "prompt": [i.prompt for i in held.items],
                              "answer": [i.answer for i in held.items], "generated_before": text0,
+                             "truncated_before": cut0, "truncated_neuron_adjust": cut_na,
                              "correct_before": acc0, "logprob_before": lp0, "generated_neuron_adjust": text_na,
                              "correct_neuron_adjust": acc_na, "logprob_neuron_adjust": lp_na,
                              "key_score": key_scores.tolist(), "abstained_prefill": prefill, "abstained": abstain})
@@ -520,6 +548,17 @@ def build_report(result: Result, tokenizer=None):
                       "in-sample). accuracy_drop is the paper's 1 − after/before; [lo, hi] are 95 % Wilson intervals. "
                       "The random control adjusts as many random, never-selected neurons "
                       f"{_matching(result.evaluation)}, {cfg['random_draws']} draws, mean ± sd.")
+    cut = result.statistics.get("truncated")
+    if cut:
+        def per_skill(counts: dict, of: dict) -> str:
+            return ", ".join(f"{k}: {counts[k]}/{of[k]}" for k in counts)
+        rand = {k: f"{np.mean(v):.1f}" if v else "—" for k, v in cut["random_neurons"].items()}
+        rep.add_paragraph(f"Truncated generations (hit the {cut['max_new_tokens']}-token limit, or an item's own, "
+                          "without EOS; scored on the text they reached, counted in truncated_before / "
+                          f"truncated_after): before {per_skill(cut['before'], cut['generated_before'])}; "
+                          f"Neuron Adjust {per_skill(cut['neuron_adjust'], cut['generated_after'])}; random neurons "
+                          f"(mean per draw) {per_skill(rand, cut['generated_after'])}. A change in accuracy that "
+                          "comes with many more truncations may be a change in length, not in skill.")
     shown = ev.drop(columns=[c for c in ev if c in ("draws", "strata", "matched_on") or c.endswith("_draws")])
     for c in [c for c in shown if c.endswith("_ci")]:
         shown[c] = [_ci(v) if isinstance(v, list) and not math.isnan(v[0]) else None for v in shown[c]]

@@ -22,8 +22,9 @@
   selection (through `interp.controls.matched_draws`, matched on layer).
 
 Uniform draws are a hash of (seed, item, position, layer, neuron), so the numbers do not depend on the
-batch size, the padding or the order of the items. Generation is greedy and recomputes the sequence
-each step (no KV cache), so the hooks see absolute positions.
+batch size, the padding or the order of the items. Generation is greedy with a KV cache
+(`interp.generation.generate_tokens`): each forward's `Rows` describe only the positions it computes, at their
+absolute positions, so the draws (and abstentions) equal those of recomputing the whole sequence each step.
 """
 
 from __future__ import annotations
@@ -37,9 +38,10 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from interp.batching import pad_left, padded_batches
+from interp.batching import padded_batches
 from interp.bridge import sdpa_attention, stopped_at
 from interp.controls import Draws, matched_draws
+from interp.generation import Generations, Step, generate_tokens
 
 EPS = 1e-6  # floor on σ (a neuron constant on a skill) [reconstructed: the paper has no guard]
 
@@ -214,6 +216,10 @@ class Rows:
         device = mask.device
         return cls(torch.as_tensor(list(items), device=device), (mask.cumsum(-1) - 1).clamp_min(0),
                    torch.as_tensor(list(prompt_len), device=device), mask, step)
+
+    def last(self, n: int) -> Rows:
+        """The same rows restricted to their last `n` columns (what a cached decode forward computes)."""
+        return Rows(self.items, self.positions[:, -n:], self.prompt_len, self.mask[:, -n:], self.step)
 
 
 @dataclass
@@ -400,27 +406,17 @@ def target_logprobs(model, prompts: Sequence[Sequence[int]], targets: Sequence[S
     return out
 
 
-@torch.no_grad()
 def greedy_generate(model, prompts: Sequence[Sequence[int]], item_ids: Sequence[int], max_new_tokens: Sequence[int],
-                    *, batch_size: int = 8, progress: bool = True) -> list[list[int]]:
-    """Greedy continuations (stopped at EOS or the item's limit), the whole sequence recomputed each step."""
-    eos, pad = model.tokenizer.eos_token_id, model.tokenizer.pad_token_id
-    out: list[list[int]] = [[] for _ in prompts]
-    device = next(model.parameters()).device
-    for idx, _, _ in padded_batches(model, prompts, batch_size, desc="generate", progress=progress):
-        active, step = list(idx), 0
-        while active:
-            tokens, mask = pad_left([list(prompts[i]) + out[i] for i in active], pad)
-            tokens, mask = tokens.to(device), mask.to(device)
-            rows = Rows.for_batch([item_ids[i] for i in active], mask, [len(prompts[i]) for i in active], step)
-            with rows_of(rows), sdpa_attention(model):
-                nxt = model(tokens, attention_mask=mask)[:, -1].argmax(-1).tolist()
-            still = []
-            for i, t in zip(active, nxt):
-                if t == eos:
-                    continue
-                out[i].append(t)
-                if len(out[i]) < max_new_tokens[i]:
-                    still.append(i)
-            active, step = still, step + 1
-    return out
+                    *, batch_size: int = 8, progress: bool = True, use_cache: bool = True) -> Generations:
+    """Greedy continuations (stopped at EOS or the item's limit) with a KV cache; `.truncated[i]`: item i hit its
+    limit without EOS. Every forward (prefill, then one per generated token) sets `rows_of` for the positions it
+    computes, so Neuron Adjust and `key_space_watch` see each item's id, absolute positions and step; a finished
+    item leaves the batch. `use_cache=False` recomputes the whole sequence each step (same tokens and draws)."""
+    prompt_len = [len(p) for p in prompts]
+
+    def rows(step: Step):
+        r = Rows.for_batch([item_ids[i] for i in step.rows], step.mask, [prompt_len[i] for i in step.rows], step.step)
+        return rows_of(r.last(step.new))
+
+    return generate_tokens(model, prompts, max_new_tokens=list(max_new_tokens), batch_size=batch_size,
+                           progress=progress, use_cache=use_cache, step_context=rows)

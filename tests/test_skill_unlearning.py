@@ -25,10 +25,11 @@ C_DIM, F_DIM, D_DIM, NOISE_FROM = 0, 1, 2, 4
 D_MODEL, D_MLP = 32, 32
 
 
-def _write_planted(path, *, attention=False, layer_skill=False):
+def _write_planted(path, *, attention=False, layer_skill=False, eos_bias=0.0):
     """The planted model. `attention`: heads read and write the noise dims only (key vectors then depend on
     the context, the features F, C, D do not). `layer_skill`: instead of the three planted neurons, every layer-1
-    neuron carries the alpha skill a little (the same gate on F, slightly larger for higher indices)."""
+    neuron carries the alpha skill a little (the same gate on F, slightly larger for higher indices). `eos_bias`:
+    EOS reads the constant feature C with this weight (1.0: EOS wins wherever the alpha feature D is absent)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from interp.tiny import build_tokenizer
@@ -80,6 +81,7 @@ def _write_planted(path, *, attention=False, layer_skill=False):
         lm[a_ids, D_DIM] = 3.0
         lm[a_ids[0], D_DIM] = 4.0
         lm[a_ids, C_DIM] = -2.0
+        lm[tok.eos_token_id, C_DIM] = eos_bias
     model.save_pretrained(path, safe_serialization=True)
     tok.save_pretrained(path)
     (path / "interp_model.json").write_text(json.dumps({"random_weights": False, "planted": True}))
@@ -679,3 +681,73 @@ def test_control_falls_back_to_all_layers_with_a_warning():
     with pytest.raises(UserError, match="too few unselected neurons"):
         su._control_draws(torch.tensor([[layer, n] for layer in range(2) for n in range(20)]), 2, 32,
                           su.Config(random_draws=3), [])
+
+
+# --------------------------------------------------------------------------- KV-cached generation, truncation
+
+@pytest.mark.parametrize("reference", [False, True])
+def test_cached_generation_equals_recomputed_under_neuron_adjust_and_watch(tmp_path, reference):
+    """Greedy generation with the KV cache, Neuron Adjust (draws keyed on item and absolute position) and the key
+    space watch active, equals recomputing the whole sequence each step: the same logits at every step of every
+    item, the same tokens, truncation flags and abstentions, on a ragged left-padded batch."""
+    from interp.models import load_model
+    from interp.unlearning import AdjustSpec, Hypercube, current_rows, greedy_generate, key_space_watch, neuron_adjust
+
+    model = load_model(str(_write_planted(tmp_path / "model", attention=True)), device="cpu")
+    tok = model.tokenizer
+    prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in
+               ["<a1><a2><a3><a1>", "the cat sat on the mat", "<a4><a0>", "bread flour water salt yeast poem sea"]]
+    ids, limits = [11, 12, 13, 14], [5, 3, 6, 4]
+    # chance-level replacement (mu_f = mu_r, equal sd): the outcome hangs on every draw
+    neurons = torch.tensor([[0, 3], [0, 17], [1, 5], [1, 9]])
+    spec = AdjustSpec(neurons, mu_f=torch.zeros(4), sd_f=torch.ones(4), mu_r=torch.zeros(4), sd_r=torch.ones(4) * 1.5,
+                      reference=reference, seed=3)
+    cube = Hypercube(torch.zeros(D_MLP), torch.ones(D_MLP), 1.0)
+    h = float(torch.rand(1, generator=torch.Generator().manual_seed(0))) + 0.5
+
+    def run(use_cache: bool, batch_size: int):
+        seen: dict[int, list] = {}
+
+        def record(x, hook):
+            for item, vec in zip(current_rows(x).items.tolist(), x[:, -1]):
+                seen.setdefault(item, []).append(vec.clone())
+        with neuron_adjust(model, spec), key_space_watch(model, cube, h) as watch, \
+                model.hooks(fwd_hooks=[("unembed.hook_out", record)]):
+            new = greedy_generate(model, prompts, ids, limits, batch_size=batch_size, progress=False,
+                                  use_cache=use_cache)
+        return new, seen, watch
+
+    new, seen, watch = run(True, 4)
+    assert spec.replaced[0] > 0 and spec.replaced[0] < spec.replaced[1]  # the draws decide
+    for use_cache, batch_size in [(False, 4), (True, 1), (False, 1)]:
+        other, other_seen, other_watch = run(use_cache, batch_size)
+        assert other == new and other.truncated == new.truncated
+        assert other_watch.prefill == watch.prefill and other_watch.any_step == watch.any_step
+        for item in ids:
+            assert len(other_seen[item]) == len(seen[item]) == len(new[ids.index(item)]) + (
+                0 if new.truncated[ids.index(item)] else 1)
+            torch.testing.assert_close(torch.stack(other_seen[item]), torch.stack(seen[item]), atol=1e-4, rtol=1e-4)
+
+
+def test_truncated_generations_are_counted_per_skill(tmp_path):
+    """EOS wins wherever the alpha feature is absent: alpha items run to the limit before (truncated), end at once
+    under Neuron Adjust (which removes the feature); words items end at once; random neurons change nothing."""
+    from interp.analyses import skill_unlearning as su
+    from interp.models import load_model
+
+    model = load_model(str(_write_planted(tmp_path / "model", eos_bias=1.0)), device="cpu")
+    skills = _skill_file(tmp_path / "skills.jsonl", n=24)
+    result = _run((model, skills), n_probe=12, n_eval=12, random_draws=2, max_new_tokens=3)
+    alpha, words = f"{skills}:alpha", f"{skills}:words"
+    na, rnd = _row(result, "neuron_adjust", "forget"), _row(result, "random_neurons", "forget")
+    assert (na["truncated_before"], na["truncated_after"], na["generated_after"]) == (12, 0, 12)
+    assert rnd["truncated_after"] == 12 and rnd["truncated_after_draws"] == [12, 12]
+    assert _row(result, "key_space", "forget")["truncated_after"] == 12
+    retain = _row(result, "neuron_adjust", "retain")
+    assert (retain["truncated_before"], retain["truncated_after"], retain["generated_after"]) == (0, 0, 0)
+    cut = result.statistics["truncated"]
+    assert cut["before"] == {alpha: 12, words: 0} and cut["neuron_adjust"] == {alpha: 0, words: 0}
+    assert cut["random_neurons"] == {alpha: [12, 12], words: [0, 0]} and cut["max_new_tokens"] == 3
+    items = result.per_item
+    assert items[items.skill == alpha].truncated_before.all() and not items[items.skill == words].truncated_before.any()
+    assert "Truncated generations (hit the 3-token limit" in su.build_report(result).render()
