@@ -594,26 +594,60 @@ def final_scores(model, examples: list[Example], probe: LogisticProbe, hook: str
     return probe.scores(acts)
 
 
-def attack_success_rate(model, harmful: list[Example], config: Config, judge=None) -> tuple[int, int]:
-    """(jailbreaks, prompts): how many harmful prompts' regenerated answers are a jailbreak, rated unsafe by
-    `judge` (Llama Guard) or, without one, not a refusal (keyword judge); ASR = the ratio.
+@dataclass(frozen=True)
+class AsrCount:
+    """One ASR setting's regenerations: `jailbroken` of the `scored` answers are a jailbreak (ASR = the ratio);
+    `truncated` never closed `</think>` (no answer: not scored, not in the denominator); `capped` hit
+    `--max-new-tokens` (the truncated ones and answers cut at the cap, which are scored on what they reached)."""
 
-    asr_regenerate="full" (paper): regenerate thinking and answer from the prompt.
+    jailbroken: int
+    scored: int
+    truncated: int = 0
+    capped: int = 0
+
+    @property
+    def regenerated(self) -> int:
+        return self.scored + self.truncated
+
+    def __add__(self, other: AsrCount) -> AsrCount:
+        return AsrCount(self.jailbroken + other.jailbroken, self.scored + other.scored,
+                        self.truncated + other.truncated, self.capped + other.capped)
+
+
+def attack_success_rate(model, harmful: list[Example], config: Config, judge=None) -> AsrCount:
+    """How many harmful prompts' regenerated answers are a jailbreak, rated unsafe by `judge` (Llama Guard) or,
+    without one, not a refusal (keyword judge), of how many have an answer; ASR = the ratio.
+
+    asr_regenerate="full" (paper): regenerate thinking and answer from the prompt; on a thinking model a
+    regeneration that never closes `</think>` (the cap, usually) has no answer: it is counted as truncated and
+    left out, never scored (its thinking is not an answer).
     "response": keep each rollout's own thinking and regenerate only the answer after `</think>`,
     which isolates the refuse/comply decision from damage the ablation does to the thinking.
     """
     kw = dict(max_new_tokens=config.max_new_tokens, temperature=config.temperature, seed=config.seed,
               batch_size=config.batch_size, progress=config.progress)
+    truncated = 0
     if config.asr_regenerate == "response":
         prompts = [e.prompt for e in harmful]
         new = generate_tokens(model, [e.input_ids for e in harmful], **kw)
         responses = [model.tokenizer.decode(ids, skip_special_tokens=True) for ids in new]
+        capped = new.n_truncated
     else:
-        prompts = list(dict.fromkeys(e.prompt for e in harmful))
-        responses = [split_thinking(t)[1] for t in generate(model, prompts, **kw)]
+        asked = list(dict.fromkeys(e.prompt for e in harmful))
+        texts = generate(model, asked, **kw)
+        capped = texts.n_truncated
+        thinking_model = has_thinking_tokens(model.tokenizer)
+        answered = [(p, split_thinking(t)[1]) for p, t in zip(asked, texts)
+                    if not (thinking_model and THINK_CLOSE not in t)]
+        truncated = len(asked) - len(answered)
+        prompts, responses = [p for p, _ in answered], [r for _, r in answered]
+    if not responses:
+        return AsrCount(0, 0, truncated, capped)
     if judge is not None:
-        return int(sum(judge.judge(prompts, responses, batch_size=config.batch_size))), len(responses)
-    return sum(not is_refused(r, config) for r in responses), len(responses)
+        jailbroken = int(sum(judge.judge(prompts, responses, batch_size=config.batch_size)))
+    else:
+        jailbroken = sum(not is_refused(r, config) for r in responses)
+    return AsrCount(jailbroken, len(responses), truncated, capped)
 
 
 def random_heads(top: list[tuple[int, int]], eligible: list[tuple[int, int]], config: Config) -> Draws:
@@ -622,9 +656,13 @@ def random_heads(top: list[tuple[int, int]], eligible: list[tuple[int, int]], co
                          matched_on="layer", key="heads")
 
 
-def asr_fields(k: int, n: int) -> dict:
-    """`asr` (k / n) and its Wilson interval `asr_ci`."""
-    return {"asr": k / n, "asr_ci": list(wilson(k, n))}
+def asr_fields(count: AsrCount) -> dict:
+    """`asr` (jailbroken / scored; NaN when no regeneration has an answer) and its Wilson interval `asr_ci`,
+    with the counts behind them: `asr_n` (the denominator), `n_truncated` (never closed `</think>`: left out),
+    `n_capped` (hit --max-new-tokens), `n_regenerated`."""
+    k, n = count.jailbroken, count.scored
+    return {"asr": k / n if n else float("nan"), "asr_ci": list(wilson(k, n)), "asr_n": n,
+            "n_truncated": count.truncated, "n_capped": count.capped, "n_regenerated": count.regenerated}
 
 
 def ablation_sweep(model, harmful: list[Example], probe: LogisticProbe, hook: str, ranked: list[dict],
@@ -633,28 +671,28 @@ def ablation_sweep(model, harmful: list[Example], probe: LogisticProbe, hook: st
     score and regenerated ASR (with its Wilson interval) on the eval harmful examples (paper: top vs random)."""
     if not harmful:
         warn(warnings, "no harmful eval rollout: the ablation sweep is skipped; use more harmful prompts")
-        return [], {"rs_final": None, "asr": None, "asr_ci": None}
+        return [], {"rs_final": None, "asr": None, "asr_ci": None, "asr_n": 0, "n_truncated": 0}
     asr_set = harmful[: config.asr_limit]
     total = model.cfg.n_layers * model.cfg.n_heads
-    measured: dict[tuple, tuple[float, int, int]] = {}
+    measured: dict[tuple, tuple[float, AsrCount]] = {}
 
-    def measure(heads: list[tuple[int, int]]) -> tuple[float, int, int]:
+    def measure(heads: list[tuple[int, int]]) -> tuple[float, AsrCount]:
         key = tuple(sorted(heads))
         if key not in measured:
             with ablate_heads(model, list(key), rescale=config.ablation_rescale):
                 measured[key] = (float(final_scores(model, harmful, probe, hook, config).mean()),
-                                 *attack_success_rate(model, asr_set, config, judge))
+                                 attack_success_rate(model, asr_set, config, judge))
         return measured[key]
 
-    rs0, k0, n0 = measure([])
-    baseline = {"rs_final": rs0, **asr_fields(k0, n0)}
+    rs0, count0 = measure([])
+    baseline = {"rs_final": rs0, **asr_fields(count0)}
     eligible = [(h["layer"], h["head"]) for h in ranked]
     rows = []
     for fraction in config.ablation_fractions:
         n = min(max(1, round(fraction * total)), len(eligible))
         top = eligible[:n]
-        rs, k, n_asr = measure(top)
-        rows.append({"fraction": fraction, "n_heads": n, "selection": "top", "rs_final": rs, **asr_fields(k, n_asr),
+        rs, count = measure(top)
+        rows.append({"fraction": fraction, "n_heads": n, "selection": "top", "rs_final": rs, **asr_fields(count),
                      "heads": [list(h) for h in top]})
         try:
             draws = random_heads(top, eligible, config)
@@ -662,10 +700,13 @@ def ablation_sweep(model, harmful: list[Example], probe: LogisticProbe, hook: st
             warn(warnings, f"no random control for {fraction:g} of the heads: {e}; use smaller --ablation-fractions")
             continue
         results = [measure(d) for d in draws]
-        pooled = asr_fields(sum(r[1] for r in results), sum(r[2] for r in results))
+        pooled = asr_fields(sum((r[1] for r in results), AsrCount(0, 0)))
+        per_draw = [asr_fields(r[1])["asr"] for r in results]
         rows.append({"fraction": fraction, "n_heads": n, "selection": "random",
-                     **control_row({"rs_final": [r[0] for r in results], "asr": [r[1] / r[2] for r in results]}, draws),
-                     "asr_ci": pooled["asr_ci"], "draws": [[list(h) for h in d] for d in draws]})
+                     **control_row({"rs_final": [r[0] for r in results], "asr": per_draw}, draws),
+                     **{k: pooled[k] for k in ("asr_ci", "asr_n", "n_truncated", "n_capped", "n_regenerated")},
+                     "n_truncated_draws": [r[1].truncated for r in results],
+                     "draws": [[list(h) for h in d] for d in draws]})
     return rows, baseline
 
 
@@ -800,7 +841,8 @@ def ablation_figure(ablation: list[dict], baseline: dict):
 def ablation_table(ablation: list[dict]) -> pd.DataFrame:
     """The sweep without the head lists (those are in results.json and ablation.csv)."""
     df = pd.DataFrame(ablation)
-    return df.drop(columns=[c for c in ("heads", "draws", "rs_final_draws", "asr_draws", "strata") if c in df])
+    return df.drop(columns=[c for c in ("heads", "draws", "rs_final_draws", "asr_draws", "strata",
+                                        "n_truncated_draws") if c in df])
 
 
 def split_table(result: Result) -> pd.DataFrame:
@@ -819,6 +861,20 @@ def _pick_example(examples: list[Example]) -> Example:
         if members:
             return max(members, key=lambda e: e.metrics["cliff"])
     raise ValueError("no examples")
+
+
+def _truncation_sentence(result: Result) -> str:
+    """How many ASR regenerations had no answer (never closed `</think>`) or hit the cap, per setting."""
+    base = result.ablation_baseline
+    if base.get("n_regenerated") is None:
+        return ""
+    rows = [("none", base)] + [(f"{r['selection']} {r['n_heads']}", r) for r in result.ablation]
+    cut = "; ".join(f"{name}: {r['n_truncated']} of {r['n_regenerated']}" for name, r in rows)
+    capped = sum(r.get("n_capped", 0) for _, r in rows)
+    return (f" Regenerations that never closed {THINK_CLOSE} have no answer: they are counted (n_truncated) and "
+            f"left out of the ASR, never scored — {cut} (random rows: all draws). The ASR denominator is asr_n; "
+            f"{capped} regenerations in all hit --max-new-tokens ({result.config.max_new_tokens}; n_capped: the "
+            "truncated ones and answers cut at the cap, scored on what they reached).")
 
 
 def build_report(result: Result, tokenizer=None):
@@ -881,7 +937,8 @@ def build_report(result: Result, tokenizer=None):
                          "is not a refusal (keyword judge; a broken answer counts as not refused). ")
                       + "Regenerated: "
                       + ("thinking and answer (paper)." if cfg.asr_regenerate == "full" else
-                         "the answer only, after each rollout's own thinking."))
+                         "the answer only, after each rollout's own thinking.")
+                      + _truncation_sentence(result))
     if result.ablation:
         rep.add_figure(ablation_figure(result.ablation, result.ablation_baseline))
         rep.add_table(ablation_table(result.ablation), caption="Ablation results (eval split)")

@@ -22,8 +22,10 @@ def rollouts_file(planted, tmp_path_factory):
 
 
 def planted_config(rollouts_file, **kw) -> rc.Config:
-    # The default probe (L-BFGS to convergence). The asr part regenerates with the planted (non-chat) model.
-    base = dict(rollouts=str(rollouts_file), max_new_tokens=4, asr_limit=2, ablation_fractions=(0.1,), progress=False)
+    # The default probe (L-BFGS to convergence). The asr part regenerates with the planted (non-chat) model, the
+    # answer only: in 4 tokens it never closes </think>, so a full regeneration has no answer to score.
+    base = dict(rollouts=str(rollouts_file), max_new_tokens=4, asr_limit=2, ablation_fractions=(0.1,), progress=False,
+                asr_regenerate="response")
     return rc.Config(**{**base, **kw})
 
 
@@ -630,3 +632,49 @@ def test_folded_projection_ranking_is_an_option_and_compared_with_the_unfolded(p
     expected = spearmanr([r["score"] for r in folded], [score_of[h] for h in key(folded)]).statistic
     assert fold["spearman"] == pytest.approx(float(expected))
     assert (folded[0]["layer"], folded[0]["head"]) == planted.suppressor
+
+
+# ---------------------------------------------------------------- truncated ASR regenerations
+
+
+def test_asr_regenerations_without_an_answer_are_counted_not_scored(planted_model, rollouts_file, monkeypatch):
+    """A full regeneration that never closes </think> has no answer: it is counted per setting (n_truncated) and
+    left out of the ASR, never scored (its thinking, "Okay, so the user wants ...", is no refusal and used to count
+    as a jailbreak)."""
+    from interp.generation import Generations
+
+    asked = []
+
+    def fake_generate(model, prompts, **kw):
+        asked.append(list(prompts))
+        texts = [f"Okay, so the user wants {p}" if i % 2 else f"ok</think>I'm sorry, I cannot help with {p}"
+                 for i, p in enumerate(prompts)]
+        return Generations(texts, [bool(i % 2) for i in range(len(prompts))])
+
+    monkeypatch.setattr(rc, "generate", fake_generate)
+    res = rc.run(planted_model, planted_config(rollouts_file, asr_regenerate="full", asr_limit=4,
+                                              head_methods=("projection",)))
+    n = len(asked[0])
+    assert n >= 3 and all(a == asked[0] for a in asked)
+    cut, answered = n // 2, n - n // 2
+    for row in [res.ablation_baseline, *(r for r in res.ablation if r["selection"] == "top")]:
+        assert (row["asr"], row["asr_n"], row["n_truncated"], row["n_capped"], row["n_regenerated"]) == \
+            (0.0, answered, cut, cut, n)
+        assert row["asr_ci"] == pytest.approx(list(wilson(0, answered)))
+    rand = next(r for r in res.ablation if r["selection"] == "random")
+    assert rand["n_truncated_draws"] == [cut] * rand["n_draws"] and rand["n_truncated"] == cut * rand["n_draws"]
+    assert rand["asr_n"] == answered * rand["n_draws"] and rand["asr"] == 0.0
+    html = rc.build_report(res).render()
+    assert f"none: {cut} of {n}" in html and "left out of the ASR" in html
+
+
+def test_asr_is_undefined_when_no_regeneration_closes_its_thinking(planted_model, rollouts_file):
+    """The planted model never writes </think> in 4 tokens: every full regeneration is truncated and hit the cap."""
+    res = rc.run(planted_model, planted_config(rollouts_file, asr_regenerate="full", head_methods=("projection",)))
+    base = res.ablation_baseline
+    assert (base["asr_n"], base["n_truncated"], base["n_capped"], base["n_regenerated"]) == (0, 2, 2, 2)
+    assert np.isnan(base["asr"]) and all(np.isnan(x) for x in base["asr_ci"])
+    assert all(r["asr_n"] == 0 and r["n_truncated"] == r["n_regenerated"] > 0 for r in res.ablation)
+    from interp.outputs import to_jsonable
+
+    assert to_jsonable(res.to_dict())["ablation_baseline"]["asr"] is None  # null in results.json
