@@ -46,6 +46,7 @@ from interp.heads import causal_scores, gradient_scores, projection_scores, rank
 from interp.interventions import ablate_heads
 from interp.judges import JBB_REFUSAL_PREFIXES, REFUSALCLIFF_WORDS, is_refusal
 from interp.metrics import cliff_metrics, mean_interpolated, mean_tail, reference_aggregate
+from interp.mlp import require_generation
 from interp.probes import L2_GRID, LogisticProbe, fit_logistic_probe, train_logistic_probe
 from interp.report import analysis_report
 
@@ -742,6 +743,9 @@ def run(model, config: Config | None = None) -> Result:
     config = config or Config()
     n_layers = model.cfg.n_layers
     config.validate(model)
+    # an encoder cannot generate: neither rollouts nor ASR regenerations; with --rollouts its two-way attention would
+    # let every thinking position see the response the probe should anticipate
+    require_generation(model, "refusal_cliff")
     warnings: list[str] = []
     judge = load_judge(model, config)
     examples, counts, overlap = collect_examples(model, config, judge, warnings)

@@ -30,11 +30,12 @@ import pandas as pd
 import torch
 from jaxtyping import Float
 
-from interp.analysis import CommonConfig, require, run_header, warn
+from interp.analysis import CommonConfig, not_applicable, require, run_header, skip_layers, warn
 from interp.capture import capture
 from interp.controls import ControlUnavailable, Draws, control_row, split, wilson
 from interp.datasets import load_skill
 from interp.errors import UserError
+from interp.mlp import neuron_mlps, require_generation, shared_experts_by_position
 from interp.report import analysis_report
 from interp.skills import SkillItem, is_correct
 from interp.tokens import Joint, bos_id, encode, encode_joint
@@ -45,7 +46,6 @@ from interp.unlearning import (
     gate_hook,
     gate_moments,
     greedy_generate,
-    key_hook,
     key_space_watch,
     neuron_adjust,
     neuron_draws,
@@ -119,9 +119,11 @@ class Result:
     key_scores: pd.DataFrame
     top_values: dict  # "layer.neuron" -> skill -> list of held-out activation values
     warnings: list[str] = field(default_factory=list)
+    skipped_layers: dict[int, str] = field(default_factory=dict)  # layer → what was not read there and why
 
     def to_dict(self) -> dict:
-        return {**self.header, "warnings": self.warnings, "selected_neurons": self.selected_neurons,
+        return {**self.header, "warnings": self.warnings, "skipped_layers": self.skipped_layers,
+                "selected_neurons": self.selected_neurons,
                 "evaluation": self.evaluation, "key_space": self.key_space, "statistics": self.statistics}
 
     def tables(self) -> dict[str, pd.DataFrame]:
@@ -278,14 +280,16 @@ def _drop(before: float, after: float) -> float:
     return 1 - after / before if before and not math.isnan(before) else float("nan")
 
 
-def _control_draws(neurons: torch.Tensor, n_layers: int, d_mlp: int, config: Config, warnings: list[str]) -> Draws:
+def _control_draws(neurons: torch.Tensor, n_layers: int, d_mlp: int, config: Config, warnings: list[str],
+                   widths: list[int] | None = None) -> Draws:
     """Layer-matched random neuron sets; drawn over all layers (with a warning) where a layer has too few."""
     try:
-        return neuron_draws(neurons, n_layers, d_mlp, draws=config.random_draws, seed=config.seed)
+        return neuron_draws(neurons, n_layers, d_mlp, draws=config.random_draws, seed=config.seed, widths=widths)
     except ControlUnavailable as e:
         warn(warnings, f"random-neuron control not matched on layer ({e}); drawn over all layers instead")
     try:
-        return neuron_draws(neurons, n_layers, d_mlp, draws=config.random_draws, seed=config.seed, matched_on="none")
+        return neuron_draws(neurons, n_layers, d_mlp, draws=config.random_draws, seed=config.seed, matched_on="none",
+                            widths=widths)
     except ControlUnavailable:
         raise UserError(f"top-percent {config.top_percent} leaves too few unselected neurons for a random control; "
                         "lower --top-percent") from None
@@ -304,33 +308,55 @@ def _inside_rates(scores: Float[torch.Tensor, " n"], threshold: float) -> tuple[
 
 def run(model, config: Config | None = None) -> Result:
     """Statistics, selection and h on the selection half; effects of NA / random neurons / KSD on the held-out half."""
+    with shared_experts_by_position(model):  # MoE layers' shared-expert hooks shaped [batch, pos, ·]
+        return _run(model, config)
+
+
+def _run(model, config: Config | None = None) -> Result:
     config = config or Config()
     config.validate(model)
+    require_generation(model, "skill_unlearning")
     warnings: list[str] = []
+    skipped: dict[int, str] = {}
     tok = model.tokenizer
     n_layers, d_mlp = model.cfg.n_layers, model.cfg.d_mlp
-    if f"blocks.{n_layers - 1}.mlp.hook_post" not in model.hook_dict or gate_hook(0) not in model.hook_dict:
-        raise UserError("this model has no MLP gate / key hooks (blocks.L.mlp.hook_pre / hook_post); "
-                        "skill_unlearning needs an MLP in every block")
+    # the neurons read: a dense layer's MLP; an MoE layer's shared expert (its routed experts' neurons fire only on
+    # the tokens routed to them), none in an MoE layer without one
+    mlps, left_out = neuron_mlps(model)
+    if not mlps:
+        raise not_applicable("skill_unlearning", model, "no MLP neuron sees every token (mixture-of-experts MLPs "
+                                                        "without a shared expert); Neuron Adjust and Key Space "
+                                                        "Detection read dense MLP neurons")
+    skip_layers(skipped, warnings, left_out, "MLP neurons")
+    key_layer = max(mlps)
+    if key_layer != n_layers - 1:
+        warn(warnings, f"Key Space Detection reads layer {key_layer}'s key vectors, the last layer with dense MLP "
+                       f"neurons (the paper: the last layer, {n_layers - 1})")
+    widths = [mlps[layer].width if layer in mlps else 0 for layer in range(n_layers)]
+    gate_hooks = {layer: m.gate_hook for layer, m in mlps.items()}
     splits = load_splits(config)
     texts = {s.name: _encode(tok, [i.text for i in s.selection], config.bos) for s in splits}
-    hook_diff = max(check_gate_hook(model, texts[splits[0].name][0], layer) for layer in (0, n_layers - 1))
+    hook_diff = max(check_gate_hook(model, texts[splits[0].name][0], layer, mlps[layer])
+                    for layer in sorted({min(mlps), key_layer}))
     if hook_diff > 1e-4:
         warn(warnings, f"the bridge's gate hook differs from a raw hook on the HF gate_proj output (max |diff| "
                        f"{hook_diff:.3g}): the statistics may be wrong")
 
     moments = {s.name: gate_moments(model, texts[s.name], batch_size=config.batch_size,
-                                    progress=config.progress, desc=f"statistics {s.name}") for s in splits}
+                                    progress=config.progress, desc=f"statistics {s.name}", mlps=mlps)
+               for s in splits}
     forget = moments[config.forget]
     retain = moments[config.retain_skills[0]]
     for name in config.retain_skills[1:]:
         retain = retain.merge(moments[name])
     delta = forget.mean - retain.mean
+    exists = torch.arange(delta.shape[1])[None, :] < torch.tensor(widths)[:, None]  # layers / neurons read
+    delta = delta.masked_fill(~exists, float("-inf"))
     neurons = select_neurons(delta, config.top_percent)
-    draws = _control_draws(neurons, n_layers, d_mlp, config, warnings)
+    draws = _control_draws(neurons, n_layers, d_mlp, config, warnings, widths)
 
     # Key Space Detection: hypercube on the forget selection prompts' last-token key vectors; h on the selection half
-    khook = key_hook(n_layers - 1)
+    khook = mlps[key_layer].key_hook
     sel, held = Batch.of(tok, splits, "selection", config.bos), Batch.of(tok, splits, "held_out", config.bos)
     sel_keys = capture(model, sel.prompts, [khook], batch_size=config.batch_size, progress=config.progress)[khook]
     forget_sel, retain_sel = sel.rows(config.forget), [j for j, r in enumerate(sel.roles) if r == "retain"]
@@ -343,14 +369,15 @@ def run(model, config: Config | None = None) -> Result:
     every = [True] * len(held.items)
     checkable = [i.check != "none" for i in held.items]
     lp0, sel_lp0 = _logprobs(model, held, config), _logprobs(model, sel, config)
-    with key_space_watch(model, cube, h) as watch:  # only generation forwards count, never the gold continuation
+    with key_space_watch(model, cube, h, khook) as watch:  # only generation forwards count, never the gold continuation
         text0, cut0 = _generate(model, held, config, every)
     abstain = [watch.any_step[i] for i in held.ids]
     prefill = [watch.prefill[i] for i in held.ids]
     acc0 = _accuracy(held.items, text0)
     acc_ksd = _accuracy(held.items, text0, abstain)
 
-    spec = AdjustSpec.from_moments(neurons, forget, retain, reference=config.reference, seed=config.seed)
+    spec = AdjustSpec.from_moments(neurons, forget, retain, reference=config.reference, seed=config.seed,
+                                   hooks=gate_hooks)
     with neuron_adjust(model, spec):
         lp_na, sel_lp_na = _logprobs(model, held, config), _logprobs(model, sel, config)
         text_na, cut_na = _generate(model, held, config, checkable)
@@ -359,7 +386,7 @@ def run(model, config: Config | None = None) -> Result:
     rand_lp, rand_sel_lp, rand_acc, rand_cut = [], [], [], []
     for d, pairs in enumerate(draws):
         rspec = AdjustSpec.from_moments(torch.tensor(pairs), forget, retain, reference=config.reference,
-                                        seed=config.seed + 1 + d)
+                                        seed=config.seed + 1 + d, hooks=gate_hooks)
         with neuron_adjust(model, rspec):
             rand_lp.append(_logprobs(model, held, config))
             rand_sel_lp.append(_logprobs(model, sel, config))
@@ -368,7 +395,7 @@ def run(model, config: Config | None = None) -> Result:
             rand_cut.append(cut)
 
     top = neurons[delta[neurons[:, 0], neurons[:, 1]].argsort(descending=True)[:config.top_neurons_shown]]
-    top_values = _top_values(model, splits, top, tok, config)
+    top_values = _top_values(model, splits, top, tok, config, gate_hooks)
 
     evaluation = []
     for s in splits:
@@ -420,7 +447,9 @@ def run(model, config: Config | None = None) -> Result:
                    for layer, n in neurons.tolist()]
     counts = torch.bincount(neurons[:, 0], minlength=n_layers).tolist()
     selected = {"per_layer": [{"layer": layer, "count": c} for layer, c in enumerate(counts)], "neurons": neuron_rows,
-                "top_percent": config.top_percent, "n_selected": len(neuron_rows), "n_total": n_layers * d_mlp,
+                "mlp_per_layer": [{"layer": layer, "mlp": mlps[layer].kind if layer in mlps else None,
+                                   "neurons": widths[layer]} for layer in range(n_layers)],
+                "top_percent": config.top_percent, "n_selected": len(neuron_rows), "n_total": sum(widths),
                 "threshold": float(delta[neurons[:, 0], neurons[:, 1]].min()),
                 "replaced_share": spec.replaced_share,
                 "forget_mean_positive_share": float((forget.mean[neurons[:, 0], neurons[:, 1]] > 0).float().mean())}
@@ -437,7 +466,7 @@ def run(model, config: Config | None = None) -> Result:
                                                    for s in splits},
                                 "generated_before": {s.name: len(held.rows(s.name)) for s in splits},
                                 "generated_after": {s.name: _generated(cut_na, held.rows(s.name)) for s in splits}},
-                  "full_cache_bytes": {name: n * n_layers * d_mlp * 4 for name, n in tokens.items()},
+                  "full_cache_bytes": {name: n * sum(widths) * 4 for name, n in tokens.items()},
                   "gate_hook_max_abs_diff_vs_hf": hook_diff}
     per_item = pd.DataFrame({"skill": held.skills, "role": held.roles, "prompt": [i.prompt for i in held.items],
                              "answer": [i.answer for i in held.items], "generated_before": text0,
@@ -449,20 +478,25 @@ def run(model, config: Config | None = None) -> Result:
                               "split": ["held_out"] * len(held.items) + ["selection"] * len(sel.items),
                               "score": key_scores.tolist() + sel_scores.tolist()})
     header = run_header("skill_unlearning", model, config)
-    return Result(header, selected, evaluation, key_space, statistics, per_item, key_table, top_values, warnings)
+    return Result(header, selected, evaluation, key_space, statistics, per_item, key_table, top_values, warnings,
+                  skipped)
 
 
-def _top_values(model, splits: list[SkillSplit], top: torch.Tensor, tok, config: Config, cap: int = 4000) -> dict:
-    """Held-out gate values of the `top` neurons at every token, per skill (at most `cap` per skill)."""
+def _top_values(model, splits: list[SkillSplit], top: torch.Tensor, tok, config: Config,
+                hooks: dict[int, str] | None = None, cap: int = 4000) -> dict:
+    """Held-out gate values of the `top` neurons at every token, per skill (at most `cap` per skill); `hooks`: each
+    layer's gate hook where it is not blocks.L.mlp.hook_pre (an MoE layer's shared expert)."""
+    hooks = hooks or {}
     layers = sorted(set(top[:, 0].tolist()))
     out: dict[str, dict[str, list[float]]] = {f"{layer}.{n}": {} for layer, n in top.tolist()}
     for s in splits:
-        cols = {gate_hook(layer): top[top[:, 0] == layer, 1] for layer in layers}
+        cols = {hooks.get(layer, gate_hook(layer)): top[top[:, 0] == layer, 1] for layer in layers}
         got = capture(model, _encode(tok, [i.text for i in s.held_out], config.bos), list(cols), positions="all",
                       batch_size=config.batch_size, progress=False, reduce=lambda name, x: x[:, cols[name]])
         for layer in layers:
-            vals = torch.cat(got[gate_hook(layer)])[:cap]
-            for c, n in enumerate(cols[gate_hook(layer)].tolist()):
+            name = hooks.get(layer, gate_hook(layer))
+            vals = torch.cat(got[name])[:cap]
+            for c, n in enumerate(cols[name].tolist()):
                 out[f"{layer}.{n}"][s.name] = vals[:, c].tolist()
     return out
 

@@ -10,6 +10,10 @@ dense MLPs in some layers and MoE blocks in others, so every question is asked p
   `MoEBridge` as the sparse ones (`bound_dense`; `dense_gate` / `dense_in` / `dense_out`), with the dense hooks.
 - `shared_expert(model, layer)` → `DenseMLP` of an MoE layer's shared expert (Qwen2-MoE / Qwen3-Next
   `shared_expert`, DeepSeek `shared_experts`): a dense gated MLP every token goes through. None without one.
+- `neuron_mlps(model)` → ({layer: `DenseMLP`}, {layer: what is left out}): the MLP whose neurons see every token,
+  per layer (a dense layer's MLP, an MoE layer's shared expert), for analyses that read gate / key neurons.
+- `shared_experts_by_position(model)`: a context manager under which a shared expert's hooks see `[batch, pos, ·]`
+  (Qwen2-MoE / Qwen3-Next call it on the flattened tokens).
 - `routed_experts(model, layer)` → `RoutedExperts`: the routed experts of an MoE layer (transformers 5's fused
   `*Experts` module: `gate_up_proj` `[E, 2F, D]`, `down_proj` `[E, D, F]`, or transposed), their per-expert
   down-projection weights and `down_inputs(hidden, top_k_index)`, the input of each expert's down-projection
@@ -17,20 +21,20 @@ dense MLPs in some layers and MoE blocks in others, so every question is asked p
 - `routed_down_inputs(model, layers, callback)`: a context manager calling `callback(layer, token_index, expert,
   x)` with every routed expert's down-projection input during each forward (a forward pre-hook on the HF experts
   module: its inputs are the flattened MLP input and the routing, whatever experts implementation runs).
-- `is_encoder(model)`: bidirectional attention (BERT-style), which cannot generate text.
+- `is_encoder(model)`: bidirectional attention (BERT-style), which cannot generate text; `require_generation(model,
+  analysis)` raises `NotApplicable` for one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-
-from interp.errors import NotApplicable
 
 ENCODER_REASON = "an encoder (masked LM) does not generate text"
 
@@ -43,9 +47,9 @@ def is_encoder(model) -> bool:
 def require_generation(model, analysis: str) -> None:
     """NotApplicable for an encoder: the analysis generates text (call before any heavy work)."""
     if model is not None and is_encoder(model):
-        from interp.models import model_info
+        from interp.analysis import not_applicable
 
-        raise NotApplicable(analysis, model_info(model).architecture, ENCODER_REASON)
+        raise not_applicable(analysis, model, ENCODER_REASON)
 
 
 def _moe_bridge():
@@ -152,6 +156,79 @@ def shared_expert(model, layer: int) -> DenseMLP | None:
             if found is not None:
                 return found
     return None
+
+
+ROUTED_REASON = "routed experts skipped (a routed expert's neurons fire only on the tokens routed to it)"
+
+
+def neuron_mlps(model) -> tuple[dict[int, DenseMLP], dict[int, str]]:
+    """The dense MLP whose gate / key neurons see every token, per layer: the layer's MLP on a dense layer, the
+    shared expert on an MoE layer; and {layer: what is left out and why} (the routed experts of an MoE layer, the
+    whole layer without a shared expert or without an MLP)."""
+    found, skipped = {}, {}
+    for layer in range(model.cfg.n_layers):
+        kind = mlp_kind(model, layer)
+        if kind == "dense":
+            dense = dense_mlp(model, layer)
+            if dense is not None and dense.gate_hook in model.hook_dict and dense.key_hook in model.hook_dict:
+                found[layer] = dense
+            else:
+                skipped[layer] = "no MLP gate / key hooks (blocks.L.mlp.hook_pre / hook_post)"
+        elif kind == "moe":
+            shared = shared_expert(model, layer)
+            if shared is not None:
+                found[layer] = shared
+                skipped[layer] = f"{ROUTED_REASON}; the shared expert's neurons are used"
+            else:
+                skipped[layer] = f"mixture of experts without a shared expert: {ROUTED_REASON}"
+        else:
+            skipped[layer] = "no MLP in this block"
+    return found, skipped
+
+
+@contextlib.contextmanager
+def shared_experts_by_position(model) -> Iterator[None]:
+    """While active, every MoE layer's shared expert sees its input as `[batch, pos, d_model]`, as a dense MLP does
+    (Qwen2-MoE and Qwen3-Next flatten it to `[batch·pos, d_model]` before calling it), so the hooks inside it
+    (`hook_pre`, `hook_post`) have the usual shape; its output is flattened back. The MLP acts on each token alone:
+    no number changes."""
+    handles = []
+
+    def hooks_for(state: dict):
+        def block_pre(module, args, kwargs):
+            x = args[0] if args else kwargs.get("hidden_states")
+            if isinstance(x, Tensor):
+                state["shape"] = tuple(x.shape[:-1])
+
+        def pre(module, args, kwargs):
+            x = args[0] if args else kwargs.get("hidden_states")
+            shape = state.get("shape")
+            state["flat"] = bool(isinstance(x, Tensor) and x.ndim == 2 and shape and math.prod(shape) == x.shape[0])
+            if not state["flat"]:
+                return None
+            x = x.reshape(*shape, x.shape[-1])
+            return ((x, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
+
+        def post(module, args, kwargs, output):
+            if state.get("flat") and isinstance(output, Tensor):
+                return output.reshape(-1, output.shape[-1])
+            return None
+        return block_pre, pre, post
+
+    try:
+        for layer in moe_layers(model):
+            shared = shared_expert(model, layer)
+            if shared is None:
+                continue
+            block_pre, pre, post = hooks_for({})
+            component = model.get_submodule(shared.path)
+            handles += [model.blocks[layer].mlp.register_forward_pre_hook(block_pre, with_kwargs=True),
+                        component.register_forward_pre_hook(pre, with_kwargs=True),
+                        component.register_forward_hook(post, with_kwargs=True)]
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 # --------------------------------------------------------------------------- routed experts

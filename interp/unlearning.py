@@ -2,7 +2,9 @@
 
 - `gate_moments`: per-neuron running Σx, Σx², n of the MLP gate pre-activation (`blocks.L.mlp.hook_pre`,
   the output of HF `gate_proj`, before the activation function) over every real token of a skill, every
-  layer, streamed batch by batch: memory is 3 · n_layers · d_mlp numbers whatever the dataset size.
+  layer, streamed batch by batch: memory is 3 · n_layers · d_mlp numbers whatever the dataset size. With
+  `mlps` (`interp.mlp.neuron_mlps`: a dense layer's MLP, an MoE layer's shared expert) only those layers' neurons,
+  each layer's row padded to the widest (the padding never selected: `select_neurons` skips non-finite Δ).
   `check_gate_hook` verifies the bridge hook equals a raw torch hook on the HF `gate_proj` module.
 - Neuron Adjust: `select_neurons` takes the global top p % of Δ = μ_forget − μ_retain pooled over all
   layers (signed, one-sided); `neuron_adjust` (a context manager) replaces each selected neuron's value x
@@ -68,10 +70,11 @@ class RunningMoments:
     def zeros(cls, n_layers: int, d_mlp: int) -> RunningMoments:
         return cls(torch.zeros(n_layers, d_mlp, dtype=torch.float64), torch.zeros(n_layers, d_mlp, dtype=torch.float64))
 
-    def update(self, layer: int, x: Float[Tensor, "n d_mlp"]) -> None:
+    def update(self, layer: int, x: Float[Tensor, "n width"]) -> None:
+        """Add the values of one layer's neurons (a narrower layer fills the first `width` columns)."""
         x = x.detach().to(self.total.device, torch.float64)
-        self.total[layer] += x.sum(0)
-        self.total_sq[layer] += (x * x).sum(0)
+        self.total[layer, :x.shape[-1]] += x.sum(0)
+        self.total_sq[layer, :x.shape[-1]] += (x * x).sum(0)
 
     def merge(self, other: RunningMoments) -> RunningMoments:
         """Pooled moments of two token sets (the retain skills together)."""
@@ -98,16 +101,20 @@ class RunningMoments:
 
 @torch.no_grad()
 def gate_moments(model, seqs: Sequence[Sequence[int]], *, batch_size: int = 8, progress: bool = True,
-                 desc: str = "gate statistics") -> RunningMoments:
-    """Running moments of every layer's gate pre-activation over all real tokens of `seqs`."""
-    n_layers, d_mlp = model.cfg.n_layers, model.cfg.d_mlp
-    moments = RunningMoments.zeros(n_layers, d_mlp)
+                 desc: str = "gate statistics", mlps: dict | None = None) -> RunningMoments:
+    """Running moments of every layer's gate pre-activation over all real tokens of `seqs` (with `mlps`, {layer:
+    `interp.mlp.DenseMLP`}: those layers' MLPs only; the others' rows stay 0)."""
+    n_layers = model.cfg.n_layers
+    names = {layer: m.gate_hook for layer, m in mlps.items()} if mlps is not None else \
+        {layer: gate_hook(layer) for layer in range(n_layers)}
+    width = max((m.width for m in mlps.values()), default=0) if mlps is not None else model.cfg.d_mlp
+    moments = RunningMoments.zeros(n_layers, width)
     keep: list[Tensor] = []
 
     def accumulate(x, hook):
         moments.update(int(hook.name.split(".")[1]), x[keep[0]])
 
-    hooks = [(gate_hook(layer), accumulate) for layer in range(n_layers)]
+    hooks = [(name, accumulate) for name in names.values()]
     with sdpa_attention(model, [h for h, _ in hooks]):
         for _, tokens, mask in padded_batches(model, seqs, batch_size, desc=desc, progress=progress):
             keep[:] = [mask.bool()]
@@ -118,36 +125,44 @@ def gate_moments(model, seqs: Sequence[Sequence[int]], *, batch_size: int = 8, p
 
 
 @torch.no_grad()
-def check_gate_hook(model, seq: Sequence[int], layer: int = 0) -> float:
-    """Max |bridge `hook_pre` − raw torch forward hook on the HF `gate_proj` output| on one sequence."""
-    mlp = model.blocks[layer].mlp
-    linear = getattr(mlp, "gate", None) or getattr(mlp, "in")
+def check_gate_hook(model, seq: Sequence[int], layer: int = 0, mlp=None) -> float:
+    """Max |bridge `hook_pre` − raw torch forward hook on the HF `gate_proj` output| on one sequence (`mlp`: the
+    layer's `interp.mlp.DenseMLP`, e.g. an MoE layer's shared expert; default the layer's dense MLP)."""
+    if mlp is None:
+        from interp.mlp import dense_mlp
+
+        mlp = dense_mlp(model, layer)
+    linear = mlp.gate
     raw_module = getattr(linear, "original_component", linear)
     raw: list[Tensor] = []
     handle = raw_module.register_forward_hook(lambda mod, inp, out: raw.append(out.detach().clone()))
     try:
         _, cache = model.run_with_cache(torch.tensor([list(seq)], device=next(model.parameters()).device),
-                                        names_filter=lambda n: n == gate_hook(layer), return_type=None)
+                                        names_filter=lambda n: n == mlp.gate_hook, return_type=None)
     finally:
         handle.remove()
-    return float((cache[gate_hook(layer)].float() - raw[0].float()).abs().max())
+    return float((cache[mlp.gate_hook].float() - raw[0].float()).abs().max())
 
 
 # --------------------------------------------------------------------------- Neuron Adjust
 
 def select_neurons(delta: Float[Tensor, "layer d_mlp"], top_percent: float) -> Int[Tensor, "k 2"]:
-    """(layer, neuron) of the global top `top_percent` % of Δ (ceil of the share), sorted by layer, neuron."""
-    k = max(1, math.ceil(top_percent / 100 * delta.numel()))
-    flat = delta.flatten().topk(k).indices
+    """(layer, neuron) of the global top `top_percent` % of Δ (ceil of the share), sorted by layer, neuron. Non-finite
+    entries (-inf: no such neuron, a skipped layer or a narrower MLP's padding) are neither counted nor selected."""
+    valid = torch.isfinite(delta)
+    k = max(1, math.ceil(top_percent / 100 * int(valid.sum())))
+    flat = delta.masked_fill(~valid, float("-inf")).flatten().topk(k).indices
     pairs = torch.stack([flat // delta.shape[1], flat % delta.shape[1]], dim=1)
     return pairs[torch.argsort(pairs[:, 0] * delta.shape[1] + pairs[:, 1])]
 
 
 def neuron_draws(selected: Int[Tensor, "k 2"], n_layers: int, d_mlp: int, *, draws: int, seed: int,
-                 matched_on: str = "layer") -> Draws:
+                 matched_on: str = "layer", widths: Sequence[int] | None = None) -> Draws:
     """Random neuron sets of the control: none selected, as many per layer as the selection (`matched_on`
-    "layer"; "none": drawn over all layers). Each set is a list of (layer, neuron) pairs."""
-    pool = [(layer, n) for layer in range(n_layers) for n in range(d_mlp)]
+    "layer"; "none": drawn over all layers). Each set is a list of (layer, neuron) pairs. `widths`: neurons per
+    layer where they differ (0: a layer without neurons read), else `d_mlp` in every layer."""
+    widths = list(widths) if widths is not None else [d_mlp] * n_layers
+    pool = [(layer, n) for layer in range(n_layers) for n in range(widths[layer])]
     stratum = (lambda pair: pair[0]) if matched_on == "layer" else None
     return matched_draws([tuple(p) for p in selected.tolist()], pool, stratum=stratum, draws=draws, seed=seed,
                          matched_on=matched_on, key="neurons")
@@ -234,10 +249,11 @@ class AdjustSpec:
     reference: bool = False
     seed: int = 0
     replaced: list[int] = field(default_factory=lambda: [0, 0])  # [replaced values, adjusted real-token values]
+    hooks: dict[int, str] = field(default_factory=dict)  # layer → gate hook where not blocks.L.mlp.hook_pre
 
     @classmethod
     def from_moments(cls, neurons: Tensor, forget: RunningMoments, retain: RunningMoments, *,
-                     reference: bool = False, seed: int = 0) -> AdjustSpec:
+                     reference: bool = False, seed: int = 0, hooks: dict[int, str] | None = None) -> AdjustSpec:
         """Intended: σ = sqrt(variance). Reference: σ_r = variance (quirk 1), σ_f = μ_f (quirk 2)."""
         layer, neuron = neurons[:, 0], neurons[:, 1]
         mu_f, mu_r = forget.mean[layer, neuron], retain.mean[layer, neuron]
@@ -245,7 +261,7 @@ class AdjustSpec:
             sd_f, sd_r = mu_f.clone(), retain.var[layer, neuron]
         else:
             sd_f, sd_r = forget.std[layer, neuron], retain.std[layer, neuron]
-        return cls(neurons, mu_f, sd_f, mu_r, sd_r, reference, seed)
+        return cls(neurons, mu_f, sd_f, mu_r, sd_r, reference, seed, hooks=dict(hooks or {}))
 
     @property
     def replaced_share(self) -> float:
@@ -263,7 +279,7 @@ def neuron_adjust(model, spec: AdjustSpec) -> Iterator[AdjustSpec]:
     hooks = []
     for layer in spec.neurons[:, 0].unique().tolist():
         sel = (spec.neurons[:, 0] == layer).nonzero().squeeze(1)
-        hooks.append((gate_hook(layer), _adjust_hook(spec, layer, sel)))
+        hooks.append((spec.hooks.get(layer, gate_hook(layer)), _adjust_hook(spec, layer, sel)))
     with model.hooks(fwd_hooks=hooks):
         yield spec
 
@@ -364,10 +380,11 @@ class Watch:
 
 
 @contextlib.contextmanager
-def key_space_watch(model, cube: Hypercube, h: float) -> Iterator[Watch]:
-    """Test the last-layer key vector at the last position of every generation forward against the cube
-    (abstention). Only `greedy_generate`'s forwards count (prefill and generated tokens): a teacher-forced pass
-    over a gold continuation shows the model tokens it never generated, and is ignored."""
+def key_space_watch(model, cube: Hypercube, h: float, hook_name: str | None = None) -> Iterator[Watch]:
+    """Test the last-layer key vector (`hook_name`, default `key_hook(n_layers - 1)`) at the last position of every
+    generation forward against the cube (abstention). Only `greedy_generate`'s forwards count (prefill and generated
+    tokens): a teacher-forced pass over a gold continuation shows the model tokens it never generated, and is
+    ignored."""
     watch = Watch()
 
     def hook(x, hook):
@@ -381,7 +398,7 @@ def key_space_watch(model, cube: Hypercube, h: float) -> Iterator[Watch]:
             watch.any_step[item] = watch.any_step.get(item, False) or flag
         return x
 
-    with model.hooks(fwd_hooks=[(key_hook(model.cfg.n_layers - 1), hook)]):
+    with model.hooks(fwd_hooks=[(hook_name or key_hook(model.cfg.n_layers - 1), hook)]):
         yield watch
 
 

@@ -148,3 +148,140 @@ def test_unreadable_expert_layout_is_skipped_and_reported(moe_dirs, monkeypatch,
     assert len(res.residual) == 2 and sum("skipped on layer 1" in w for w in res.warnings) == 1
     assert "skipped on layer 1" in capsys.readouterr().err
     assert "skipped_layers" in res.to_dict()
+
+
+# ------------------------------------------------------------------------------------------------ skill_unlearning
+
+def test_shared_expert_hooks_see_positions_and_numbers_do_not_change(moe_models):
+    """Qwen2-MoE calls its shared expert on the flattened tokens; under `shared_experts_by_position` its hooks see
+    [batch, pos, ·] and the logits are the same."""
+    model = moe_models["qwen2-moe"]
+    tokens = torch.tensor([model.tokenizer(TEXT)["input_ids"]] * 2)
+    shared = mlp.shared_expert(model, 1)
+    shapes = []
+    with torch.no_grad():
+        ref = model(tokens)
+        with mlp.shared_experts_by_position(model):
+            out = model.run_with_hooks(tokens, fwd_hooks=[(shared.gate_hook, lambda x, hook: shapes.append(x.shape))])
+        flat = model.run_with_hooks(tokens, fwd_hooks=[(shared.gate_hook, lambda x, hook: shapes.append(x.shape))])
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+    torch.testing.assert_close(flat, ref, atol=0, rtol=0)
+    assert shapes[0] == (*tokens.shape, shared.width) and shapes[1] == (tokens.numel(), shared.width)
+
+
+@pytest.mark.parametrize("family", ["qwen2-moe", "deepseek-v3"])
+def test_skill_unlearning_reads_the_dense_layer_and_shared_expert_neurons(family, moe_models):
+    """Mixed stack: Neuron Adjust's statistics, selection and control cover the dense layer 0 (d_mlp neurons) and
+    the MoE layer 1's shared expert (32); layer 1's routed experts are reported skipped; KSD reads layer 1's
+    shared expert."""
+    import math
+
+    from interp.analyses import skill_unlearning as su
+    from interp.analysis import config_for
+
+    model = moe_models[family]
+    res = su.run(model, config_for("skill_unlearning", model, forget="strings", retain="comprehension", n_probe=8,
+                                   n_eval=4, random_draws=2, max_new_tokens=3, progress=False))
+    assert list(res.skipped_layers) == [1] and "routed experts skipped" in res.skipped_layers[1]
+    assert sum("skipped on layer 1" in w for w in res.warnings) == 1
+    per_layer = res.selected_neurons["mlp_per_layer"]
+    assert [(r["mlp"], r["neurons"]) for r in per_layer] == [("dense", model.cfg.d_mlp), ("shared_expert", 32)]
+    assert res.selected_neurons["n_total"] == model.cfg.d_mlp + 32
+    assert res.selected_neurons["n_selected"] == math.ceil(0.03 * (model.cfg.d_mlp + 32))
+    assert all(r["neuron"] < (32 if r["layer"] == 1 else model.cfg.d_mlp) for r in res.selected_neurons["neurons"])
+    assert res.statistics["gate_hook_max_abs_diff_vs_hf"] < 1e-6
+    assert all(math.isfinite(r["logprob_before"]) for r in res.evaluation)
+    assert math.isfinite(res.key_space["k"]) and res.to_dict()["skipped_layers"] == res.skipped_layers
+
+
+def test_neuron_adjust_on_a_shared_expert_neuron_fires(moe_models):
+    from interp.unlearning import AdjustSpec, neuron_adjust
+
+    model = moe_models["qwen2-moe"]
+    shared = mlp.shared_expert(model, 1)
+    one = torch.ones(1)
+    spec = AdjustSpec(torch.tensor([[1, 3]]), mu_f=one * 0, sd_f=one, mu_r=one * 5, sd_r=one,
+                      hooks={1: shared.gate_hook})
+    tokens = torch.tensor([model.tokenizer(TEXT)["input_ids"]])
+    with torch.no_grad(), mlp.shared_experts_by_position(model):
+        ref = model(tokens)
+        with neuron_adjust(model, spec):
+            out = model(tokens)
+    assert spec.replaced[1] == tokens.shape[1] and spec.replaced[0] > 0
+    assert not torch.allclose(out, ref)
+
+
+def test_skill_unlearning_does_not_apply_without_a_neuron_every_token_sees(moe_models):
+    """Mixtral: every MLP is routed experts only, no shared expert."""
+    from interp.analyses import skill_unlearning as su
+    from interp.analysis import config_for
+    from interp.errors import NotApplicable
+
+    model = moe_models["mixtral"]
+    with pytest.raises(NotApplicable) as err:
+        su.run(model, config_for("skill_unlearning", model, forget="strings", retain="comprehension", n_probe=8,
+                                 n_eval=4, progress=False))
+    assert err.value.family == "MixtralForCausalLM" and "shared expert" in err.value.reason
+
+
+# ------------------------------------------------------------------------------------------------ encoders
+
+@pytest.mark.parametrize("analysis", ["refusal_cliff", "instability", "skill_unlearning"])
+def test_an_encoder_does_not_generate_one_line_exit_2(analysis, tmp_path_factory, capsys):
+    from helpers import assert_user_error, run_cli
+
+    root = tmp_path_factory.getbasetemp() / "bert-encoder"
+    if not (root / "config.json").exists():
+        write_family_checkpoint(root, "bert")
+    capsys.readouterr()
+    code, _, err = run_cli(capsys, analysis, "--model", str(root), "--device", "cpu", "--no-progress",
+                           "--out", str(tmp_path_factory.mktemp("o") / "out"))
+    assert_user_error(code, err, f"{analysis} does not apply to BertForMaskedLM: an encoder (masked LM) does not "
+                                 "generate text")
+
+
+def _sentence_transformers_dir(path):
+    """A MiniLM-style sentence-transformers checkpoint: BertModel (no LM head), tokenizer.json padding and truncating
+    to 128, modules.json, sentence_bert_config.json, 1_Pooling/config.json."""
+    import json
+
+    from transformers import BertConfig, BertModel
+
+    from interp.tiny import build_wordpiece_tokenizer
+
+    tokenizer = build_wordpiece_tokenizer(pad_to=128)
+    tokenizer.save_pretrained(path)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=128, max_position_embeddings=512, architectures=["BertModel"]),
+              add_pooling_layer=True).save_pretrained(path)
+    (path / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
+    (path / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 128, "do_lower_case": False}))
+    (path / "1_Pooling").mkdir()
+    (path / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 64,
+                                                                "pooling_mode_mean_tokens": True}))
+    return path
+
+
+def test_systematic_outliers_runs_on_a_sentence_transformers_checkpoint(tmp_path, capsys):
+    """issue 15's done-when: `python -m interp.run systematic_outliers --model <sentence-transformers dir>`."""
+    import json
+    import math
+
+    from helpers import run_cli
+
+    model_dir = _sentence_transformers_dir(tmp_path / "minilm")
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "systematic_outliers", "--model", str(model_dir), "--device", "cpu",
+                           "--no-progress", "--seq-len", "16", "--n-chunks", "4", "--random-draws", "2",
+                           "--out", str(out))
+    assert code == 0, err
+    res = json.loads((out / "results.json").read_text())
+    assert res["skipped_layers"] == {} and len(res["residual"]) == 2 and len(res["down_input"]) == 2
+    assert all(math.isfinite(r["max_abs"]) and r["max_abs"] > 0 for r in res["residual"])
+    assert math.isfinite(res["m_act"]) and 0 < res["attention_overall"]["first_token"] < 1
+    assert res["interventions"][0]["loss"] is None  # an encoder: no next-token loss
+    assert any("Bidirectional" in n for n in res["notes"])
