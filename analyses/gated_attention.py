@@ -52,7 +52,7 @@ import plotly.graph_objects as go
 import torch
 
 from interp import gates
-from interp.analysis import CommonConfig, require, run_header, warn
+from interp.analysis import CommonConfig, attention_scope, require, run_header, warn
 from interp.batching import padded_batches
 from interp.controls import Draws, control_row, matched_draws, n_selected, split, wilson
 from interp.figures import intervention_bars, layer_head_heatmap
@@ -149,6 +149,7 @@ class ModelResult:
     m_act_layers: list[dict] = field(default_factory=list)
     selected_heads: list[list[int]] = field(default_factory=list)
     text: dict = field(default_factory=dict)
+    skipped_layers: dict[int, str] = field(default_factory=dict)  # layer → what was not measured there and why
 
     def public(self) -> dict:
         return {key: getattr(self, key) for key in PUBLIC_KEYS}
@@ -157,7 +158,7 @@ class ModelResult:
         return {"layer_kinds": self.layer_kinds, "gate_layers": self.gate_layers,
                 "sparsity_detail": self.sparsity_detail, "implicit_scale": self.implicit_scale,
                 "attention_heads": self.attention_heads, "m_act_layers": self.m_act_layers,
-                "selected_heads": self.selected_heads, "text": self.text}
+                "selected_heads": self.selected_heads, "text": self.text, "skipped_layers": self.skipped_layers}
 
 
 def text_set(model, config: Config):
@@ -292,7 +293,8 @@ def _interventions(model, layers, fit, held, gate_fit: gates.GateStats, push: ga
 def analyse_model(model, config: Config, warnings: list[str]) -> ModelResult:
     """All measurements on one model (problems that do not stop the run go to `warnings`)."""
     name = model_info(model).name
-    layers = gates.softmax_layers(model)
+    skipped: dict[int, str] = {}
+    layers = attention_scope("gated_attention", model, skipped, warnings)  # softmax layers (gates, sinks, sparsity)
     kinds = gates.layer_kinds(model)
     gated = gates.is_gated(model)
     require(config.interventions != "on" or gated,
@@ -343,7 +345,7 @@ def analyse_model(model, config: Config, warnings: list[str]) -> ModelResult:
         gate_layers=gate_held.layer_rows() if gated else [], sparsity_detail=sparsity.detail_rows(gated),
         implicit_scale=scale.head_rows(), scale_histograms=scale.histograms(),
         attention_heads=evaluation.attention.per_head(), m_act_layers=evaluation.m_act_layers(),
-        selected_heads=[list(h) for h in selected],
+        selected_heads=[list(h) for h in selected], skipped_layers=skipped,
         text={"source": chunks.source, "seq_len": chunks.seq_len, "bos": chunks.bos, "n_selection": len(fit),
               "n_held_out": len(held), "first_token": first["token"], "first_token_share": first["share"],
               "loss": summary["loss"], "sink_rate": summary["sink_rate"],
@@ -363,11 +365,16 @@ class Result:
     def primary(self) -> ModelResult:
         return next(iter(self.results.values()))
 
+    @property
+    def skipped_layers(self) -> dict[int, str]:
+        """The run's model's skipped layers (results.json "skipped_layers"; each model's under "models" too)."""
+        return self.primary.skipped_layers
+
     def to_dict(self) -> dict:
         if len(self.results) == 1:
             r = self.primary
             return {**self.header, "warnings": self.warnings, **r.public(), **r.details()}
-        return {**self.header, "warnings": self.warnings,
+        return {**self.header, "warnings": self.warnings, "skipped_layers": self.skipped_layers,
                 "models": {name: {**r.public(), **r.details()} for name, r in self.results.items()}}
 
     def tables(self) -> dict[str, pd.DataFrame]:

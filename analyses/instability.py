@@ -240,7 +240,7 @@ class Result:
         """The `results.json` content."""
         keys = ("id", "correct", "peak", "peak_position", "length", "question")
         return {
-            **self.header, "warnings": self.warnings,
+            **self.header, "warnings": self.warnings, "skipped_layers": {},  # reads the output distribution only
             "auc": self.auc, "auc_ci": self.auc_ci, "baselines": self.baselines, "baselines_ci": self.baselines_ci,
             "buckets": self.buckets, "early_late": self.early_late,
             "traces": [{k: r[k] for k in keys} for r in self.trace_rows],

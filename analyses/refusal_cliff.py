@@ -33,8 +33,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from interp.analysis import CommonConfig, require, run_header, warn
-from interp.bridge import FINAL_NORM, hidden_state_hook
+from interp.analysis import CommonConfig, attention_scope, require, run_header, warn
+from interp.bridge import FINAL_NORM, attention_layers, hidden_state_hook
 from interp.capture import capture, check_context
 from interp.chat import THINK_CLOSE, has_thinking_tokens, prompt_sequence, split_thinking, thinking_sequence
 from interp.controls import ControlUnavailable, Draws, control_row, matched_draws, split, wilson
@@ -167,6 +167,7 @@ class Result:
     linear_probe: LogisticProbe  # the trained probe itself (weights), for reuse in Python
     overlap: dict = field(default_factory=dict)  # eval prompts dropped as (near) duplicates of fit prompts
     projection_fold: dict | None = None  # folded vs unfolded projection ranking: which is used, their agreement
+    skipped_layers: dict[int, str] = field(default_factory=dict)  # layer → what was not measured there and why
 
     @property
     def model(self) -> dict:
@@ -196,6 +197,7 @@ class Result:
             "overlap": self.overlap,
             "projection_fold": self.projection_fold,
             "warnings": self.warnings,
+            "skipped_layers": self.skipped_layers,
         }
 
     def write_extras(self, out_dir: Path) -> None:
@@ -569,7 +571,7 @@ def find_heads(model, examples: list[Example], probe: LogisticProbe, hook: str, 
     if "projection" not in out or hook != FINAL_NORM:
         return out, None
     other = ranking(project(not fold))
-    k = max(1, round(max(config.ablation_fractions) * model.cfg.n_layers * model.cfg.n_heads))
+    k = max(1, round(max(config.ablation_fractions) * len(attention_layers(model)[0]) * model.cfg.n_heads))
     folded, unfolded = (out["projection"], other) if fold else (other, out["projection"])
     return out, {"used": "folded" if fold else "unfolded", **ranking_agreement(folded, unfolded, k)}
 
@@ -674,7 +676,7 @@ def ablation_sweep(model, harmful: list[Example], probe: LogisticProbe, hook: st
         warn(warnings, "no harmful eval rollout: the ablation sweep is skipped; use more harmful prompts")
         return [], {"rs_final": None, "asr": None, "asr_ci": None, "asr_n": 0, "n_truncated": 0}
     asr_set = harmful[: config.asr_limit]
-    total = model.cfg.n_layers * model.cfg.n_heads
+    total = len(attention_layers(model)[0]) * model.cfg.n_heads  # every softmax-attention head
     measured: dict[tuple, tuple[float, AsrCount]] = {}
 
     def measure(heads: list[tuple[int, int]]) -> tuple[float, AsrCount]:
@@ -747,6 +749,8 @@ def run(model, config: Config | None = None) -> Result:
     # let every thinking position see the response the probe should anticipate
     require_generation(model, "refusal_cliff")
     warnings: list[str] = []
+    skipped: dict[int, str] = {}
+    attention_scope("refusal_cliff", model, skipped, warnings)  # heads are ranked and ablated on softmax layers
     judge = load_judge(model, config)
     examples, counts, overlap = collect_examples(model, config, judge, warnings)
     fit = [e for e in examples if e.split == "fit"]
@@ -796,7 +800,8 @@ def run(model, config: Config | None = None) -> Result:
                   cliff=group_means(held_out), cliff_fit=group_means(fit), curves=curves, tail=tail, heads=ranked,
                   head_rankings=rankings, ablation=ablation, ablation_baseline=baseline,
                   judge_ranking=cliff_as_a_judge(held_out, config), per_layer=per_layer, rollouts=counts,
-                  warnings=warnings, linear_probe=probe, overlap=overlap, projection_fold=projection_fold)
+                  warnings=warnings, linear_probe=probe, overlap=overlap, projection_fold=projection_fold,
+                  skipped_layers=skipped)
 
 
 # ---------------------------------------------------------------- figures and report

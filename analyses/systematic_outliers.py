@@ -35,9 +35,9 @@ from torch import Tensor
 
 from interp import outliers as out
 from interp import sinks
-from interp.analysis import CommonConfig, require, run_header, skip_layers, warn
+from interp.analysis import CommonConfig, attention_scope, require, run_header, skip_layers, warn
 from interp.batching import padded_batches
-from interp.bridge import sdpa_attention, stopped_at
+from interp.bridge import attention_layers, sdpa_attention, stopped_at
 from interp.controls import ControlUnavailable, Draws, control_row, matched_draws, split
 from interp.datasets import load_dataset
 from interp.errors import UserError
@@ -413,9 +413,9 @@ def has_lm_head(model) -> bool:
 @torch.no_grad()
 def measure(model, seqs, config: Config, intervention: SetScalars | None = None, loss: bool = True) -> dict:
     """Mean next-token loss, F-Attn, Gu's sink rate and M-Act on `seqs`, under `intervention` if given."""
-    stats = sinks.AttentionStats(model.cfg.n_layers, model.cfg.n_heads, eps=config.sink_epsilon,
-                                 exclude_first_query=not config.include_first_query, causal=is_causal(model),
-                                 outlier_frac=config.outlier_key_frac)
+    stats = sinks.AttentionStats(model.cfg.n_layers, model.cfg.n_heads, attention_layers(model)[0],
+                                 eps=config.sink_epsilon, exclude_first_query=not config.include_first_query,
+                                 causal=is_causal(model), outlier_frac=config.outlier_key_frac)
     layer_max = torch.zeros(model.cfg.n_layers, dtype=torch.float64)
     state = {}
 
@@ -522,6 +522,7 @@ def run(model, config: Config | None = None) -> Result:
     skipped: dict[int, str] = {}
     down_layers, no_down = out.down_layers(model)
     skip_layers(skipped, warnings, no_down, "MLP down-projection (input profile, neurons, lifecycle)")
+    attn_layers = attention_scope("systematic_outliers", model, skipped, warnings)  # softmax layers: sinks, q/k/v
     moe = sorted(layer for layer, d in down_layers.items() if d.kind == "moe")
     if moe:
         notes.append(f"Mixture-of-experts MLP in layer{'s' if len(moe) > 1 else ''} {', '.join(map(str, moe))}: the "
@@ -537,10 +538,10 @@ def run(model, config: Config | None = None) -> Result:
     causal = is_causal(model)
     if not causal:
         notes.append("Bidirectional attention: Gu's α[k] averages over every query, not only q ≥ k.")
-    att = sinks.attention_metrics(model, seqs, batch_size=config.batch_size, eps=config.sink_epsilon,
-                                  exclude_first_query=not config.include_first_query, causal=causal,
-                                  outlier_frac=config.outlier_key_frac, qkv_norms=True, example=config.example,
-                                  progress=config.progress)
+    att = sinks.attention_metrics(model, seqs, batch_size=config.batch_size, layers=attn_layers,
+                                  eps=config.sink_epsilon, exclude_first_query=not config.include_first_query,
+                                  causal=causal, outlier_frac=config.outlier_key_frac, qkv_norms=True,
+                                  example=config.example, progress=config.progress)
     tok = model.tokenizer
     hits = [{**h, "token": token_string(tok, h["token_id"]),
              "token_type": out.token_type(h["position"], token_string(tok, h["token_id"]))} for h in stats.hits]
@@ -659,9 +660,10 @@ def build_report(result: Result, tokenizer=None):
                       "T, of the first layer where the chunk has any; kept for later layers, 0 before).")
     rep.add_table(pd.DataFrame(result.attention), caption="Per layer")
     heads = pd.DataFrame(result.attention_heads)
-    grid = heads.pivot(index="layer", columns="head", values="first_token").values
+    every_layer = range(int(heads["layer"].max()) + 1)  # skipped (linear-attention) layers: empty rows
+    grid = heads.pivot(index="layer", columns="head", values="first_token").reindex(every_layer).values
     rep.add_figure(layer_head_heatmap(grid, "First-token attention per head", "F-Attn", diverging=False))
-    grid = heads.pivot(index="layer", columns="head", values="sink_rate").values
+    grid = heads.pivot(index="layer", columns="head", values="sink_rate").reindex(every_layer).values
     rep.add_figure(layer_head_heatmap(grid, "Sink rate per head (%)", "%", diverging=False))
     if result.other_sinks:
         rep.add_table(pd.DataFrame(result.other_sinks), caption="Attention-outlier keys after the first token")

@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass, field
 from typing import Literal
@@ -34,7 +35,8 @@ from torch import Tensor
 
 from interp import composition as comp
 from interp import laundry as ll
-from interp.analysis import CommonConfig, require, run_header, warn
+from interp.analysis import CommonConfig, attention_scope, not_applicable, require, run_header, warn
+from interp.bridge import mla_layers
 from interp.capture import capture
 from interp.channels import scale_components
 from interp.controls import ControlUnavailable, Draws, control_row, matched_draws, mean_sd, quantile_bins
@@ -120,13 +122,15 @@ class Result:
     warnings: list[str] = field(default_factory=list)
     # what head_weights folded into the weights (reader norm, q/k norm, writer norm): `HeadWeights.processing`
     weight_processing: dict = field(default_factory=dict)
+    skipped_layers: dict[int, str] = field(default_factory=dict)  # layer → what was not measured there and why
 
     def to_dict(self) -> dict:
         return {**self.header, "warnings": self.warnings, "channels": self.channels, "whole_head": self.whole_head,
                 "laundry_list": self.laundry_list, "edits": self.edits, "edit_agreement": self.edit_agreement,
                 "baseline": self.baseline, "mover": self.mover, "candidates": self.candidates,
                 "first_token_scoring": self.first_token_scoring, "activation_view": self.activation_view,
-                "split": self.split, "weight_processing": self.weight_processing}
+                "split": self.split, "weight_processing": self.weight_processing,
+                "skipped_layers": self.skipped_layers}
 
     def tables(self) -> dict[str, pd.DataFrame]:
         return {"channels": pd.DataFrame(self.channels), "whole_head": pd.DataFrame(self.whole_head),
@@ -135,6 +139,22 @@ class Result:
 
 
 # ---------------------------------------------------------------- pieces
+
+MLA_REASON = ("multi-head latent attention reads queries, keys and values from RMS-normalised compressed latents "
+              "(keys partly from a shared rope part), so there are no per-head W_Q/W_K/W_V for weight-based "
+              "composition scores")
+
+
+def on_layers(x: Tensor, layers: list[int], n_layers: int, dims: tuple[int, ...]) -> Tensor:
+    """`x` indexed by position in `layers` along `dims` → indexed by model layer (size `n_layers`), NaN on the
+    layers not in `layers` (a hybrid's skipped linear-attention layers)."""
+    index = torch.tensor(layers)
+    for d in dims:
+        shape = list(x.shape)
+        shape[d] = n_layers
+        x = torch.full(shape, float("nan"), dtype=x.dtype).index_copy_(d, index, x)
+    return x
+
 
 def spearman(x: list[float], y: list[float]) -> float:
     """Rank correlation (ties broken by order; fine for continuous scores)."""
@@ -157,9 +177,10 @@ def candidate_components(s: comp.Scan, z: torch.Tensor, layer: int, head: int, k
                          min_score: float) -> list[dict]:
     """The k components with the highest score into reader (layer, head)."""
     block = s.scores[:layer, :, :, layer, head]
-    order = block.flatten().argsort(descending=True)[:k]
+    flat_scores = block.flatten()
+    order = flat_scores.nan_to_num(float("-inf")).argsort(descending=True)
     out = []
-    for flat in order.tolist():
+    for flat in [i for i in order.tolist() if not torch.isnan(flat_scores[i])][:k]:  # NaN: a skipped layer
         lw, rest = divmod(flat, block.shape[1] * block.shape[2])
         hw, i = divmod(rest, block.shape[2])
         score, zz = float(block[lw, hw, i]), float(z[lw, hw, i, layer, head])
@@ -263,9 +284,15 @@ def run(model, config: Config) -> Result:
     cfg, tok = model.cfg, model.tokenizer
     torch.manual_seed(config.seed)
     warnings: list[str] = []
+    if mla_layers(model):
+        raise not_applicable("talking_heads", model, MLA_REASON)
+    skipped: dict[int, str] = {}
+    soft = attention_scope("talking_heads", model, skipped, warnings)  # hybrids: the softmax-attention layers
+    if len(soft) < 2:
+        raise not_applicable("talking_heads", model, "it has one softmax-attention layer: no writer before a reader")
 
-    # 1. weights
-    w = comp.head_weights(model, fold_norms=config.fold_norms)
+    # 1. weights (on a hybrid, of the softmax layers: index j is layer soft[j] until `on_layers` below)
+    w = comp.head_weights(model, fold_norms=config.fold_norms, layers=soft if skipped else None)
     for note in w.notes:
         warn(warnings, note)
     S, V = comp.writer_svd(w)
@@ -278,6 +305,18 @@ def run(model, config: Config) -> Result:
                        for r in comp.channel_rows(s, zs[m], min_z=config.min_z, min_score=min_score)),
                       key=lambda r: -r["score"])
     whole = [r for s in scans.values() for r in comp.whole_head_rows(s, config.energy)]
+    nulls = {m: s.null() for m, s in scans.items()}
+    W_O = w.W_O
+    if skipped:  # from here on every tensor is indexed by model layer, NaN on the skipped ones
+        for r in channels + whole:
+            r["writer_layer"], r["reader_layer"] = soft[r["writer_layer"]], soft[r["reader_layer"]]
+        full = lambda x, *dims: on_layers(x, soft, cfg.n_layers, dims)  # noqa: E731
+        scans = {m: dataclasses.replace(s, scores=full(s.scores, 0, 3), sigma=full(s.sigma, 0),
+                                        rotary_invariant=None if s.rotary_invariant is None
+                                        else full(s.rotary_invariant, 0, 3)) for m, s in scans.items()}
+        zs = {m: full(z, 0, 3) for m, z in zs.items()}
+        nulls = {m: (full(mu, 0), full(sd, 0)) for m, (mu, sd) in nulls.items()}
+        S, V, W_O = full(S, 0), full(V, 0), full(W_O, 0)
     grids = {m: (_pair_grid(s.whole_head()), _pair_grid(s.scores.amax(2))) for m, s in scans.items()}
 
     # 2. Laundry List: selection and held-out halves with disjoint templates and items
@@ -302,7 +341,7 @@ def run(model, config: Config) -> Result:
     laundry_rows = ll.table(held, base_held)
 
     # 3. mover, candidates and their screening on the selection split
-    layers = list(range(1, cfg.n_layers))
+    layers = soft[1:]  # readers: softmax layers with an earlier one
     attention = ll.item_attention(model, enc_sel, sel, layers, batch_size=config.batch_size, progress=config.progress)
     mover = pick_mover(attention, layers)
     ml, mh = mover["layer"], mover["head"]
@@ -311,7 +350,7 @@ def run(model, config: Config) -> Result:
     base_pref = attention[:, layers.index(ml), mh].mean()
     for c in cands:
         dirs = directions(V, [(c["writer_layer"], c["writer_head"], c["component"])])
-        with scale_components(model, dirs, 0.0, W_O=w.W_O):
+        with scale_components(model, dirs, 0.0, W_O=W_O):
             ablated = ll.item_attention(model, enc_sel, sel, [ml], batch_size=config.batch_size)[:, 0, mh].mean()
         c["ablation_effect"] = float(base_pref - ablated)  # > 0: removing it lowers the mover's preference
     ranked = sorted(cands, key=lambda c: -c["ablation_effect"])
@@ -332,7 +371,7 @@ def run(model, config: Config) -> Result:
     def scaled(components: list[Component], alpha: float, ps, enc, base, desc: str) -> dict[str, Tensor]:
         if alpha == 1.0:
             return base
-        with scale_components(model, directions(V, components), alpha, config.edit_method, W_O=w.W_O):
+        with scale_components(model, directions(V, components), alpha, config.edit_method, W_O=W_O):
             return evaluate(ps, enc, desc)
 
     edits = []
@@ -350,7 +389,7 @@ def run(model, config: Config) -> Result:
                           "selection": "random", "split": "held_out"})
 
     agreement = edit_agreement(model, directions(V, chosen), enc_held.ids[:16], [0.0, max(config.alpha)],
-                               config.batch_size, w.W_O)
+                               config.batch_size, W_O)
 
     # 5. activation view at the mover's input (held-out half)
     view_n = min(config.view_prompts, len(held))
@@ -363,10 +402,10 @@ def run(model, config: Config) -> Result:
     view, points = activation_view(model, view_enc, view_prompts, ml, basis, config)
 
     s = scans[edit_mode]
-    mu, sd = s.null()
+    mu, sd = nulls[edit_mode]
     bars = pd.DataFrame([{"writer": f"{lw}.{hw}", "component": i, "score": float(s.scores[lw, hw, i, ml, mh]),
                           "singular_value": float(S[lw, hw, i])}
-                         for lw in range(ml) for hw in range(cfg.n_heads) for i in range(S.shape[-1])])
+                         for lw in soft if lw < ml for hw in range(cfg.n_heads) for i in range(S.shape[-1])])
     mover["null_mean"], mover["null_sd"] = float(mu[ml, mh]), float(sd[ml, mh])
     halves = {"selection_templates": [ll.TEMPLATE_NAMES[t] for t in sel_pools],
               "held_out_templates": [ll.TEMPLATE_NAMES[t] for t in held_pools],
@@ -378,7 +417,8 @@ def run(model, config: Config) -> Result:
                   edits=edits, edit_agreement=agreement,
                   first_token_scoring=enc_held.multi_token or enc_sel.multi_token, activation_view=view,
                   view_points=points, reader_components=bars, grids=grids, split=halves, warnings=warnings,
-                  weight_processing={**w.processing, "reads": {m: sc.reads for m, sc in scans.items()}})
+                  weight_processing={**w.processing, "reads": {m: sc.reads for m, sc in scans.items()}},
+                  skipped_layers=skipped)
 
 
 def _pair_grid(x: torch.Tensor) -> np.ndarray:

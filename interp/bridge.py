@@ -7,7 +7,9 @@
 - `per_row_sampling`: sampled generation seeded per sequence, independent of the batch;
 - `replace_tokenizer`: install another tokenizer on a loaded bridge;
 - `forward_attention_mask`: the 2-D attention mask of the forward in progress, for hooks that must skip padding;
-- `_patch_kv_cache_keyword`: the compat patch for transformers 5.2x's KV-cache keyword, applied on import.
+- `_patch_kv_cache_keyword`: the compat patch for transformers 5.2x's KV-cache keyword, applied on import;
+- `mla_layers`, `head_W_O`, `_patch_mla_head_hooks`: multi-head latent attention (DeepSeek-V2/V3): per-head W_O from
+  the output projection, and `hook_z` / `hook_q/k/v` in TransformerLens layout (patched on import).
 """
 
 from __future__ import annotations
@@ -132,6 +134,52 @@ def attention_layers(model) -> tuple[list[int], dict[int, str]]:
     return softmax, others
 
 
+def mla_layers(model) -> list[int]:
+    """The layers with multi-head latent attention (DeepSeek-V2/V3): queries, keys and values are read from
+    compressed latents through an RMSNorm, so no per-head W_Q/W_K/W_V maps the residual stream to them."""
+    from transformer_lens.model_bridge.generalized_components.mla_attention import MLAAttentionBridge
+
+    return [i for i, block in enumerate(model.blocks) if isinstance(getattr(block, "attn", None), MLAAttentionBridge)]
+
+
+def head_W_O(model, layer: int) -> Tensor:
+    """Layer `layer`'s W_O per query head, [head, d_head, d_model] (on multi-head latent attention: the output
+    projection split into its heads of `v_head_dim`, which is what `hook_z` holds there)."""
+    attn = model.blocks[layer].attn
+    if layer not in mla_layers(model):
+        return attn.W_O.detach()
+    weight = attn.o.original_component.weight.detach()  # [d_model, n_heads · v_head_dim]
+    return weight.T.reshape(model.cfg.n_heads, -1, weight.shape[0])
+
+
+def _patch_mla_head_hooks() -> None:
+    """TransformerLens' multi-head latent attention bridge splits `hook_z` (the output projection's input) by
+    `cfg.d_head` (the rope head dim) instead of `v_head_dim`, which gives the wrong number of heads, and fires
+    `hook_q/k/v` as [batch, head, pos, d_head]. Split `hook_z` into the model's heads of `v_head_dim` and show
+    `hook_q/k/v` as [batch, pos, head, d_head] like every other attention (hooks may edit them: both revert)."""
+    from transformer_lens.model_bridge.generalized_components.mla_attention import MLAAttentionBridge
+
+    original = MLAAttentionBridge._setup_qkv_hook_reshaping
+    if getattr(original, "_interp_patched", False):
+        return
+
+    def _setup_qkv_hook_reshaping(self):
+        original(self)
+        hf = self.original_component
+        conversion = getattr(getattr(getattr(self, "o", None), "hook_in", None), "hook_conversion", None)
+        v_head_dim = getattr(hf, "v_head_dim", None)
+        n_heads = getattr(getattr(hf, "config", None), "num_attention_heads", None) or getattr(self.config, "n_heads")
+        if conversion is not None and v_head_dim:
+            conversion.n_heads, conversion.d_head = n_heads, v_head_dim
+        transpose = getattr(self.hook_rot_q, "hook_conversion", None)
+        if transpose is not None:
+            for hook in (self.hook_q, self.hook_k, self.hook_v):
+                hook.hook_conversion, hook.pos_dim = type(transpose)(), None
+
+    _setup_qkv_hook_reshaping._interp_patched = True
+    MLAAttentionBridge._setup_qkv_hook_reshaping = _setup_qkv_hook_reshaping
+
+
 def _sdpa_blocks(model) -> list:
     """The blocks whose attention the SDPA path can take over (none unless every softmax layer can)."""
     from transformer_lens.model_bridge.generalized_components.position_embeddings_attention import (
@@ -235,6 +283,7 @@ def _patch_kv_cache_keyword() -> None:
 
 
 _patch_kv_cache_keyword()
+_patch_mla_head_hooks()
 # The bridge's generate loop still passes `past_key_values`, which transformers 5.2x deprecates noisily
 # on every call; the keyword is forwarded correctly (see above), so the warning tells a user nothing.
 warnings.filterwarnings("ignore", message=r"`past_key_values` is deprecated", category=FutureWarning)

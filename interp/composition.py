@@ -52,6 +52,7 @@ class HeadWeights:
     W_O: Float[Tensor, "layer head d_head d_model"]
     processing: dict[str, str] = field(default_factory=dict)  # what `head_weights` folded in (results.json)
     notes: list[str] = field(default_factory=list)  # where the weights are not the exact map the model applies
+    layers: list[int] | None = None  # the model layer of each index (hybrids: the softmax layers); None: all
 
     @property
     def n_layers(self) -> int:
@@ -93,7 +94,7 @@ def _child(module, name: str):
     return getattr(module, name, None) if hasattr(module, name) else None
 
 
-def head_weights(model, fold_norms: bool = True) -> HeadWeights:
+def head_weights(model, fold_norms: bool = True, layers: Sequence[int] | None = None) -> HeadWeights:
     """The bridge's W_Q, W_K, W_V, W_O (float32, CPU); with `fold_norms`, the norms around attention folded in
     wherever they are linear, as TransformerLens' processed weights (`fold_ln` + `center_writing_weights`):
 
@@ -107,23 +108,28 @@ def head_weights(model, fold_norms: bool = True) -> HeadWeights:
       for all heads of the layer) not: write directions and scores are exact, singular values up to that scale.
 
     `HeadWeights.processing` says what was folded (results.json), `HeadWeights.notes` where the result is not the
-    exact linear map the model applies."""
+    exact linear map the model applies. `layers` (e.g. a hybrid's softmax-attention layers) takes those layers
+    only, index j holding layer `layers[j]` (`HeadWeights.layers`)."""
     cfg = model.cfg
+    index = list(range(cfg.n_layers) if layers is None else layers)
     try:
-        W_Q, W_K, W_V, W_O = (w.detach().float().cpu().clone() for w in (model.W_Q, model.W_K, model.W_V, model.W_O))
-    except (AttributeError, RuntimeError) as exc:
+        W_Q, W_K, W_V, W_O = (torch.stack([getattr(model.blocks[layer].attn, name).detach().float().cpu()
+                                           for layer in index]) for name in ("W_Q", "W_K", "W_V", "W_O"))
+    except (AttributeError, RuntimeError, ValueError) as exc:
         raise UserError(f"this model's attention weights cannot be stacked per layer ({type(exc).__name__}); "
                         "talking_heads needs attention in every layer") from None
+    given = None if layers is None else index
     if not fold_norms:
-        return HeadWeights(W_Q, W_K, W_V, W_O, processing={"norms": "not folded (raw weights, fold_norms off)"})
+        return HeadWeights(W_Q, W_K, W_V, W_O, processing={"norms": "not folded (raw weights, fold_norms off)"},
+                           layers=given)
     if getattr(cfg, "attention_dir", "causal") == "bidirectional":  # BERT-style: LayerNorm after the residual add
         note = ("norm gains not folded: this encoder normalises the residual after each sublayer (post-LayerNorm), "
                 "which does not fold into the weights; scores are of the raw weights")
-        return HeadWeights(W_Q, W_K, W_V, W_O, processing={"norms": note}, notes=[note])
+        return HeadWeights(W_Q, W_K, W_V, W_O, processing={"norms": note}, notes=[note], layers=given)
     layer_norm = getattr(cfg, "normalization_type", "RMS") in ("LN", "LNPre")
     n_kv = W_K.shape[1]
     kinds: dict[str, set[str]] = {"reader": set(), "qk": set(), "writer": set()}
-    for layer, block in enumerate(model.blocks):
+    for layer, block in enumerate(model.blocks[i] for i in index):  # `layer`: the index into W_Q … W_O
         ln1, attn = _child(block, "ln1"), block.attn
         if ln1 is None:
             kinds["reader"].add("none")
@@ -147,7 +153,7 @@ def head_weights(model, fold_norms: bool = True) -> HeadWeights:
     if layer_norm:
         W_O = W_O - W_O.mean(-1, keepdim=True)
         kinds["writer"].add("centred")
-    return HeadWeights(W_Q, W_K, W_V, W_O, *_describe(kinds))
+    return HeadWeights(W_Q, W_K, W_V, W_O, *_describe(kinds), layers=given)
 
 
 def _describe(kinds: dict[str, set[str]]) -> tuple[dict[str, str], list[str]]:

@@ -10,7 +10,8 @@ negative value means the head pushes the readout down:
 - `causal_scores`: minus the change of the readout score when the head is zero-ablated alone
   (one forward per head, heads batched as replicas), with the same rescale an ablation sweep uses.
 Heads in blocks after the readout point cannot change it: `readout_heads` counts the blocks before
-it, and `ranking` leaves out heads whose score is NaN.
+it, and `ranking` leaves out heads whose score is NaN. Only softmax-attention layers have heads here: on a
+hybrid (Qwen3.5, Qwen3-Next) the linear-attention layers' rows are NaN in every score.
 """
 
 from __future__ import annotations
@@ -26,15 +27,17 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from interp.batching import length_batches, pad_left, padded_batches
-from interp.bridge import readout_point, sdpa_attention, stopped_at
+from interp.bridge import attention_layers, head_W_O, readout_point, sdpa_attention, stopped_at
 from interp.capture import capture
 from interp.interventions import real_positions, rescale_ablated
 
 Readout = tuple[str, Tensor, float]  # (hook name, weight [d_model], bias)
 
 
-def _z_names(model) -> list[str]:
-    return [f"blocks.{layer}.attn.hook_z" for layer in range(model.cfg.n_layers)]
+def _z_names(model, n_layers: int | None = None) -> list[str]:
+    """`hook_z` of the softmax-attention layers among the first `n_layers` blocks (default: all)."""
+    n = model.cfg.n_layers if n_layers is None else n_layers
+    return [f"blocks.{layer}.attn.hook_z" for layer in attention_layers(model)[0] if layer < n]
 
 
 def _layer_of(name: str) -> int:
@@ -48,7 +51,11 @@ def readout_heads(model, hook_name: str) -> int:
 
 
 def stacked_W_O(model) -> Float[Tensor, "layer head d_head d_model"]:
-    return torch.stack([block.attn.W_O.detach() for block in model.blocks])
+    """Every layer's per-head W_O (NaN on layers without softmax attention; MLA: `interp.bridge.head_W_O`)."""
+    per_layer = {layer: head_W_O(model, layer) for layer in attention_layers(model)[0]}
+    like = next(iter(per_layer.values()))
+    nan = torch.full_like(like, float("nan"))
+    return torch.stack([per_layer.get(layer, nan) for layer in range(model.cfg.n_layers)])
 
 
 def final_norm_fold(model) -> tuple[Float[Tensor, " d_model"], float, bool]:
@@ -89,13 +96,14 @@ def projection_scores(model, seqs: Sequence[Sequence[int]], direction: Float[Ten
             return (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()
         return torch.einsum("he,he->h", z.to(per_head_dir.device), per_head_dir[_layer_of(name)])
 
-    names = _z_names(model)[:n_layers]
+    names = _z_names(model, n_layers)
     scores = torch.full(per_head_dir.shape[:2], float("nan"))
     if names:
         out = capture(model, seqs, names + ([resid] if fold_norm else []), positions="last", batch_size=batch_size,
                       progress=progress, reduce=project)
         scale = out[resid].cpu() if fold_norm else 1.0  # [n, 1]
-        scores[:len(names)] = torch.stack([(out[n].cpu() / scale).mean(0) for n in names])
+        for n in names:
+            scores[_layer_of(n)] = (out[n].cpu() / scale).mean(0)
     return scores
 
 
@@ -117,9 +125,10 @@ def gradient_scores(model, seqs: Sequence[Sequence[int]], readout: Readout, *, b
     hook_name, weight, bias = readout
     n_layers = model.cfg.n_layers
     read_hook, stop, transform = readout_point(model, hook_name)
-    layers = range(n_layers if stop is None else min(stop, n_layers))
+    layers = [_layer_of(name) for name in _z_names(model, stop)]
     device = next(model.parameters()).device
     total = torch.zeros(n_layers, model.cfg.n_heads)
+    total[[layer for layer in range(n_layers) if layer not in attention_layers(model)[0]]] = float("nan")
     for _, tokens, mask in padded_batches(model, seqs, batch_size, desc="grad x act", progress=progress):
         saved: dict[str, Tensor] = {}
 
@@ -156,17 +165,21 @@ def causal_scores(model, seqs: Sequence[Sequence[int]], readout: Readout, *, res
     hook_name, weight, bias = readout
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     stop = readout_point(model, hook_name)[1]
-    heads = [(layer, h) for layer in range(n_layers if stop is None else min(stop, n_layers)) for h in range(n_heads)]
+    heads = [(_layer_of(name), h) for name in _z_names(model, stop) for h in range(n_heads)]
     device = next(model.parameters()).device
     w = weight.float().to(device)
     effect = torch.zeros(n_layers, n_heads)
+    effect[[layer for layer in range(n_layers) if layer not in attention_layers(model)[0]]] = float("nan")
     # a pass holds about `batch_size` sequences: a few examples, each replicated once per head
     example_batches = length_batches([len(s) for s in seqs], max(1, batch_size // 4))
     bar = tqdm(total=len(example_batches) * len(heads), desc="causal scan", disable=not progress, leave=False)
     for idx in example_batches:
         tokens, mask = pad_left([seqs[i] for i in idx], model.tokenizer.pad_token_id)
         b = len(idx)
-        score = lambda t, m, hooks: torch.sigmoid(_last_readout(model, t, m, hooks, hook_name) @ w + bias)
+
+        def score(t, m, hooks):
+            return torch.sigmoid(_last_readout(model, t, m, hooks, hook_name) @ w + bias)
+
         base = score(tokens.to(device), mask.to(device), [])
         chunk = max(1, batch_size // b)
         for start in range(0, len(heads), chunk):

@@ -351,7 +351,9 @@ def test_hybrid_linear_layers_are_not_zeros(hybrid):
     ga, result = _run(hybrid, limit=1, n_chunks=1000)
     d = result.to_dict()
     n = d["text"]["n_selection"] + d["text"]["n_held_out"]
-    assert n < 1000 and len(d["warnings"]) == 1 and f"only {n} chunks" in d["warnings"][0]
+    assert n < 1000 and len(d["warnings"]) == 2 and f"only {n} chunks" in d["warnings"][1]
+    assert d["warnings"][0] == "attention heads skipped on layer 0: linear_attention"
+    assert d["skipped_layers"] == {0: "attention heads: linear_attention"}
     assert d["text"]["n_selection"] == len(split(n, 0.5, 0).selection)
     assert result.to_dict()["gated"] and _run(hybrid, n_chunks=5)[1].to_dict()["text"]["n_selection"] == 3
     assert d["layer_kinds"] == ["linear", "softmax"]
