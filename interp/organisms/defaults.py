@@ -14,7 +14,7 @@ ANALYSIS_DEFAULTS: dict[str, dict] = {
         # the last-token probe saturates at the final token and reads ~0.5 on every thinking token
         # (out of distribution there): no plateau, no cliff; the span probe sees thinking tokens
         "probe_mode": "thinking_span",
-        "head_method": "causal",  # the only ranking that finds the marker-reading head (0,2)
+        "head_method": "causal",  # the only ranking with the marker-reading head (0,2) in its top two
         "max_new_tokens": 96,
         "asr_regenerate": "response",  # regenerating the thinking under ablation breaks it
     },
