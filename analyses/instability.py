@@ -7,7 +7,10 @@ Per trace the peak S = max_t I_t and its relative position r = t*/T (early r ≤
 across traces the ROC-AUC of S for predicting a wrong answer (95 % bootstrap interval resampling whole
 questions), accuracy per S quantile bucket and early- vs late-peak accuracy within S strata (Wilson
 intervals), an early-warning AUC from prefixes, and the same AUC for plain baselines (mean entropy,
-final-step entropy, length).
+final-step entropy, length). The peak of a longer trace is a maximum over more steps, so the AUC is also
+reported within length strata (pairs of traces of similar length only); traces that hit the token limit
+are recorded (`truncated`), and a generated trace's answer is scored after `</think>` (inside `\\boxed{}`
+when there is one), never in its thinking.
 
 Traces come from a local model (generated on a task set with checkable answers, greedy or seeded
 sampling, then one teacher-forced batched forward over prompt + completion gives the full
@@ -33,7 +36,6 @@ from interp import instability as ins
 from interp.analysis import CommonConfig, require, run_header, warn
 from interp.errors import UserError
 from interp.files import read_jsonl
-from interp.mlp import require_generation
 from interp.report import Report, analysis_report
 from interp.traces import load_traces, trace_record
 
@@ -74,6 +76,9 @@ class Config(CommonConfig):
     # early-warning prefix lengths W in tokens: AUC of max_{t<=W} I_t (reconstructed)
     windows: tuple[int, ...] = (32, 64, 128)
     k_sweep: tuple[int, ...] = (5, 10, 20)  # also report the AUC at these k
+    # quantile bins of trace length for the AUC within length strata (a longer trace's peak is a maximum over more
+    # steps: this AUC compares only traces of similar length; not in the paper)
+    n_length_strata: int = 10
     n_boot: int = 2000  # bootstrap resamples for the AUCs' 95 % intervals (whole questions, within label strata)
 
     def validate(self, model=None) -> None:
@@ -92,6 +97,7 @@ class Config(CommonConfig):
         require(self.smooth >= 1, f"smooth must be at least 1 (1 = no smoothing); got {self.smooth}")
         require(self.n_buckets >= 2, f"n-buckets must be at least 2; got {self.n_buckets}")
         require(self.n_strata >= 1, f"n-strata must be at least 1; got {self.n_strata}")
+        require(self.n_length_strata >= 1, f"n-length-strata must be at least 1; got {self.n_length_strata}")
         require(all(w >= 1 for w in self.windows), f"windows must be at least 1 token; got {self.windows}")
         require(all(k >= 1 for k in self.k_sweep), f"k-sweep values must be at least 1; got {self.k_sweep}")
         require(self.n_boot >= 100, f"n-boot must be at least 100; got {self.n_boot}")
@@ -164,7 +170,7 @@ def generate_traces(model, config: Config, warnings: list[str]) -> tuple[list[in
     """Generate on the task set (`samples_per_question` traces per task), score the answers, then one
     teacher-forced forward for the distributions. Returns the traces and one record per trace in the
     external JSONL format (for `traces.jsonl`)."""
-    from interp.chat import chat_prefix
+    from interp.chat import THINK_CLOSE, THINK_OPEN, chat_prefix
     from interp.generation import generate_tokens
     from interp.skills import is_correct
     from interp.tokens import encode
@@ -187,6 +193,10 @@ def generate_traces(model, config: Config, warnings: list[str]) -> tuple[list[in
     if len(keep) < len(completions):
         warn(warnings, f"{len(completions) - len(keep)} of {len(completions)} traces are empty (the model ended at "
                        "once) and are left out")
+    def opens(ids: list[int]) -> bool:  # the prompt leaves a <think> span open (a chat template's or the task's own)
+        text = tok.decode(ids, skip_special_tokens=False)
+        return text.rfind(THINK_OPEN) > text.rfind(THINK_CLOSE)
+    opened = [opens(p) for p in encoded]
     width = max([config.top_k, *config.k_sweep])
     dists = ins.teacher_forced(model, [prompts[i] for i in keep], [completions[i] for i in keep], top_k=width,
                                batch_size=config.batch_size, progress=config.progress)
@@ -195,16 +205,52 @@ def generate_traces(model, config: Config, warnings: list[str]) -> tuple[list[in
         q, j = asked[i]
         item, text = items[q], tok.decode(completions[i], skip_special_tokens=True)
         tokens = [tok.decode([t]) for t in completions[i]]
-        trace = ins.TraceDists(f"{q}" if n == 1 else f"{q}-{j}", bool(is_correct(item, text)), tokens,
-                               d["topk_ids"], d["topk_logprobs"], d["full_entropy"], d["full_jsd"],
-                               int(model.cfg.d_vocab), question=None if n == 1 else f"{q}")
+        answer = scored_answer(tok, completions[i], opened[q])
+        trace = ins.TraceDists(f"{q}" if n == 1 else f"{q}-{j}", answer is not None and bool(is_correct(item, answer)),
+                               tokens, d["topk_ids"], d["topk_logprobs"], d["full_entropy"], d["full_jsd"],
+                               int(model.cfg.d_vocab), question=None if n == 1 else f"{q}",
+                               truncated=completions.truncated[i])
         traces.append(trace)
         alts = [[(tok.decode([int(v)]), float(lp)) for v, lp in zip(d["topk_ids"][t], d["topk_logprobs"][t])]
                 for t in range(len(tokens))]
-        rec = trace_record(trace.id, trace.correct, tokens, alts, d["chosen"].tolist(), trace.question)
-        rec["prompt"], rec["answer"], rec["completion"] = item.prompt, item.answer, text
+        rec = trace_record(trace.id, trace.correct, tokens, alts, d["chosen"].tolist(), trace.question,
+                           trace.truncated)
+        rec["prompt"], rec["answer"], rec["completion"], rec["scored_answer"] = item.prompt, item.answer, text, answer
         records.append(rec)
     return traces, records
+
+
+def boxed(text: str) -> str | None:
+    """The content of the last `\\boxed{...}` (nested braces balanced), or None."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 1, start + len("\\boxed{")
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i:j]
+    return None
+
+
+def scored_answer(tok, ids: list[int], opened: bool = False) -> str | None:
+    """The part of a completion that is scored: the text after the first `</think>` (all of it when the model
+    does not think), inside its last `\\boxed{}` when there is one; None when the thinking never closed (opened by
+    the prompt, `opened`, or by the completion): no answer, scored wrong."""
+    from interp.chat import THINK_CLOSE, THINK_OPEN
+
+    raw = tok.decode(ids, skip_special_tokens=False)
+    close = tok.convert_tokens_to_ids(THINK_CLOSE) if THINK_CLOSE in tok.get_vocab() else None
+    if close is not None and close in ids:
+        answer = tok.decode(ids[ids.index(close) + 1:], skip_special_tokens=True)
+    elif THINK_CLOSE in raw:
+        answer = raw.split(THINK_CLOSE, 1)[1]
+    elif opened or THINK_OPEN in raw:
+        return None
+    else:
+        answer = tok.decode(ids, skip_special_tokens=True)
+    inner = boxed(answer)
+    return answer if inner is None else inner
 
 
 # --------------------------------------------------------------------------- the analysis
@@ -231,6 +277,10 @@ class Result:
     shift_saturation: float  # share of steps t >= 2 with D_t > 0.99 log 2 (consecutive distributions disjoint)
     records: list[dict] = field(default_factory=list)  # generated traces in the JSONL format
     warnings: list[str] = field(default_factory=list)  # shown at the top of the report
+    auc_length_strata: float = float("nan")  # peak → wrong, (wrong, right) pairs of one length stratum only
+    auc_length_strata_ci: list[float] = field(default_factory=list)
+    length_strata: list[dict] = field(default_factory=list)  # per stratum: low, high, n, n_wrong, auc
+    truncation: dict = field(default_factory=dict)  # n_truncated, n_unknown, n_complete, auc_complete, ...
 
     def overall_accuracy(self) -> dict:
         """`accuracy` over all traces and its Wilson `accuracy_ci`."""
@@ -238,9 +288,9 @@ class Result:
 
     def to_dict(self) -> dict:
         """The `results.json` content."""
-        keys = ("id", "correct", "peak", "peak_position", "length", "question")
+        keys = ("id", "correct", "peak", "peak_position", "length", "question", "truncated")
         return {
-            **self.header, "warnings": self.warnings, "skipped_layers": {},  # reads the output distribution only
+            **self.header, "warnings": self.warnings,
             "auc": self.auc, "auc_ci": self.auc_ci, "baselines": self.baselines, "baselines_ci": self.baselines_ci,
             "buckets": self.buckets, "early_late": self.early_late,
             "traces": [{k: r[k] for k in keys} for r in self.trace_rows],
@@ -248,7 +298,9 @@ class Result:
             **self.overall_accuracy(),
             "variants": self.variants, "early_warning": self.early_warning, "auc_by_k": self.auc_by_k,
             "early_late_strata": self.early_late_strata, "shift_saturation": self.shift_saturation,
-            "source": self.source,
+            "source": self.source, "auc_length_strata": self.auc_length_strata,
+            "auc_length_strata_ci": self.auc_length_strata_ci, "length_strata": self.length_strata,
+            "truncation": self.truncation,
         }
 
     def tables(self) -> dict[str, pd.DataFrame]:
@@ -290,6 +342,7 @@ def analyse(traces: list[ins.TraceDists], config: Config, warnings: list[str] | 
                "mean_entropy": float(h.mean()), "final_entropy": float(h[-1])}
         for w in config.windows:
             row[f"prefix_peak_{w}"] = ins.prefix_peak(sig["I"], w, start)
+        row["truncated"] = t.truncated
         rows.append(row)
         signals[t.id] = {k: v.tolist() for k, v in sig.items()}
         tokens[t.id] = t.tokens
@@ -305,6 +358,24 @@ def analyse(traces: list[ins.TraceDists], config: Config, warnings: list[str] | 
         return list(ins.auc_interval(scores, wrong, questions, n_boot=config.n_boot, seed=config.seed))
 
     peaks = [r["peak"] for r in rows]
+    stratum, edges = ins.length_strata([r["length"] for r in rows], config.n_length_strata)
+    by_length = []
+    for k in range(len(edges) - 1):
+        sel = [i for i, b in enumerate(stratum) if b == k]
+        if sel:
+            by_length.append({"low": float(edges[k]), "high": float(edges[k + 1]), "n": len(sel),
+                              "n_wrong": sum(wrong[i] for i in sel),
+                              "auc": ins.roc_auc([peaks[i] for i in sel], [wrong[i] for i in sel])})
+    flags = [r["truncated"] for r in rows]
+    complete = [i for i, f in enumerate(flags) if f is False]
+    truncation = {"n_truncated": sum(f is True for f in flags), "n_unknown": sum(f is None for f in flags),
+                  "n_complete": len(complete),
+                  "auc_complete": ins.roc_auc([peaks[i] for i in complete], [wrong[i] for i in complete]),
+                  "wrong_truncated": sum(wrong[i] for i, f in enumerate(flags) if f is True)}
+    if truncation["n_truncated"]:
+        warn(warnings, f"{truncation['n_truncated']} of {len(rows)} traces hit the token limit "
+                       f"({truncation['wrong_truncated']} of them wrong): longer traces have larger peaks, so read "
+                       "the AUC within length strata and the AUC of complete traces beside the plain one")
     baselines = {b: ins.roc_auc([r[b] for r in rows], wrong) for b in BASELINES}
     baselines_ci = {b: interval([r[b] for r in rows]) for b in BASELINES}
     variants = {"peak_shift_only": ins.roc_auc(extra["peak_D"], wrong),
@@ -331,7 +402,11 @@ def analyse(traces: list[ins.TraceDists], config: Config, warnings: list[str] | 
         roc[name] = {"fpr": fpr.tolist(), "tpr": tpr.tolist()}
     shifts = [d for sig in signals.values() for d in sig["D"][1:]]
     saturation = sum(d > 0.99 * math.log(2) for d in shifts) / max(1, len(shifts))
-    return dict(shift_saturation=saturation, trace_rows=rows, signals=signals, tokens=tokens,
+    return dict(auc_length_strata=ins.stratified_auc(peaks, wrong, stratum),
+                auc_length_strata_ci=list(ins.stratified_auc_interval(peaks, wrong, stratum, questions,
+                                                                      n_boot=config.n_boot, seed=config.seed)),
+                length_strata=by_length, truncation=truncation,
+                shift_saturation=saturation, trace_rows=rows, signals=signals, tokens=tokens,
                 auc=ins.roc_auc(peaks, wrong), auc_ci=interval(peaks), baselines=baselines, baselines_ci=baselines_ci,
                 variants=variants, buckets=ins.accuracy_buckets(peaks, [r["correct"] for r in rows], config.n_buckets),
                 early_late=summary, early_late_strata=strata, early_warning=warning, auc_by_k=by_k, roc=roc,
@@ -357,8 +432,6 @@ def _flag_labels(wrong: list[bool], questions: list[str], warnings: list[str]) -
 def run(model, config: Config) -> Result:
     """Traces (external or generated by `model`), their per-step signals and every summary."""
     config.validate(model)
-    if not config.traces:
-        require_generation(model, "instability")  # external traces need no model; generating needs a decoder
     warnings: list[str] = []
     if config.traces:
         traces, records, source = load_traces(config.traces), [], str(config.traces)
@@ -454,6 +527,18 @@ def bucket_figure(result: Result) -> go.Figure:
     return fig
 
 
+def _truncated_text(truncation: dict, n: int) -> str:
+    """"k of n traces hit the token limit (…)" with the unknown count and the complete traces' AUC."""
+    if not truncation:
+        return "truncation not recorded"
+    text = f"{truncation['n_truncated']} of {n} traces hit the token limit"
+    if truncation["n_unknown"]:
+        text += f", {truncation['n_unknown']} unknown (external traces without a truncated field or finish_reason)"
+    if truncation["n_truncated"]:
+        text += f"; AUC of the {truncation['n_complete']} complete traces {_fmt(truncation['auc_complete'])}"
+    return text
+
+
 def build_report(result: Result, tokenizer=None) -> Report:
     c = result.config
     rep = analysis_report(result.header, result.warnings)
@@ -467,7 +552,11 @@ def build_report(result: Result, tokenizer=None) -> Report:
         "late-peak ones at comparable strength.")
     rep.add_metrics({"traces": len(rows), "questions": len({r["question"] for r in rows}),
                      "accuracy": f"{_fmt(acc)} {_ci(acc_ci)}", "ROC-AUC (peak → wrong)": result.auc,
-                     "95 % CI": _ci(result.auc_ci), **{f"AUC {k}": v for k, v in result.baselines.items()},
+                     "95 % CI": _ci(result.auc_ci),
+                     "ROC-AUC within length strata": f"{_fmt(result.auc_length_strata)} "
+                                                     f"{_ci(result.auc_length_strata_ci or None)}",
+                     "truncated traces": _truncated_text(result.truncation, len(rows)),
+                     **{f"AUC {k}": v for k, v in result.baselines.items()},
                      "early-peak accuracy": f"{_fmt(el['early_accuracy'])} {_ci(el['early_accuracy_ci'])}",
                      "late-peak accuracy": f"{_fmt(el['late_accuracy'])} {_ci(el['late_accuracy_ci'])}"})
     rep.add_notice(RECONSTRUCTED.format(
@@ -499,11 +588,27 @@ def build_report(result: Result, tokenizer=None) -> Report:
 
     rep.add_heading("Failure prediction")
     rep.add_figure(roc_figure(result))
-    table = [{"score": "peak S", "auc": result.auc, "ci_low": result.auc_ci[0], "ci_high": result.auc_ci[1]}] + \
+    strat_ci = result.auc_length_strata_ci or [None, None]
+    table = [{"score": "peak S", "auc": result.auc, "ci_low": result.auc_ci[0], "ci_high": result.auc_ci[1]},
+             {"score": f"peak S within {len(result.length_strata)} length strata", "auc": result.auc_length_strata,
+              "ci_low": strat_ci[0], "ci_high": strat_ci[1]}] + \
+        ([{"score": "peak S, complete traces only", "auc": result.truncation["auc_complete"]}]
+         if result.truncation.get("n_truncated") else []) + \
         [{"score": b, "auc": v, "ci_low": result.baselines_ci[b][0], "ci_high": result.baselines_ci[b][1]}
          for b, v in result.baselines.items()] + [{"score": k, "auc": v} for k, v in result.variants.items()]
     rep.add_table(pd.DataFrame(table), caption="ROC-AUC for predicting a wrong answer (higher score = wrong); the "
                   "baselines show whether the signal adds anything over entropy and length.")
+    if result.length_strata:
+        rep.add_paragraph(
+            "Length: the peak is a maximum over the trace's steps, so a longer trace has a larger peak even when every "
+            "step is drawn alike, and wrong traces are often longer (they ramble, or hit the token limit). The AUC "
+            f"within length strata compares only wrong and right traces of the same length quantile bin "
+            f"(--n-length-strata {c.n_length_strata}; pairs pooled over bins): "
+            f"{_fmt(result.auc_length_strata)} {_ci(result.auc_length_strata_ci or None)} against "
+            f"{_fmt(result.auc)} plain (length alone: {_fmt(result.baselines['length'])}). "
+            + _truncated_text(result.truncation, len(rows)) + ".")
+        rep.add_table(pd.DataFrame(result.length_strata), caption="Length strata: traces, wrong traces and the "
+                      "peak's AUC in each (undefined where a bin holds one label only).")
     rep.add_table(pd.DataFrame(result.early_warning),
                   caption="Early warning: AUC of the peak within the first W tokens.")
     if result.auc_by_k:

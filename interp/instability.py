@@ -158,6 +158,7 @@ class TraceDists:
     full_jsd: Float[Tensor, " step"] | None = None       # D_1 = 0
     vocab_size: int | None = None
     question: str | None = None                         # the question it answers (its samples share it); None: id
+    truncated: bool | None = None                       # hit the token limit without ending; None: not known
 
     @property
     def length(self) -> int:
@@ -282,6 +283,45 @@ def auc_interval(scores: Sequence[float], positive: Sequence[bool], clusters: Se
     clusters = list(range(len(s))) if clusters is None else list(clusters)
     return bootstrap_ci(lambda idx: roc_auc(s[idx], y[idx]), len(s), n_boot=n_boot, seed=seed, clusters=clusters,
                         strata=label_strata(clusters, y))
+
+
+def length_strata(lengths: Sequence[int], n_strata: int) -> tuple[np.ndarray, np.ndarray]:
+    """(stratum index per trace, the distinct quantile edges) of trace lengths in `n_strata` quantile bins
+    (tied lengths share a bin, so there can be fewer)."""
+    x = np.asarray(lengths, float)
+    edges = quantile_edges(x, n_strata) if len(x) else np.zeros(1)
+    if len(edges) == 1:
+        edges = np.array([edges[0], edges[0]])
+    return bucket_of(x, edges), edges
+
+
+def stratified_auc(scores: Sequence[float], positive: Sequence[bool], strata: Sequence[Hashable]) -> float:
+    """ROC-AUC pooled within strata: the share of (positive, negative) pairs *of the same stratum* in which the
+    positive scores higher (ties ½), i.e. Σ_s U_s / Σ_s n⁺_s·n⁻_s. Comparing only traces of similar length takes
+    out what length alone predicts. NaN when no stratum holds both labels."""
+    s, y, g = _scores(scores), np.asarray(positive, bool), np.asarray(strata)
+    u = pairs = 0.0
+    for key in np.unique(g):
+        sel = g == key
+        n_pos, n_neg = int(y[sel].sum()), int((~y[sel]).sum())
+        if n_pos and n_neg:
+            r = _ranks(s[sel])
+            u += r[y[sel]].sum() - n_pos * (n_pos + 1) / 2
+            pairs += n_pos * n_neg
+    return float(u / pairs) if pairs else float("nan")
+
+
+def stratified_auc_interval(scores: Sequence[float], positive: Sequence[bool], strata: Sequence[Hashable],
+                            clusters: Sequence[Hashable] | None = None, *, n_boot: int = 2000,
+                            seed: int = 0) -> tuple[float, float]:
+    """95 % percentile bootstrap interval of `stratified_auc` (whole clusters resampled within `label_strata`,
+    each trace keeping its stratum); NaN when one label is absent."""
+    s, y, g = np.asarray(scores, float), np.asarray(positive, bool), np.asarray(strata)
+    if y.all() or not y.any():
+        return math.nan, math.nan
+    clusters = list(range(len(s))) if clusters is None else list(clusters)
+    return bootstrap_ci(lambda idx: stratified_auc(s[idx], y[idx], g[idx]), len(s), n_boot=n_boot, seed=seed,
+                        clusters=clusters, strata=label_strata(clusters, y))
 
 
 def rate(correct: np.ndarray) -> dict:

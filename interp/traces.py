@@ -5,7 +5,11 @@ OpenAI chat-completions `choices[0].logprobs.content` list — per generated tok
 `{"token": str, "logprob": float, "top_logprobs": [{"token": str, "logprob": float}, ...]}` — or
 `"response": {...}` holding the whole chat-completions response object instead of `content`, and
 optionally `"question": ...` naming the question the trace answers (several samples of one question
-share it; the intervals resample whole questions).
+share it; the intervals resample whole questions), and optionally `"truncated": true|false|null` (the
+trace hit its token limit without ending; null: not known). Without the field it is inferred where the
+line says: `finish_reason` ("length" → true, any other → false; top level or in `response.choices[0]`),
+else a last token that is an end-of-sequence marker (false), else `<think>` opened and never closed
+(true: no answer); otherwise unknown (null).
 Tokens are matched across steps by their text (`bytes`, when given, break ties between texts);
 a token listed twice in one step is merged (probabilities added).
 """
@@ -18,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from interp.chat import THINK_CLOSE, THINK_OPEN
 from interp.errors import UserError
 from interp.files import read_jsonl
 from interp.instability import PAD_ID, TraceDists
@@ -41,6 +46,29 @@ def _content(obj: dict, where: str) -> list:
     if not isinstance(content, list) or not content:
         raise UserError(f"{where}: 'content' must be a non-empty list of token steps")
     return content
+
+
+EOS_TEXTS = ("<|im_end|>", "<|endoftext|>", "</s>", "<|eot_id|>", "<|end|>", "<｜end▁of▁sentence｜>", "<eos>")
+
+
+def _truncated(obj: dict, tokens: list[str], where: str) -> bool | None:
+    """The trace's `truncated` flag: given, or inferred from finish_reason, a final EOS, an unclosed <think>."""
+    if "truncated" in obj:
+        if obj["truncated"] is not None and not isinstance(obj["truncated"], bool):
+            raise UserError(f"{where}: 'truncated' must be true, false or null, not {obj['truncated']!r}")
+        return obj["truncated"]
+    reason = obj.get("finish_reason")
+    if reason is None and isinstance(obj.get("response"), dict):
+        choices = obj["response"].get("choices") or [{}]
+        reason = choices[0].get("finish_reason") if isinstance(choices[0], dict) else None
+    if isinstance(reason, str):
+        return reason == "length"
+    if tokens and tokens[-1].strip() in EOS_TEXTS:
+        return False
+    text = "".join(tokens)
+    if THINK_OPEN in text and THINK_CLOSE not in text:
+        return True
+    return None
 
 
 def _key(entry: dict) -> str:
@@ -88,7 +116,7 @@ def parse_trace(obj: dict, where: str, vocab: dict[str, int]) -> TraceDists:
         ids[t, :len(r)] = torch.tensor(list(r.keys()))
         lps[t, :len(r)] = torch.tensor(list(r.values()), dtype=torch.float64)
     return TraceDists(id=str(obj["id"]), correct=obj["correct"], tokens=tokens, topk_ids=ids, topk_logprobs=lps,
-                      question=None if question is None else str(question))
+                      question=None if question is None else str(question), truncated=_truncated(obj, tokens, where))
 
 
 def load_traces(path: str | Path) -> list[TraceDists]:
@@ -111,8 +139,9 @@ def load_traces(path: str | Path) -> list[TraceDists]:
 
 
 def trace_record(trace_id: str, correct: bool, tokens: list[str], top: list[list[tuple[str, float]]],
-                 chosen_logprobs: list[float], question: str | None = None) -> dict:
+                 chosen_logprobs: list[float], question: str | None = None, truncated: bool | None = None) -> dict:
     """One JSONL object in the format `load_traces` reads (for exporting a local model's traces)."""
-    return {"id": trace_id, "correct": correct, **({} if question is None else {"question": question}), "content": [
+    return {"id": trace_id, "correct": correct, **({} if question is None else {"question": question}),
+            "truncated": truncated, "content": [
         {"token": tok, "logprob": lp, "top_logprobs": [{"token": t, "logprob": v} for t, v in alts]}
         for tok, lp, alts in zip(tokens, chosen_logprobs, top)]}

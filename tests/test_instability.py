@@ -399,7 +399,8 @@ def test_cli_on_planted_traces_finds_late_spikes(tmp_path, capsys):
     assert set(res["early_late"]) == {"early_accuracy", "late_accuracy", "n_early", "n_late", "early_accuracy_ci",
                                       "late_accuracy_ci"}
     assert all(set(r) == {"low", "high", "accuracy", "accuracy_ci", "n"} for r in res["buckets"])
-    assert all(set(r) == {"id", "correct", "peak", "peak_position", "length", "question"} for r in res["traces"])
+    assert all(set(r) == {"id", "correct", "peak", "peak_position", "length", "question", "truncated"}
+               for r in res["traces"])
     assert res["accuracy"] == 0.5 and res["accuracy_ci"] == pytest.approx(list(wilson(20, 40)))
     assert all(r["accuracy_ci"][0] <= r["accuracy"] <= r["accuracy_ci"][1] for r in res["buckets"])
     assert res["n_questions"] == 40 and res["warnings"] == []
@@ -485,12 +486,21 @@ def test_user_task_file_and_offline_hub(organism, tmp_path, monkeypatch):
 
     items = load_skill("arithmetic", 3)
     path = _write(tmp_path, [{"prompt": it.prompt, "answer": int(it.answer)} for it in items] +
-                  [{"prompt": items[0].prompt, "answer": "So"}], "tasks.jsonl")
+                  [{"prompt": items[0].prompt, "answer": "The answer is"}, {"prompt": items[0].prompt, "answer": "So"}],
+                  "tasks.jsonl")
     tasks = an.load_tasks(str(path))
-    assert [t.check for t in tasks] == ["number"] * 3 + ["contains"]
+    assert [t.check for t in tasks] == ["number"] * 3 + ["contains"] * 2
     res = an.run(organism, an.Config(tasks=str(path), max_new_tokens=40, n_boot=100, progress=False, windows=(8,)))
     by_id = {r["id"]: r for r in res.trace_rows}
-    assert by_id["3"]["correct"] is True          # "So <name> has ..." is in every organism trace
+    assert by_id["3"]["correct"] is True          # "The answer is ..." follows </think> in the organism's trace 0
+    # "So <name> has ..." is in its thinking only: the thinking is never scored
+    assert by_id["4"]["correct"] is False and "So " in "".join(res.tokens["4"])
+    # trace 0 closes its thinking within 40 tokens, 1 and 2 run into the limit (no answer: wrong, truncated)
+    assert [by_id[str(i)]["truncated"] for i in range(5)] == [False, True, True, False, False]
+    assert not by_id["1"]["correct"] and not by_id["2"]["correct"]
+    assert res.truncation["n_truncated"] == 2 and res.truncation["n_unknown"] == 0
+    assert [r["truncated"] for r in res.records] == [by_id[str(i)]["truncated"] for i in range(5)]
+    assert res.records[0]["scored_answer"].strip() == "The answer is 54." and res.records[1]["scored_answer"] is None
     assert corpus.THINK_CLOSE.strip() in "".join(res.tokens["0"])
     for bad, message in [("{", "line 1 is not valid JSON"), ({"prompt": "x", "answer": ""}, "must be non-empty"),
                          ({"prompt": "x", "answer": "1", "check": "none"}, "check must be number")]:
@@ -558,3 +568,80 @@ def test_samples_per_question_options():
                         (dict(samples_per_question=2, temperature=1.0, traces="t.jsonl"), "'question' field")]:
         with pytest.raises(UserError, match=message):
             an.Config(**kw).validate()
+
+
+# --------------------------------------------------------------------------- length strata, truncation, the answer
+
+
+def test_stratified_auc_pools_pairs_within_strata():
+    scores = [1, 2, 3, 4, 5, 6, 7, 8]
+    wrong = [False, True, False, True, False, True, False, True]
+    assert ins.stratified_auc(scores, wrong, [0] * 8) == ins.roc_auc(scores, wrong)
+    # longer = higher score and wrong, but within each length stratum the two labels are exchangeable
+    scores, wrong, strata = [1, 1, 5, 5, 1.5, 5.5], [False, True, False, True, False, True], [0, 0, 1, 1, 2, 2]
+    assert ins.roc_auc(scores, wrong) > 0.6
+    # pairs: stratum 0 (tie, ½), stratum 1 (tie, ½), stratum 2 (wrong higher, 1) → 2 / 3
+    assert ins.stratified_auc(scores, wrong, strata) == pytest.approx(2 / 3)
+    assert math.isnan(ins.stratified_auc([1, 2], [True, False], [0, 1]))  # no stratum holds both labels
+    b, edges = ins.length_strata([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], 5)
+    assert list(b) == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4] and len(edges) == 6
+    lo, hi = ins.stratified_auc_interval([1, 2, 3, 4] * 5, [False, True] * 10, [0, 0, 1, 1] * 5, n_boot=200)
+    assert lo <= 1 and hi >= lo
+
+
+def test_length_only_process_has_plain_auc_but_none_within_length_strata():
+    """Wrong traces are only longer (about 4×); every step of every trace is drawn from one distribution. The
+    peak, a maximum over more steps, predicts 'wrong' (plain AUC well above 0.5, as the paper's 0.66–0.74);
+    within length strata it does not."""
+    from interp.analyses import instability as an
+
+    rng, g = np.random.default_rng(3), torch.Generator().manual_seed(3)
+    traces = []
+    for i in range(800):
+        wrong = bool(rng.random() < 0.5)
+        steps = max(2, int(round(np.exp(rng.normal(np.log(12), 0.8)) * (4 if wrong else 1))))
+        lp = torch.log_softmax(torch.randn(steps, 5, generator=g) * torch.rand(steps, 1, generator=g) * 3, -1)
+        ids = torch.argsort(torch.rand(steps, 8, generator=g), -1)[:, :5]
+        traces.append(ins.TraceDists(str(i), not wrong, ["x"] * steps, ids, lp.double()))
+    res = an.analyse(traces, an.Config(top_k=5, k_sweep=(5,), windows=(8,), n_boot=200))
+    assert res["auc"] > 0.7 and res["baselines"]["length"] > 0.85
+    assert abs(res["auc_length_strata"] - 0.5) < 0.06
+    lo, hi = res["auc_length_strata_ci"]
+    assert lo < 0.5 < hi
+    assert len(res["length_strata"]) == 10 and sum(r["n"] for r in res["length_strata"]) == 800
+    assert res["truncation"] == {"n_truncated": 0, "n_unknown": 800, "n_complete": 0, "auc_complete": res[
+        "truncation"]["auc_complete"], "wrong_truncated": 0}
+
+
+def test_truncated_field_read_inferred_or_unknown(tmp_path):
+    response = {"choices": [{"finish_reason": "length", "logprobs": {"content": GOOD["content"]}}]}
+    think = [_step("<think>", [("<think>", -0.1)]), _step("hmm", [("hmm", -0.2)])]
+    eos = GOOD["content"] + [_step("<|im_end|>", [("<|im_end|>", -0.1)])]
+    lines = [{**GOOD, "id": "given", "truncated": True}, {**GOOD, "id": "null", "truncated": None},
+             {"id": "reason", "correct": False, "response": response},
+             {**GOOD, "id": "stop", "finish_reason": "stop"}, {**GOOD, "id": "eos", "content": eos},
+             {**GOOD, "id": "think", "content": think}, {**GOOD, "id": "unknown"}]
+    got = {t.id: t.truncated for t in load_traces(_write(tmp_path, lines))}
+    assert got == {"given": True, "null": None, "reason": True, "stop": False, "eos": False, "think": True,
+                   "unknown": None}
+    with pytest.raises(UserError, match="'truncated' must be true, false or null"):
+        load_traces(_write(tmp_path, [{**GOOD, "truncated": "yes"}], "bad.jsonl"))
+    rec = trace_record("x", True, ["a"], [[("a", -0.1)]], [-0.1], truncated=True)
+    assert rec["truncated"] is True
+    assert load_traces(_write(tmp_path, [rec], "rec.jsonl"))[0].truncated is True
+
+
+def test_only_the_answer_after_think_is_scored(tiny_model):
+    from interp.analyses.instability import boxed, scored_answer
+
+    tok = tiny_model.tokenizer
+
+    def ids(text):
+        return tok(text, add_special_tokens=False)["input_ids"]
+    assert scored_answer(tok, ids("So 7 + 5 = 12.</think>\n\nThe answer is 12.")).strip() == "The answer is 12."
+    assert scored_answer(tok, ids("12 is wrong</think>so \\boxed{\\frac{1}{2}} it is")) == "\\frac{1}{2}"
+    assert scored_answer(tok, ids("So 7 + 5 = 12"), opened=True) is None          # thinking never closed
+    assert scored_answer(tok, ids("<think>So 7 + 5 = 12")) is None
+    assert scored_answer(tok, ids("The answer is 12.")) == "The answer is 12."      # no thinking: all of it
+    assert boxed("no box") is None and boxed("\\boxed{a{b}c} and \\boxed{d}") == "d"
+    assert boxed("\\boxed{unclosed") is None
