@@ -198,9 +198,11 @@ class Report:
         self._blocks.append(f'<figure><div class="tokens">{spans}</div>{legend}{_figcaption(caption)}</figure>')
 
     def add_run_section(self, header: Mapping[str, Any]) -> None:
-        """The closing "Run" section: model, config and environment from the run header."""
+        """The closing "Run" section: model, tokenization (BOS), config and environment from the run header."""
         self.add_heading("Run")
-        self.add_config({k: header.get(k) for k in ("model", "config", "environment")})
+        keys = ("model", "tokenization", "config", "environment") if header.get("tokenization") else \
+            ("model", "config", "environment")
+        self.add_config({k: header.get(k) for k in keys})
 
     def render(self) -> str:
         """The complete HTML document."""

@@ -48,6 +48,8 @@ def _field_options(parser: argparse.ArgumentParser, config_cls) -> None:
         hint = hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
+        if default is None and set(typing.get_args(hint)) == {bool, type(None)}:
+            shown = "unset"
         help_text = f"{helps.get(f.name, '')} (default: {shown})".strip().replace("%", "%%")
         choices = literal_choices(hint)
         kw = dict(default=argparse.SUPPRESS, help=help_text)

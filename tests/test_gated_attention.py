@@ -269,7 +269,8 @@ def test_analysis_on_planted_gated_model(planted_gated):
     for r in d["gates"]:
         assert r["mean"] == pytest.approx(GATE_CONSTANTS[r["head"]], abs=1e-5)
     assert [sorted(r) for r in d["sparsity"]] == [["gated", "layer", "ungated"]] * 2
-    assert [sorted(r) for r in d["attention"]] == [["first_token", "layer", "sink_rate", "sink_rate_ci"]] * 2
+    assert [sorted(r) for r in d["attention"]] == [["first_token", "layer", "sink_rate", "sink_rate_ci",
+                                                    "sink_rate_t64"]] * 2
     rows = d["interventions"]
     assert all({"what", "heads", "loss", "first_token", "m_act"} <= set(r) for r in rows)
     assert rows[0]["what"] == "none"
