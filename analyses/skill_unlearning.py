@@ -324,9 +324,8 @@ def _run(model, config: Config | None = None) -> Result:
     # the tokens routed to them), none in an MoE layer without one
     mlps, left_out = neuron_mlps(model)
     if not mlps:
-        raise not_applicable("skill_unlearning", model, "no MLP neuron sees every token (mixture-of-experts MLPs "
-                                                        "without a shared expert); Neuron Adjust and Key Space "
-                                                        "Detection read dense MLP neurons")
+        raise not_applicable("skill_unlearning", model, "mixture-of-experts MLPs without a shared expert: no MLP "
+                                                        "neuron sees every token")
     skip_layers(skipped, warnings, left_out, "MLP neurons")
     key_layer = max(mlps)
     if key_layer != n_layers - 1:
