@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -217,6 +218,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "auto", dtype: s
                             f"TransformerBridge ({str(exc).splitlines()[0][:160]})") from None
         raise
     bridge.eval()
+    _note_added_head(bridge, path)
     tok = checked_tokenizer(bridge.tokenizer, path, name_or_path)
     if tok is not bridge.tokenizer:
         tok = interp.bridge.replace_tokenizer(bridge, tok)
@@ -236,6 +238,20 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "auto", dtype: s
                      analysis_defaults=_recommended_settings(name_or_path, card))
     object.__setattr__(bridge, "_interp_info", info)
     return bridge
+
+
+def _note_added_head(bridge, path: Path) -> None:
+    """A one-line note on stderr when the checkpoint is a base model without the head the bridge loads it with: a
+    sentence-transformers `BertModel` becomes `BertForMaskedLM` with a newly initialised (random) masked-LM head."""
+    try:
+        declared = json.loads((Path(path) / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError):
+        return
+    loaded = type(bridge.original_model).__name__
+    if declared and declared[0] != loaded and declared[0].endswith("Model"):
+        print(f"note: the checkpoint is a {declared[0]} (no LM head); it is loaded as {loaded} with a newly "
+              "initialised head, so its logits are random (hidden states and attention are the checkpoint's)",
+              file=sys.stderr)
 
 
 TOKENIZER_PROBE = "The quick brown fox, 42 times: hello world!\nWhy? Because <think> it's 3.14 </think> done."

@@ -279,6 +279,7 @@ def test_systematic_outliers_runs_on_a_sentence_transformers_checkpoint(tmp_path
                            "--no-progress", "--seq-len", "16", "--n-chunks", "4", "--random-draws", "2",
                            "--out", str(out))
     assert code == 0, err
+    assert "note: the checkpoint is a BertModel (no LM head); it is loaded as BertForMaskedLM" in err
     res = json.loads((out / "results.json").read_text())
     assert res["skipped_layers"] == {} and len(res["residual"]) == 2 and len(res["down_input"]) == 2
     assert all(math.isfinite(r["max_abs"]) and r["max_abs"] > 0 for r in res["residual"])
