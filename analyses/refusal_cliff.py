@@ -64,9 +64,11 @@ class Config(CommonConfig):
 
     harmful: str = "builtin-harmful"  # harmful prompt set, a registered name or a file (paper: AdvBench)
     harmless: str = "builtin-harmless"  # harmless prompt set (paper: the first 256 UltraChat test_sft prompts)
-    eval_harmful: str | None = None  # separate harmful set to evaluate on (paper: JailbreakBench); then all main harmful rollouts are fit
+    # separate harmful set to evaluate on (paper: JailbreakBench); then all main harmful rollouts are fit
+    eval_harmful: str | None = None
     eval_harmless: str | None = None  # separate harmless set to evaluate on; then all main harmless rollouts are fit
-    eval_fraction: float = 0.5  # share of each group's prompts held out for evaluation when a kind has no eval set (by prompt, stratified, seeded)
+    # share of each group's prompts held out for evaluation when a kind has no eval set (by prompt, stratified, seeded)
+    eval_fraction: float = 0.5
     # eval prompts whose normalised word set has Jaccard >= this with a fit prompt's word set are dropped
     overlap_jaccard: float = 0.8
     rollouts: str | None = None  # JSONL of prompt/thinking/response[/kind] rollouts to use instead of generating
@@ -74,36 +76,51 @@ class Config(CommonConfig):
     temperature: float = 0.0  # sampling temperature, 0 = greedy (paper samples at 0.7)
     seed: int = 42  # seed of the fit/eval split, the probe's split, sampling and random controls (paper's probe seed)
     probe_layer: int | None = None  # HF hidden_states index the probe reads; None = final-norm output (paper)
-    probe_mode: Literal["last_token", "thinking_span"] = "last_token"  # last_token: one state per example (paper); thinking_span: every thinking token labelled
-    probe_recipe: Literal["lbfgs", "paper"] = "lbfgs"  # lbfgs: logistic regression to convergence, L2 picked on validation; paper: Adam, best-validation epoch (reference)
-    probe_l2: tuple[float, ...] = L2_GRID  # lbfgs recipe: L2 strengths tried (features centred, one common scale), the lowest validation loss wins
+    # last_token: one state per example (paper); thinking_span: every thinking token labelled
+    probe_mode: Literal["last_token", "thinking_span"] = "last_token"
+    # lbfgs: logistic regression to convergence, L2 picked on validation; paper: Adam, best-validation epoch (reference)
+    probe_recipe: Literal["lbfgs", "paper"] = "lbfgs"
+    # lbfgs recipe: L2 strengths tried (features centred, one common scale), the lowest validation loss wins
+    probe_l2: tuple[float, ...] = L2_GRID
     per_layer_probes: bool = False  # also train and apply one probe per layer, each on its own layer
     thinking_prefix: str = "\n\n"  # text after the chat template before the thinking (the probe code's)
     max_items_per_class: int = 200  # examples per class for the probe (paper)
     probe_epochs: int = 5  # paper recipe: Adam epochs of the probe (paper)
     probe_lr: float = 1e-3  # paper recipe: Adam learning rate of the probe (paper)
     probe_batch_size: int = 64  # paper recipe: probe minibatch size (paper)
-    probe_tie_break: Literal["val_loss", "earliest"] = "val_loss"  # paper recipe, equal validation accuracy: lower loss wins; earliest is the reference
+    # paper recipe, equal validation accuracy: lower loss wins; earliest is the reference
+    probe_tie_break: Literal["val_loss", "earliest"] = "val_loss"
     span_positions_per_example: int = 64  # thinking_span mode: thinking positions sampled per example
-    refusal_phrases: Literal["jbb", "refusalcliff"] = "jbb"  # refusal keywords: jbb (Arditi et al., anywhere) or refusalcliff (56 words, first 32 chars)
+    # refusal keywords: jbb (Arditi et al., anywhere) or refusalcliff (56 words, first 32 chars)
+    refusal_phrases: Literal["jbb", "refusalcliff"] = "jbb"
     min_thinking_chars: int = 10  # probe examples (both classes) need a thinking longer than this (paper: positives)
-    probe_negatives: Literal["harmless", "complied"] = "harmless"  # probe negatives: complied harmless (paper), or also complied harmful
+    # probe negatives: complied harmless (paper), or also complied harmful
+    probe_negatives: Literal["harmless", "complied"] = "harmless"
     robust_k: int = 32  # plateau_robust = mean score of the last K thinking tokens
     tail_tokens: int = 16  # tokens shown in the tail curve
     n_bins: int = 100  # bins of the normalised-position curve (each bin averages its tokens)
-    curve_method: Literal["interpolate", "reference"] = "interpolate"  # per-example bin averages, or the paper figure's zero-padded tail alignment
-    head_method: Literal["projection", "attribution", "causal"] = "projection"  # head ranking the ablation sweep uses (paper: projection)
-    head_methods: tuple[Literal["projection", "attribution", "causal"], ...] = HEAD_METHODS  # head rankings computed and shown side by side
+    # per-example bin averages, or the paper figure's zero-padded tail alignment
+    curve_method: Literal["interpolate", "reference"] = "interpolate"
+    # head ranking the ablation sweep uses (paper: projection)
+    head_method: Literal["projection", "attribution", "causal"] = "projection"
+    # head rankings computed and shown side by side
+    head_methods: tuple[Literal["projection", "attribution", "causal"], ...] = HEAD_METHODS
     # projection ranking through the final norm (its gain γ and the last position's 1/rms); both versions are compared
     projection_fold_norm: bool = False
     ablation_fractions: tuple[float, ...] = (0.015, 0.03, 0.10)  # shares of all heads ablated (paper)
-    ablation_rescale: Literal["frobenius", "frobenius_batch", "per_token", "none"] = "frobenius"  # rescale after zeroing: each sequence's norm without padding; frobenius_batch: whole batch incl. padding (reference); per token; none
+    # rescale after zeroing: each sequence's norm without padding; frobenius_batch: whole batch incl. padding
+    # (reference); per token; none
+    ablation_rescale: Literal["frobenius", "frobenius_batch", "per_token", "none"] = "frobenius"
     random_draws: int = 5  # random-head control: draws per ablation fraction, outside the top set, matched on layer
     asr_limit: int | None = None  # eval harmful prompts regenerated per ablation setting (None: all)
-    asr_regenerate: Literal["full", "response"] = "full"  # regenerate thinking and answer (paper), or only the answer after each rollout's thinking
-    judge: str | None = None  # Llama Guard model (id or directory): labels harmful rollouts refused/complied and rates answers for ASR; None: keyword judge
+    # regenerate thinking and answer (paper), or only the answer after each rollout's thinking
+    asr_regenerate: Literal["full", "response"] = "full"
+    # Llama Guard model (id or directory): labels harmful rollouts refused/complied and rates answers for ASR; None:
+    # keyword judge
+    judge: str | None = None
     judge_response_only: bool = True  # the judge sees only the response, cut to 512 characters (paper)
-    judge_rank: Literal["cliff", "rs_final"] = "cliff"  # Cliff-as-a-Judge ranking: the paper's cliff, or the code's ascending final score
+    # Cliff-as-a-Judge ranking: the paper's cliff, or the code's ascending final score
+    judge_rank: Literal["cliff", "rs_final"] = "cliff"
     judge_top_k: int = 20  # complied-harmful examples exported by Cliff-as-a-Judge
 
     def validate(self, model=None) -> None:
@@ -459,7 +476,8 @@ def train_probe(model, examples: list[Example], config: Config, hook: str) -> Lo
                                 tie_break=config.probe_tie_break)
 
 
-def score_examples(model, examples: list[Example], probes: dict[str, LogisticProbe], config: Config) -> dict[str, list[torch.Tensor]]:
+def score_examples(model, examples: list[Example], probes: dict[str, LogisticProbe],
+                   config: Config) -> dict[str, list[torch.Tensor]]:
     """Probe score at every token of every example, for each (hook → probe); only scores are kept."""
     out = capture(model, [e.input_ids for e in examples], list(probes), positions="all",
                   batch_size=config.batch_size, progress=config.progress,
@@ -760,8 +778,8 @@ def run(model, config: Config | None = None) -> Result:
     probe = train_probe(model, fit, config, hook)
     probes = {hook: probe}
     if config.per_layer_probes:
-        for l in range(1, n_layers + 1):
-            h = hidden_state_hook(l, n_layers)
+        for other in range(1, n_layers + 1):
+            h = hidden_state_hook(other, n_layers)
             if h not in probes:
                 probes[h] = train_probe(model, fit, config, h)
     scored = score_examples(model, examples, probes, config)
@@ -894,7 +912,8 @@ def build_report(result: Result, tokenizer=None):
     splits = result.splits
     headline = {"probe": f"{p['mode']} at layer {p['layer']} ({p['hook']}), {p['recipe']} recipe",
                 "probe val accuracy (fit split)": p["val_accuracy"],
-                f"probe accuracy, eval split (n={p['n_eval']})": "–" if p["eval_accuracy"] is None else p["eval_accuracy"],
+                f"probe accuracy, eval split (n={p['n_eval']})":
+                    "–" if p["eval_accuracy"] is None else p["eval_accuracy"],
                 "rollouts fit / eval": f"{splits['fit']} / {splits['eval']}"}
     for g in GROUPS:
         if c[g]["n"]:
@@ -906,9 +925,11 @@ def build_report(result: Result, tokenizer=None):
         headline[f"ASR (eval): none → top {first['n_heads']} heads ablated"] = \
             f"{result.ablation_baseline['asr']:.2f} → {first['asr']:.2f}"
     rep.add_metrics(headline)
+    eval_set = ("separate evaluation prompt sets" if cfg.eval_harmful or cfg.eval_harmless
+                else f"{cfg.eval_fraction:.0%} of each group’s prompts, seeded")
     rep.add_paragraph(f"Held-out protocol: the probe and the head rankings use the fit split only; every number "
                       f"below (cliffs, curves, ablation, ASR, Cliff-as-a-Judge) is measured on the eval split "
-                      f"({'separate evaluation prompt sets' if cfg.eval_harmful or cfg.eval_harmless else f'{cfg.eval_fraction:.0%} of each group’s prompts, seeded'}). "
+                      f"({eval_set}). "
                       "The in-sample (fit) group means are shown next to the held-out ones, so overfitting is visible.")
     rep.add_heading("Refusal score along the reasoning trace")
     rep.add_paragraph("A logistic probe trained on refused harmful vs complied harmless rollouts scores every token of "
@@ -934,7 +955,8 @@ def build_report(result: Result, tokenizer=None):
     for method, ranked in result.head_rankings.items():
         rep.add_figure(head_heatmap(ranked, info["n_layers"], info["n_heads"], method))
     top = rankings_table(result.head_rankings)
-    rep.add_table(top.sort_values(f"{cfg.head_method}_rank").head(20), caption="Top 20 heads (all methods side by side)")
+    rep.add_table(top.sort_values(f"{cfg.head_method}_rank").head(20),
+                  caption="Top 20 heads (all methods side by side)")
     rep.add_heading("Ablation")
     rep.add_paragraph(f"Heads ranked by '{cfg.head_method}' are zero-ablated at every position (rescale: "
                       f"{cfg.ablation_rescale}) while scoring and while regenerating the eval split's harmful "
