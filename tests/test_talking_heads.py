@@ -410,6 +410,7 @@ SMALL = dict(n_items=(2, 3), templates=("laundry", "bag", "market"), prompts_per
              random_draws=5, baseline_draws=4, view_prompts=8, progress=False)
 
 
+@pytest.mark.slow  # ~10 CPU-seconds, 27-54 s wall on the shared 2-core box
 def test_analysis_end_to_end_with_first_token_scoring(channel_model, tmp_path, monkeypatch):
     from interp.analyses import talking_heads as th
 
