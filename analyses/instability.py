@@ -34,11 +34,12 @@ import plotly.graph_objects as go
 
 from interp import instability as ins
 from interp.analysis import CommonConfig, require, run_header, warn
+from interp.cost import announce
 from interp.errors import UserError
 from interp.files import read_jsonl
 from interp.mlp import require_generation
 from interp.report import Report, analysis_report
-from interp.traces import load_traces, trace_record
+from interp.traces import load_traces, trace_record_ids
 
 DATASET_FIELD = "tasks"
 BASELINES = ("mean_entropy", "final_entropy", "length")
@@ -81,6 +82,12 @@ class Config(CommonConfig):
     # steps: this AUC compares only traces of similar length; not in the paper)
     n_length_strata: int = 10
     n_boot: int = 2000  # bootstrap resamples for the AUCs' 95 % intervals (whole questions, within label strata)
+    # positions of one trace unembedded at once in the teacher-forced pass (memory: a few [chunk, vocab] float32
+    # tensors; the numbers do not depend on it)
+    logit_chunk: int = 128
+    # also write steps.csv: one row per generated token of every trace (H, D, I, the token; millions of rows at
+    # paper scale); by default only the per-trace summary tables are written
+    step_rows: bool = False
 
     def validate(self, model=None) -> None:
         super().validate(model)
@@ -102,6 +109,7 @@ class Config(CommonConfig):
         require(all(w >= 1 for w in self.windows), f"windows must be at least 1 token; got {self.windows}")
         require(all(k >= 1 for k in self.k_sweep), f"k-sweep values must be at least 1; got {self.k_sweep}")
         require(self.n_boot >= 100, f"n-boot must be at least 100; got {self.n_boot}")
+        require(self.logit_chunk >= 1, f"logit-chunk must be at least 1; got {self.logit_chunk}")
         require(not (self.traces and self.distribution == "full"),
                 "--distribution full needs a local model's full distributions; drop it or drop --traces")
 
@@ -185,6 +193,10 @@ def generate_traces(model, config: Config, warnings: list[str]) -> tuple[list[in
     n = config.samples_per_question
     asked = [(q, j) for q in range(len(items)) for j in range(n)]
     prompts = [encoded[q] for q, _ in asked]
+    longest = max(len(p) for p in prompts) + config.max_new_tokens
+    announce("generation", len(prompts), len(prompts) * config.max_new_tokens, longest,
+             f"up to {config.max_new_tokens} new tokens each, KV-cached, batch {config.batch_size}",
+             enabled=config.progress)
     completions = generate_tokens(model, prompts, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                                   top_p=config.top_p, seed=config.seed, batch_size=config.batch_size,
                                   progress=config.progress)
@@ -199,23 +211,26 @@ def generate_traces(model, config: Config, warnings: list[str]) -> tuple[list[in
         return text.rfind(THINK_OPEN) > text.rfind(THINK_CLOSE)
     opened = [opens(p) for p in encoded]
     width = max([config.top_k, *config.k_sweep])
+    lengths = [len(prompts[i]) + len(completions[i]) for i in keep]
+    announce("teacher-forced forward", len(keep), sum(lengths), max(lengths),
+             f"batch {config.batch_size}, logits of {config.logit_chunk} positions at a time "
+             f"({model.cfg.d_vocab:,}-token vocabulary)", enabled=config.progress)
     dists = ins.teacher_forced(model, [prompts[i] for i in keep], [completions[i] for i in keep], top_k=width,
-                               batch_size=config.batch_size, progress=config.progress)
+                               batch_size=config.batch_size, progress=config.progress, chunk=config.logit_chunk)
     traces, records = [], []
     for i, d in zip(keep, dists):
         q, j = asked[i]
         item, text = items[q], tok.decode(completions[i], skip_special_tokens=True)
-        tokens = [tok.decode([t]) for t in completions[i]]
+        tokens = tok.batch_decode([[t] for t in completions[i]])  # the generated tokens only, one call per trace
         answer = scored_answer(tok, completions[i], opened[q])
         trace = ins.TraceDists(f"{q}" if n == 1 else f"{q}-{j}", answer is not None and bool(is_correct(item, answer)),
                                tokens, d["topk_ids"], d["topk_logprobs"], d["full_entropy"], d["full_jsd"],
                                int(model.cfg.d_vocab), question=None if n == 1 else f"{q}",
                                truncated=completions.truncated[i])
         traces.append(trace)
-        alts = [[(tok.decode([int(v)]), float(lp)) for v, lp in zip(d["topk_ids"][t], d["topk_logprobs"][t])]
-                for t in range(len(tokens))]
-        rec = trace_record(trace.id, trace.correct, tokens, alts, d["chosen"].tolist(), trace.question,
-                           trace.truncated)
+        # the alternatives as token ids, never decoded (80M decode calls for 500 traces of 8k tokens at k = 20)
+        rec = trace_record_ids(trace.id, trace.correct, list(completions[i]), tokens, d["topk_ids"].tolist(),
+                               d["topk_logprobs"].tolist(), d["chosen"].tolist(), trace.question, trace.truncated)
         rec["prompt"], rec["answer"], rec["completion"], rec["scored_answer"] = item.prompt, item.answer, text, answer
         records.append(rec)
     return traces, records
@@ -262,7 +277,7 @@ class Result:
     config: Config
     source: str  # "model" or the traces file
     trace_rows: list[dict]  # id, correct, peak, peak_position, length, + baselines and prefix peaks
-    signals: dict[str, dict[str, list[float]]]  # trace id -> H, D, I per step
+    signals: dict[str, dict[str, np.ndarray]]  # trace id -> H, D, I per step (float64 arrays)
     tokens: dict[str, list[str]]
     auc: float
     auc_ci: list[float]
@@ -305,11 +320,19 @@ class Result:
         }
 
     def tables(self) -> dict[str, pd.DataFrame]:
-        steps = [{"id": tid, "step": t + 1, "token": self.tokens[tid][t], **{k: v[t] for k, v in sig.items()}}
-                 for tid, sig in self.signals.items() for t in range(len(sig["I"]))]
-        return {"traces": pd.DataFrame(self.trace_rows), "buckets": pd.DataFrame(self.buckets),
-                "early_late_strata": pd.DataFrame(self.early_late_strata),
-                "early_warning": pd.DataFrame(self.early_warning), "steps": pd.DataFrame(steps)}
+        """Per-trace summary tables; `steps` (one row per generated token) only with `--step-rows`."""
+        out = {"traces": pd.DataFrame(self.trace_rows), "buckets": pd.DataFrame(self.buckets),
+               "early_late_strata": pd.DataFrame(self.early_late_strata),
+               "early_warning": pd.DataFrame(self.early_warning)}
+        if self.config.step_rows:
+            out["steps"] = self.steps_table()
+        return out
+
+    def steps_table(self) -> pd.DataFrame:
+        """One row per generated token of every trace: id, step, token, H, D, I (built on demand)."""
+        frames = [pd.DataFrame({"id": tid, "step": np.arange(1, len(sig["I"]) + 1), "token": self.tokens[tid],
+                                **{k: np.asarray(v) for k, v in sig.items()}}) for tid, sig in self.signals.items()]
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["id", "step", "token"])
 
     def write_extras(self, out_dir: Path) -> None:
         """A local model's traces as `traces.jsonl`, readable back with `--traces`."""
@@ -345,7 +368,7 @@ def analyse(traces: list[ins.TraceDists], config: Config, warnings: list[str] | 
             row[f"prefix_peak_{w}"] = ins.prefix_peak(sig["I"], w, start)
         row["truncated"] = t.truncated
         rows.append(row)
-        signals[t.id] = {k: v.tolist() for k, v in sig.items()}
+        signals[t.id] = {k: v.numpy() for k, v in sig.items()}
         tokens[t.id] = t.tokens
         extra["peak_D"].append(float(sig["D"][start:].max()))
         extra["peak_H"].append(float(sig["H"][start:].max()))
@@ -401,8 +424,9 @@ def analyse(traces: list[ins.TraceDists], config: Config, warnings: list[str] | 
     for name, scores in [("peak", peaks)] + [(b, [r[b] for r in rows]) for b in BASELINES]:
         fpr, tpr = ins.roc_curve(scores, wrong)
         roc[name] = {"fpr": fpr.tolist(), "tpr": tpr.tolist()}
-    shifts = [d for sig in signals.values() for d in sig["D"][1:]]
-    saturation = sum(d > 0.99 * math.log(2) for d in shifts) / max(1, len(shifts))
+    n_shifts = sum(len(sig["D"]) - 1 for sig in signals.values())
+    saturated = sum(int((sig["D"][1:] > 0.99 * math.log(2)).sum()) for sig in signals.values())
+    saturation = saturated / max(1, n_shifts)
     return dict(auc_length_strata=ins.stratified_auc(peaks, wrong, stratum),
                 auc_length_strata_ci=list(ins.stratified_auc_interval(peaks, wrong, stratum, questions,
                                                                       n_boot=config.n_boot, seed=config.seed)),

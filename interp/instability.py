@@ -400,36 +400,69 @@ def early_late(scores: Sequence[float], positions: Sequence[float], correct: Seq
 
 # --------------------------------------------------------------------------- a local model's distributions
 
+def distribution_stats(logits_of, n_pos: int, targets: Sequence[int] | Tensor, *, top_k: int = 20,
+                       chunk: int | None = None) -> dict[str, Tensor]:
+    """Next-token statistics of `n_pos` positions, computed `chunk` positions at a time (None: all at once).
+
+    `logits_of(start, stop)` returns the logits `[stop − start, vocab]` of those positions. Per chunk: log-softmax
+    in float32, its `top_k` largest entries, the full-vocabulary entropy, the log-probability of `targets` (the
+    generated tokens) and the JSD between consecutive positions; the last row of each chunk's distribution is
+    carried to the next chunk for the JSD across the boundary, so the result does not depend on `chunk` (D_1 = 0).
+    Memory: a few `[chunk, vocab]` float32 tensors at a time. Returns topk_ids, topk_logprobs (float64), chosen,
+    full_entropy, full_jsd, on the CPU."""
+    from interp.logits import position_chunks
+
+    targets = torch.as_tensor(targets, dtype=torch.long)
+    parts: dict[str, list[Tensor]] = defaultdict(list)
+    prev = None
+    for start, stop in position_chunks(n_pos, chunk or max(1, n_pos)):
+        lp = torch.log_softmax(logits_of(start, stop).float(), -1)
+        values, ids = torch.topk(lp, min(top_k, lp.shape[-1]), -1)
+        jsd = torch.zeros(lp.shape[0], device=lp.device)
+        if lp.shape[0] > 1:
+            jsd[1:] = full_jsd(lp[1:], lp[:-1])
+        if prev is not None:
+            jsd[0] = full_jsd(lp[:1], prev)[0]
+        chosen = lp.gather(-1, targets[start:stop].to(lp.device)[:, None])[:, 0]
+        for key, value in (("topk_ids", ids), ("topk_logprobs", values.double()), ("chosen", chosen),
+                           ("full_entropy", entropy(lp)), ("full_jsd", jsd)):
+            parts[key].append(value.cpu())
+        prev = lp[-1:].clone()
+        del lp
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
 @torch.no_grad()
 def teacher_forced(model, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], *,
-                   top_k: int = 20, batch_size: int = 8, progress: bool = True) -> list[dict[str, Tensor]]:
+                   top_k: int = 20, batch_size: int = 8, progress: bool = True,
+                   chunk: int | None = None) -> list[dict[str, Tensor]]:
     """One teacher-forced forward over prompt + completion per trace: the T next-token distributions
     `logits[P−1 : P+T−1]` (temperature 1, whatever the sampling temperature was).
 
     Per trace, on the CPU: `topk_ids`, `topk_logprobs` [T, k] (log-softmax over the full vocabulary,
     then its k largest), `chosen` [T] (log-prob of the generated token), `full_entropy` [T] and `full_jsd` [T]
-    (consecutive steps, D_1 = 0), computed batch by batch on the model's device so no [T, vocab] tensor
-    outlives its trace.
+    (consecutive steps, D_1 = 0). The forward stops after the last block (`interp.logits.final_residual`); the
+    final norm and the unembedding then run on `chunk` positions of one trace at a time (`distribution_stats`,
+    default `interp.logits.LOGIT_CHUNK`), so no [T, vocab] tensor exists for a whole trace or batch: memory is the
+    batch's residual stream plus a few [chunk, vocab] float32 tensors.
     """
     from interp.batching import padded_batches
     from interp.bridge import sdpa_attention
+    from interp.logits import LOGIT_CHUNK, final_residual, logits_at
 
+    chunk = chunk or LOGIT_CHUNK
     seqs = [list(p) + list(c) for p, c in zip(prompts, completions)]
     if any(len(c) == 0 for c in completions):
         raise ValueError("every completion needs at least one token")
     out: list[dict[str, Tensor] | None] = [None] * len(seqs)
     with sdpa_attention(model):
         for idx, tokens, mask in padded_batches(model, seqs, batch_size, desc="teacher-forced", progress=progress):
-            logits = model(tokens, attention_mask=mask, return_type="logits")
+            resid = final_residual(model, tokens, mask)
             width = tokens.shape[1]
             for row, i in enumerate(idx):
                 start = width - len(seqs[i]) + len(prompts[i]) - 1
-                lp = torch.log_softmax(logits[row, start:start + len(completions[i])].float(), -1)
-                values, ids = torch.topk(lp, min(top_k, lp.shape[-1]), -1)
-                jsd = torch.zeros(lp.shape[0], device=lp.device)
-                jsd[1:] = full_jsd(lp[1:], lp[:-1])
-                chosen = lp.gather(-1, torch.as_tensor(list(completions[i]), device=lp.device)[:, None])[:, 0]
-                out[i] = {"topk_ids": ids.cpu(), "topk_logprobs": values.double().cpu(), "chosen": chosen.cpu(),
-                          "full_entropy": entropy(lp).cpu(), "full_jsd": jsd.cpu()}
-            del logits
+                states = resid[row, start:start + len(completions[i])]
+                out[i] = distribution_stats(lambda a, b: logits_at(model, states[a:b]), len(completions[i]),
+                                            completions[i], top_k=top_k, chunk=chunk)
+            del resid
     return out  # type: ignore[return-value]

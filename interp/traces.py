@@ -12,6 +12,11 @@ else a last token that is an end-of-sequence marker (false), else `<think>` open
 (true: no answer); otherwise unknown (null).
 Tokens are matched across steps by their text (`bytes`, when given, break ties between texts);
 a token listed twice in one step is merged (probabilities added).
+
+A line may instead carry token ids (the format `instability` writes for a local model's traces, `trace_record_ids`):
+`{"id", "correct", "top_ids": [[int, ...] per step], "top_logprobs": [[float, ...] per step]}` with optional
+`"tokens"` (each generated token's text, for the report), `"token_ids"`, `"logprobs"` (the generated tokens'), and
+`question` / `truncated` as above. Tokens are then matched by id and no alternative is ever decoded.
 """
 
 from __future__ import annotations
@@ -76,6 +81,38 @@ def _key(entry: dict) -> str:
     return entry["token"] if not b else f"{entry['token']}\x00{bytes(b).hex()}"
 
 
+def _parse_ids(obj: dict, where: str, question) -> TraceDists:
+    """A line in the token-id format (`trace_record_ids`)."""
+    top_ids, top_lps = obj["top_ids"], obj.get("top_logprobs")
+    if not isinstance(top_ids, list) or not top_ids or not isinstance(top_lps, list) or len(top_lps) != len(top_ids):
+        raise UserError(f"{where}: 'top_ids' and 'top_logprobs' must be non-empty lists with one entry per step")
+    n = len(top_ids)
+    k = 0
+    for t, (ids, lps) in enumerate(zip(top_ids, top_lps), 1):
+        if (not isinstance(ids, list) or not isinstance(lps, list) or not ids or len(ids) != len(lps)
+                or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)
+                or not all(_is_logprob(v) for v in lps)):
+            raise UserError(f"{where}, step {t}: 'top_ids' and 'top_logprobs' need the same non-empty number of "
+                            "entries, token ids >= 0 and logprobs <= 0")
+        k = max(k, len(ids))
+    tokens = obj.get("tokens")
+    if tokens is None:
+        tokens = [str(i) for i in obj.get("token_ids", [row[0] for row in top_ids])]
+    if not isinstance(tokens, list) or len(tokens) != n or not all(isinstance(x, str) for x in tokens):
+        raise UserError(f"{where}: 'tokens' must be a list of {n} strings (one per step)")
+    ids = torch.full((n, k), PAD_ID, dtype=torch.long)
+    lps = torch.full((n, k), -math.inf, dtype=torch.float64)
+    if all(len(row) == k for row in top_ids):
+        ids[:], lps[:] = torch.tensor(top_ids), torch.tensor(top_lps, dtype=torch.float64)
+    else:
+        for t, (row, vals) in enumerate(zip(top_ids, top_lps)):
+            ids[t, :len(row)] = torch.tensor(row)
+            lps[t, :len(row)] = torch.tensor(vals, dtype=torch.float64)
+    lps = torch.where(lps.isfinite(), lps.clamp_min(-1e4), lps)  # OpenAI's −9999 for "zero", as in the text format
+    return TraceDists(id=str(obj["id"]), correct=obj["correct"], tokens=tokens, topk_ids=ids, topk_logprobs=lps,
+                      question=None if question is None else str(question), truncated=_truncated(obj, tokens, where))
+
+
 def parse_trace(obj: dict, where: str, vocab: dict[str, int]) -> TraceDists:
     """One JSONL object → TraceDists; `vocab` (token key → id) is shared across a file."""
     for field in ("id", "correct"):
@@ -86,6 +123,8 @@ def parse_trace(obj: dict, where: str, vocab: dict[str, int]) -> TraceDists:
     question = obj.get("question")
     if question is not None and (isinstance(question, bool) or not isinstance(question, (str, int))):
         raise UserError(f"{where}: 'question' must be a string or an integer, not {question!r}")
+    if "top_ids" in obj:
+        return _parse_ids(obj, where, question)
     content = _content(obj, where)
     tokens, rows = [], []
     for t, step in enumerate(content, 1):
@@ -145,3 +184,13 @@ def trace_record(trace_id: str, correct: bool, tokens: list[str], top: list[list
             "truncated": truncated, "content": [
         {"token": tok, "logprob": lp, "top_logprobs": [{"token": t, "logprob": v} for t, v in alts]}
         for tok, lp, alts in zip(tokens, chosen_logprobs, top)]}
+
+
+def trace_record_ids(trace_id: str, correct: bool, token_ids: list[int], tokens: list[str], top_ids: list[list[int]],
+                     top_logprobs: list[list[float]], chosen_logprobs: list[float], question: str | None = None,
+                     truncated: bool | None = None) -> dict:
+    """One JSONL object in the token-id format `load_traces` reads: the alternatives as ids, never decoded (only the
+    generated tokens' texts, one per step, for the report)."""
+    return {"id": trace_id, "correct": correct, **({} if question is None else {"question": question}),
+            "truncated": truncated, "token_ids": token_ids, "tokens": tokens, "logprobs": chosen_logprobs,
+            "top_ids": top_ids, "top_logprobs": top_logprobs}

@@ -645,3 +645,101 @@ def test_only_the_answer_after_think_is_scored(tiny_model):
     assert scored_answer(tok, ids("The answer is 12.")) == "The answer is 12."      # no thinking: all of it
     assert boxed("no box") is None and boxed("\\boxed{a{b}c} and \\boxed{d}") == "d"
     assert boxed("\\boxed{unclosed") is None
+
+
+# --------------------------------------------------------------------------- memory: chunked unembedding, id export
+
+def _unchunked(logits, targets, k):
+    """Independent: the whole [T, vocab] at once, plain torch (the computation before issue 16)."""
+    lp = torch.log_softmax(logits.float(), -1)
+    p = lp.exp()
+    h = -(p * lp).sum(-1)
+    m = 0.5 * (p[1:] + p[:-1])
+    d = 0.5 * ((p[1:] * (lp[1:] - m.log())).sum(-1) + (p[:-1] * (lp[:-1] - m.log())).sum(-1))
+    values, idx = torch.topk(lp, k, -1)
+    return {"topk_ids": idx, "topk_logprobs": values, "full_entropy": h, "full_jsd": torch.cat([torch.zeros(1), d]),
+            "chosen": lp.gather(-1, torch.as_tensor(targets)[:, None])[:, 0]}
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 22, 23, None])
+def test_chunked_statistics_equal_the_unchunked_computation(chunk):
+    g = torch.Generator().manual_seed(3)
+    T, V, k = 23, 1500, 6
+    logits = torch.randn(T, V, generator=g) * 3
+    logits[10] = logits[9] + 0.01 * torch.randn(V, generator=g)      # a near-repeat straddling the 3-chunk boundary
+    targets = torch.randint(0, V, (T,), generator=g).tolist()
+    calls = []
+
+    def logits_of(a, b):
+        calls.append(b - a)
+        return logits[a:b]
+
+    got = ins.distribution_stats(logits_of, T, targets, top_k=k, chunk=chunk)
+    want = _unchunked(logits, targets, k)
+    assert max(calls) <= (chunk or T) and sum(calls) == T              # never more than a chunk of logits at once
+    assert torch.equal(got["topk_ids"], want["topk_ids"])
+    for key in ("topk_logprobs", "full_entropy", "full_jsd", "chosen"):
+        assert torch.allclose(got[key].float(), want[key], atol=1e-6, rtol=0), key
+    if chunk == 3:   # the JSD at each chunk boundary comes from the carried previous row
+        assert all(got["full_jsd"][b] > 0 for b in range(3, T, 3))
+        assert float(got["full_jsd"][10]) < 1e-3 and abs(float(got["full_jsd"][9] - want["full_jsd"][9])) < 1e-6
+
+
+def test_teacher_forced_chunks_split_mid_trace(tiny_model):
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(5, 200, (n,), generator=g).tolist() for n in (3, 9, 5)]
+    comps = [torch.randint(5, 200, (n,), generator=g).tolist() for n in (11, 7, 5)]
+    whole = ins.teacher_forced(tiny_model, prompts, comps, top_k=5, batch_size=3, progress=False, chunk=1000)
+    for chunk in (1, 2, 4):
+        got = ins.teacher_forced(tiny_model, prompts, comps, top_k=5, batch_size=3, progress=False, chunk=chunk)
+        for i, (a, b) in enumerate(zip(got, whole)):
+            values, idx, h, d = _hf_reference(tiny_model, prompts[i], comps[i], 5)
+            assert torch.equal(a["topk_ids"], idx)
+            assert torch.allclose(a["full_jsd"], d, atol=1e-6) and torch.allclose(a["full_entropy"], h, rtol=1e-6)
+            # float32 round-off of the unembedding's matmul on fewer rows: within 1e-6 relative
+            for key in ("topk_logprobs", "full_entropy", "full_jsd", "chosen"):
+                assert torch.allclose(a[key].float(), b[key].float(), atol=1e-6, rtol=1e-6), (chunk, key)
+
+
+def test_logits_at_matches_the_full_forward(tiny_model):
+    from interp.logits import final_residual, logits_at
+
+    tokens = torch.randint(5, 200, (2, 9), generator=torch.Generator().manual_seed(0))
+    full = tiny_model(tokens, return_type="logits")
+    resid = final_residual(tiny_model, tokens)
+    assert resid.shape == (2, 9, tiny_model.cfg.d_model)
+    assert torch.allclose(logits_at(tiny_model, resid[:, 3:6]), full[:, 3:6], atol=1e-5)
+
+
+def test_id_export_round_trips_and_step_rows_are_opt_in(organism, tmp_path):
+    from interp.analyses import instability as an
+    from interp.analysis import config_for
+
+    kw = dict(limit=4, max_new_tokens=16, n_boot=100, progress=False, windows=(8,))
+    res = an.run(organism, config_for("instability", organism, logit_chunk=5, **kw))
+    assert "steps" not in res.tables()                       # summary tables only by default
+    rec = res.records[0]
+    assert "content" not in rec and len(rec["top_ids"]) == len(rec["tokens"]) == len(rec["token_ids"])
+    assert all(isinstance(i, int) for row in rec["top_ids"] for i in row)      # ids, no decoded alternatives
+    res.write_extras(tmp_path)
+    back = load_traces(tmp_path / "traces.jsonl")
+    for t, r in zip(back, res.trace_rows):
+        assert t.tokens == res.tokens[r["id"]] and t.truncated == r["truncated"]
+    ext = an.run(None, an.Config(traces=str(tmp_path / "traces.jsonl"), n_boot=100, progress=False, windows=(8,)))
+    assert [r["peak"] for r in ext.trace_rows] == [r["peak"] for r in res.trace_rows]
+    whole = an.run(organism, config_for("instability", organism, logit_chunk=1000, step_rows=True, **kw))
+    assert [r["peak"] for r in whole.trace_rows] == pytest.approx([r["peak"] for r in res.trace_rows], abs=1e-6)
+    steps = whole.tables()["steps"]
+    assert len(steps) == sum(r["length"] for r in whole.trace_rows) and set(steps) >= {"id", "step", "token", "I"}
+
+
+def test_id_format_errors(tmp_path):
+    good = {"id": "a", "correct": True, "top_ids": [[3, 4], [4, 5]], "top_logprobs": [[-0.1, -2.0], [-0.5, -1.0]]}
+    t = load_traces(_write(tmp_path, [good]))[0]
+    assert t.topk_ids.tolist() == [[3, 4], [4, 5]] and t.tokens == ["3", "4"]
+    for bad, message in [({**good, "top_logprobs": [[-0.1]]}, "one entry per step"),
+                         ({**good, "top_ids": [[3, 4], [4]]}, "same non-empty number"),
+                         ({**good, "top_logprobs": [[0.5, -2.0], [-0.5, -1.0]]}, "logprobs <= 0"),
+                         ({**good, "tokens": ["x"]}, "'tokens' must be a list of 2 strings")]:
+        with pytest.raises(UserError, match=message):
+            load_traces(_write(tmp_path, [bad], "bad.jsonl"))
