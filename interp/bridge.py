@@ -8,6 +8,8 @@
 - `replace_tokenizer`: install another tokenizer on a loaded bridge;
 - `forward_attention_mask`: the 2-D attention mask of the forward in progress, for hooks that must skip padding;
 - `_patch_kv_cache_keyword`: the compat patch for transformers 5.2x's KV-cache keyword, applied on import;
+- `_patch_block_signature_cache`, `_patch_norm_fast_path`, `_patch_offload_check`: per-forward overhead of the
+  bridge removed (the same results; a decode step is mostly this overhead), applied on import;
 - `mla_layers`, `head_W_O`, `_patch_mla_head_hooks`: multi-head latent attention (DeepSeek-V2/V3): per-head W_O from
   the output projection, and `hook_z` / `hook_q/k/v` in TransformerLens layout (patched on import).
 """
@@ -15,6 +17,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import re
 import types
 import warnings
@@ -282,8 +285,87 @@ def _patch_kv_cache_keyword() -> None:
     AttentionBridge._update_kv_cache = _update_kv_cache
 
 
+def _patch_block_signature_cache() -> None:
+    """TransformerLens' block bridge filters every forward's keyword arguments by
+    `inspect.signature(original_component.forward)`, computed anew on every call of every block: about a third of a
+    millisecond each, most of a decode step's overhead on a GPU. Compute it once per forward function (the same
+    filtering, the same result)."""
+    from transformer_lens.model_bridge.generalized_components.block import BlockBridge
+
+    if getattr(BlockBridge._filter_kwargs_for_forward, "_interp_patched", False):
+        return
+    signatures: dict = {}
+
+    def _filter_kwargs_for_forward(self, kwargs, num_positional_args=0):
+        if self.original_component is None:
+            return kwargs
+        forward = self.original_component.forward
+        key = getattr(forward, "__func__", forward)
+        if key not in signatures:
+            try:
+                params = inspect.signature(forward).parameters
+            except (ValueError, TypeError):
+                signatures[key] = None
+            else:
+                signatures[key] = (list(params), any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values()))
+        entry = signatures[key]
+        if entry is None or entry[1]:
+            return kwargs
+        names, positional = set(entry[0]), set(entry[0][:num_positional_args])
+        return {k: v for k, v in kwargs.items() if k in names and k not in positional}
+
+    _filter_kwargs_for_forward._interp_patched = True
+    BlockBridge._filter_kwargs_for_forward = _filter_kwargs_for_forward
+
+
+def _patch_norm_fast_path() -> None:
+    """TransformerLens' normalization bridge (native-autograd path) computes the scale and the normalized input for
+    `hook_scale` / `hook_normalized` and then returns HF's own forward whenever those hooks did not edit them. With
+    no hook on either, that work is thrown away: call HF's forward alone (the same result; any hook on them, e.g. a
+    cache, takes the original path)."""
+    from transformer_lens.model_bridge.generalized_components.normalization import NormalizationBridge
+
+    original = NormalizationBridge._hf_autograd_forward_with_hooks
+    if getattr(original, "_interp_patched", False):
+        return
+
+    def _hf_autograd_forward_with_hooks(self, x):
+        scale, normalized = self.hook_scale, self.hook_normalized
+        if (self.original_component is None or isinstance(self.original_component, torch.nn.Identity)
+                or scale.fwd_hooks or normalized.fwd_hooks or scale.bwd_hooks or normalized.bwd_hooks):
+            return original(self, x)
+        result = self.original_component(x)
+        return result if result.dtype == x.dtype else result.to(x.dtype)
+
+    _hf_autograd_forward_with_hooks._interp_patched = True
+    NormalizationBridge._hf_autograd_forward_with_hooks = _hf_autograd_forward_with_hooks
+
+
+def _patch_offload_check() -> None:
+    """Every bridge component's call enters Accelerate's `align_module_device` around its forward, a context manager
+    that does nothing unless the wrapped module carries an Accelerate offload hook (`_hf_hook`). Skip the context
+    where there is no such hook (the same call; offloaded models keep the original path)."""
+    from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
+
+    original = GeneralizedComponent.__call__
+    if getattr(original, "_interp_patched", False):
+        return
+
+    def __call__(self, *args, **kwargs):
+        wrapped = self._modules.get("_original_component")
+        if wrapped is None or "_hf_hook" not in wrapped.__dict__:
+            return torch.nn.Module.__call__(self, *args, **kwargs)
+        return original(self, *args, **kwargs)
+
+    __call__._interp_patched = True
+    GeneralizedComponent.__call__ = __call__
+
+
 _patch_kv_cache_keyword()
 _patch_mla_head_hooks()
+_patch_block_signature_cache()
+_patch_norm_fast_path()
+_patch_offload_check()
 # The bridge's generate loop still passes `past_key_values`, which transformers 5.2x deprecates noisily
 # on every call; the keyword is forwarded correctly (see above), so the warning tells a user nothing.
 warnings.filterwarnings("ignore", message=r"`past_key_values` is deprecated", category=FutureWarning)

@@ -138,3 +138,24 @@ def test_finished_rows_leave_the_batch_and_steps_describe_the_forward(tiny_model
     assert [s.mask.shape[1] for s in steps] == [longest, longest + 1, longest + 2, longest + 3]
     assert widths == [(3, longest), (2, 1), (1, 1), (1, 1)]
     assert all(int(s.mask[k].sum()) == len(seqs[i]) + s.step for s in steps for k, i in enumerate(s.rows))
+
+
+def test_bridge_overhead_patches_keep_every_result(tiny_model):
+    """interp.bridge skips work the bridge throws away (norm statistics nobody hooks, signature look-ups, empty
+    offload contexts): outputs equal the original path's, and hooks on the norms still see and edit their values."""
+    import torch
+
+    tokens = torch.tensor([encode_prompts(tiny_model.tokenizer, ["How do I bake bread?"])[0]])
+    normalized = [n for n in tiny_model.hook_dict if n.endswith("hook_normalized")]
+    assert len(normalized) == 2 * tiny_model.cfg.n_layers + 1
+    with torch.no_grad():
+        fast = tiny_model(tokens)
+        with tiny_model.hooks(fwd_hooks=[(n, lambda x, hook: x) for n in normalized]):  # the original path
+            slow = tiny_model(tokens)
+        assert torch.equal(fast, slow)
+        with tiny_model.hooks(fwd_hooks=[("ln_final.hook_normalized", lambda x, hook: x * 0.5)]):
+            edited = tiny_model(tokens)
+        assert not torch.allclose(edited, fast)
+        names = ("hook_scale", "hook_normalized")
+        _, cache = tiny_model.run_with_cache(tokens, names_filter=lambda n: n.endswith(names))
+    assert len(cache) == 2 * len(normalized) and cache["ln_final.hook_scale"].shape == (1, tokens.shape[1], 1)
