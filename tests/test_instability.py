@@ -711,6 +711,23 @@ def test_logits_at_matches_the_full_forward(tiny_model):
     assert torch.allclose(logits_at(tiny_model, resid[:, 3:6]), full[:, 3:6], atol=1e-5)
 
 
+def test_logits_at_applies_gemma2_soft_capping(tmp_path):
+    from interp.logits import final_residual, logits_at
+    from interp.models import load_model
+    from interp.tiny import write_family_checkpoint
+
+    model = load_model(str(write_family_checkpoint(tmp_path / "g2", "gemma-2")), device="cpu")
+    model.original_model.config.final_logit_softcapping = 0.5     # small, so the cap shows
+    model.adapter.cfg.output_logits_soft_cap = 0.5
+    tokens = torch.randint(5, 100, (1, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(tokens, return_type="logits")
+        got = logits_at(model, final_residual(model, tokens))
+        raw = model.unembed(model.ln_final(final_residual(model, tokens)))
+    assert full.abs().max() < 0.5 and (raw - full).abs().max() > 1e-2      # capped, and the cap matters
+    assert torch.allclose(got, full, atol=1e-6)
+
+
 def test_id_export_round_trips_and_step_rows_are_opt_in(organism, tmp_path):
     from interp.analyses import instability as an
     from interp.analysis import config_for
