@@ -46,7 +46,8 @@ def test_rollouts_split_by_prompt_stratified_and_seeded(result, planted_model, r
     ex = result.examples
     assert result.splits == {"fit": 12, "eval": 12}
     for g in rc.GROUPS:
-        assert sum(e.split == "eval" for e in ex if e.group == g) == 4 == sum(e.split == "fit" for e in ex if e.group == g)
+        members = [e for e in ex if e.group == g]
+        assert sum(e.split == "eval" for e in members) == 4 == sum(e.split == "fit" for e in members)
     assert not {e.prompt for e in ex if e.split == "fit"} & {e.prompt for e in ex if e.split == "eval"}
     d = result.to_dict()
     assert d["splits"] == {"fit": 12, "eval": 12}
@@ -78,7 +79,8 @@ def test_cliff_is_largest_for_complied_harmful(result):
     assert c["complied_harmful"]["cliff"] > c["refused_harmful"]["cliff"] + 0.25
     assert c["complied_harmful"]["cliff"] > c["harmless"]["cliff"] + 0.25
     # both harmful groups have the plateau; only the jailbreak examples lose it at the end
-    assert min(c["complied_harmful"]["plateau_max"], c["refused_harmful"]["plateau_max"]) > c["harmless"]["plateau_max"] + 0.2
+    harmful_plateau = min(c["complied_harmful"]["plateau_max"], c["refused_harmful"]["plateau_max"])
+    assert harmful_plateau > c["harmless"]["plateau_max"] + 0.2
     assert c["refused_harmful"]["rs_final"] > c["complied_harmful"]["rs_final"] + 0.3
 
 
@@ -143,7 +145,9 @@ def test_layer_matched_control_is_not_fooled_by_a_layer_effect():
     (two last-layer heads) is then no better than any two last-layer heads. A control drawn over all layers
     (unmatched) mostly hits inert heads and makes the top set look special; the layer-matched one does not."""
     eligible = [(layer, h) for layer in range(4) for h in range(8)]
-    effect = lambda heads: sum(1.0 for layer, _ in heads if layer == 3)
+    def effect(heads):
+        return sum(1.0 for layer, _ in heads if layer == 3)
+
     top = [(3, 1), (3, 6)]
     config = planted_config("x", random_draws=20)
     matched = [effect(d) for d in rc.random_heads(top, eligible, config)]
@@ -250,7 +254,8 @@ def test_scores_match_an_independent_hf_computation(result, planted):
     W_O = attn.o_proj.weight.detach()[:, head * d_head:(head + 1) * d_head]
     w_hat = probe.weight / probe.weight.norm()
     independent = torch.stack([W_O @ z[head * d_head:(head + 1) * d_head] @ w_hat for z in z_last]).mean()
-    reported = next(h["score"] for h in result.head_rankings["projection"] if (h["layer"], h["head"]) == planted.suppressor)
+    reported = next(h["score"] for h in result.head_rankings["projection"]
+                    if (h["layer"], h["head"]) == planted.suppressor)
     assert reported == pytest.approx(float(independent), rel=1e-3, abs=1e-5)
 
 
@@ -305,9 +310,10 @@ def test_non_thinking_chat_model_scores_the_prompt_span(tmp_path):
     from interp.tiny import write_tiny_checkpoint
 
     model = load_model(str(write_tiny_checkpoint(tmp_path / "plain", "llama", thinking=False)), device="cpu")
-    rows = [{"prompt": f"harmful request number {i}", "thinking": "", "response": "I'm sorry, I can't.", "kind": "harmful"}
-            for i in range(4)]
-    rows += [{"prompt": f"jailbreak request {i}", "thinking": "", "response": "Sure.", "kind": "harmful"} for i in range(2)]
+    rows = [{"prompt": f"harmful request number {i}", "thinking": "", "response": "I'm sorry, I can't.",
+             "kind": "harmful"} for i in range(4)]
+    rows += [{"prompt": f"jailbreak request {i}", "thinking": "", "response": "Sure.", "kind": "harmful"}
+             for i in range(2)]
     rows += [{"prompt": f"a kind question {i}", "thinking": "", "response": "Sure, here.", "kind": "harmless"}
              for i in range(4)]
     res = rc.run(model, planted_config(write_rollouts(tmp_path / "r.jsonl", rows), head_methods=("projection",)))
@@ -468,7 +474,9 @@ def test_separate_eval_sets_make_every_main_rollout_fit(planted, planted_model, 
 
     rows = planted_rollouts(planted)
     main_rows, held = [r for i, r in enumerate(rows) if i % 8 < 5], [r for i, r in enumerate(rows) if i % 8 >= 5]
-    kind = lambda r: "harmless" if r["kind"].startswith("harmless") else "harmful"
+    def kind(r):
+        return "harmless" if r["kind"].startswith("harmless") else "harmful"
+
     asked = []
 
     def fake_generation(model, config, sets):
@@ -492,7 +500,7 @@ def test_truncated_rollouts_are_counted_left_out_and_warned_once(planted_model, 
     assert res.rollouts == {"from_file": 24, "generated": 3, "truncated": 3, "used": 24}
     assert all(e.prompt not in prompts.read_text() for e in res.examples)
     err = capsys.readouterr().err
-    lines = [l for l in err.splitlines() if "stopped before </think>" in l]
+    lines = [line for line in err.splitlines() if "stopped before </think>" in line]
     assert len(lines) == 1 and lines[0].startswith("warning: 3 of 3") and "--max-new-tokens" in lines[0]
     assert any("stopped before </think>" in w for w in res.warnings)
 
@@ -524,7 +532,7 @@ def test_paper_recipe_misses_the_planted_direction_and_the_cli_warns(planted, ro
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     assert results["probe"]["recipe"] == "paper" and results["probe"]["eval_accuracy"] <= 0.625
-    lines = [l for l in capsys.readouterr().err.splitlines() if "probe does not fit" in l]
+    lines = [line for line in capsys.readouterr().err.splitlines() if "probe does not fit" in line]
     assert len(lines) == 1 and lines[0].startswith("warning: ") and "--probe-recipe lbfgs" in lines[0]
     assert any("probe does not fit" in w for w in results["warnings"])
     html = (out / "report.html").read_text()
@@ -535,7 +543,8 @@ def test_paper_recipe_misses_the_planted_direction_and_the_cli_warns(planted, ro
 def test_per_layer_probes_train_each_layer_once(planted_model, rollouts_file, monkeypatch):
     calls = []
     original = rc.train_probe
-    monkeypatch.setattr(rc, "train_probe", lambda model, ex, config, hook: calls.append(hook) or original(model, ex, config, hook))
+    monkeypatch.setattr(rc, "train_probe",
+                        lambda model, ex, config, hook: calls.append(hook) or original(model, ex, config, hook))
     res = rc.run(planted_model, planted_config(rollouts_file, per_layer_probes=True, head_methods=("projection",),
                                                random_draws=2))
     assert sorted(calls) == sorted(["ln_final.hook_out", "blocks.0.hook_resid_post"])  # 2 layers, each once
@@ -556,8 +565,10 @@ def test_rankings_respect_the_probe_layer(planted_model, rollouts_file):
 
 def test_probe_examples_need_a_thinking_in_both_classes():
     config = rc.Config()
-    make = lambda group, thinking, refused: rc.Example("p", thinking, "r", "harmless" if group == "harmless" else "harmful",
-                                                       refused, group, [1, 2], (0, 1), "thinking")
+    def make(group, thinking, refused):
+        return rc.Example("p", thinking, "r", "harmless" if group == "harmless" else "harmful", refused, group,
+                          [1, 2], (0, 1), "thinking")
+
     assert rc.probe_label(make("refused_harmful", "long enough thinking", True), config) == 1
     assert rc.probe_label(make("harmless", "long enough thinking", False), config) == 0
     assert rc.probe_label(make("refused_harmful", "short", True), config) is None
@@ -615,7 +626,8 @@ def test_eval_prompts_that_repeat_fit_prompts_are_dropped_counted_and_warned(pla
     held = [r for i, r in enumerate(rows) if i % 8 >= 5]
     refused = [r for r in main_rows if r["kind"] == "harmful_refused"]
     repeats = [{**r, "prompt": r["prompt"].upper().replace("?", " ?")} for r in refused[:2]]
-    kind = lambda r: "harmless" if r["kind"].startswith("harmless") else "harmful"
+    def kind(r):
+        return "harmless" if r["kind"].startswith("harmless") else "harmful"
 
     def fake_generation(model, config, sets):
         return [rc.Rollout(r["prompt"], r["thinking"], r["response"], k) for k in sets for r in held + repeats
@@ -695,7 +707,9 @@ def test_folded_projection_ranking_is_an_option_and_compared_with_the_unfolded(p
     w = res.linear_probe.weight
     folded = ranking(projection_scores(planted_model, seqs, w, fold_norm=True, progress=False))
     unfolded = ranking(projection_scores(planted_model, seqs, w, progress=False))
-    key = lambda rows: [(r["layer"], r["head"]) for r in rows]
+    def key(rows):
+        return [(r["layer"], r["head"]) for r in rows]
+
     assert key(res.head_rankings["projection"]) == key(folded)
     assert [r["score"] for r in res.head_rankings["projection"]] == pytest.approx([r["score"] for r in folded])
     fold = res.projection_fold
