@@ -37,7 +37,8 @@ from interp.analysis import CommonConfig, attention_scope, require, run_header, 
 from interp.bridge import FINAL_NORM, attention_layers, hidden_state_hook
 from interp.capture import capture, check_context
 from interp.chat import THINK_CLOSE, has_thinking_tokens, prompt_sequence, split_thinking, thinking_sequence
-from interp.controls import ControlUnavailable, Draws, control_row, matched_draws, split, wilson
+from interp.controls import ControlUnavailable, Draws, control_row, matched_draws, split, stratified_sample, wilson
+from interp.cost import announce, sequence_cost
 from interp.datasets import Rollout, load_prompts, load_rollouts
 from interp.errors import UserError
 from interp.figures import band, intervention_bars, layer_head_heatmap
@@ -103,8 +104,14 @@ class Config(CommonConfig):
     curve_method: Literal["interpolate", "reference"] = "interpolate"
     # head ranking the ablation sweep uses (paper: projection)
     head_method: Literal["projection", "attribution", "causal"] = "projection"
-    # head rankings computed and shown side by side
-    head_methods: tuple[Literal["projection", "attribution", "causal"], ...] = HEAD_METHODS
+    # further head rankings computed beside --head-method and shown side by side (opt-in: attribution keeps one
+    # sequence's autograd graph, causal is one forward per head per example)
+    head_methods: tuple[Literal["projection", "attribution", "causal"], ...] = ()
+    # fit harmful examples (a seeded sample, stratified refused / complied) the attribution and causal rankings use;
+    # 0: all (projection always uses all: one forward each)
+    head_examples: int = 64
+    attribution_batch_size: int = 1  # sequences per forward + backward of the attribution ranking (its autograd graph)
+    causal_batch_size: int = 8  # sequences per forward of the causal scan (examples × one replica per head)
     # projection ranking through the final norm (its gain γ and the last position's 1/rms); both versions are compared
     projection_fold_norm: bool = False
     ablation_fractions: tuple[float, ...] = (0.015, 0.03, 0.10)  # shares of all heads ablated (paper)
@@ -112,7 +119,9 @@ class Config(CommonConfig):
     # (reference); per token; none
     ablation_rescale: Literal["frobenius", "frobenius_batch", "per_token", "none"] = "frobenius"
     random_draws: int = 5  # random-head control: draws per ablation fraction, outside the top set, matched on layer
-    asr_limit: int | None = None  # eval harmful prompts regenerated per ablation setting (None: all)
+    # eval harmful prompts regenerated per ablation setting: a seeded sample stratified by outcome group (refused /
+    # complied); 0: all (paper). Each setting regenerates them all, 1 + fractions × (1 + random draws) settings
+    asr_limit: int | None = 32
     # regenerate thinking and answer (paper), or only the answer after each rollout's thinking
     asr_regenerate: Literal["full", "response"] = "full"
     # Llama Guard model (id or directory): labels harmful rollouts refused/complied and rates answers for ASR; None:
@@ -139,7 +148,10 @@ class Config(CommonConfig):
         require(0 < self.overlap_jaccard <= 1, f"overlap-jaccard must be in (0, 1]; got {self.overlap_jaccard}")
         require(self.temperature >= 0, f"temperature must be >= 0; got {self.temperature}")
         require(self.min_thinking_chars >= 0, f"min-thinking-chars must be >= 0; got {self.min_thinking_chars}")
-        require(self.asr_limit is None or self.asr_limit >= 1, f"asr-limit must be at least 1; got {self.asr_limit}")
+        require(self.asr_limit is None or self.asr_limit >= 0, f"asr-limit must be >= 0 (0: all); got {self.asr_limit}")
+        require(self.head_examples >= 0, f"head-examples must be >= 0 (0: all); got {self.head_examples}")
+        for name in ("attribution_batch_size", "causal_batch_size"):
+            require(getattr(self, name) >= 1, f"{name.replace('_', '-')} must be at least 1; got {getattr(self, name)}")
         require(self.probe_layer is None or self.probe_layer >= 0, f"probe-layer must be >= 0; got {self.probe_layer}")
         require(self.probe_layer is None or n_layers is None or self.probe_layer <= n_layers,
                 f"probe-layer {self.probe_layer} is out of range: the model has {n_layers} layers, use 0..{n_layers}")
@@ -185,6 +197,8 @@ class Result:
     overlap: dict = field(default_factory=dict)  # eval prompts dropped as (near) duplicates of fit prompts
     projection_fold: dict | None = None  # folded vs unfolded projection ranking: which is used, their agreement
     skipped_layers: dict[int, str] = field(default_factory=dict)  # layer → what was not measured there and why
+    head_ranking_examples: dict[str, int] = field(default_factory=dict)  # method → fit harmful rollouts it ranked on
+    asr_sample: dict = field(default_factory=dict)  # n, of, limit, by_group: the eval harmful prompts the ASR uses
 
     @property
     def model(self) -> dict:
@@ -215,6 +229,8 @@ class Result:
             "projection_fold": self.projection_fold,
             "warnings": self.warnings,
             "skipped_layers": self.skipped_layers,
+            "head_ranking_examples": self.head_ranking_examples,
+            "asr_sample": self.asr_sample,
         }
 
     def write_extras(self, out_dir: Path) -> None:
@@ -284,6 +300,9 @@ def generate_rollouts(model, config: Config, sets: dict[str, str]) -> tuple[list
     thinking_model = has_thinking_tokens(model.tokenizer)
     for kind, spec in sets.items():
         prompts = load_prompts(spec, limit=config.limit)
+        announce(f"{kind} rollouts", len(prompts), len(prompts) * config.max_new_tokens, None,
+                 f"up to {config.max_new_tokens} new tokens each, KV-cached, batch {config.batch_size}",
+                 enabled=config.progress)
         texts = generate(model, prompts, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                          seed=config.seed, batch_size=config.batch_size, progress=config.progress)
         for prompt, text in zip(prompts, texts):
@@ -460,6 +479,8 @@ def train_probe(model, examples: list[Example], config: Config, hook: str) -> Lo
     train = pos + neg
     labels = [1] * len(pos) + [0] * len(neg)
     kw = dict(batch_size=config.batch_size, progress=config.progress)
+    announce(f"probe features at {hook}", *sequence_cost([e.input_ids for e in train]), f"batch {config.batch_size}",
+             enabled=config.progress)
     if config.probe_mode == "last_token":
         X = capture(model, [e.input_ids for e in train], [hook], positions="last", **kw)[hook]
         y, groups = torch.tensor(labels), None
@@ -479,6 +500,8 @@ def train_probe(model, examples: list[Example], config: Config, hook: str) -> Lo
 def score_examples(model, examples: list[Example], probes: dict[str, LogisticProbe],
                    config: Config) -> dict[str, list[torch.Tensor]]:
     """Probe score at every token of every example, for each (hook → probe); only scores are kept."""
+    announce("probe scores at every token", *sequence_cost([e.input_ids for e in examples]),
+             f"batch {config.batch_size}, {len(probes)} probe(s)", enabled=config.progress)
     out = capture(model, [e.input_ids for e in examples], list(probes), positions="all",
                   batch_size=config.batch_size, progress=config.progress,
                   reduce=lambda name, acts: probes[name].scores(acts))
@@ -565,12 +588,15 @@ def find_heads(model, examples: list[Example], probe: LogisticProbe, hook: str, 
     their own thinking). Only heads before the readout point are ranked. With a projection ranking on the
     final norm's output, the folded and unfolded projections are both computed and compared (`projection_fold`);
     `projection_fold_norm` picks which one ranks."""
-    seqs = [e.input_ids for e in examples if e.kind == "harmful"]
+    harmful = [e for e in examples if e.kind == "harmful"]
+    seqs = [e.input_ids for e in harmful]
     if not seqs:
         raise UserError("no harmful fit rollout to rank heads on; use more harmful prompts")
     readout = (hook, probe.weight, probe.bias)
     n_before = readout_heads(model, hook)
     kw = dict(batch_size=config.batch_size, progress=config.progress)
+    capped = [seqs[i] for i in head_sample(harmful, config)]
+    n_heads = sum(layer < n_before for layer in attention_layers(model)[0]) * model.cfg.n_heads
     fold = config.projection_fold_norm and hook == FINAL_NORM
     if config.projection_fold_norm and not fold and warnings is not None:
         warn(warnings, f"--projection-fold-norm has no final norm to fold: the probe reads {hook}; unfolded projection")
@@ -578,11 +604,24 @@ def find_heads(model, examples: list[Example], probe: LogisticProbe, hook: str, 
     def project(folded: bool) -> torch.Tensor:
         return projection_scores(model, seqs, probe.weight, n_layers=n_before, fold_norm=folded, **kw)
 
+    def cost(m: str) -> None:
+        forwards, tokens, longest = sequence_cost(seqs if m == "projection" else capped)
+        note = {"projection": f"batch {config.batch_size}, the last position's head outputs",
+                "attribution": f"forward + backward, batch {config.attribution_batch_size} (its autograd graph), "
+                               f"{len(capped)} of {len(seqs)} examples",
+                "causal": f"× {n_heads} heads (one ablated per replica), batch {config.causal_batch_size}, "
+                          f"{len(capped)} of {len(seqs)} examples"}[m]
+        heads = n_heads + 1 if m == "causal" else 1
+        announce(f"head ranking '{m}'", forwards * heads, tokens * heads, longest, note, enabled=config.progress)
+
     methods = {"projection": lambda: project(fold),
-               "attribution": lambda: gradient_scores(model, seqs, readout, **kw),
-               "causal": lambda: causal_scores(model, seqs, readout, rescale=config.ablation_rescale, **kw)}
+               "attribution": lambda: gradient_scores(model, capped, readout, batch_size=config.attribution_batch_size,
+                                                      progress=config.progress),
+               "causal": lambda: causal_scores(model, capped, readout, rescale=config.ablation_rescale,
+                                               batch_size=config.causal_batch_size, progress=config.progress)}
     out = {}
     for m in dict.fromkeys((*config.head_methods, config.head_method)):
+        cost(m)
         scores = methods[m]()
         scores[n_before:] = float("nan")
         out[m] = ranking(scores)
@@ -592,6 +631,18 @@ def find_heads(model, examples: list[Example], probe: LogisticProbe, hook: str, 
     k = max(1, round(max(config.ablation_fractions) * len(attention_layers(model)[0]) * model.cfg.n_heads))
     folded, unfolded = (out["projection"], other) if fold else (other, out["projection"])
     return out, {"used": "folded" if fold else "unfolded", **ranking_agreement(folded, unfolded, k)}
+
+
+def head_sample(harmful: list[Example], config: Config) -> list[int]:
+    """Indices of the fit harmful examples the attribution and causal rankings use: at most `head_examples`, a
+    seeded sample stratified by outcome group (all with 0)."""
+    return stratified_sample([e.group for e in harmful], config.head_examples, config.seed, "head-examples")
+
+
+def asr_sample(harmful: list[Example], config: Config) -> list[Example]:
+    """The eval harmful examples the ASR regenerates: at most `asr_limit`, a seeded sample stratified by outcome
+    group (refused / complied, in proportion), in their order; all with 0 or None."""
+    return [harmful[i] for i in stratified_sample([e.group for e in harmful], config.asr_limit, config.seed, "asr")]
 
 
 def ranking_agreement(a: list[dict], b: list[dict], k: int) -> dict:
@@ -693,9 +744,16 @@ def ablation_sweep(model, harmful: list[Example], probe: LogisticProbe, hook: st
     if not harmful:
         warn(warnings, "no harmful eval rollout: the ablation sweep is skipped; use more harmful prompts")
         return [], {"rs_final": None, "asr": None, "asr_ci": None, "asr_n": 0, "n_truncated": 0}
-    asr_set = harmful[: config.asr_limit]
+    asr_set = asr_sample(harmful, config)
     total = len(attention_layers(model)[0]) * model.cfg.n_heads  # every softmax-attention head
     measured: dict[tuple, tuple[float, AsrCount]] = {}
+    settings = 1 + len(config.ablation_fractions) * (1 + config.random_draws)
+    regenerated = len(asr_set) if config.asr_regenerate == "response" else len({e.prompt for e in asr_set})
+    announce("ablation sweep", settings * (len(harmful) + regenerated),
+             settings * (sum(len(e.input_ids) for e in harmful) + regenerated * config.max_new_tokens), None,
+             f"{settings} settings × ({len(harmful)} scoring forwards + {regenerated} regenerations of up to "
+             f"{config.max_new_tokens} new tokens; ASR on {len(asr_set)} of {len(harmful)} eval harmful prompts, "
+             f"--asr-limit {config.asr_limit or 'all'})", enabled=config.progress)
 
     def measure(heads: list[tuple[int, int]]) -> tuple[float, AsrCount]:
         key = tuple(sorted(heads))
@@ -810,8 +868,14 @@ def run(model, config: Config | None = None) -> Result:
     curves, tail = curve_tables(held_out, config)
     rankings, projection_fold = find_heads(model, fit, probe, hook, config, warnings)
     ranked = rankings[config.head_method]
-    ablation, baseline = ablation_sweep(model, [e for e in held_out if e.kind == "harmful"], probe, hook, ranked,
-                                        config, judge, warnings)
+    fit_harmful = [e for e in fit if e.kind == "harmful"]
+    n_capped = len(head_sample(fit_harmful, config))
+    ranking_examples = {m: len(fit_harmful) if m == "projection" else n_capped for m in rankings}
+    eval_harmful = [e for e in held_out if e.kind == "harmful"]
+    asr_set = asr_sample(eval_harmful, config)
+    asr_info = {"n": len(asr_set), "of": len(eval_harmful), "limit": config.asr_limit,
+                "by_group": {g: sum(e.group == g for e in asr_set) for g in GROUPS[:2]}}
+    ablation, baseline = ablation_sweep(model, eval_harmful, probe, hook, ranked, config, judge, warnings)
     header = run_header("refusal_cliff", model, config)
     return Result(header=header, config=config,
                   probe=summary, examples=examples,
@@ -819,7 +883,7 @@ def run(model, config: Config | None = None) -> Result:
                   head_rankings=rankings, ablation=ablation, ablation_baseline=baseline,
                   judge_ranking=cliff_as_a_judge(held_out, config), per_layer=per_layer, rollouts=counts,
                   warnings=warnings, linear_probe=probe, overlap=overlap, projection_fold=projection_fold,
-                  skipped_layers=skipped)
+                  skipped_layers=skipped, head_ranking_examples=ranking_examples, asr_sample=asr_info)
 
 
 # ---------------------------------------------------------------- figures and report
@@ -904,6 +968,31 @@ def _truncation_sentence(result: Result) -> str:
             "truncated ones and answers cut at the cap, scored on what they reached).")
 
 
+def _asr_sample_sentence(result: Result) -> str:
+    """How many eval harmful prompts the ASR regenerates, and how they were picked."""
+    a = result.asr_sample
+    if not a or a["n"] == a["of"]:
+        return f" The ASR regenerates all {a.get('of', 0)} eval harmful prompts."
+    groups = ", ".join(f"{n} {g.replace('_', ' ')}" for g, n in a["by_group"].items())
+    return (f" The ASR regenerates {a['n']} of the {a['of']} eval harmful prompts ({groups}): a seeded sample "
+            f"stratified by outcome (--asr-limit {a['limit']}; 0 regenerates all, as the paper).")
+
+
+def _rankings_sentence(result: Result) -> str:
+    """Which rankings were computed (the sweep's, and any opt-in ones) and on how many examples."""
+    cfg = result.config
+    others = [m for m in result.head_rankings if m != cfg.head_method]
+    n_fit = sum(e.split == "fit" and e.kind == "harmful" for e in result.examples)
+    n_capped = min(n_fit, cfg.head_examples or n_fit)
+    text = (f"Computed: '{cfg.head_method}' (the ranking the sweep uses)"
+            + (f" and {', '.join(repr(m) for m in others)} (--head-methods)" if others else
+               "; the other rankings are opt-in (--head-methods attribution causal)") + ".")
+    if any(m in result.head_rankings for m in ("attribution", "causal")):
+        text += (f" Attribution and causal rankings use {n_capped} of the {n_fit} fit harmful rollouts (a seeded "
+                 f"sample stratified by outcome, --head-examples {cfg.head_examples or 'all'}).")
+    return text
+
+
 def build_report(result: Result, tokenizer=None):
     """The HTML report: warnings, headline numbers, curves, tail, one example's tokens, heads, ablation, tables."""
     info, cfg = result.model, result.config
@@ -951,7 +1040,7 @@ def build_report(result: Result, tokenizer=None):
                       "output via W_O onto the probe direction at the last position (paper). attribution: gradient × "
                       f"activation over all positions. causal: −Δ score when the head alone is ablated (rescale: "
                       f"{cfg.ablation_rescale}, as in the sweep). Heads after the probe's layer cannot change it and "
-                      "are not ranked.")
+                      "are not ranked. " + _rankings_sentence(result))
     for method, ranked in result.head_rankings.items():
         rep.add_figure(head_heatmap(ranked, info["n_layers"], info["n_heads"], method))
     top = rankings_table(result.head_rankings)
@@ -969,7 +1058,7 @@ def build_report(result: Result, tokenizer=None):
                       + "Regenerated: "
                       + ("thinking and answer (paper)." if cfg.asr_regenerate == "full" else
                          "the answer only, after each rollout's own thinking.")
-                      + _truncation_sentence(result))
+                      + _truncation_sentence(result) + _asr_sample_sentence(result))
     if result.ablation:
         rep.add_figure(ablation_figure(result.ablation, result.ablation_baseline))
         rep.add_table(ablation_table(result.ablation), caption="Ablation results (eval split)")

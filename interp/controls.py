@@ -10,6 +10,8 @@ random sets of the same size, drawn away from the selection and matched on what 
 - `matched_draws(selection, pool, stratum, draws, seed, matched_on)` → `Draws`: `draws` random sets,
   each disjoint from the selection and with the selection's count in every stratum.
 - `quantile_bins(values, n_bins)` → a bin label per value: a stratum for a continuous quantity.
+- `stratified_sample(strata, limit, seed)` → sorted indices of at most `limit` items, each stratum sampled in
+  proportion to its size (largest remainder), seeded: a cap that keeps the mix (e.g. refused / complied prompts).
 - `mean_sd(values)` → (mean, sd); sd is NaN for one value (it is undefined, not 0).
 - `control_row(values_by_key, draws)`: the summary fields of a random-control row (mean, sd, draws, strata).
 - `wilson(k, n)` → the 95 % Wilson score interval of a rate (ASR, accuracy, TPR, FPR).
@@ -129,6 +131,26 @@ def matched_draws(selection: Sequence, pool: Sequence, *, stratum: Callable[[Any
 
 def _label(stratum: Hashable) -> str:
     return "all" if stratum is None else str(stratum)
+
+
+def stratified_sample(strata: Sequence[Hashable], limit: int | None, seed: int = 0, salt: str = "sample"
+                      ) -> list[int]:
+    """Sorted indices of at most `limit` of the items (all when `limit` is None, 0 or not below their number): each
+    stratum keeps its share (quota = limit × its size / total, rounded by largest remainder, ties by stratum), the
+    members drawn at random (seeded by `seed` and `salt`), so the same arguments give the same sample."""
+    n = len(strata)
+    if not limit or limit >= n:
+        return list(range(n))
+    members: dict[Hashable, list[int]] = defaultdict(list)
+    for i, s in enumerate(strata):
+        members[s].append(i)
+    keys = sorted(members, key=repr)
+    exact = {s: limit * len(members[s]) / n for s in keys}
+    quota = {s: math.floor(exact[s]) for s in keys}
+    for s in sorted(keys, key=lambda s: (-(exact[s] - quota[s]), repr(s)))[: limit - sum(quota.values())]:
+        quota[s] += 1
+    rng = random.Random(f"{salt}:{seed}")
+    return sorted(i for s in keys for i in rng.sample(members[s], quota[s]))
 
 
 def quantile_bins(values: Sequence[float], n_bins: int = 4) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -31,7 +32,8 @@ def planted_config(rollouts_file, **kw) -> rc.Config:
 
 @pytest.fixture(scope="module")
 def result(planted_model, rollouts_file):
-    return rc.run(planted_model, planted_config(rollouts_file))
+    # every ranking (the default computes only --head-method's), attribution batched to compare with batch 1 below
+    return rc.run(planted_model, planted_config(rollouts_file, head_methods=rc.HEAD_METHODS, attribution_batch_size=8))
 
 
 def test_probe_separates_refused_from_harmless(result):
@@ -185,7 +187,8 @@ def test_ablated_final_scores_do_not_depend_on_batch_size(planted_model, result,
 
 def test_whole_run_does_not_depend_on_batch_size(result, planted_model, rollouts_file):
     """--batch-size 1 (no padding) vs the default 8: the same held-out cliffs, rankings and ablation numbers."""
-    one = rc.run(planted_model, planted_config(rollouts_file, batch_size=1))
+    one = rc.run(planted_model, planted_config(rollouts_file, batch_size=1, head_methods=rc.HEAD_METHODS,
+                                               causal_batch_size=1))
     for g in rc.GROUPS:
         for k, v in result.cliff[g].items():
             assert one.cliff[g][k] == pytest.approx(v, abs=1e-5)
@@ -389,7 +392,7 @@ def organism_ablated(model, result, heads):
 
     config = result.config
     harmful = [e for e in result.examples if e.split == "eval" and e.kind == "harmful"]
-    asr_set = harmful[: config.asr_limit]
+    asr_set = rc.asr_sample(harmful, config)
     with ablate_heads(model, list(heads), rescale=config.ablation_rescale):
         rs = float(rc.final_scores(model, harmful, result.linear_probe, result.probe["hook"], config).mean())
         new = generate_tokens(model, [e.input_ids for e in asr_set], max_new_tokens=config.max_new_tokens,
@@ -459,7 +462,8 @@ def test_judge_labels_define_refused_and_complied_and_rate_the_asr(planted_model
     keyword = [rc.is_refused(e.response, config) for e in harmful]
     assert [not u for u in unsafe] != keyword  # the judge, not the keyword matcher, decided
     # ASR: the eval split's harmful prompts, answers regenerated and rated by the judge
-    asr_set = [e for e in res.examples if e.kind == "harmful" and e.split == "eval"][:4]
+    asr_set = rc.asr_sample([e for e in res.examples if e.kind == "harmful" and e.split == "eval"], config)
+    assert len(asr_set) == 4
     new = generate_tokens(planted_model, [e.input_ids for e in asr_set], max_new_tokens=config.max_new_tokens,
                           progress=False)
     responses = [planted_model.tokenizer.decode(ids, skip_special_tokens=True) for ids in new]
@@ -764,3 +768,82 @@ def test_asr_is_undefined_when_no_regeneration_closes_its_thinking(planted_model
     from interp.outputs import to_jsonable
 
     assert to_jsonable(res.to_dict())["ablation_baseline"]["asr"] is None  # null in results.json
+
+
+# ---------------------------------------------------------------- paper-scale defaults (issue 16)
+
+
+def test_default_computes_only_the_sweeps_ranking(planted_model, rollouts_file, monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("an opt-in ranking ran by default")
+
+    monkeypatch.setattr(rc, "gradient_scores", refuse)
+    monkeypatch.setattr(rc, "causal_scores", refuse)
+    assert rc.Config().head_methods == () and rc.Config().head_method == "projection"
+    res = rc.run(planted_model, planted_config(rollouts_file))
+    assert set(res.head_rankings) == {"projection"} and res.heads == res.head_rankings["projection"]
+    d = res.to_dict()
+    assert set(d["head_rankings"]) == {"projection"} and d["head_ranking_examples"] == {"projection": 8}
+    html = rc.build_report(res).render()
+    assert "the other rankings are opt-in (--head-methods attribution causal)" in html
+
+
+def test_opt_in_rankings_are_capped_with_their_own_batch_size(planted_model, rollouts_file, result, monkeypatch):
+    seen = {}
+
+    def fake(name):
+        def scores(model, seqs, readout, *, batch_size, progress, **kw):
+            seen[name] = ([tuple(s) for s in seqs], batch_size)
+            return torch.zeros(model.cfg.n_layers, model.cfg.n_heads)
+        return scores
+
+    monkeypatch.setattr(rc, "gradient_scores", fake("attribution"))
+    monkeypatch.setattr(rc, "causal_scores", fake("causal"))
+    fit = [e for e in result.examples if e.split == "fit"]
+    harmful = [e for e in fit if e.kind == "harmful"]
+    hook, probe = result.probe["hook"], result.linear_probe
+
+    def run(**kw):
+        config = planted_config(rollouts_file, **{"head_methods": ("attribution", "causal"), "head_examples": 3, **kw})
+        rankings, _ = rc.find_heads(planted_model, fit, probe, hook, config)
+        return rankings
+
+    rankings = run(attribution_batch_size=2, causal_batch_size=5)
+    assert set(rankings) == {"projection", "attribution", "causal"}
+    assert seen["attribution"][1] == 2 and seen["causal"][1] == 5
+    picked = seen["causal"][0]
+    assert seen["attribution"][0] == picked and len(picked) == 3 and len(harmful) == 8
+    by_id = {tuple(e.input_ids): e.group for e in harmful}
+    assert sorted(by_id[s] for s in picked) in (["complied_harmful", "refused_harmful", "refused_harmful"],
+                                                ["complied_harmful", "complied_harmful", "refused_harmful"])
+    run()
+    assert seen["causal"][0] == picked                                   # seeded: the same sample again
+    samples = set()
+    for seed in range(6):
+        run(seed=seed)
+        samples.add(tuple(seen["causal"][0]))
+    assert len(samples) > 1
+    run(head_examples=0)
+    assert len(seen["causal"][0]) == 8                                   # 0: all
+
+
+def test_asr_limit_samples_seeded_and_stratified_by_group():
+    from interp.controls import stratified_sample
+
+    examples = [rc.Example(f"p{i}", "", "", "harmful", g == "refused_harmful", g, [i], (0, 0), "thinking")
+                for i, g in enumerate(["refused_harmful"] * 12 + ["complied_harmful"] * 4)]
+    config = rc.Config(asr_limit=8, seed=1)
+    assert rc.Config().asr_limit == 32
+    picked = rc.asr_sample(examples, config)
+    assert [e.group for e in picked].count("refused_harmful") == 6 and len(picked) == 8    # 12:4 → 6:2
+    assert [examples.index(e) for e in picked] == sorted(examples.index(e) for e in picked)   # their order
+    assert picked == rc.asr_sample(examples, config)                                        # seeded
+    assert picked[:6] != examples[:6]                                                       # not the first N
+    others = {tuple(e.prompt for e in rc.asr_sample(examples, rc.Config(asr_limit=8, seed=s))) for s in range(8)}
+    assert len(others) > 1
+    assert rc.asr_sample(examples, rc.Config(asr_limit=0)) == examples
+    assert rc.asr_sample(examples, rc.Config(asr_limit=None)) == examples
+    # largest remainder: 7 of 12 + 4 → 5.25 / 1.75 → 5 and 2
+    assert sorted(Counter(["a"] * 12 + ["b"] * 4)[x] for x in "ab") == [4, 12]
+    idx = stratified_sample(["a"] * 12 + ["b"] * 4, 7, seed=0)
+    assert [(["a"] * 12 + ["b"] * 4)[i] for i in idx].count("b") == 2 and len(idx) == 7
