@@ -55,6 +55,7 @@ from interp import gates
 from interp.analysis import CommonConfig, attention_scope, require, run_header, warn
 from interp.batching import padded_batches
 from interp.controls import Draws, control_row, matched_draws, n_selected, split, wilson
+from interp.cost import announce, sequence_cost
 from interp.figures import intervention_bars, layer_head_heatmap
 from interp.models import model_info
 from interp.report import analysis_report
@@ -186,20 +187,18 @@ class _Evaluation:
 
     @torch.no_grad()
     def run(self, seqs, config: Config, desc: str):
+        """One forward per batch: the pattern hooks reduce each layer's pattern as it is made (`interp.sinks`), the
+        loss is a chunked cross-entropy over positions (`interp.losses`: no [batch, pos, vocab] logits)."""
+        from interp.losses import forward_nll
+
         model = self.model
         for idx, tokens, mask in padded_batches(model, seqs, config.batch_size, desc=desc, progress=config.progress):
             self.attention.begin_batch(idx, tokens, mask)
             self.residual.begin_batch(idx, tokens, mask)
-            logits = model.run_with_hooks(tokens, attention_mask=mask,
-                                          fwd_hooks=self.attention.hooks() + self.residual.hooks())
-            self.nll_update(logits, tokens, mask)
+            nll, count = forward_nll(model, tokens, mask, self.attention.hooks() + self.residual.hooks())
+            self.nll += nll
+            self.count += count
         return self
-
-    def nll_update(self, logits, tokens, mask) -> None:
-        lp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, tokens[:, 1:, None])[..., 0]
-        keep = (mask[:, :-1] * mask[:, 1:]).bool()
-        self.nll -= float(lp[keep].double().sum())
-        self.count += int(keep.sum())
 
     def m_act(self) -> float:
         from interp.outliers import m_act
@@ -308,6 +307,8 @@ def analyse_model(model, config: Config, warnings: list[str]) -> ModelResult:
     halves = split(len(chunks), config.selection_fraction, config.seed)
     fit, held = [chunks.chunks[i] for i in halves.selection], [chunks.chunks[i] for i in halves.held_out]
 
+    announce(f"{name}: gate, sparsity and implicit-scale pass (eager attention, one layer's pattern at a time)",
+             *sequence_cost((fit if gated else []) + held), enabled=config.progress)
     gate_fit = None
     mean_gate = None
     if gated:
@@ -317,6 +318,8 @@ def analyse_model(model, config: Config, warnings: list[str]) -> ModelResult:
     gate_held, sparsity, scale = gates.measure(model, held, batch_size=config.batch_size,
                                                theta=config.sparsity_threshold, mean_gate=mean_gate,
                                                progress=config.progress)
+    announce(f"{name}: sinks, M-Act and loss (logits in chunks of positions)", *sequence_cost(held),
+             enabled=config.progress)
     evaluation = _Evaluation(model, layers, config).run(held, config, "sinks")
     per_layer = {r["layer"]: r for r in evaluation.attention.per_layer()}
     n_sink = len(held) * model.cfg.n_heads
@@ -332,6 +335,13 @@ def analyse_model(model, config: Config, warnings: list[str]) -> ModelResult:
 
     interventions, selected = [], []
     if gated and config.interventions != "off":
+        # the push pass on the selection part; then per setting held out + selection: the baseline, and per kind
+        # (gates=1, gates=mean, each alpha) all heads, the selected heads, the matched and (where pushes differ)
+        # the unmatched random draws
+        settings = 1 + (2 + len(config.alphas)) * (2 + 2 * config.random_draws)
+        (f0, t0, _), (f1, t1, longest) = sequence_cost(fit), sequence_cost(fit + held, settings)
+        announce(f"{name}: gate interventions", f0 + f1, t0 + t1, longest,
+                 "at most (unmatched draws only where pushes differ)", enabled=config.progress)
         push = gates.measure_push(model, fit, gate_fit.element_means(), batch_size=config.batch_size,
                                   progress=config.progress)
         interventions, selected = _interventions(model, layers, fit, held, gate_fit, push, config)

@@ -39,9 +39,11 @@ from interp.analysis import CommonConfig, attention_scope, require, run_header, 
 from interp.batching import padded_batches
 from interp.bridge import attention_layers, sdpa_attention, stopped_at
 from interp.controls import ControlUnavailable, Draws, control_row, matched_draws, split
+from interp.cost import announce, sequence_cost
 from interp.datasets import load_dataset
 from interp.errors import UserError
 from interp.figures import intervention_bars, layer_head_heatmap
+from interp.losses import forward_nll
 from interp.report import analysis_report
 from interp.texts import TextSet, chunk_texts, repeated_token_set, token_string
 from interp.tokens import bos_id
@@ -116,8 +118,8 @@ class Result:
     attention_heads: list[dict]
     attention_overall: dict
     other_sinks: list[dict]
-    example_pattern: dict  # layer → [T, T] head-mean pattern of one chunk
-    example_tokens: list[str]
+    example_pattern: dict  # layer → [n, n] head-mean pattern of one chunk's first n = min(T, 256) positions (numpy)
+    example_tokens: list[str]  # those n tokens
     weight_outliers: list[dict]
     connections: dict
     token_types: list[dict]
@@ -412,7 +414,9 @@ def has_lm_head(model) -> bool:
 
 @torch.no_grad()
 def measure(model, seqs, config: Config, intervention: SetScalars | None = None, loss: bool = True) -> dict:
-    """Mean next-token loss, F-Attn, Gu's sink rate and M-Act on `seqs`, under `intervention` if given."""
+    """Mean next-token loss, F-Attn, Gu's sink rate and M-Act on `seqs`, under `intervention` if given. One forward
+    per batch: the pattern hooks reduce each layer's pattern as it is made (`interp.sinks`), the loss is a chunked
+    cross-entropy over positions (`interp.losses.forward_nll`: no [batch, pos, vocab] logits)."""
     stats = sinks.AttentionStats(model.cfg.n_layers, model.cfg.n_heads, attention_layers(model)[0],
                                  eps=config.sink_epsilon, exclude_first_query=not config.include_first_query,
                                  causal=is_causal(model), outlier_frac=config.outlier_key_frac)
@@ -432,13 +436,13 @@ def measure(model, seqs, config: Config, intervention: SetScalars | None = None,
         stats.begin_batch(idx, tokens, mask)
         if intervention is not None:
             intervention.mask = mask
-        logits = model.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=hooks,
-                                      return_type="logits" if loss else None)
-        if loss:
-            logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, tokens[:, 1:, None])[..., 0]
-            keep = (mask[:, :-1] * mask[:, 1:]).bool()
-            nll -= float(logp[keep].sum())
-            count += int(keep.sum())
+        if loss:  # stops before the final norm; the logits of LOGIT_CHUNK positions at a time (interp.losses)
+            batch_nll, batch_count = forward_nll(model, tokens, mask, hooks)
+            nll, count = nll + batch_nll, count + batch_count
+        else:
+            with stopped_at(model, model.cfg.n_layers) as stop:
+                model.run_with_hooks(tokens, attention_mask=mask, return_type=None, stop_at_layer=stop,
+                                     fwd_hooks=hooks)
     overall = stats.overall()
     return {"loss": nll / count if loss and count else None, "first_token": overall["first_token"],
             "sink_rate": overall["sink_rate"], "m_act": out.m_act(layer_max)}
@@ -460,6 +464,11 @@ def interventions(model, texts: TextSet, config: Config, notes: list[str], warni
     random dims matched on the size of the change (`random_draws` draws, held out) and a repeated-token input."""
     sel, held = split(len(texts), config.selection_fraction, config.seed)
     sel_seqs, held_seqs = [texts.chunks[i] for i in sel], [texts.chunks[i] for i in held]
+    # selection: residual statistics, carrier means, baseline and the two settings in-sample; held out: baseline, the
+    # two settings, their random draws and the repeated-token input
+    passes = [sequence_cost(sel_seqs, 5), sequence_cost(held_seqs, 4 + 2 * config.random_draws)]
+    announce("interventions", sum(f for f, _, _ in passes), sum(t for _, t, _ in passes), config.seq_len,
+             "eager attention, logits in chunks of positions", enabled=config.progress)
     sel_stats = out.residual_stats(model, sel_seqs, batch_size=config.batch_size, down=False,
                                    abs_thr=config.massive_abs, ratio=config.massive_ratio, tau=config.token_tau,
                                    progress=config.progress)
@@ -533,11 +542,13 @@ def run(model, config: Config | None = None) -> Result:
     if config.example >= len(seqs):
         raise UserError(f"example {config.example} is out of range: only {len(seqs)} chunks; "
                         f"use --example 0..{len(seqs) - 1}")
+    announce("residual statistics (SDPA, no logits)", *sequence_cost(seqs), enabled=config.progress)
     stats = out.residual_stats(model, seqs, batch_size=config.batch_size, down=True, abs_thr=config.massive_abs,
                                ratio=config.massive_ratio, tau=config.token_tau, progress=config.progress)
     causal = is_causal(model)
     if not causal:
         notes.append("Bidirectional attention: Gu's α[k] averages over every query, not only q ≥ k.")
+    announce("attention patterns (eager, one layer's pattern at a time)", *sequence_cost(seqs), enabled=config.progress)
     att = sinks.attention_metrics(model, seqs, batch_size=config.batch_size, layers=attn_layers,
                                   eps=config.sink_epsilon, exclude_first_query=not config.include_first_query,
                                   causal=causal, outlier_frac=config.outlier_key_frac, qkv_norms=True,
@@ -575,8 +586,8 @@ def run(model, config: Config | None = None) -> Result:
         outlier_dims=stats.outlier_dims(0.5), attention=att.per_layer(), attention_heads=att.per_head(),
         attention_overall={**att.overall(), "sink_set_layers": dict(sorted(att.sink_layers.items()))},
         other_sinks=att.other_sinks(tok),
-        example_pattern={layer: p.tolist() for layer, p in att.example.items()},
-        example_tokens=[token_string(tok, t) for t in seqs[config.example]],
+        example_pattern={layer: p.numpy() for layer, p in att.example.items()},
+        example_tokens=[token_string(tok, t) for t in seqs[config.example][:sinks.EXAMPLE_TOKENS]],
         weight_outliers=out.weight_outliers(model, config.weight_ratio),
         connections=connections, token_types=token_types, interventions=rows, m_act=out.m_act(stats.layer_max()),
         notes=notes, warnings=warnings, skipped_layers=skipped)
@@ -668,10 +679,13 @@ def build_report(result: Result, tokenizer=None):
     if result.other_sinks:
         rep.add_table(pd.DataFrame(result.other_sinks), caption="Attention-outlier keys after the first token")
     if result.example_pattern:
-        layer = max(result.example_pattern, key=lambda k: np.asarray(result.example_pattern[k])[1:, 0].mean()
-                    if len(result.example_pattern[k]) > 1 else 0)
-        rep.add_figure(example_figure(result.example_pattern[layer], result.example_tokens, layer),
-                       caption=f"Chunk {cfg.example}, the layer with the largest first-token attention")
+        f_attn = {r["layer"]: r["first_token"] for r in result.attention}
+        layer = max(result.example_pattern, key=lambda k: (f_attn.get(k, 0.0), -k))
+        n = len(result.example_pattern[layer])
+        shown = f"its first {n} of {ts['seq_len']} tokens" if n < ts["seq_len"] else f"all {n} tokens"
+        rep.add_figure(example_figure(np.asarray(result.example_pattern[layer]), result.example_tokens[:n], layer),
+                       caption=f"Chunk {cfg.example}, {shown} (the example keeps at most {sinks.EXAMPLE_TOKENS}), in "
+                               "the layer with the largest first-token attention over the text set")
     rep.add_heading("Weight outliers")
     if result.weight_outliers:
         w = pd.DataFrame(result.weight_outliers)

@@ -17,12 +17,16 @@ softmax pattern and no such hook (`softmax_layers` lists the layers that do).
   ≈ 1/ḡ for gates forced to 1. A random-head control matched on it answers "these heads, or a push that size?".
 - Interventions (context managers over the gate hook, gated models only): `force_gates_one`,
   `gates_to_mean`, `scale_gates`; `scale_outputs` scales each listed head's gated output by its own factor.
+
+`measure` and `measure_push` stream per layer: hooks collect one layer's pattern, values and gate logits, reduce them
+to the statistics above as soon as the layer's last one fires, and drop them (one layer's pattern at a time, never a
+cache of every layer).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 from jaxtyping import Float
@@ -33,6 +37,7 @@ from interp.errors import UserError
 BIN_WIDTH = 0.05
 N_BINS = 20
 LOW_GATE = 0.1
+QUERY_BLOCK_BYTES = 64 * 2 ** 20  # bytes of one block of query rows when a pattern is cast to another dtype
 Head = tuple[int, int]
 
 
@@ -69,9 +74,17 @@ def split_heads(z: Float[Tensor, "batch pos hd"], n_heads: int) -> Float[Tensor,
 
 def rebuild_ungated(pattern: Float[Tensor, "batch head q k"],
                     v: Float[Tensor, "batch k kv_head d_head"]) -> Float[Tensor, "batch q head d_head"]:
-    """Y = A · V per query head (GQA: query head h reads KV head h // (H / n_kv)), before any gate."""
+    """Y = A · V per query head (GQA: query head h reads KV head h // (H / n_kv)), before any gate. A block of
+    query rows at a time (`QUERY_BLOCK_BYTES`), so a pattern of another dtype is never copied whole."""
     v = v.repeat_interleave(pattern.shape[1] // v.shape[2], dim=2)
-    return torch.einsum("bhqk,bkhd->bqhd", pattern.to(v.dtype), v)
+    b, h, width, keys = pattern.shape
+    if pattern.dtype == v.dtype:
+        return torch.einsum("bhqk,bkhd->bqhd", pattern, v)
+    out = torch.empty(b, width, h, v.shape[-1], dtype=v.dtype, device=v.device)
+    block = max(1, QUERY_BLOCK_BYTES // max(1, b * h * keys * v.element_size()))
+    for q0 in range(0, width, block):
+        out[:, q0:q0 + block] = torch.einsum("bhqk,bkhd->bqhd", pattern[:, :, q0:q0 + block].to(v.dtype), v)
+    return out
 
 
 def implicit_scale(pattern: Float[Tensor, "batch head q k"], first: Tensor) -> Float[Tensor, "batch head q"]:
@@ -79,7 +92,7 @@ def implicit_scale(pattern: Float[Tensor, "batch head q k"], first: Tensor) -> F
 
     `first[b]` is the index of row b's first real token (left padding)."""
     idx = first.view(-1, 1, 1, 1).expand(pattern.shape[0], pattern.shape[1], pattern.shape[2], 1)
-    return 1.0 - pattern.gather(-1, idx.to(pattern.device)).squeeze(-1)
+    return 1.0 - pattern.gather(-1, idx.to(pattern.device)).squeeze(-1).float()
 
 
 class GateStats:
@@ -309,7 +322,7 @@ class ScaleStats:
                gate: Float[Tensor, "batch q head d"] | None = None) -> None:
         i = self.layers.index(layer)
         first = mask.long().argmax(-1)                               # first real token per row
-        s = implicit_scale(pattern.float(), first).transpose(1, 2)   # [batch, q, head]
+        s = implicit_scale(pattern, first).transpose(1, 2)           # [batch, q, head], float32
         keep = mask.bool().clone()
         keep[torch.arange(len(first)), first] = False                # q >= 1 (query 0 only sees itself)
         s = s[keep].double().cpu()                                   # [N, head]
@@ -347,28 +360,44 @@ class ScaleStats:
         return {layer: (self.hist[i] / self.hist[i].sum()).tolist() for i, layer in enumerate(self.layers)}
 
 
-def _layer_batches(model, seqs: Sequence[Sequence[int]], batch_size: int, progress: bool, desc: str) -> Iterator:
-    """Per batch and softmax layer: (layer, pattern, ungated Y, gate σ(z) or None, gate logits or None, mask).
-    The forward stops after the last attention layer."""
+def _stream_layers(model, seqs: Sequence[Sequence[int]], batch_size: int, progress: bool, desc: str,
+                   consume: Callable[..., None]) -> None:
+    """Per batch and softmax layer, `consume(layer, pattern, ungated Y, gate σ(z) or None, gate logits or None,
+    mask)` is called from inside the forward, as soon as the layer's pattern, values (and gate logits) exist; then
+    they are dropped. Memory: one layer's pattern at a time (no cache of every layer). The forward stops after the
+    last attention layer."""
     from interp.batching import padded_batches
     from interp.bridge import stopped_at
 
     layers = softmax_layers(model)
     gated = is_gated(model)
     n_heads = model.cfg.n_heads
-    wanted = {f"blocks.{layer}.attn.{h}" for layer in layers
-              for h in ("hook_pattern", "hook_v") + (("hook_q_gate",) if gated else ())}
-    for _, tokens, mask in padded_batches(model, seqs, batch_size, desc=desc, progress=progress):
-        with stopped_at(model, max(layers) + 1) as stop:
-            _, cache = model.run_with_cache(tokens, attention_mask=mask, names_filter=lambda n: n in wanted,
-                                            stop_at_layer=stop, return_type=None)
-        for layer in layers:
-            pattern = cache[f"blocks.{layer}.attn.hook_pattern"].float()
-            y = rebuild_ungated(pattern, cache[f"blocks.{layer}.attn.hook_v"].float())
-            logits = cache[gate_hook(layer)].float() if gated else None
+    need = ("hook_pattern", "hook_v") + (("hook_q_gate",) if gated else ())
+    parts: dict[int, dict[str, Tensor]] = {}
+    state: dict = {}
+
+    def collector(layer: int, kind: str):
+        def collect(x, hook):  # (the hook's own name may be an alias, e.g. attn.v.hook_out)
+            got = parts.setdefault(layer, {})
+            got[kind] = x.detach()
+            if len(got) < len(need):
+                return
+            del parts[layer]
+            y = rebuild_ungated(got["hook_pattern"], got["hook_v"].float())
+            logits = got["hook_q_gate"].float() if gated else None
             g = torch.sigmoid(split_heads(logits, n_heads)) if gated else None
-            yield layer, pattern, y, g, logits, mask
-        del cache
+            consume(layer, got.pop("hook_pattern"), y, g, logits, state["mask"])
+        return collect
+
+    hooks = [(f"blocks.{layer}.attn.{kind}", collector(layer, kind)) for layer in layers for kind in need]
+    for _, tokens, mask in padded_batches(model, seqs, batch_size, desc=desc, progress=progress):
+        state["mask"] = mask
+        with stopped_at(model, max(layers) + 1) as stop:
+            model.run_with_hooks(tokens, attention_mask=mask, return_type=None, stop_at_layer=stop, fwd_hooks=hooks)
+        if parts:
+            missing = {layer: sorted(set(need) - set(got)) for layer, got in parts.items()}
+            parts.clear()
+            raise RuntimeError(f"attention hooks did not fire in layer(s) {missing}")
 
 
 @torch.no_grad()
@@ -381,11 +410,14 @@ def measure(model, seqs: Sequence[Sequence[int]], *, batch_size: int = 8, theta:
     n_heads = model.cfg.n_heads
     gates = GateStats(layers, n_heads, model.cfg.d_head) if is_gated(model) else None
     sparsity, scale = SparsityStats(theta), ScaleStats(layers, n_heads)
-    for layer, pattern, y, g, logits, mask in _layer_batches(model, seqs, batch_size, progress, "gates"):
+
+    def consume(layer, pattern, y, g, logits, mask):
         if gates is not None:
             gates.update(layer, logits, mask)
         sparsity.update(layer, y, mask, g, None if mean_gate is None else mean_gate.get(layer))
         scale.update(layer, pattern, mask, g)
+
+    _stream_layers(model, seqs, batch_size, progress, "gates", consume)
     return gates, sparsity, scale
 
 
@@ -395,6 +427,6 @@ def measure_push(model, seqs: Sequence[Sequence[int]], means: dict[int, Float[Te
     """One streamed pass over `seqs` filling `PushStats` (gated models; `means` from `GateStats.element_means()`)."""
     check_gated(model, "measuring the push of a gate intervention")
     push = PushStats(softmax_layers(model), model.cfg.n_heads, means)
-    for layer, _, y, g, _, mask in _layer_batches(model, seqs, batch_size, progress, "push"):
-        push.update(layer, y, g, mask)
+    _stream_layers(model, seqs, batch_size, progress, "push",
+                   lambda layer, pattern, y, g, logits, mask: push.update(layer, y, g, mask))
     return push

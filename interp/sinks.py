@@ -27,7 +27,13 @@ the filled `AttentionStats`; read `per_layer()` (rows `{layer, first_token, sink
 `sink_layers` (emergence layer → number of sequences whose S was fixed there),
 `per_head()` (rows per layer and head), `overall()` (`first_token`, `sink_rate` in %), `other_sinks()`
 (attention-outlier keys after the first token, by position and by token), `outlier_keys` (every attention-outlier key as
-`(layer, sequence, position, token_id)`), `qkv_norm_rows()` and `example` (head-mean pattern of one sequence per layer).
+`(layer, sequence, position, token_id)`), `qkv_norm_rows()` and `example` (head-mean pattern of one sequence per layer,
+its first `EXAMPLE_TOKENS` = 256 positions only).
+
+Memory: each layer's pattern is reduced inside its hook and dropped. `pattern_sums(pattern, mask)` reduces it over
+queries a block of rows at a time (`QUERY_BLOCK_BYTES` of float32), to the per-head sums every metric above needs
+(attention to the first token per query, attention received per key, with and without q ≥ k): O(batch × head × pos),
+never a float32 copy of the whole pattern; nothing of size pos × pos is kept across layers.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from __future__ import annotations
 import re
 from collections import Counter, defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -46,6 +53,7 @@ from interp.bridge import stopped_at
 SINK_EPS = 0.3  # Gu et al. 2024, sink rate threshold ε
 GU_T = 64  # Gu et al. 2024 define the sink rate on sequences of T = 64 tokens
 OUTLIER_KEY_FRAC = 0.1  # An et al. 2025, attention-outlier key: column sum ≥ 0.1 · T
+EXAMPLE_TOKENS = 256  # the example pattern keeps the first 256 positions (256 × 256 per layer, not T × T)
 _LAYER = re.compile(r"^blocks\.(\d+)\.")
 
 
@@ -76,32 +84,102 @@ def _query_mask(mask: Tensor | None, b: int, width: int, device, exclude_first: 
     return pos >= (starts[:, None] + int(exclude_first))
 
 
+QUERY_BLOCK_BYTES = 64 * 2 ** 20  # float32 bytes of one block of pattern rows reduced at once (all heads, batch)
+
+
+@dataclass
+class PatternSums:
+    """One layer's pattern reduced over its queries: everything the sink metrics need, O(batch × head × pos).
+
+    `to_first[b, h, q]` = A[q, first real key]; `received[b, h, k]` = Σ over real queries of A[q, k];
+    `received_causal` the same over real queries q ≥ k (None unless asked for); keys not left-aligned."""
+
+    to_first: Float[Tensor, "batch head q"]
+    received: Float[Tensor, "batch head k"]
+    received_causal: Float[Tensor, "batch head k"] | None
+
+
+def pattern_sums(pattern: Float[Tensor, "batch head q k"], mask: Int[Tensor, "batch pos"] | None = None,
+                 causal: bool = True, block: int | None = None) -> PatternSums:
+    """Reduce `pattern` over its queries a block of `block` query rows at a time (default: as many as fit in
+    `QUERY_BLOCK_BYTES` as float32), so no full float32 copy of the pattern is made."""
+    b, h, width, _ = pattern.shape
+    starts, _ = _starts_lengths(mask, b, width, pattern.device)
+    to_first = pattern.gather(-1, starts.view(b, 1, 1, 1).expand(b, h, width, 1))[..., 0].float()
+    qmask = _query_mask(mask, b, width, pattern.device, False).float()  # [b, q]
+    if block is None:
+        block = max(1, QUERY_BLOCK_BYTES // max(1, b * h * width * 4))
+    received = torch.zeros(b, h, width, device=pattern.device)
+    received_causal = torch.zeros_like(received) if causal else None
+    keys = torch.arange(width, device=pattern.device)
+    for q0 in range(0, width, block):
+        q1 = min(width, q0 + block)
+        rows = pattern[:, :, q0:q1].float()  # [b, head, n, k]
+        w = qmask[:, None, None, q0:q1]  # [b, 1, 1, n]
+        received += torch.matmul(w, rows)[:, :, 0]
+        if causal:
+            above = keys[None] > torch.arange(q0, q1, device=pattern.device)[:, None]  # [n, k]: k > q
+            received_causal += torch.matmul(w, rows.masked_fill(above, 0.0) if bool(above.any()) else rows)[:, :, 0]
+        del rows
+    return PatternSums(to_first, received, received_causal)
+
+
+def _first_token_from(to_first: Tensor, mask: Tensor | None, exclude_first_query: bool) -> Float[Tensor, "batch head"]:
+    b, _, width = to_first.shape
+    qmask = _query_mask(mask, b, width, to_first.device, exclude_first_query).float()
+    return (to_first * qmask[:, None]).sum(-1) / qmask.sum(-1).clamp_min(1)[:, None]
+
+
+def _alpha_from(sums: PatternSums, mask: Tensor | None, causal: bool) -> Float[Tensor, "batch head k"]:
+    b, _, width = sums.received.shape
+    device = sums.received.device
+    if causal:
+        pos = torch.arange(width, device=device)
+        starts, _ = _starts_lengths(mask, b, width, device)
+        # queries q ≥ k among the real ones: from max(k, start) to the end
+        count = (width - torch.maximum(pos[None], starts[:, None])).float()
+        received = sums.received_causal
+    else:
+        count = _query_mask(mask, b, width, device, False).float().sum(-1, keepdim=True).expand(b, width)
+        received = sums.received
+    return left_align(received / count.clamp_min(1)[:, None], mask)
+
+
+def _first_key_alpha_from(to_first: Tensor, mask: Tensor | None, t: int) -> Float[Tensor, "batch head"]:
+    b, _, width = to_first.shape
+    starts, _ = _starts_lengths(mask, b, width, to_first.device)
+    pos = torch.arange(width, device=to_first.device)[None]
+    rows = ((pos >= starts[:, None]) & (pos < starts[:, None] + t)).float()
+    return (to_first * rows[:, None]).sum(-1) / rows.sum(-1).clamp_min(1)[:, None]
+
+
+def _outlier_keys_from(sums: PatternSums, mask: Tensor | None, frac: float) -> Bool[Tensor, "batch k"]:
+    b, _, width = sums.received.shape
+    _, lengths = _starts_lengths(mask, b, width, sums.received.device)
+    col = sums.received.mean(1)  # [b, k]: column sum of the head-mean pattern over real queries
+    keys = left_align(col, mask) >= frac * lengths[:, None].float()
+    valid = torch.arange(width, device=col.device)[None] < lengths[:, None]
+    return keys & valid
+
+
+def _sink_ratio_from(sums: PatternSums, keys: Tensor, mask: Tensor | None) -> Float[Tensor, "batch head"]:
+    col = left_align(sums.received, mask)  # [b, head, k]
+    return (col * keys[:, None].float()).sum(-1) / col.sum(-1).clamp_min(1e-12)
+
+
 def first_token_attention(pattern: Float[Tensor, "batch head q k"], mask: Int[Tensor, "batch pos"] | None = None,
                           exclude_first_query: bool = True) -> Float[Tensor, "batch head"]:
     """Mean over real queries of the attention each head pays to the first real token."""
-    b, _, width, _ = pattern.shape
+    b, h, width, _ = pattern.shape
     starts, _ = _starts_lengths(mask, b, width, pattern.device)
-    to_first = pattern.float().gather(-1, starts.view(b, 1, 1, 1).expand(b, pattern.shape[1], width, 1))[..., 0]
-    qmask = _query_mask(mask, b, width, pattern.device, exclude_first_query).float()
-    return (to_first * qmask[:, None]).sum(-1) / qmask.sum(-1).clamp_min(1)[:, None]
+    to_first = pattern.gather(-1, starts.view(b, 1, 1, 1).expand(b, h, width, 1))[..., 0].float()
+    return _first_token_from(to_first, mask, exclude_first_query)
 
 
 def key_attention(pattern: Float[Tensor, "batch head q k"], mask: Int[Tensor, "batch pos"] | None = None,
                   causal: bool = True) -> Float[Tensor, "batch head k"]:
     """Gu et al.'s α[k]: mean attention key k receives from queries q ≥ k (every query if not causal); left-aligned."""
-    b, _, width, _ = pattern.shape
-    qmask = _query_mask(mask, b, width, pattern.device, False).float()  # [b, q]
-    received = (pattern.float() * qmask[:, None, :, None])
-    if causal:
-        received = received.tril()
-        pos = torch.arange(width, device=pattern.device)
-        starts, _ = _starts_lengths(mask, b, width, pattern.device)
-        # queries q ≥ k among the real ones: from max(k, start) to the end
-        count = (width - torch.maximum(pos[None], starts[:, None])).float()
-    else:
-        count = qmask.sum(-1, keepdim=True).expand(b, width)
-    alpha = received.sum(-2) / count.clamp_min(1)[:, None]
-    return left_align(alpha, mask)
+    return _alpha_from(pattern_sums(pattern, mask, causal), mask, causal)
 
 
 def first_key_alpha(pattern: Float[Tensor, "batch head q k"], mask: Int[Tensor, "batch pos"] | None = None,
@@ -111,31 +189,20 @@ def first_key_alpha(pattern: Float[Tensor, "batch head q k"], mask: Int[Tensor, 
     longer sequence gives the T = `t` sink rate with no second forward."""
     b, h, width, _ = pattern.shape
     starts, _ = _starts_lengths(mask, b, width, pattern.device)
-    to_first = pattern.float().gather(-1, starts.view(b, 1, 1, 1).expand(b, h, width, 1))[..., 0]  # [b, head, q]
-    pos = torch.arange(width, device=pattern.device)[None]
-    rows = ((pos >= starts[:, None]) & (pos < starts[:, None] + t)).float()
-    return (to_first * rows[:, None]).sum(-1) / rows.sum(-1).clamp_min(1)[:, None]
+    to_first = pattern.gather(-1, starts.view(b, 1, 1, 1).expand(b, h, width, 1))[..., 0].float()
+    return _first_key_alpha_from(to_first, mask, t)
 
 
 def attention_outlier_keys(pattern: Float[Tensor, "batch head q k"], mask: Int[Tensor, "batch pos"] | None = None,
                            frac: float = OUTLIER_KEY_FRAC) -> Bool[Tensor, "batch k"]:
     """Keys whose column sum of the head-mean pattern (over real queries) is ≥ frac · T (left-aligned)."""
-    b, _, width, _ = pattern.shape
-    qmask = _query_mask(mask, b, width, pattern.device, False).float()
-    _, lengths = _starts_lengths(mask, b, width, pattern.device)
-    col = (pattern.float().mean(1) * qmask[:, :, None]).sum(1)  # [b, k]
-    keys = left_align(col, mask) >= frac * lengths[:, None].float()
-    valid = torch.arange(width, device=pattern.device)[None] < lengths[:, None]
-    return keys & valid
+    return _outlier_keys_from(pattern_sums(pattern, mask, causal=False), mask, frac)
 
 
 def sink_ratio(pattern: Float[Tensor, "batch head q k"], keys: Bool[Tensor, "batch k"],
                mask: Int[Tensor, "batch pos"] | None = None) -> Float[Tensor, "batch head"]:
     """ρ: share of each head's attention (over real queries) that goes to the keys in `keys` (left-aligned)."""
-    b, _, width, _ = pattern.shape
-    qmask = _query_mask(mask, b, width, pattern.device, False).float()
-    col = left_align((pattern.float() * qmask[:, None, :, None]).sum(-2), mask)  # [b, head, k]
-    return (col * keys[:, None].float()).sum(-1) / col.sum(-1).clamp_min(1e-12)
+    return _sink_ratio_from(pattern_sums(pattern, mask, causal=False), keys, mask)
 
 
 class AttentionStats:
@@ -143,7 +210,8 @@ class AttentionStats:
 
     def __init__(self, n_layers: int, n_heads: int, layers: Sequence[int] | None = None, *, eps: float = SINK_EPS,
                  exclude_first_query: bool = True, causal: bool = True, outlier_frac: float = OUTLIER_KEY_FRAC,
-                 qkv_norms: bool = False, example: int | None = None, gated_q: bool = False):
+                 qkv_norms: bool = False, example: int | None = None, gated_q: bool = False,
+                 example_tokens: int | None = None):
         self.layers = list(range(n_layers)) if layers is None else sorted(layers)
         self.n_heads, self.eps, self.causal = n_heads, eps, causal
         self.exclude_first_query, self.outlier_frac, self.qkv_norms = exclude_first_query, outlier_frac, qkv_norms
@@ -156,7 +224,9 @@ class AttentionStats:
         # (layer, q|k|v, sink?) → [sum, n]
         self.norm_sums: dict = defaultdict(lambda: torch.zeros(2, dtype=torch.float64))
         self.gated_q = gated_q  # q hook holds [q_h | g_h] per head (Qwen3-Next / Qwen3.5): keep the query halves
+        # head-mean pattern of sequence `example` per layer, its first `example_tokens` positions (queries and keys)
         self.example_index, self.example = example, {}
+        self.example_tokens = EXAMPLE_TOKENS if example_tokens is None else example_tokens
         self.sink_layers: Counter = Counter()  # emergence layer → sequences whose sink set S was fixed there
         self._batch = None
         self._sink: Tensor | None = None  # [batch, k] sink set S of each sequence of the batch (empty until it emerges)
@@ -187,18 +257,20 @@ class AttentionStats:
 
     @torch.no_grad()
     def update(self, layer: int, pattern: Float[Tensor, "batch head q k"]) -> None:
-        """Add one layer's pattern for the current batch."""
+        """Add one layer's pattern for the current batch: reduced over queries (`pattern_sums`, a block of rows at a
+        time) to per-head, per-key sums; nothing of the size of the pattern is kept."""
         indices, tokens, mask = self._batch
         b = pattern.shape[0]
-        self.first_sum[layer] += first_token_attention(pattern, mask, self.exclude_first_query).double().sum(0).cpu()
-        alpha = key_attention(pattern, mask, self.causal)
+        sums = pattern_sums(pattern, mask, self.causal)
+        self.first_sum[layer] += _first_token_from(sums.to_first, mask, self.exclude_first_query).double().sum(0).cpu()
+        alpha = _alpha_from(sums, mask, self.causal)
         sinks = alpha > self.eps  # [b, head, k]
         self.sink_count[layer] += sinks[:, :, 0].double().sum(0).cpu()
-        self.sink64_count[layer] += (first_key_alpha(pattern, mask) > self.eps).double().sum(0).cpu()
+        self.sink64_count[layer] += (_first_key_alpha_from(sums.to_first, mask, GU_T) > self.eps).double().sum(0).cpu()
         lengths = _starts_lengths(mask, b, pattern.shape[-1], pattern.device)[1]
         self.t64_exact &= bool(lengths.min() >= GU_T and (self.causal or lengths.max() == GU_T))
-        keys = attention_outlier_keys(pattern, mask, self.outlier_frac)
-        self.ratio_sum[layer] += sink_ratio(pattern, self._sink_set(layer, keys), mask).double().sum(0).cpu()
+        keys = _outlier_keys_from(sums, mask, self.outlier_frac)
+        self.ratio_sum[layer] += _sink_ratio_from(sums, self._sink_set(layer, keys), mask).double().sum(0).cpu()
         self.n_seqs[layer] += b
         toks = left_align(tokens, mask).cpu()
         for row, pos in keys.nonzero().tolist():
@@ -212,7 +284,9 @@ class AttentionStats:
         if self.example_index is not None and self.example_index in indices:
             row = indices.index(self.example_index)
             n = int(mask[row].sum()) if mask is not None else pattern.shape[-1]
-            self.example[layer] = pattern[row, :, -n:, -n:].float().mean(0).cpu()
+            start = pattern.shape[-1] - n
+            m = min(n, self.example_tokens)  # the first `example_tokens` positions only
+            self.example[layer] = pattern[row, :, start:start + m, start:start + m].float().mean(0).cpu()
 
     def _sink_set(self, layer: int, keys: Bool[Tensor, "batch k"]) -> Bool[Tensor, "batch k"]:
         """The batch's sink sets S: a sequence without one yet takes this layer's attention-outlier keys, if any."""

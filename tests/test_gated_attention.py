@@ -358,7 +358,8 @@ def test_hybrid_linear_layers_are_not_zeros(hybrid):
     assert d["text"]["n_selection"] == len(split(n, 0.5, 0).selection)
     assert result.to_dict()["gated"] and _run(hybrid, n_chunks=5)[1].to_dict()["text"]["n_selection"] == 3
     assert d["layer_kinds"] == ["linear", "softmax"]
-    assert d["attention"][0] == {"layer": 0, "first_token": None, "sink_rate": None, "sink_rate_ci": None}
+    assert d["attention"][0] == {"layer": 0, "first_token": None, "sink_rate": None, "sink_rate_ci": None,
+                                 "sink_rate_t64": None}
     assert d["sparsity"][0] == {"layer": 0, "ungated": None, "gated": None}
     assert d["attention"][1]["first_token"] > 0 and {r["layer"] for r in d["gates"]} == {1}
     html = ga.build_report(result, hybrid.tokenizer).render()
@@ -463,3 +464,93 @@ def test_sink_organisms_shipped_behaviour():
     # the sink rate is a share of (head, sequence) pairs: 100 % of 8 held-out sequences × 4 heads, Wilson interval
     assert std.attention[1]["sink_rate_ci"] == pytest.approx([100 * wilson(32, 32)[0], 100.0])
     assert statistics.mean(r["mean"] for r in gated.gates) < 0.1
+
+
+# ---------------------------------------------------------------- streamed per layer (issue 16)
+
+@pytest.fixture(scope="module")
+def random_gated(tmp_path_factory):
+    from interp.models import load_model
+
+    path = _tiny_qwen35(tmp_path_factory.mktemp("random_gated"), ["full_attention"] * 2, planted=False, seed=3)
+    return load_model(str(path), device="cpu")
+
+
+def _reference_layers(model, seqs, batch_size):
+    """The previous gate pass: run_with_cache of every layer's pattern, values and gate logits at once."""
+    from interp.batching import padded_batches
+
+    layers, gated, n_heads = gates.softmax_layers(model), gates.is_gated(model), model.cfg.n_heads
+    for _, tokens, mask in padded_batches(model, seqs, batch_size, progress=False):
+        with torch.no_grad():
+            _, cache = model.run_with_cache(tokens, attention_mask=mask, names_filter=lambda n: n.endswith(
+                ("hook_pattern", "hook_v", "hook_q_gate")))
+        for layer in layers:
+            pattern = cache[f"blocks.{layer}.attn.hook_pattern"].float()
+            v = cache[f"blocks.{layer}.attn.hook_v"].float()
+            y = torch.einsum("bhqk,bkhd->bqhd", pattern, v.repeat_interleave(pattern.shape[1] // v.shape[2], dim=2))
+            logits = cache[gates.gate_hook(layer)].float() if gated else None
+            g = torch.sigmoid(gates.split_heads(logits, n_heads)) if gated else None
+            yield layer, pattern, y, g, logits, mask
+
+
+@pytest.mark.parametrize("which", ["random_gated", "tiny_model"])
+def test_streamed_gate_pass_equals_the_cached_pass(which, request):
+    model = request.getfixturevalue(which)
+    seqs = _seqs(model, n=5, seed=4)
+    layers, n_heads, gated = gates.softmax_layers(model), model.cfg.n_heads, gates.is_gated(model)
+    mean_gate = {layer: 0.3 for layer in layers}
+    got_gates, got_sparsity, got_scale = gates.measure(model, seqs, batch_size=3, mean_gate=mean_gate, progress=False)
+    ref_gates = gates.GateStats(layers, n_heads, model.cfg.d_head) if gated else None
+    ref_sparsity, ref_scale = gates.SparsityStats(1e-2), gates.ScaleStats(layers, n_heads)
+    for layer, pattern, y, g, logits, mask in _reference_layers(model, seqs, 3):
+        if gated:
+            ref_gates.update(layer, logits, mask)
+        ref_sparsity.update(layer, y, mask, g, mean_gate[layer])
+        ref_scale.update(layer, pattern, mask, g)
+    pairs = [(got_sparsity.detail_rows(gated), ref_sparsity.detail_rows(gated)),
+             (got_scale.head_rows(), ref_scale.head_rows())]
+    if gated:
+        pairs += [(got_gates.head_rows(), ref_gates.head_rows()), (got_gates.layer_rows(), ref_gates.layer_rows())]
+    for got, ref in pairs:
+        assert len(got) == len(ref)
+        for a, b in zip(got, ref, strict=True):
+            assert a.keys() == b.keys()
+            for k in a:
+                assert (a[k] is None and b[k] is None) or a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-7), k
+    assert got_scale.histograms() == ref_scale.histograms()
+    if gated:
+        means = ref_gates.element_means()
+        ref_push = gates.PushStats(layers, n_heads, means)
+        for layer, _, y, g, _, mask in _reference_layers(model, seqs, 3):
+            ref_push.update(layer, y, g, mask)
+        got_push = gates.measure_push(model, seqs, means, batch_size=3, progress=False).factors()
+        for kind, factors in ref_push.factors().items():
+            assert got_push[kind] == pytest.approx(factors, rel=1e-5)
+
+
+def test_gate_pass_drops_each_layers_pattern(random_gated):
+    """When a layer's statistics are taken, the previous layer's pattern no longer exists (no cache of every layer)."""
+    import gc
+    import weakref
+
+    seen: list[weakref.ref] = []
+    alive_at: list[int] = []
+
+    def consume(layer, pattern, y, g, logits, mask):
+        gc.collect()
+        alive_at.append(sum(ref() is not None for ref in seen))
+        seen.append(weakref.ref(pattern))
+
+    gates._stream_layers(random_gated, _seqs(random_gated, n=4), 2, False, "test", consume)
+    assert len(seen) == 2 * len(gates.softmax_layers(random_gated)) and alive_at == [0] * len(seen)
+
+
+def test_rebuild_ungated_in_blocks_of_queries(monkeypatch):
+    """A pattern of another dtype than the values is cast a block of query rows at a time: same Y."""
+    g = torch.Generator().manual_seed(0)
+    pattern = torch.rand(2, 4, 9, 9, generator=g).softmax(-1)
+    v = torch.randn(2, 9, 2, 5, generator=g, dtype=torch.float64)
+    full = torch.einsum("bhqk,bkhd->bqhd", pattern.double(), v.repeat_interleave(2, dim=2))
+    monkeypatch.setattr(gates, "QUERY_BLOCK_BYTES", 2 * 4 * 9 * 8 * 2)  # two query rows per block
+    torch.testing.assert_close(gates.rebuild_ungated(pattern, v), full)

@@ -536,3 +536,43 @@ def test_old_option_names_still_work_and_warn():
     with pytest.warns(FutureWarning, match="'n_texts' is now 'n_chunks'"):
         assert config_for("systematic_outliers", n_texts=7).n_chunks == 7
     assert config_for("systematic_outliers").random_draws == 5
+
+
+# ---------------------------------------------------------------- memory model (issue 16)
+
+def test_measure_loss_equals_the_full_logits_reference(pmodel, text_file):
+    """measure()'s chunked cross-entropy (no [batch, pos, vocab]) = the full-logits log_softmax, with and without an
+    intervention, on a padded batch."""
+    from interp.analyses import systematic_outliers as so
+    from interp.analysis import config_for
+    from interp.batching import padded_batches
+
+    cfg = config_for("systematic_outliers", pmodel, text_set=str(text_file), seq_len=16, n_chunks=6, bos=True,
+                     batch_size=4, progress=False)
+    seqs = [c[: 16 - i] for i, c in enumerate(so.load_text_set(pmodel, cfg).chunks)]  # left padding in each batch
+    for make in (lambda: None, lambda: so.SetScalars(0, [D_STAR], [D_STAR], torch.zeros(2, 1), True, 100.0, 1000.0)):
+        got = so.measure(pmodel, seqs, cfg, make())
+        nll, count, iv = 0.0, 0, make()
+        for _, tokens, mask in padded_batches(pmodel, seqs, 4, progress=False):
+            if iv is not None:
+                iv.mask = mask
+            with torch.no_grad():
+                logits = pmodel.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=iv.hooks() if iv else [])
+            logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, tokens[:, 1:, None])[..., 0]
+            keep = (mask[:, :-1] * mask[:, 1:]).bool()
+            nll, count = nll - float(logp[keep].double().sum()), count + int(keep.sum())
+        assert got["loss"] == pytest.approx(nll / count, rel=1e-5)
+
+
+def test_example_pattern_is_capped_in_the_result_and_report(pmodel, text_file, monkeypatch):
+    from interp.analyses import systematic_outliers as so
+    from interp.analysis import config_for
+
+    monkeypatch.setattr(sinks, "EXAMPLE_TOKENS", 8)
+    cfg = config_for("systematic_outliers", pmodel, text_set=str(text_file), seq_len=16, n_chunks=4, bos=True,
+                     random_draws=2, example=1, progress=False)
+    res = so.run(pmodel, cfg)
+    assert set(res.example_pattern) == {0, 1}
+    assert all(np.asarray(p).shape == (8, 8) for p in res.example_pattern.values())
+    assert len(res.example_tokens) == 8
+    assert "its first 8 of 16 tokens" in so.build_report(res, pmodel.tokenizer).render()

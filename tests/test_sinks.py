@@ -227,3 +227,134 @@ def test_analyses_report_the_sink_rate_at_t64(analysis, tiny_model):
             independent = sinks.attention_metrics(tiny_model, [c[:64] for c in measured], eps=eps,
                                                   progress=False).overall()["sink_rate"]
             assert got == pytest.approx(independent)
+
+
+# ---------------------------------------------------------------- streamed reduction = full materialisation (issue 16)
+
+def _ref_metrics(pattern, mask, causal=True, frac=0.1, eps=0.3, exclude_first=True, t=64):
+    """The previous implementation, independent of interp.sinks: full float32 copies of the pattern."""
+    b, h, width, _ = pattern.shape
+    p = pattern.float()
+    if mask is None:
+        mask = torch.ones(b, width, dtype=torch.long)
+    lengths = mask.sum(-1).long()
+    starts = width - lengths
+    pos = torch.arange(width)
+
+    def align(x):
+        out = torch.zeros_like(x)
+        for r in range(b):
+            out[r, ..., :lengths[r]] = x[r, ..., starts[r]:]
+        return out
+
+    real_q = (pos[None] >= starts[:, None]).float()
+    q_first = (pos[None] >= starts[:, None] + int(exclude_first)).float()
+    to_first = torch.stack([p[r, :, :, starts[r]] for r in range(b)])  # [b, h, q]
+    first = (to_first * q_first[:, None]).sum(-1) / q_first.sum(-1).clamp_min(1)[:, None]
+    received = p * real_q[:, None, :, None]
+    if causal:
+        received = received.tril()
+        count = (width - torch.maximum(pos[None], starts[:, None])).float()
+    else:
+        count = real_q.sum(-1, keepdim=True).expand(b, width)
+    alpha = align(received.sum(-2) / count.clamp_min(1)[:, None])
+    rows = ((pos[None] >= starts[:, None]) & (pos[None] < starts[:, None] + t)).float()
+    alpha64 = (to_first * rows[:, None]).sum(-1) / rows.sum(-1).clamp_min(1)[:, None]
+    col = (p.mean(1) * real_q[:, :, None]).sum(1)
+    keys = (align(col) >= frac * lengths[:, None].float()) & (pos[None] < lengths[:, None])
+    colh = align((p * real_q[:, None, :, None]).sum(-2))
+    ratio = (colh * keys[:, None].float()).sum(-1) / colh.sum(-1).clamp_min(1e-12)
+    return {"first": first, "alpha": alpha, "sink": alpha[:, :, 0] > eps, "sink64": alpha64 > eps, "keys": keys,
+            "ratio": ratio}
+
+
+def _random_patterns(b=3, h=4, width=37, seed=0, causal=True, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(b, h, width, width, generator=g) * 2
+    lengths = torch.tensor([width, width - 5, width - 11][:b])
+    for row in range(b):
+        scores[row, :, :, width - lengths[row]] += 3  # a sink on the first real key
+    mask = (torch.arange(width)[None] >= (width - lengths)[:, None]).long()
+    allowed = mask[:, None, None, :].bool().expand(b, h, width, width)
+    if causal:
+        allowed = allowed & torch.ones(width, width, dtype=torch.bool).tril()
+    pattern = scores.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0)
+    return pattern.to(dtype), mask
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("block", [1, 5, None])
+def test_streamed_metrics_equal_the_full_materialisation(causal, block, monkeypatch):
+    pattern, mask = _random_patterns(causal=causal)
+    if block is not None:  # rows per block: QUERY_BLOCK_BYTES / (batch · heads · pos · 4)
+        monkeypatch.setattr(sinks, "QUERY_BLOCK_BYTES", block * 3 * 4 * 37 * 4)
+    ref = _ref_metrics(pattern, mask, causal=causal)
+    assert torch.allclose(sinks.first_token_attention(pattern, mask), ref["first"], atol=1e-6)
+    assert torch.allclose(sinks.key_attention(pattern, mask, causal), ref["alpha"], atol=1e-6)
+    keys = sinks.attention_outlier_keys(pattern, mask)
+    assert torch.equal(keys, ref["keys"]) and keys[:, 0].all()
+    assert torch.allclose(sinks.sink_ratio(pattern, keys, mask), ref["ratio"], atol=1e-6)
+    stats = sinks.AttentionStats(1, 4, causal=causal, example=1)
+    stats.begin_batch([0, 1, 2], torch.randint(0, 50, mask.shape), mask)
+    stats.update(0, pattern)
+    n = 3 * 4
+    row = stats.per_layer()[0]
+    assert row["first_token"] == pytest.approx(float(ref["first"].sum() / n), abs=1e-6)
+    assert row["sink_rate"] == pytest.approx(100 * float(ref["sink"].sum()) / n)
+    # S = this layer's keys (the first layer with any); ρ against the reference on the same S
+    assert row["sink_ratio"] == pytest.approx(float(ref["ratio"].sum() / n), abs=1e-6)
+    assert sorted((s, p) for _, s, p, _ in stats.outlier_keys) == sorted(map(tuple, ref["keys"].nonzero().tolist()))
+
+
+def test_example_pattern_is_capped(monkeypatch):
+    pattern, mask = _random_patterns(width=37)
+    monkeypatch.setattr(sinks, "EXAMPLE_TOKENS", 16)
+    stats = sinks.AttentionStats(1, 4, example=1, example_tokens=16)
+    stats.begin_batch([0, 1, 2], torch.randint(0, 50, mask.shape), mask)
+    stats.update(0, pattern)
+    start = 5  # row 1 has 5 padded positions
+    assert stats.example[0].shape == (16, 16)
+    assert torch.allclose(stats.example[0], pattern[1, :, start:start + 16, start:start + 16].mean(0))
+    short = sinks.AttentionStats(1, 4, example=2)  # 26 real tokens < 256: the whole chunk
+    short.begin_batch([0, 1, 2], torch.randint(0, 50, mask.shape), mask)
+    short.update(0, pattern)
+    assert short.example[0].shape == (26, 26)
+
+
+def test_update_makes_no_full_float32_copy_of_the_pattern(monkeypatch):
+    """A bfloat16 pattern is reduced a block of query rows at a time: no allocation near the size of a float32 copy
+    (torch's CPU memory profiler sees every allocation)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    pattern, mask = _random_patterns(b=2, h=4, width=256, dtype=torch.bfloat16)
+    full_copy = pattern.numel() * 4  # 2 MiB
+    monkeypatch.setattr(sinks, "QUERY_BLOCK_BYTES", full_copy // 16)
+    stats = sinks.AttentionStats(1, 4, qkv_norms=False)
+    stats.begin_batch([0, 1], torch.randint(0, 50, mask.shape), mask)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        stats.update(0, pattern)
+    largest = max(getattr(e, "cpu_memory_usage", 0) for e in prof.events())
+    assert 0 < largest <= full_copy // 8, largest
+
+
+def test_attention_metrics_on_a_model_equal_the_cached_patterns(tiny_model):
+    """attention_metrics (hooks that reduce each layer's pattern and drop it) = the reference on run_with_cache's
+    patterns, padded batch included."""
+    from interp.texts import chunk_texts, natural_text
+
+    seqs = chunk_texts(tiny_model.tokenizer, natural_text(), 24, 5).chunks
+    seqs = [s[: 24 - 3 * i] for i, s in enumerate(seqs)]  # different lengths: left padding
+    n_layers, n_heads = tiny_model.cfg.n_layers, tiny_model.cfg.n_heads
+    stats = sinks.attention_metrics(tiny_model, seqs, batch_size=5, progress=False)
+    from interp.batching import padded_batches
+
+    (idx, tokens, mask), = list(padded_batches(tiny_model, seqs, 5, progress=False))
+    with torch.no_grad():
+        _, cache = tiny_model.run_with_cache(tokens, attention_mask=mask,
+                                             names_filter=lambda name: name.endswith("hook_pattern"))
+    rows = stats.per_layer()
+    for layer in range(n_layers):
+        ref = _ref_metrics(cache[f"blocks.{layer}.attn.hook_pattern"], mask)
+        n = len(seqs) * n_heads
+        assert rows[layer]["first_token"] == pytest.approx(float(ref["first"].sum() / n), abs=1e-6)
+        assert rows[layer]["sink_rate"] == pytest.approx(100 * float(ref["sink"].sum()) / n)
