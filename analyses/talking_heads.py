@@ -40,6 +40,7 @@ from interp.bridge import mla_layers
 from interp.capture import capture
 from interp.channels import scale_components
 from interp.controls import ControlUnavailable, Draws, control_row, matched_draws, mean_sd, quantile_bins
+from interp.cost import announce, describe, sequence_cost
 from interp.figures import band
 from interp.report import analysis_report
 
@@ -58,12 +59,20 @@ class Config(CommonConfig):
     # a channel's score must also exceed this multiple of the Gaussian baseline's max over a head's components
     min_baseline_ratio: float = 2.0
     energy: float = 0.8  # channel rank: fewest components holding this share of σ²·score² (80 % rule)
+    # channel rows written (results.json, channels.csv), strongest first; every channel is still counted
+    # (channel_counts); 0: all (hundreds of thousands on a 7B model)
+    max_channels: int = 1000
+    # whole-head rows written per mode: the head pairs among the N highest whole-head scores or the N highest
+    # best-component scores; 0: every (earlier writer, reader) pair (about 500k per mode on a 7B model)
+    max_whole_head: int = 1000
     baseline_draws: int = 20  # Gaussian random heads drawn for the baseline
     n_items: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8, 9, 10)  # Laundry List lengths N (2-10)
     # Laundry List surface templates (objects, objects, food, names)
     templates: tuple[TEMPLATES, ...] = ("laundry", "bag", "market", "park")
-    # prompts per (N, answer position) cell in each half (method note: >= 200; --limit caps it)
-    prompts_per_cell: int = 200
+    # prompts per (N, answer position) cell in each half (--limit caps it): 20 keeps a 7B run at minutes (1,080
+    # prompts per half at N = 2-10); the method note's setting is --prompts-per-cell 200 (10,800 per half, ~10x the
+    # forwards)
+    prompts_per_cell: int = 20
     # share of the templates (and of the items of a vocabulary both halves use) that selects the mover and the edit
     # set; the held-out half measures on the other templates and items
     selection_fraction: float = 0.5
@@ -91,6 +100,8 @@ class Config(CommonConfig):
         require(self.min_baseline_ratio >= 0, f"min-baseline-ratio must be >= 0; got {self.min_baseline_ratio}")
         require(0 < self.selection_fraction < 1, f"selection-fraction must be in (0, 1); got {self.selection_fraction}")
         counts = ("baseline_draws", "prompts_per_cell", "edit_components", "candidates", "sigma_bins", "view_prompts")
+        require(self.max_channels >= 0, f"max-channels must be >= 0 (0: all); got {self.max_channels}")
+        require(self.max_whole_head >= 0, f"max-whole-head must be >= 0 (0: all); got {self.max_whole_head}")
         for name in counts:
             require(getattr(self, name) >= 1, f"{name.replace('_', '-')} must be at least 1; got {getattr(self, name)}")
         require(self.candidates >= self.edit_components, "candidates must be at least edit-components")
@@ -123,6 +134,9 @@ class Result:
     # what head_weights folded into the weights (reader norm, q/k norm, writer norm): `HeadWeights.processing`
     weight_processing: dict = field(default_factory=dict)
     skipped_layers: dict[int, str] = field(default_factory=dict)  # layer → what was not measured there and why
+    # every channel counted (found, per mode) and how many rows were kept (--max-channels); the same for head pairs
+    channel_counts: dict = field(default_factory=dict)
+    whole_head_counts: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {**self.header, "warnings": self.warnings, "channels": self.channels, "whole_head": self.whole_head,
@@ -130,7 +144,8 @@ class Result:
                 "baseline": self.baseline, "mover": self.mover, "candidates": self.candidates,
                 "first_token_scoring": self.first_token_scoring, "activation_view": self.activation_view,
                 "split": self.split, "weight_processing": self.weight_processing,
-                "skipped_layers": self.skipped_layers}
+                "skipped_layers": self.skipped_layers, "channel_counts": self.channel_counts,
+                "whole_head_counts": self.whole_head_counts}
 
     def tables(self) -> dict[str, pd.DataFrame]:
         return {"channels": pd.DataFrame(self.channels), "whole_head": pd.DataFrame(self.whole_head),
@@ -295,16 +310,27 @@ def run(model, config: Config) -> Result:
     w = comp.head_weights(model, fold_norms=config.fold_norms, layers=soft if skipped else None)
     for note in w.notes:
         warn(warnings, note)
+    n_soft, rank = len(soft), min(cfg.d_head, cfg.d_model)
+    describe("composition scan", f"{len(dict.fromkeys(config.mode))} mode(s) × {n_soft * cfg.n_heads * rank:,} writer "
+             f"components × the reader heads of later layers ({n_soft} softmax layers × {cfg.n_heads} heads); score "
+             f"tensors of {n_soft ** 2 * cfg.n_heads ** 2 * rank * 4 / 2 ** 30:.2f} GiB each", enabled=config.progress)
     S, V = comp.writer_svd(w)
     scans = {m: comp.scan(w, m, S=S, V=V, progress=config.progress) for m in dict.fromkeys(config.mode)}
     baseline = comp.gaussian_baseline(cfg.d_model, cfg.d_head, config.baseline_draws, config.seed)
     min_score = config.min_baseline_ratio * baseline["component_max"]
     baseline["channel_min_score"] = min_score
     zs = {m: s.z() for m, s in scans.items()}
+    limit = config.max_channels or None
+    found = {m: int(comp.channel_mask(s, zs[m], min_z=config.min_z, min_score=min_score).sum())
+             for m, s in scans.items()}
     channels = sorted((r for m, s in scans.items()
-                       for r in comp.channel_rows(s, zs[m], min_z=config.min_z, min_score=min_score)),
-                      key=lambda r: -r["score"])
-    whole = [r for s in scans.values() for r in comp.whole_head_rows(s, config.energy)]
+                       for r in comp.channel_rows(s, zs[m], min_z=config.min_z, min_score=min_score, limit=limit)),
+                      key=lambda r: -r["score"])[:limit]
+    channel_counts = {"found": sum(found.values()), "per_mode": found, "kept": len(channels),
+                      "max_channels": config.max_channels}
+    whole = [r for s in scans.values() for r in comp.whole_head_rows(s, config.energy, config.max_whole_head or None)]
+    pairs = int(comp.pair_mask(n_soft, cfg.n_heads).sum())
+    whole_counts = {"pairs_per_mode": pairs, "kept": len(whole), "max_whole_head": config.max_whole_head}
     nulls = {m: s.null() for m, s in scans.items()}
     W_O = w.W_O
     if skipped:  # from here on every tensor is indexed by model layer, NaN on the skipped ones
@@ -335,6 +361,21 @@ def run(model, config: Config) -> Result:
 
     def evaluate(ps: list[ll.LaundryPrompt], enc: ll.Encoded, desc: str) -> dict[str, Tensor]:
         return ll.evaluate(model, ps, enc, batch_size=config.batch_size, progress=config.progress, desc=desc)
+
+    n_alpha = sum(a != 1.0 for a in config.alpha)
+    for stage, enc, times, note in (
+            ("Laundry List baselines", None, 1, "both halves, last position unembedded"),
+            ("mover and candidate screening", enc_sel, 1 + config.candidates,
+             f"selection half, eager attention on {len(soft) - 1} layers, 1 + {config.candidates} candidates"),
+            ("α sweep", None, n_alpha, f"{n_alpha} α ≠ 1 × (both halves + {config.random_draws} random draws on the "
+                                       "held-out half)")):
+        if enc is None:
+            seqs = enc_held.ids + enc_sel.ids if stage != "α sweep" else \
+                enc_held.ids * (1 + config.random_draws) + enc_sel.ids
+        else:
+            seqs = enc.ids
+        forwards, tokens, longest = sequence_cost(seqs, times)
+        announce(stage, forwards, tokens, longest, f"{note}, batch {config.batch_size}", enabled=config.progress)
 
     base_held = evaluate(held, enc_held, "laundry list (held-out)")
     base_sel = evaluate(sel, enc_sel, "laundry list (selection)")
@@ -418,7 +459,7 @@ def run(model, config: Config) -> Result:
                   first_token_scoring=enc_held.multi_token or enc_sel.multi_token, activation_view=view,
                   view_points=points, reader_components=bars, grids=grids, split=halves, warnings=warnings,
                   weight_processing={**w.processing, "reads": {m: sc.reads for m, sc in scans.items()}},
-                  skipped_layers=skipped)
+                  skipped_layers=skipped, channel_counts=channel_counts, whole_head_counts=whole_counts)
 
 
 def _pair_grid(x: torch.Tensor) -> np.ndarray:
@@ -542,7 +583,8 @@ def build_report(result: Result, tokenizer=None):
     per_n = {r["n_items"]: r for r in result.laundry_list if r["position"] is None}
     base = f"{held[1.0]['accuracy']:.3f}" if 1.0 in held else "nan"
     control = f"{rand[best]['accuracy']:.3f} ± {rand[best]['accuracy_sd']:.3f}" if best in rand else "unavailable"
-    headline = {"channels found": len(result.channels),
+    counts = result.channel_counts or {"found": len(result.channels), "kept": len(result.channels)}
+    headline = {"channels found": counts["found"],
                 "Gaussian baseline (component mean / max)":
                     f"{result.baseline['component_mean']:.3f} / {result.baseline['component_max']:.3f}",
                 "mover head": f"{m['layer']}.{m['head']}",
@@ -572,9 +614,11 @@ def build_report(result: Result, tokenizer=None):
                                             f"{mode}-composition, {what} (max over heads of each layer pair)"))
     rep.add_figure(component_bars(result))
     if result.channels:
+        kept = (f" ({counts['kept']:,} of {counts['found']:,} written to channels.csv, the strongest; --max-channels "
+                f"{cfg.max_channels}, 0 writes all)") if counts["kept"] < counts["found"] else ""
         rep.add_table(pd.DataFrame(result.channels).head(30), caption=f"Channels: components above both thresholds "
                       f"(z > {cfg.min_z:g} against the reader's null and > {result.baseline['channel_min_score']:.3f}),"
-                      " strongest first")
+                      f" strongest first{kept}")
     else:
         rep.add_paragraph("No component clears both channel thresholds.")
     wh = pd.DataFrame(result.whole_head).sort_values("max_component_score", ascending=False).head(20)

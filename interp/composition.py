@@ -305,11 +305,22 @@ def _mean(xs: list[Tensor]) -> float:
     return float(torch.stack(xs).mean())
 
 
+def channel_mask(s: Scan, z: Tensor, *, min_z: float, min_score: float) -> Tensor:
+    """Components that clear both thresholds: z against the reader's empirical null and an absolute score."""
+    return (z > min_z) & (s.scores > min_score)
+
+
 def channel_rows(s: Scan, z: Tensor, *, min_z: float, min_score: float, limit: int | None = None) -> list[dict]:
-    """Components that clear both thresholds (z against the empirical null and an absolute score),
-    strongest first, as `channels` rows."""
-    keep = (z > min_z) & (s.scores > min_score)
-    idx = keep.nonzero().tolist()
+    """Components that clear both thresholds (`channel_mask`), strongest first, as `channels` rows; with `limit`,
+    only the `limit` strongest (chosen on the tensor, so no row is built for the others)."""
+    keep = channel_mask(s, z, min_z=min_z, min_score=min_score)
+    n = int(keep.sum())
+    if limit and n > limit:
+        flat = torch.where(keep, s.scores, torch.tensor(float("-inf"), dtype=s.scores.dtype)).flatten()
+        top = torch.topk(flat, limit).indices
+        idx = torch.stack(torch.unravel_index(top, keep.shape), 1).tolist()
+    else:
+        idx = keep.nonzero().tolist()
     rows = []
     for lw, hw, i, lr, hr in idx:
         row = {"writer_layer": lw, "writer_head": hw, "component": i, "reader_layer": lr, "reader_head": hr,
@@ -322,12 +333,31 @@ def channel_rows(s: Scan, z: Tensor, *, min_z: float, min_score: float, limit: i
     return rows[:limit] if limit else rows
 
 
-def whole_head_rows(s: Scan, energy: float = 0.8) -> list[dict]:
+def pair_mask(n_layers: int, n_heads: int) -> Tensor:
+    """[writer layer, writer head, reader layer, reader head]: True where the writer's layer is earlier."""
+    earlier = torch.arange(n_layers)[:, None] < torch.arange(n_layers)[None, :]
+    return earlier[:, None, :, None].expand(n_layers, n_heads, n_layers, n_heads)
+
+
+def whole_head_rows(s: Scan, energy: float = 0.8, limit: int | None = None) -> list[dict]:
     """`whole_head` rows for every (earlier writer, reader) pair, with the best component's score
-    and the channel rank beside the diluted whole-head score."""
+    and the channel rank beside the diluted whole-head score. With `limit`, only the pairs among the `limit`
+    highest whole-head scores or the `limit` highest best-component scores (at most 2 × `limit` rows, in the
+    same order), chosen on the tensors."""
     whole, best, rank = s.whole_head(), s.scores.amax(2), s.channel_rank(energy)
     n_layers, n_heads = whole.shape[:2]
+    valid = pair_mask(n_layers, n_heads)
+    if limit and int(valid.sum()) > limit:
+        keep = torch.zeros_like(valid)
+        for x in (whole, best):
+            flat = torch.where(valid & ~x.isnan(), x, torch.tensor(float("-inf"), dtype=x.dtype)).flatten()
+            keep.view(-1)[torch.topk(flat, limit).indices] = True
+        keep &= valid
+    else:
+        keep = valid
+    # reader-major order, as before: (reader layer, reader head, writer layer, writer head)
+    idx = keep.permute(2, 3, 0, 1).nonzero().tolist()
     return [{"writer_layer": lw, "writer_head": hw, "reader_layer": lr, "reader_head": hr, "mode": s.mode,
              "score": float(whole[lw, hw, lr, hr]), "max_component_score": float(best[lw, hw, lr, hr]),
              "channel_rank": int(rank[lw, hw, lr, hr])}
-            for lr in range(1, n_layers) for hr in range(n_heads) for lw in range(lr) for hw in range(n_heads)]
+            for lr, hr, lw, hw in idx]

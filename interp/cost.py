@@ -6,7 +6,8 @@
 
 so a run at paper scale says up front how much work each stage is; the tqdm bar of the stage then estimates the
 time left after its first batch. `sequence_cost(seqs)` gives (forwards, tokens, longest) of one pass over token
-sequences. Printed only when `enabled` (the analyses pass their `progress` flag, like the bars).
+sequences; `describe(stage, work)` prints a line for work that is not forwards (a weight scan). Printed only when
+`enabled` (the analyses pass their `progress` flag, like the bars).
 """
 
 from __future__ import annotations
@@ -27,6 +28,14 @@ def cost_line(stage: str, forwards: int, tokens: int, longest: int | None = None
     if longest:
         text += f" (longest {longest:,})"
     return text + (f", {note}" if note else "")
+
+
+def describe(stage: str, work: str, *, enabled: bool = True) -> str:
+    """`cost: <stage>: <work>` on stderr when `enabled`, for work that is not forwards (a weight scan); the line."""
+    line = f"cost: {stage}: {work}"
+    if enabled:
+        print(line, file=sys.stderr, flush=True)
+    return line
 
 
 def announce(stage: str, forwards: int, tokens: int, longest: int | None = None, note: str = "", *,

@@ -556,7 +556,8 @@ def test_end_to_end_halves_intervals_warnings_and_matched_rows(channel_model, tm
     """The run's halves are disjoint, accuracies carry Wilson intervals, random rows say what they match."""
     from interp.analyses import talking_heads as th
 
-    result = th.run(channel_model, config_for("talking_heads", channel_model, batch_size=8, **SMALL))
+    result = th.run(channel_model, config_for("talking_heads", channel_model, batch_size=8, max_channels=1,
+                                              max_whole_head=2, **SMALL))
     d = json.loads(json.dumps(result.to_dict(), default=str))
     sp = d["split"]
     assert sp["held_out_templates"] and not set(sp["held_out_templates"]) & set(sp["selection_templates"])
@@ -577,8 +578,33 @@ def test_end_to_end_halves_intervals_warnings_and_matched_rows(channel_model, tm
         assert r["matched_on"] == "sigma" and r["strata"] == counts and r["n_draws"] == 5
         assert len(r["accuracy_draws"]) == 5 and r["accuracy_sd"] is not None
     assert any("first token" in m for m in d["warnings"])
+    cc, wc = d["channel_counts"], d["whole_head_counts"]
+    assert cc["kept"] == len(d["channels"]) == 1 <= cc["found"] == sum(cc["per_mode"].values())
+    assert wc["kept"] == len(d["whole_head"]) <= 3 * 2 * 2 < 3 * wc["pairs_per_mode"]      # 3 modes, ≤ 2 × 2 each
     out = th.build_report(result, channel_model.tokenizer).write(tmp_path / "r.html")
     assert "scored by its first token" in out.read_text()
+
+
+def test_channel_and_whole_head_rows_capped_to_the_top(channel_model):
+    """--max-channels / --max-whole-head: the rows kept are exactly the top of the full tables (chosen on the
+    tensors); the defaults keep a 7B run's tables and Laundry List small."""
+    from interp.analyses import talking_heads as th
+
+    w = comp.head_weights(channel_model)
+    s = comp.scan(w, "q")
+    z = s.z()
+    every = comp.channel_rows(s, z, min_z=-10.0, min_score=0.0)
+    assert len(every) == int(comp.channel_mask(s, z, min_z=-10.0, min_score=0.0).sum()) > 5
+    assert comp.channel_rows(s, z, min_z=-10.0, min_score=0.0, limit=5) == every[:5]
+    pairs = comp.whole_head_rows(s)
+    assert len(pairs) == int(comp.pair_mask(*s.scores.shape[:2]).sum())
+    kept = comp.whole_head_rows(s, limit=3)
+    key = lambda r: (r["writer_layer"], r["writer_head"], r["reader_layer"], r["reader_head"])  # noqa: E731
+    want = {key(r) for r in sorted(pairs, key=lambda r: -r["score"])[:3]} | \
+        {key(r) for r in sorted(pairs, key=lambda r: -r["max_component_score"])[:3]}
+    assert {key(r) for r in kept} == want and kept == [r for r in pairs if key(r) in want]   # same rows, same order
+    config = th.Config()
+    assert (config.max_channels, config.max_whole_head, config.prompts_per_cell) == (1000, 1000, 20)
 
 
 def test_activation_view_reads_the_end_position(channel_model):
