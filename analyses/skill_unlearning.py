@@ -33,6 +33,7 @@ from jaxtyping import Float
 from interp.analysis import CommonConfig, not_applicable, require, run_header, skip_layers, warn
 from interp.capture import capture
 from interp.controls import ControlUnavailable, Draws, control_row, split, wilson
+from interp.cost import announce, sequence_cost
 from interp.datasets import load_skill
 from interp.errors import UserError
 from interp.mlp import neuron_mlps, require_generation, shared_experts_by_position
@@ -341,6 +342,8 @@ def _run(model, config: Config | None = None) -> Result:
         warn(warnings, f"the bridge's gate hook differs from a raw hook on the HF gate_proj output (max |diff| "
                        f"{hook_diff:.3g}): the statistics may be wrong")
 
+    announce("gate statistics", *sequence_cost([t for ts in texts.values() for t in ts]),
+             f"every layer's gate pre-activation streamed, batch {config.batch_size}", enabled=config.progress)
     moments = {s.name: gate_moments(model, texts[s.name], batch_size=config.batch_size,
                                     progress=config.progress, desc=f"statistics {s.name}", mlps=mlps)
                for s in splits}
@@ -367,6 +370,16 @@ def _run(model, config: Config | None = None) -> Result:
 
     every = [True] * len(held.items)
     checkable = [i.check != "none" for i in held.items]
+    settings = 2 + len(draws)  # before, Neuron Adjust, each random draw
+    forwards, tokens, longest = sequence_cost([c + t for b in (held, sel) for c, t in zip(b.contexts, b.targets)],
+                                              settings)
+    announce("log-likelihood (teacher-forced)", forwards, tokens, longest,
+             f"{settings} settings × held-out + selection items, logits of the gold continuation in chunks",
+             enabled=config.progress)
+    limits = [min(config.max_new_tokens, i.max_new_tokens or config.max_new_tokens) for i in held.items]
+    announce("generation", settings * len(held.items), settings * sum(limits), None,
+             f"{settings} settings × {len(held.items)} held-out items × up to {config.max_new_tokens} new tokens, "
+             f"KV-cached, batch {config.batch_size}", enabled=config.progress)
     lp0, sel_lp0 = _logprobs(model, held, config), _logprobs(model, sel, config)
     with key_space_watch(model, cube, h, khook) as watch:  # only generation forwards count, never the gold continuation
         text0, cut0 = _generate(model, held, config, every)

@@ -406,20 +406,32 @@ def key_space_watch(model, cube: Hypercube, h: float, hook_name: str | None = No
 
 @torch.no_grad()
 def target_logprobs(model, prompts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]],
-                    item_ids: Sequence[int], *, batch_size: int = 8, progress: bool = True) -> Tensor:
-    """Mean log-probability per token of each target given its prompt (teacher-forced), `[n]`."""
+                    item_ids: Sequence[int], *, batch_size: int = 8, progress: bool = True,
+                    chunk: int | None = None) -> Tensor:
+    """Mean log-probability per token of each target given its prompt (teacher-forced), `[n]`.
+
+    The forward stops after the last block (`interp.logits.final_residual`); the final norm and the unembedding run
+    on `chunk` target positions of one item at a time (default `interp.logits.LOGIT_CHUNK`), so no
+    [batch, pos, vocab] tensor exists: memory is the batch's residual stream plus a chunk's logits."""
+    from interp.logits import LOGIT_CHUNK, final_residual, logits_at, position_chunks
+
     seqs = [list(p) + list(t) for p, t in zip(prompts, targets)]
     out = torch.empty(len(seqs))
     batches = padded_batches(model, seqs, batch_size, desc="log-likelihood", progress=progress)
     for idx, tokens, mask in batches:
         rows = Rows.for_batch([item_ids[i] for i in idx], mask, [len(prompts[i]) for i in idx])
         with rows_of(rows), sdpa_attention(model):
-            logits = model(tokens, attention_mask=mask)
+            resid = final_residual(model, tokens, mask)
         width = tokens.shape[1]
         for row, i in enumerate(idx):
             n_t = len(targets[i])
-            pred = logits[row, width - n_t - 1: width - 1].float().log_softmax(-1)
-            out[i] = pred.gather(-1, tokens[row, width - n_t:, None]).mean()
+            states, gold = resid[row, width - n_t - 1: width - 1], tokens[row, width - n_t:]
+            total = 0.0
+            for a, b in position_chunks(n_t, chunk or LOGIT_CHUNK):
+                pred = logits_at(model, states[a:b]).float().log_softmax(-1)
+                total += float(pred.gather(-1, gold[a:b, None]).double().sum())
+            out[i] = total / n_t
+        del resid
     return out
 
 

@@ -751,3 +751,19 @@ def test_truncated_generations_are_counted_per_skill(tmp_path):
     items = result.per_item
     assert items[items.skill == alpha].truncated_before.all() and not items[items.skill == words].truncated_before.any()
     assert "Truncated generations (hit the 3-token limit" in su.build_report(result).render()
+
+
+@pytest.mark.parametrize("chunk", [1, 2, None])
+def test_target_logprobs_chunked_equal_the_full_forward(tiny_model, chunk):
+    """The log-likelihood pass unembeds a few target positions at a time (issue 16): equal to log-softmax over the
+    whole forward's logits on each unpadded sequence (the HF module), at any chunk and batch size."""
+    from interp.unlearning import target_logprobs
+
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(5, 200, (n,), generator=g).tolist() for n in (3, 8, 5)]
+    targets = [torch.randint(5, 200, (n,), generator=g).tolist() for n in (5, 1, 7)]
+    got = target_logprobs(tiny_model, prompts, targets, [0, 1, 2], batch_size=3, progress=False, chunk=chunk)
+    for i, (p, t) in enumerate(zip(prompts, targets)):
+        logits = tiny_model.original_model(input_ids=torch.tensor([p + t])).logits[0].float()
+        lp = logits[len(p) - 1: len(p) + len(t) - 1].log_softmax(-1)
+        assert float(got[i]) == pytest.approx(float(lp.gather(-1, torch.tensor(t)[:, None]).mean()), abs=1e-5)
