@@ -75,6 +75,7 @@ class Config(CommonConfig):
     text_set: str = "natural-text"
     seq_len: int = 64  # tokens per chunk (Gu et al.'s sink rate is defined at T = 64; the paper evaluates at 4096)
     n_chunks: int = 64  # chunks of the text set used (fewer if the text is shorter)
+    n_docs: int = 500  # hub text sets: a seeded, streamed sample of N documents (An et al. and Sun et al.: 500)
     # a BOS first in every chunk: unset, where the model's own tokenizer adds one (as trained; Gu et al.'s sink rate);
     # --bos always (a BOS-like token where it adds none, e.g. Qwen's <|endoftext|>); --no-bos never
     bos: bool | None = None
@@ -96,6 +97,7 @@ class Config(CommonConfig):
         require(self.seq_len >= 2, f"seq-len must be at least 2; got {self.seq_len}")
         require(self.n_chunks >= 2,
                 f"n-chunks must be at least 2 (one to select on, one held out); got {self.n_chunks}")
+        require(self.n_docs >= 1, f"n-docs must be at least 1; got {self.n_docs}")
         require(0 < self.selection_fraction < 1, f"selection-fraction must be in (0, 1); got {self.selection_fraction}")
         require(self.sparsity_threshold > 0, f"sparsity-threshold must be > 0; got {self.sparsity_threshold}")
         require(0 < self.sink_epsilon < 1, f"sink-epsilon must be in (0, 1); got {self.sink_epsilon}")
@@ -164,11 +166,10 @@ class ModelResult:
 
 def text_set(model, config: Config):
     """The chunked text set for `model`'s tokenizer."""
-    from interp.datasets import load_dataset
-    from interp.texts import chunk_texts
+    from interp.texts import chunk_texts, load_texts
     from interp.tokens import bos_id
 
-    texts = load_dataset(config.text_set, "texts", limit=config.limit)
+    texts = load_texts(config.text_set, n_docs=config.n_docs, seed=config.seed, limit=config.limit)
     first = bos_id(model.tokenizer, config.bos) is not None
     return chunk_texts(model.tokenizer, texts, config.seq_len, config.n_chunks, bos=first, source=config.text_set)
 

@@ -40,12 +40,11 @@ from interp.batching import padded_batches
 from interp.bridge import attention_layers, sdpa_attention, stopped_at
 from interp.controls import ControlUnavailable, Draws, control_row, matched_draws, split
 from interp.cost import announce, sequence_cost
-from interp.datasets import load_dataset
 from interp.errors import UserError
 from interp.figures import intervention_bars, layer_head_heatmap
 from interp.losses import forward_nll
 from interp.report import analysis_report
-from interp.texts import TextSet, chunk_texts, repeated_token_set, token_string
+from interp.texts import TextSet, chunk_texts, load_texts, repeated_token_set, token_string
 from interp.tokens import bos_id
 
 DATASET_FIELD = "text_set"
@@ -61,6 +60,7 @@ class Config(CommonConfig):
     text_set: str = "natural-text"
     seq_len: int = 64  # tokens per chunk (Gu et al.'s sink rate is defined at T = 64; An/Sun profile 4096-token chunks)
     n_chunks: int = 100  # chunks analysed (Gu et al.: 100; Sun's profiles: 10)
+    n_docs: int = 500  # hub text sets: a seeded, streamed sample of N documents (An et al. and Sun et al.: 500)
     # a BOS first in every chunk: unset, where the model's own tokenizer adds one (as trained; Gu et al.'s sink rate);
     # --bos always (a BOS-like token where it adds none); --no-bos never (An's and Sun's code: no special tokens)
     bos: bool | None = None
@@ -85,6 +85,7 @@ class Config(CommonConfig):
         require(self.seq_len >= 2, f"seq-len must be at least 2; got {self.seq_len}")
         require(self.n_chunks >= 2,
                 f"n-chunks must be at least 2 (one part selects, the other measures); got {self.n_chunks}")
+        require(self.n_docs >= 1, f"n-docs must be at least 1; got {self.n_docs}")
         for name in ("massive_abs", "massive_ratio", "token_tau", "weight_ratio"):
             require(getattr(self, name) > 0, f"{name.replace('_', '-')} must be positive; got {getattr(self, name)}")
         require(0 < self.sink_epsilon < 1, f"sink-epsilon must be in (0, 1); got {self.sink_epsilon}")
@@ -170,7 +171,7 @@ def preflight(config: Config) -> None:
 
 def load_text_set(model, config: Config) -> TextSet:
     """The configured text set, chunked (n_chunks, or `limit` when smaller)."""
-    docs = load_dataset(config.text_set, "texts")
+    docs = load_texts(config.text_set, n_docs=config.n_docs, seed=config.seed)
     n = min(config.n_chunks, config.limit) if config.limit else config.n_chunks
     first = bos_id(model.tokenizer, config.bos) is not None
     return chunk_texts(model.tokenizer, docs, config.seq_len, n, bos=first, source=config.text_set)

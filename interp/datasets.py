@@ -158,7 +158,8 @@ for _name, _repo, _split, _filter, _text in [
      "walledai/JailbreakBench, harmful subset: 100 JBB behaviours"),
     ("jailbreakbench-benign", "walledai/JailbreakBench", "train", ("subset", "benign"),
      "walledai/JailbreakBench, benign subset: 100 matched harmless behaviours"),
-    ("ultrachat", "HuggingFaceH4/ultrachat_200k", "test_sft", None, "HuggingFaceH4/ultrachat_200k test_sft prompts, in order"),
+    ("ultrachat", "HuggingFaceH4/ultrachat_200k", "test_sft", None,
+     "HuggingFaceH4/ultrachat_200k test_sft prompts, in order"),
 ]:
     register(_name, Dataset("prompts", _text, online=True, load=_hub_prompts(_name, _repo, _split, _filter)))
 
@@ -193,10 +194,11 @@ register("organism-plain", Dataset("texts", "held-out plain passages in the orga
                                    load=_texts("organism_text")))
 register("backcopy", Dataset("texts", "held-out Bigram-Backcopy sequences (63 tokens) for the sink organisms' "
                              "64-token vocabulary, generated", online=False, load=_backcopy))
-register("wikitext-2", Dataset("texts", "Salesforce/wikitext, wikitext-2-raw-v1, test split", online=True,
-                               load=_texts("load_hub_texts", "wikitext-2")))
-register("redpajama-sample", Dataset("texts", "togethercomputer/RedPajama-Data-1T-Sample, the outlier papers' set",
-                                     online=True, load=_texts("load_hub_texts", "redpajama-sample")))
+register("wikitext-2", Dataset("texts", "Salesforce/wikitext, wikitext-2-raw-v1, test split: a seeded sample of 500 "
+                               "lines (--n-docs), streamed", online=True, load=_texts("load_hub_texts", "wikitext-2")))
+register("redpajama-sample", Dataset("texts", "togethercomputer/RedPajama-Data-1T-Sample, the outlier papers' set: a "
+                                     "seeded sample of 500 documents (--n-docs), streamed", online=True,
+                                     load=_texts("load_hub_texts", "redpajama-sample")))
 
 @dataclass
 class Rollout:

@@ -179,3 +179,133 @@ def test_rollout_errors(tmp_path):
     raises_one_line("line 1: field\\(s\\) thinking must be text", load_rollouts, path)
     path.write_text("\n")
     raises_one_line("is empty", load_rollouts, path)
+
+
+# --------------------------------------------------------------------------- hub text sets: a seeded, streamed sample
+
+def _fake_hub(monkeypatch, n=3000, fail_first=None):
+    """`datasets.load_dataset` replaced by a local iterable dataset of `n` documents (every 7th empty); records each
+    call's arguments and how many documents were read from the stream."""
+    datasets = pytest.importorskip("datasets")
+    calls, read = [], [0]
+
+    def gen():
+        for i in range(n):
+            read[0] += 1
+            yield {"text": "" if i % 7 == 3 else f"document {i}", "meta": i}
+
+    def load(*args, **kwargs):
+        calls.append((args, kwargs))
+        if fail_first is not None and len(calls) == 1:
+            raise fail_first
+        return datasets.IterableDataset.from_generator(gen)
+
+    monkeypatch.setattr(datasets, "load_dataset", load)
+    return calls, read
+
+
+def test_hub_texts_are_a_seeded_streamed_sample(monkeypatch):
+    from interp import texts
+    from interp.datasets import load_dataset
+
+    monkeypatch.setattr(texts, "HUB_SHUFFLE_BUFFER", 200)
+    calls, read = _fake_hub(monkeypatch)
+    a = texts.load_hub_texts("redpajama-sample", n_docs=50, seed=1)
+    assert len(a) == 50 and len(set(a)) == 50 and all(d.startswith("document ") for d in a)
+    assert all(kwargs.get("streaming") is True for _, kwargs in calls)
+    assert calls[0][0][0] == "togethercomputer/RedPajama-Data-1T-Sample"
+    assert read[0] <= 200 + 2 * 50  # the buffer and the sample, never the whole set of 3000
+    assert texts.load_hub_texts("redpajama-sample", n_docs=50, seed=1) == a
+    b = texts.load_hub_texts("redpajama-sample", n_docs=50, seed=2)
+    assert b != a and len(b) == 50
+    assert a != [f"document {i}" for i in range(60) if i % 7 != 3][:50]  # shuffled, not the first 50
+    # the registry: 500 by default (An et al., Sun et al.), `limit` caps it
+    assert len(load_dataset("wikitext-2", "texts")) == 500 and calls[-1][0][:2] == ("Salesforce/wikitext",
+                                                                                    "wikitext-2-raw-v1")
+    assert len(load_dataset("wikitext-2", "texts", limit=7)) == 7
+    assert texts.load_texts("wikitext-2", n_docs=9, seed=3) == texts.load_hub_texts("wikitext-2", n_docs=9, seed=3)
+    assert texts.load_texts("natural-text", limit=4) == texts.natural_text()[:4]
+
+
+def test_small_hub_set_shuffled_whole(monkeypatch):
+    """A set smaller than the buffer is shuffled whole: asking for more documents than it has gives all of them."""
+    from interp import texts
+
+    _fake_hub(monkeypatch, n=40)
+    docs = texts.load_hub_texts("wikitext-2", n_docs=500, seed=0)
+    assert sorted(docs) == sorted(f"document {i}" for i in range(40) if i % 7 != 3)
+
+
+def test_script_dataset_read_from_its_parquet_export(monkeypatch):
+    from interp import texts
+
+    calls, _ = _fake_hub(monkeypatch, n=100, fail_first=RuntimeError(
+        "Dataset scripts are no longer supported, but found RedPajama-Data-1T-Sample.py"))
+    assert len(texts.load_hub_texts("redpajama-sample", n_docs=10)) == 10
+    assert [kwargs.get("revision") for _, kwargs in calls] == [None, "refs/convert/parquet"]
+
+
+@pytest.mark.parametrize("error, says, not_says", [
+    (ConnectionError("Couldn't reach 'Salesforce/wikitext' on the Hub (LocalEntryNotFoundError)\nmore"),
+     "could not be reached (offline?) and no cached copy was found", None),
+    (ValueError("BuilderConfig 'x' not found.\nAvailable: ..."), "[ValueError: BuilderConfig 'x' not found.]",
+     "offline"),
+])
+def test_hub_text_errors_say_what_failed(monkeypatch, error, says, not_says):
+    from interp import texts
+
+    _fake_hub(monkeypatch, fail_first=error)
+    msg = raises_one_line("text set 'wikitext-2'", texts.load_hub_texts, "wikitext-2")
+    assert says in msg and "pass a .txt file" in msg and (not_says is None or not_says not in msg)
+
+
+@pytest.mark.parametrize("name", ["wikitext-2", "redpajama-sample"])
+def test_hub_text_sets_fail_fast_offline(offline, name):
+    from interp.datasets import load_dataset
+
+    start = time.monotonic()
+    msg = raises_one_line("could not be loaded", load_dataset, name, "texts")
+    assert time.monotonic() - start < 10 and "offline?" in msg
+
+
+def test_chunk_texts_tokenizes_only_what_the_chunks_need(tiny_model):
+    """With n_chunks, chunk_texts tokenizes a leading part of the text set, with the same ids as the whole."""
+    from interp import texts
+
+    tok = tiny_model.tokenizer
+    lengths = []
+
+    class Counting:
+        def __call__(self, text, **kwargs):
+            lengths.append(len(text))
+            return tok(text, **kwargs)
+
+    docs = texts.natural_text() * 20
+    whole = tok("\n\n".join(docs), add_special_tokens=False)["input_ids"]
+    for seq_len, n in ((16, 3), (64, 40), (300, 2)):
+        lengths.clear()
+        ids = texts._leading_ids(Counting(), "\n\n".join(docs), seq_len * n)
+        assert ids[:seq_len * n] == whole[:seq_len * n]
+        assert max(lengths) < len("\n\n".join(docs)) / 4
+        got = texts.chunk_texts(tok, docs, seq_len, n).chunks
+        assert got == [whole[i:i + seq_len] for i in range(0, seq_len * n, seq_len)]
+
+
+def test_analyses_pass_n_docs_and_seed_to_the_hub_sample(tiny_model, monkeypatch):
+    from interp import texts
+    from interp.analyses import gated_attention as ga
+    from interp.analyses import systematic_outliers as so
+    from interp.analysis import config_for
+
+    seen = []
+
+    def fake(name, limit=None, *, n_docs=500, seed=0):
+        seen.append((name, limit, n_docs, seed))
+        return texts.natural_text()
+
+    monkeypatch.setattr(texts, "load_hub_texts", fake)
+    so.load_text_set(tiny_model, config_for("systematic_outliers", tiny_model, text_set="redpajama-sample", n_docs=7,
+                                            seed=3, seq_len=16, n_chunks=4))
+    ga.text_set(tiny_model, config_for("gated_attention", tiny_model, text_set="wikitext-2", n_docs=9, seed=4,
+                                       seq_len=16, n_chunks=4, limit=5))
+    assert seen == [("redpajama-sample", None, 7, 3), ("wikitext-2", 5, 9, 4)]
