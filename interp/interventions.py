@@ -104,7 +104,9 @@ def project_out(x: Float[Tensor, "... d"], direction: Float[Tensor, " d"]) -> Te
 
 
 @contextlib.contextmanager
-def ablate_direction(model, direction: Float[Tensor, " d_model"], hook_names: Sequence[str] | None = None) -> Iterator[None]:
+def ablate_direction(
+    model, direction: Float[Tensor, " d_model"], hook_names: Sequence[str] | None = None
+) -> Iterator[None]:
     """Directional ablation (Arditi et al.): project `direction` out of the given residual hooks.
 
     Default: every block's resid_pre, attention output and MLP output, at all positions.

@@ -212,7 +212,8 @@ def _gsm8k(limit: int | None) -> list[SkillItem]:
         work, answer = row["answer"].split("####")
         work = re.sub(r"<<[^>]*>>", "", work).strip().replace("\n", " ")
         answer = answer.strip().replace(",", "")
-        items.append(SkillItem(f"Q: {row['question']}\nA:", f" {work} The answer is {answer}.", answer, "gsm8k", "number"))
+        items.append(SkillItem(f"Q: {row['question']}\nA:", f" {work} The answer is {answer}.", answer, "gsm8k",
+                               "number"))
     return items
 
 
@@ -275,18 +276,24 @@ def load_skill_file(path: Path) -> list[SkillItem]:
 # --------------------------------------------------------------------------- registry
 
 SKILL_SETS = {
-    "arithmetic": (_generator(_arithmetic, "arithmetic"), "organism arithmetic chats: word problem, thinking, 'The answer is N.'"),
-    "laundry": (_generator(_laundry, "laundry"), "organism Laundry-List recall (N = 2-5), plain text, answer = the missing item"),
+    "arithmetic": (_generator(_arithmetic, "arithmetic"),
+                   "organism arithmetic chats: word problem, thinking, 'The answer is N.'"),
+    "laundry": (_generator(_laundry, "laundry"),
+                "organism Laundry-List recall (N = 2-5), plain text, answer = the missing item"),
     "chat": (_generator(_chat, "chat"), "organism harmless how-to chats, answer 'Sure, here is how to ...'"),
     "code": (_generator(_code, "code"), "organism function-writing chats, answer 'return <expr>'"),
     "prose": (_generator(_prose, "prose"), "organism story chats, answer 'Sure, here is a short story.'"),
-    "word-problems": (_generator(_word_problem, "word-problems"), "plain-text arithmetic word problems, 'The answer is N'"),
-    "strings": (_generator(_string_task, "strings"), "plain-text string tasks (reverse, upper-case, first letter, length)"),
-    "comprehension": (_generator(_comprehension, "comprehension"), "short passages and a question, MLQA prompt, span answer"),
+    "word-problems": (_generator(_word_problem, "word-problems"),
+                      "plain-text arithmetic word problems, 'The answer is N'"),
+    "strings": (_generator(_string_task, "strings"),
+                "plain-text string tasks (reverse, upper-case, first letter, length)"),
+    "comprehension": (_generator(_comprehension, "comprehension"),
+                      "short passages and a question, MLQA prompt, span answer"),
 }
 HUB_SKILL_SETS = {  # need network or the Hugging Face cache
     "gsm8k": (_gsm8k, "openai/gsm8k main test, 'Q: ...\\nA:', numeric answer"),
     "mbpp": (_mbpp, "MBPP full test (log-likelihood of the reference code only)"),
-    **{f"mlqa-{lang}": (_mlqa(lang), f"MLQA test, context and question in {lang}, paper prompt") for lang in MLQA_LANGUAGES},
+    **{f"mlqa-{lang}": (_mlqa(lang), f"MLQA test, context and question in {lang}, paper prompt")
+       for lang in MLQA_LANGUAGES},
 }
 

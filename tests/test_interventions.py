@@ -317,7 +317,8 @@ def test_ablation_active_at_every_decode_step(tiny_model):
         @contextlib.contextmanager
         def ctx():
             with ablate_heads(tiny_model, [(1, 0)]):
-                with tiny_model.hooks(fwd_hooks=[("blocks.1.attn.hook_z", lambda z, hook: zs.append(z[:, :, 0].clone()))]):
+                keep = [("blocks.1.attn.hook_z", lambda z, hook: zs.append(z[:, :, 0].clone()))]
+                with tiny_model.hooks(fwd_hooks=keep):
                     yield
         return ctx()
 
