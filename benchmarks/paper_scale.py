@@ -44,7 +44,7 @@ Examples:
 
 The JSON (default benchmarks/results/paper_scale_cpu<cores>.json or paper_scale_cuda_<gpu>.json) is rewritten after
 every cell; each cell records the git commit and the uncommitted analyses/ and interp/ files it ran with. --resume
-keeps the cells that already succeeded in that file.
+keeps the cells that already succeeded in that file (except --rerun analyses', kept under "superseded").
 """
 
 from __future__ import annotations
@@ -521,6 +521,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--timeout-s", type=float, default=4 * 3600, help="kill a cell that runs longer")
     p.add_argument("--no-write", action="store_true", help="skip the report and results files after each run")
     p.add_argument("--resume", action="store_true", help="keep the cells that succeeded in --out, run the rest")
+    p.add_argument("--rerun", nargs="+", default=[], metavar="ANALYSIS",
+                   help="with --resume: measure these again (the old cells are kept under 'superseded')")
     p.add_argument("--in-process", action="store_true",
                    help="run the cells in this process (tests: fast, but the memory numbers are not each cell's own)")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -541,15 +543,22 @@ def main(argv: list[str] | None = None) -> dict | None:
     lengths = sorted(set(args.lengths))
     cells = [(a, None) for a in args.analyses if a in T_INDEPENDENT]
     cells += [(a, T) for T in lengths for a in args.analyses if a not in T_INDEPENDENT]
-    previous = {}
+    previous, superseded = {}, []
     if args.resume and out.exists():
         old = json.loads(out.read_text())
-        previous = {(c["analysis"], c["T"]): c for c in old.get("cells", []) if c["status"] == "ok"}
+        superseded = old.get("superseded", [])
+        for c in old.get("cells", []):
+            if c["status"] == "ok" and c["analysis"] not in args.rerun:
+                previous[(c["analysis"], c["T"])] = c
+            elif c["status"] == "ok":
+                superseded.append(c)
     result = {"benchmark": "paper_scale", "issue": 16, "device": args.device, "dtype": args.dtype,
               "shape": shape, "checkpoint": str(ckpt), "machine": machine_info(),
               "started": datetime.datetime.now().isoformat(timespec="seconds"), "git": git_state(),
               "lengths": lengths, "analyses": args.analyses, "target_cap_gib": CAP_GIB,
               "pattern_bytes": {T: pattern_bytes(shape, T) for T in lengths}, "cells": []}
+    if superseded:
+        result["superseded"] = superseded  # earlier measurements of --rerun analyses (older code)
     logs = cache / "logs" / out.stem
     for analysis, T in cells:
         if (analysis, T) in previous:

@@ -57,6 +57,10 @@ def test_paper_scale_harness(tmp_path):
     first = {(c["analysis"], c["T"]): c["finished"] for c in result["cells"]}
     again = _run(tmp_path, "--in-process", "--resume", "--lengths", *map(str, lengths), "--analyses", *analyses)
     assert {(c["analysis"], c["T"]): c["finished"] for c in again["cells"]} == first  # nothing rerun
+    rerun = _run(tmp_path, "--in-process", "--resume", "--rerun", "forward", "--lengths", *map(str, lengths),
+                 "--analyses", *analyses)
+    _check_cells(rerun, analyses, lengths)
+    assert sorted((c["analysis"], c["T"]) for c in rerun["superseded"]) == [("forward", 64), ("forward", 128)]
 
 
 @pytest.mark.slow
