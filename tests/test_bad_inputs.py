@@ -42,7 +42,7 @@ OPTION_CASES = [
     (["--temperature", "-0.5"], "temperature must be >= 0"),
     (["--probe-lr", "0"], "probe-lr must be positive"),
     (["--n-bins", "1"], "n-bins must be at least 2"),
-    (["--asr-limit", "0"], "asr-limit must be at least 1"),
+    (["--asr-limit", "-1"], "asr-limit must be >= 0 (0: all)"),
     (["--probe-layer", "-1"], "probe-layer must be >= 0"),
     (["--probe-mode", "middle"], "invalid choice"),
     (["--head-methods", "projection", "vibes"], "invalid choice"),
