@@ -110,17 +110,19 @@ def pattern_sums(pattern: Float[Tensor, "batch head q k"], mask: Int[Tensor, "ba
     if block is None:
         block = max(1, QUERY_BLOCK_BYTES // max(1, b * h * width * 4))
     received = torch.zeros(b, h, width, device=pattern.device)
-    received_causal = torch.zeros_like(received) if causal else None
-    keys = torch.arange(width, device=pattern.device)
+    above = torch.zeros_like(received) if causal else None  # Σ over real queries q < k of A[q, k]
     for q0 in range(0, width, block):
         q1 = min(width, q0 + block)
-        rows = pattern[:, :, q0:q1].float()  # [b, head, n, k]
+        rows = pattern[:, :, q0:q1]
+        rows = rows if rows.dtype == torch.float32 else rows.float()  # [b, head, n, k]: one block's copy at most
         w = qmask[:, None, None, q0:q1]  # [b, 1, 1, n]
         received += torch.matmul(w, rows)[:, :, 0]
-        if causal:
-            above = keys[None] > torch.arange(q0, q1, device=pattern.device)[:, None]  # [n, k]: k > q
-            received_causal += torch.matmul(w, rows.masked_fill(above, 0.0) if bool(above.any()) else rows)[:, :, 0]
+        if causal:  # keys after the block lie above every row's diagonal; within the block, above the diagonal
+            above[..., q1:] += torch.matmul(w, rows[..., q1:])[:, :, 0]
+            upper = torch.ones(q1 - q0, q1 - q0, device=pattern.device).triu(1)  # k > q within the block
+            above[..., q0:q1] += torch.matmul(w, rows[..., q0:q1] * upper)[:, :, 0]
         del rows
+    received_causal = received - above if causal else None
     return PatternSums(to_first, received, received_causal)
 
 

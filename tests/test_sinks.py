@@ -315,7 +315,7 @@ def test_example_pattern_is_capped(monkeypatch):
     start = 5  # row 1 has 5 padded positions
     assert stats.example[0].shape == (16, 16)
     assert torch.allclose(stats.example[0], pattern[1, :, start:start + 16, start:start + 16].mean(0))
-    short = sinks.AttentionStats(1, 4, example=2)  # 26 real tokens < 256: the whole chunk
+    short = sinks.AttentionStats(1, 4, example=2, example_tokens=256)  # 26 real tokens < 256: the whole chunk
     short.begin_batch([0, 1, 2], torch.randint(0, 50, mask.shape), mask)
     short.update(0, pattern)
     assert short.example[0].shape == (26, 26)
