@@ -184,7 +184,7 @@ class ResidualStats:
                 h, a = h.nan_to_num(0.0), a.nan_to_num(0.0)
             else:
                 median, mean = a.median(), a.mean()
-            vals, _ = top_k_abs(h, 3)
+            vals = a.flatten().topk(min(3, a.numel())).values  # `top_k_abs`, on the |h| already computed
             vals = torch.cat([vals, vals.new_zeros(3 - len(vals))])
             row_stats = torch.stack([vals[0], vals[1], vals[2], median, mean, vals[0] ** 2])
             self.sums[kind][layer] += row_stats.double().cpu()
@@ -199,15 +199,16 @@ class ResidualStats:
                 where[dims, 1] = pos.cpu()[dims]
                 where[dims, 2] = torch.sign(h[pos, torch.arange(h.shape[-1], device=h.device)]).long().cpu()[dims]
             toks = tokens[row, width - n:].tolist()
-            hits = ((a > self.abs_thr) & (a >= self.ratio * median)).nonzero().tolist() if sparse \
-                else massive_hits(h, self.abs_thr, self.ratio).tolist()
+            # Sun's rule (`massive_hits`) and An's token rule (`outlier_tokens`) on the |h|, median and mean above:
+            # one |h| copy and one median per sequence and layer
+            hits = ((a > self.abs_thr) & (a >= self.ratio * median)).nonzero().tolist()
             target = self.hits if kind == "resid" else self.down_hits
             if kind == "resid":
                 self.n_hits += len(hits)
                 self.hit_dims.setdefault(layer, set()).update(d for _, d in hits)
                 self.hit_counts.update((layer, d) for _, d in hits)
                 self.hit_positions.update((layer, t == 0, toks[t]) for t in sorted({t for t, _ in hits}))
-                for t in outlier_tokens(h, self.tau).tolist():
+                for t in (a.amax(-1) > self.tau * mean).nonzero()[:, 0].tolist():
                     self.token_hits.append({"layer": layer, "sequence": seq, "position": t, "token_id": toks[t],
                                             "value": float(a[t].max()), "mean": float(mean)})
             for t, d in hits:
