@@ -44,7 +44,8 @@ Examples:
 
 The JSON (default benchmarks/results/paper_scale_cpu<cores>.json or paper_scale_cuda_<gpu>.json) is rewritten after
 every cell; each cell records the git commit and the uncommitted analyses/ and interp/ files it ran with. --resume
-keeps the cells that already succeeded in that file (except --rerun analyses', kept under "superseded").
+keeps the cells that already succeeded in that file (except --rerun analyses', kept under "superseded"), those of
+analyses and lengths not asked for this time included.
 """
 
 from __future__ import annotations
@@ -585,6 +586,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         result["targets"] = targets(result["cells"], shape, args.device)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1) + "\n")
+    planned = set(cells)
+    result["cells"] += [c for key, c in previous.items() if key not in planned]  # --resume keeps the others too
     result["targets"] = targets(result["cells"], shape, args.device)
     result["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -61,6 +61,8 @@ def test_paper_scale_harness(tmp_path):
                  "--analyses", *analyses)
     _check_cells(rerun, analyses, lengths)
     assert sorted((c["analysis"], c["T"]) for c in rerun["superseded"]) == [("forward", 64), ("forward", 128)]
+    part = _run(tmp_path, "--in-process", "--resume", "--lengths", "64", "--analyses", "forward")
+    _check_cells(part, analyses, lengths)  # the cells not asked for this time stay
 
 
 @pytest.mark.slow
