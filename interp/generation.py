@@ -22,7 +22,8 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from interp.batching import pad_left, padded_batches
+from interp import distributed
+from interp.batching import pad_left, run_batches
 from interp.bridge import sdpa_attention
 from interp.capture import check_context
 from interp.chat import chat_prefix
@@ -123,6 +124,7 @@ def generate_tokens(
     progress: bool = True,
     use_cache: bool = True,
     step_context: StepContext | None = None,
+    seed_ids: Sequence[int] | None = None,
 ) -> Generations:
     """Continue each token sequence; returns the new token ids (stopped at EOS, which is dropped, or at the
     cap) with `.truncated` per row (True: the row hit its cap without EOS).
@@ -133,7 +135,21 @@ def generate_tokens(
     `ablate_heads`) fire at every step. use_cache=False recomputes the whole sequence at every step (the
     reference the cached path is tested against; also the path for models without a KV cache).
     step_context(Step) is entered around every forward (hooks that need to know the rows and positions).
+    seed_ids: each sequence's index for its generator's seed (default: its position in `seqs`). Under torchrun each
+    rank generates its shard of `seqs` (same per-sequence seeds) and every rank gets all rows, in order.
     """
+    if distributed.sharding():
+        kw = dict(temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size, progress=progress,
+                  use_cache=use_cache, step_context=step_context)
+        caps = [max_new_tokens] * len(seqs) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+
+        def mine(idx: list[int]) -> list[tuple[list[int], bool]]:
+            got = generate_tokens(model, [seqs[i] for i in idx], max_new_tokens=[caps[i] for i in idx],
+                                  seed_ids=[seed_ids[i] if seed_ids else i for i in idx], **kw)
+            return list(zip(got, got.truncated))
+
+        rows = distributed.map_items(mine, len(seqs))
+        return Generations([r for r, _ in rows], [t for _, t in rows])
     limits = [max_new_tokens] * len(seqs) if isinstance(max_new_tokens, int) else [int(n) for n in max_new_tokens]
     if len(limits) != len(seqs):
         raise ValueError(f"{len(limits)} max_new_tokens for {len(seqs)} sequences")
@@ -147,12 +163,17 @@ def generate_tokens(
     out: list[list[int]] = [[] for _ in seqs]
     truncated = [n == 0 for n in limits]
     step_context = step_context or (lambda step: contextlib.nullcontext())
-    for idx, tokens, mask in padded_batches(model, seqs, batch_size, desc="generate", progress=progress):
+
+    def generate_batch(idx: list[int], tokens: Tensor, mask: Tensor) -> None:  # its rows afresh: safe to repeat
+        nonlocal cached
+        for i in idx:
+            out[i], truncated[i] = [], limits[i] == 0
         device = tokens.device
-        generators = {i: torch.Generator(device=device).manual_seed(seed * 100_003 + i) for i in idx}
+        generators = {i: torch.Generator(device=device).manual_seed(seed * 100_003 + (seed_ids[i] if seed_ids else i))
+                      for i in idx}
         rows = [i for i in idx if limits[i] > 0]
         if not rows:
-            continue
+            return
         keep = [k for k, i in enumerate(idx) if limits[i] > 0]
         tokens, mask = tokens[keep], mask[keep]
         cache, step = None, 0
@@ -186,6 +207,8 @@ def generate_tokens(
                 else:
                     full, mask = pad_left([list(seqs[i]) + out[i] for i in rows], pad)
                     tokens, mask = full.to(device), mask.to(device)
+
+    run_batches(model, seqs, batch_size, generate_batch, desc="generate", progress=progress)  # OOM: halved
     return Generations(out, truncated)
 
 

@@ -43,7 +43,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from interp.batching import padded_batches
+from interp.batching import run_batches
 from interp.bridge import sdpa_attention, stopped_at
 from interp.errors import UserError
 from interp.mlp import (
@@ -402,12 +402,17 @@ def residual_stats(model, seqs: Sequence[Sequence[int]], *, batch_size: int = 8,
                           sparse_layers=list(moe))
     assembler = _MoEDownInputs(moe, stats)
     hooks = list(fwd_hooks) + stats.hooks() + assembler.hooks()
+
+    def step(idx: list[int], tokens: Tensor, mask: Tensor) -> None:
+        stats.begin_batch(idx, tokens, mask)
+        with stopped_at(model, model.cfg.n_layers) as stop_at_layer:
+            model.run_with_hooks(tokens, attention_mask=mask, return_type=None, stop_at_layer=stop_at_layer,
+                                 fwd_hooks=hooks)
+
     with sdpa_attention(model, [n for n, _ in hooks]), assembler.active(model):
-        for idx, tokens, mask in padded_batches(model, seqs, batch_size, desc="residual", progress=progress):
-            stats.begin_batch(idx, tokens, mask)
-            with stopped_at(model, model.cfg.n_layers) as stop_at_layer:
-                model.run_with_hooks(tokens, attention_mask=mask, return_type=None, stop_at_layer=stop_at_layer,
-                                     fwd_hooks=hooks)
+        # out of memory: the batch is halved and `stats` restored to before it (no partial update from its hooks;
+        # the assembler's buffers are rebuilt per layer and batch)
+        run_batches(model, seqs, batch_size, step, desc="residual", progress=progress, state=[stats])
     return stats
 
 
