@@ -179,8 +179,9 @@ def generate_traces(model, config: Config, warnings: list[str]) -> tuple[list[in
     """Generate on the task set (`samples_per_question` traces per task), score the answers, then one
     teacher-forced forward for the distributions. Returns the traces and one record per trace in the
     external JSONL format (for `traces.jsonl`)."""
+    from interp import stages
     from interp.chat import THINK_CLOSE, THINK_OPEN, chat_prefix
-    from interp.generation import generate_tokens
+    from interp.generation import Generations, generate_tokens
     from interp.skills import is_correct
     from interp.tokens import encode
 
@@ -197,9 +198,19 @@ def generate_traces(model, config: Config, warnings: list[str]) -> tuple[list[in
     announce("generation", len(prompts), len(prompts) * config.max_new_tokens, longest,
              f"up to {config.max_new_tokens} new tokens each, KV-cached, batch {config.batch_size}",
              enabled=config.progress)
-    completions = generate_tokens(model, prompts, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                                  top_p=config.top_p, seed=config.seed, batch_size=config.batch_size,
-                                  progress=config.progress)
+    store, chunk = stages.current(), stages.CHUNK_BATCHES * config.batch_size
+    model_key = stages.model_key(model)
+
+    def generate_chunk(idx: list[int], seqs: list[list[int]]) -> list[dict]:
+        got = generate_tokens(model, seqs, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                              top_p=config.top_p, seed=config.seed, batch_size=config.batch_size,
+                              progress=config.progress, seed_ids=idx)
+        return [{"ids": list(g), "truncated": t} for g, t in zip(got, got.truncated)]
+
+    generated = store.items("generation", {"version": 1, "model": model_key, "prompts": stages.digest(prompts),
+                                           "max_new_tokens": config.max_new_tokens, "temperature": config.temperature,
+                                           "top_p": config.top_p, "seed": config.seed}, prompts, generate_chunk, chunk)
+    completions = Generations([g["ids"] for g in generated], [g["truncated"] for g in generated])
     keep = [i for i, c in enumerate(completions) if c]
     if not keep:
         raise UserError("the model ended every trace at once (no generated tokens); check the prompts' format")
@@ -215,8 +226,13 @@ def generate_traces(model, config: Config, warnings: list[str]) -> tuple[list[in
     announce("teacher-forced forward", len(keep), sum(lengths), max(lengths),
              f"batch {config.batch_size}, logits of {config.logit_chunk} positions at a time "
              f"({model.cfg.d_vocab:,}-token vocabulary)", enabled=config.progress)
-    dists = ins.teacher_forced(model, [prompts[i] for i in keep], [completions[i] for i in keep], top_k=width,
-                               batch_size=config.batch_size, progress=config.progress, chunk=config.logit_chunk)
+    def forward_chunk(idx: list[int], pairs: list[tuple[list[int], list[int]]]) -> list[dict]:
+        return ins.teacher_forced(model, [p for p, _ in pairs], [c for _, c in pairs], top_k=width,
+                                  batch_size=config.batch_size, progress=config.progress, chunk=config.logit_chunk)
+
+    pairs = [(prompts[i], completions[i]) for i in keep]
+    dists = store.items("traces", {"version": 1, "model": model_key, "sequences": stages.digest(pairs), "top_k": width},
+                        pairs, forward_chunk, chunk)
     traces, records = [], []
     for i, d in zip(keep, dists):
         q, j = asked[i]

@@ -258,9 +258,15 @@ def config_for(analysis: str, model=None, **overrides):
     return module.Config(**values)
 
 
-def run_analysis(name: str, model, **overrides):
-    """Run analysis `name` on `model` with its card defaults and `overrides`; returns its Result."""
+def run_analysis(name: str, model, run_dir=None, **overrides):
+    """Run analysis `name` on `model` with its card defaults and `overrides`; returns its Result.
+
+    run_dir: a directory whose stored stages (rollouts, traces, features, statistics: `interp.stages`) are
+    reused where their keys match and where newly computed ones are stored (None: nothing stored)."""
+    from interp import stages
+
     module = load_analysis(name)
     config = config_for(name, model, **overrides)
     config.validate(model)
-    return module.run(model, config)
+    with stages.using(run_dir):
+        return module.run(model, config)

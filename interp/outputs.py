@@ -9,6 +9,7 @@ import json
 import math
 import platform
 import re
+import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import pandas as pd
 from interp.errors import UserError
 
 _UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
+STAGES_DIR = "stages"  # the run directory's stored stages (interp.stages), kept with the finished run
 
 
 def sanitize_name(name: str) -> str:
@@ -29,7 +31,9 @@ def prepare_output_dir(
     path: str | Path | None, analysis: str, model_label: str, force: bool = False
 ) -> Path:
     """Return the run directory (default `runs/<analysis>-<model>-<timestamp>`), checked but not created:
-    `write_run` creates it whole at the end. An existing non-empty directory is refused unless `force`."""
+    `write_run` creates it whole at the end, the stored stages (`interp.stages`) go into it as they finish.
+    An unfinished run (only stored stages, no results.json) is resumed; any other non-empty directory, a
+    finished run included, is refused unless `force` (its stored stages are then still reused)."""
     if path is None:
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         out = Path("runs") / f"{sanitize_name(analysis)}-{sanitize_name(model_label)}-{stamp}"
@@ -37,11 +41,16 @@ def prepare_output_dir(
         out = Path(path)
     if out.exists() and not out.is_dir():
         raise UserError(f"output path {out} exists and is not a directory; choose another --out")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise UserError(
-            f"output directory {out} already exists and is not empty; "
-            "pass --force to replace it or choose another --out"
-        )
+    entries = {p.name for p in out.iterdir()} if out.is_dir() else set()
+    if entries == {STAGES_DIR}:
+        print(f"resuming the unfinished run in {out}: its stored stages are reused where their keys match",
+              file=sys.stderr)
+    elif entries and not force:
+        finished = "holds a finished run" if "results.json" in entries else "already exists and is not empty"
+        raise UserError(f"output directory {out} {finished}; pass --force to replace it or choose another --out")
+    elif path is None:
+        print(f"run directory {out} (if the run is interrupted, rerun with --out {out} to resume it)",
+              file=sys.stderr)
     return out
 
 
@@ -61,6 +70,8 @@ def write_run(out_dir: str | Path, result, report) -> Path:
         if hasattr(result, "write_extras"):
             result.write_extras(tmp)
         report.write(tmp / "report.html")
+        if (out / STAGES_DIR).is_dir():
+            (out / STAGES_DIR).rename(tmp / STAGES_DIR)  # the stored stages stay with the run
         if out.is_dir():
             old = out.with_name(f".{out.name}.replaced")
             out.rename(old)
@@ -69,6 +80,8 @@ def write_run(out_dir: str | Path, result, report) -> Path:
         else:
             tmp.rename(out)
     except BaseException:
+        if (tmp / STAGES_DIR).is_dir() and out.is_dir() and not (out / STAGES_DIR).exists():
+            (tmp / STAGES_DIR).rename(out / STAGES_DIR)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out

@@ -168,7 +168,7 @@ def execute(argv: list[str]) -> Path | None:
         if card:
             print(f"model card settings: {', '.join(f'{k}={v!r}' for k, v in card.items())}", file=sys.stderr)
         config.validate(model)
-    result = run_analysis(args.analysis, model, **explicit)
+    result = run_analysis(args.analysis, model, run_dir=out, **explicit)
     report = module.build_report(result, model.tokenizer if model is not None else None)
     write_run(out, result, report)
     print(f"wrote {out / 'report.html'}")

@@ -1,0 +1,201 @@
+"""Resumable stages: a keyed, atomic, per-item store of a run's expensive results in its run directory.
+
+`Stages(run_dir).items(name, key, items, compute)` returns one value per item, computing only those not
+already stored under `key` (a dict of everything that determines the stage: model identity, dtype, engine,
+sampling parameters and seed, chat template, prompt set, the stage's version). The key's hash names the
+stage's directory, `<run_dir>/stages/<name>-<hash>/`: one `item-NNNNNN.pt` per item, each written under a
+temporary name and renamed (a killed run leaves whole files or none), and `manifest.json` written last (the
+key in readable form, one SHA-256 per item file). Items are computed in fixed chunks of the full item list,
+whether stored or not, so a resumed stage sees exactly the batches of an uninterrupted one; a chunk with any
+item missing, unreadable or stored under another key is computed again whole. `Stages(None)` stores
+nothing. Analyses reach the run's store through `current()`; `using(run_dir)` sets it around a run.
+
+Test hook: `INTERP_STAGES_EXIT_AFTER=NAME:K` ends the process hard (`os._exit(3)`) once K items of stage
+NAME have been written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import hashlib
+import io
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from interp.outputs import STAGES_DIR, atomic_write_text, to_jsonable
+
+EXIT_AFTER = "INTERP_STAGES_EXIT_AFTER"
+CHUNK_BATCHES = 4  # analyses compute a stage's items in chunks of this many batches (a kill loses at most one)
+_SAMPLED_VALUES = 256  # per parameter tensor, in the weights fingerprint
+
+Compute = Callable[[list[int], list[Any]], Sequence[Any]]
+
+
+def canonical_json(key: Any) -> str:
+    """The key as canonical JSON: sorted keys, no spaces, ASCII (the same dict always gives the same text)."""
+    return json.dumps(to_jsonable(key), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def key_hash(key: Any) -> str:
+    """16 hex digits of the SHA-256 of `canonical_json(key)`."""
+    return hashlib.sha256(canonical_json(key).encode()).hexdigest()[:16]
+
+
+def digest(value: Any) -> str:
+    """A stable fingerprint of a large key part (a prompt set, token ids, a chat template): `key_hash` of it."""
+    return key_hash(value)
+
+
+def weights_fingerprint(model) -> str:
+    """A hash over every parameter's name, shape, dtype and up to 256 evenly spaced values (cheap on a 70B model;
+    a fine-tune or another seed changes it)."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        flat = p.detach().reshape(-1)
+        idx = torch.linspace(0, flat.numel() - 1, min(_SAMPLED_VALUES, flat.numel()), device=flat.device).long()
+        h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
+        h.update(flat[idx].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def model_key(model) -> dict:
+    """What of the model determines a stage: its name and source, architecture, dtype, device type, a weights
+    fingerprint, the tokenizer's chat template and vocabulary size, and the engine that runs it."""
+    from interp.models import model_info
+
+    info = model_info(model)
+    tok = getattr(model, "tokenizer", None)
+    return {"name": info.name, "source": info.source, "architecture": info.architecture, "dtype": info.dtype,
+            "device_type": torch.device(info.device).type if info.device != "?" else "?",
+            "weights": weights_fingerprint(model),
+            "chat_template": digest(getattr(tok, "chat_template", None)) if tok is not None else None,
+            "vocab": len(tok) if tok is not None else None, "engine": "bridge"}
+
+
+class Stages:
+    """The stage store of one run directory (None: compute everything, store nothing)."""
+
+    def __init__(self, run_dir: str | Path | None, log: Callable[[str], None] | None = None):
+        self.root = Path(run_dir) / STAGES_DIR if run_dir is not None else None
+        self.log = log or (lambda line: print(line, file=sys.stderr))
+        self.reused: dict[str, tuple[int, int]] = {}  # stage name → (items reused, items in the stage)
+        self._written: dict[str, int] = {}
+
+    def items(self, name: str, key: dict, items: Sequence[Any], compute: Compute, chunk: int) -> list[Any]:
+        """One value per item: stored ones read back, the others from `compute(indices, items)` (indices into
+        `items`; one value per item, in order), called on fixed chunks of `chunk` items of the full list."""
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        items = list(items)
+        stage = self._stage_dir(name, key)
+        stored, sums = self._load(stage, key_hash(key), len(items)) if stage is not None else ({}, {})
+        values: list[Any] = [None] * len(items)
+        reused = 0
+        for start in range(0, len(items), chunk):
+            idx = list(range(start, min(start + chunk, len(items))))
+            if all(i in stored for i in idx):
+                for i in idx:
+                    values[i] = stored[i]
+                reused += len(idx)
+                continue
+            out = list(compute(idx, [items[i] for i in idx]))
+            if len(out) != len(idx):
+                raise ValueError(f"stage {name}: compute returned {len(out)} values for {len(idx)} items")
+            for i, v in zip(idx, out):
+                values[i] = v
+                if stage is not None:
+                    sums[i] = self._write_item(stage, name, key_hash(key), i, v)
+        if stage is not None:
+            self._write_manifest(stage, name, key, sums)
+            self.reused[name] = (reused, len(items))
+            if reused:
+                self.log(f"stage {name}: reused {reused} of {len(items)} items from {stage}")
+        return values
+
+    def _stage_dir(self, name: str, key: dict) -> Path | None:
+        return None if self.root is None else self.root / f"{name}-{key_hash(key)}"
+
+    @staticmethod
+    def _item_path(stage: Path, i: int) -> Path:
+        return stage / f"item-{i:06d}.pt"
+
+    def _load(self, stage: Path, khash: str, n: int) -> tuple[dict[int, Any], dict[int, str]]:
+        """The stored items that can be trusted (readable, stored under this key and index, and, where the
+        manifest exists, with the SHA-256 it lists) and their files' SHA-256."""
+        manifest = _read_json(stage / "manifest.json")
+        listed = manifest.get("sha256", {}) if manifest.get("key_hash") == khash else {}
+        out, sums = {}, {}
+        for i in range(n):
+            path = self._item_path(stage, i)
+            if not path.is_file():
+                continue
+            try:
+                data = path.read_bytes()
+                sha = hashlib.sha256(data).hexdigest()
+                if path.name in listed and sha != listed[path.name]:
+                    continue
+                record = torch.load(io.BytesIO(data), weights_only=True)
+            except Exception:  # a corrupt or foreign file is recomputed, never trusted
+                continue
+            if isinstance(record, dict) and record.get("key_hash") == khash and record.get("index") == i:
+                out[i], sums[i] = record["value"], sha
+        return out, sums
+
+    def _write_item(self, stage: Path, name: str, khash: str, i: int, value: Any) -> str:
+        """Write item `i` atomically (temporary name, then rename); returns its file's SHA-256."""
+        stage.mkdir(parents=True, exist_ok=True)
+        path = self._item_path(stage, i)
+        buffer = io.BytesIO()
+        torch.save({"key_hash": khash, "index": i, "value": value}, buffer)
+        data = buffer.getvalue()
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")  # one per process: ranks may write it too
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        self._written[name] = self._written.get(name, 0) + 1
+        exit_after = os.environ.get(EXIT_AFTER, "")
+        if exit_after.rpartition(":")[0] == name and self._written[name] >= int(exit_after.rpartition(":")[2]):
+            self.log(f"{EXIT_AFTER}: exiting after {self._written[name]} items of stage {name}")
+            sys.stderr.flush()
+            os._exit(3)
+        return hashlib.sha256(data).hexdigest()
+
+    def _write_manifest(self, stage: Path, name: str, key: dict, sums: dict[int, str]) -> None:
+        """The stage's manifest, written last: the key (readable and hashed), the item count, each file's SHA-256."""
+        stage.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(stage / "manifest.json", json.dumps(
+            {"stage": name, "key_hash": key_hash(key), "key": to_jsonable(key), "n_items": len(sums),
+             "sha256": {self._item_path(stage, i).name: sums[i] for i in sorted(sums)}}, indent=1) + "\n")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+_CURRENT: contextvars.ContextVar[Stages | None] = contextvars.ContextVar("interp_stages", default=None)
+
+
+def current() -> Stages:
+    """The running analysis's store (`using`), or one that stores nothing."""
+    return _CURRENT.get() or Stages(None)
+
+
+@contextlib.contextmanager
+def using(run_dir: str | Path | None) -> Iterator[Stages]:
+    """Make `Stages(run_dir)` the store `current()` returns inside the block."""
+    store = Stages(run_dir)
+    token = _CURRENT.set(store)
+    try:
+        yield store
+    finally:
+        _CURRENT.reset(token)

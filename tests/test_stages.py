@@ -1,0 +1,161 @@
+"""Resumable stages (interp.stages): the keyed per-item store, the run directory's rules, and a run killed during
+generation and rerun (the same results.json as an uninterrupted run)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from interp.errors import UserError
+from interp.outputs import prepare_output_dir, write_run
+from interp.stages import EXIT_AFTER, Stages, key_hash
+
+KEY = {"version": 1, "model": "m", "seed": 0}
+
+
+class Counting:
+    """A compute function that records which indices it was asked for; value of item x at index i: (i, x * 2)."""
+
+    def __init__(self):
+        self.calls: list[list[int]] = []
+
+    def __call__(self, idx, items):
+        self.calls.append(list(idx))
+        return [{"i": i, "v": torch.tensor([x * 2.0])} for i, x in zip(idx, items)]
+
+
+def _values(out):
+    return [(o["i"], o["v"].item()) for o in out]
+
+
+def test_items_computed_once_then_reused_chunk_by_chunk(tmp_path):
+    items = list(range(7))
+    first = Counting()
+    expected = _values(Stages(tmp_path).items("s", KEY, items, first, chunk=3))
+    assert first.calls == [[0, 1, 2], [3, 4, 5], [6]] and expected == [(i, 2.0 * i) for i in items]
+    stage = tmp_path / "stages" / f"s-{key_hash(KEY)}"
+    manifest = json.loads((stage / "manifest.json").read_text())
+    assert manifest["key"] == KEY and manifest["n_items"] == 7 and len(manifest["sha256"]) == 7
+    again = Counting()
+    store = Stages(tmp_path)
+    assert _values(store.items("s", KEY, items, again, chunk=3)) == expected and again.calls == []
+    assert store.reused == {"s": (7, 7)}
+    # no store: the same values, computed in the same chunks
+    plain = Counting()
+    assert _values(Stages(None).items("s", KEY, items, plain, chunk=3)) == expected and plain.calls == first.calls
+
+
+def test_changed_key_recomputes_and_keeps_the_old_stage(tmp_path):
+    Stages(tmp_path).items("s", KEY, [1, 2], Counting(), chunk=2)
+    other = Counting()
+    Stages(tmp_path).items("s", {**KEY, "seed": 1}, [1, 2], other, chunk=2)
+    assert other.calls == [[0, 1]]
+    assert len(list((tmp_path / "stages").iterdir())) == 2
+    assert key_hash({"b": 1, "a": (1, 2)}) == key_hash({"a": [1, 2], "b": 1})  # canonical JSON: order, tuples
+
+
+def test_partial_stage_reuses_whole_chunks_and_distrusts_bad_files(tmp_path, capsys):
+    items = list(range(6))
+    expected = _values(Stages(None).items("s", KEY, items, Counting(), chunk=2))
+    stage = tmp_path / "stages" / f"s-{key_hash(KEY)}"
+    Stages(tmp_path).items("s", KEY, items, Counting(), chunk=2)
+    (stage / "manifest.json").unlink()                      # as if killed before the manifest
+    (stage / "item-000003.pt").write_bytes((stage / "item-000003.pt").read_bytes()[:40])  # a truncated file
+    (stage / "item-000004.pt").replace(stage / "item-000005.pt")  # a file holding another index
+    (stage / ".item-000001.pt.123.partial").write_bytes(b"half")  # an interrupted write is never read
+    again = Counting()
+    store = Stages(tmp_path)
+    assert _values(store.items("s", KEY, items, again, chunk=2)) == expected
+    assert again.calls == [[2, 3], [4, 5]] and store.reused == {"s": (2, 6)}
+    assert "stage s: reused 2 of 6 items" in capsys.readouterr().err
+    # with the manifest, a file whose SHA-256 differs from the one listed is recomputed too
+    torch.save({"key_hash": key_hash(KEY), "index": 0, "value": {"i": 0, "v": torch.tensor([99.0])}},
+               stage / "item-000000.pt")
+    third = Counting()
+    assert _values(Stages(tmp_path).items("s", KEY, items, third, chunk=2)) == expected and third.calls == [[0, 1]]
+
+
+class _Result:
+    def to_dict(self):
+        return {"analysis": "x", "value": 1}
+
+    def tables(self):
+        return {}
+
+
+class _Report:
+    def write(self, path):
+        Path(path).write_text("<html></html>")
+
+
+def test_run_directory_rules(tmp_path, capsys):
+    out = tmp_path / "run"
+    Stages(out).items("s", KEY, [1], Counting(), chunk=1)   # an unfinished run: stored stages only
+    assert prepare_output_dir(out, "a", "m") == out
+    assert "resuming the unfinished run" in capsys.readouterr().err
+    write_run(out, _Result(), _Report())
+    assert (out / "results.json").is_file() and (out / "stages").is_dir()  # the stages stay with the run
+    with pytest.raises(UserError, match="holds a finished run; pass --force"):
+        prepare_output_dir(out, "a", "m")
+    assert prepare_output_dir(out, "a", "m", force=True) == out
+    write_run(out, _Result(), _Report())                    # --force: replaced, its stages kept and reusable
+    again = Counting()
+    Stages(out).items("s", KEY, [1], again, chunk=1)
+    assert again.calls == []
+
+
+ARGS = ["instability", "--model", "organism", "--limit", "8", "--max-new-tokens", "12", "--batch-size", "1",
+        "--n-boot", "100", "--windows", "8", "--no-progress"]
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_results(tmp_path, capfd):
+    """A run killed hard after 4 generated traces, rerun: the 4 are reused, results.json equals an uninterrupted
+    run's."""
+    from interp.run import main
+
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    proc = subprocess.run([sys.executable, "-m", "interp.run", *ARGS, "--out", str(resumed)], capture_output=True,
+                          text=True, timeout=600, env={**os.environ, EXIT_AFTER: "generation:4"})
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    [stage] = (resumed / "stages").glob("generation-*")
+    assert sorted(p.name for p in stage.iterdir()) == [f"item-{i:06d}.pt" for i in range(4)]  # no manifest yet
+    assert not (resumed / "results.json").exists()
+    capfd.readouterr()
+    assert main([*ARGS, "--out", str(resumed)]) == 0
+    err = capfd.readouterr().err
+    assert "resuming the unfinished run" in err and "stage generation: reused 4 of 8 items" in err
+    assert "stage traces" not in err                          # killed before the traces: computed afresh
+    assert main([*ARGS, "--out", str(full)]) == 0
+    assert (resumed / "results.json").read_text() == (full / "results.json").read_text()
+    assert (resumed / "traces.jsonl").read_text() == (full / "traces.jsonl").read_text()
+
+
+def test_changed_option_recomputes_only_its_stage(tmp_path, capsys):
+    from interp.analysis import run_analysis
+    from interp.models import load_model
+
+    model = load_model("organism", device="cpu")
+    kw = dict(limit=4, max_new_tokens=12, batch_size=2, n_boot=100, windows=(8,), progress=False)
+
+    def run(**changed):
+        res = run_analysis("instability", model, run_dir=tmp_path, **{**kw, **changed})
+        return res.to_dict(), capsys.readouterr().err
+
+    base, err = run()
+    assert "reused" not in err
+    again, err = run(n_boot=200)                              # no stage depends on it: both reused
+    assert "stage generation: reused 4 of 4" in err and "stage traces: reused 4 of 4" in err
+    assert again["traces"] == base["traces"]
+    _, err = run(seed=1)                                      # generation recomputed; greedy: the same traces
+    assert "stage generation" not in err and "stage traces: reused 4 of 4" in err
+    longer, err = run(max_new_tokens=16)                      # generation and the longer traces recomputed
+    assert "stage generation" not in err and "stage traces" not in err
+    assert [t["length"] for t in longer["traces"]] != [t["length"] for t in base["traces"]]
+    assert len(list((tmp_path / "stages").glob("generation-*"))) == 3
