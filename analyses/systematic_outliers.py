@@ -426,7 +426,7 @@ def measure(model, seqs, config: Config, intervention: SetScalars | None = None,
 
     def track(x, hook):
         layer = int(hook.name.split(".")[1])
-        real = x[state["mask"].bool()]
+        real = x[state["mask"].bool().to(x.device)]
         layer_max[layer] = max(layer_max[layer], float(real.abs().max()))
 
     hooks = (intervention.hooks() if intervention is not None else []) + \

@@ -113,7 +113,7 @@ class GateStats:
     def update(self, layer: int, logits: Float[Tensor, "batch pos hd"], mask: Tensor) -> None:
         """Add the real tokens (`mask` 1) of one batch of gate logits of `layer`."""
         i = self.layers.index(layer)
-        g = torch.sigmoid(split_heads(logits, self.n_heads)[mask.bool()].double()).cpu()  # [N, H, d]
+        g = torch.sigmoid(split_heads(logits, self.n_heads)[mask.bool().to(logits.device)].double()).cpu()  # [N, H, d]
         self.sum[i] += g.sum(0)
         self.sum_sq[i] += (g * g).sum(0)
         self.low[i] += (g < LOW_GATE).double().sum(0)
@@ -169,7 +169,7 @@ class SparsityStats:
 
     def update(self, layer: int, y: Float[Tensor, "batch q head d"], mask: Tensor,
                gate: Float[Tensor, "batch q head d"] | None = None, mean_gate: float | None = None) -> None:
-        keep = mask.bool()
+        keep = mask.bool().to(y.device)  # the mask is on the embedding's device, y on its layer's
         y = y[keep].abs().double()
         a = self.acc.setdefault(layer, {"n": 0.0, "ungated": 0.0, "abs_ungated": 0.0,
                                         "gated": 0.0, "abs_gated": 0.0, "scaled": 0.0})
@@ -287,7 +287,7 @@ class PushStats:
     def update(self, layer: int, y: Float[Tensor, "batch q head d"], gate: Float[Tensor, "batch q head d"],
                mask: Tensor) -> None:
         i = self.layers.index(layer)
-        keep = mask.bool()
+        keep = mask.bool().to(y.device)
         y, g = y[keep].double(), gate[keep].double()  # [N, head, d]
         self.gated[i] += (y * g).abs().sum((0, 2)).cpu()
         self.sums["one"][i] += y.abs().sum((0, 2)).cpu()
@@ -321,6 +321,7 @@ class ScaleStats:
     def update(self, layer: int, pattern: Float[Tensor, "batch head q k"], mask: Tensor,
                gate: Float[Tensor, "batch q head d"] | None = None) -> None:
         i = self.layers.index(layer)
+        mask = mask.to(pattern.device)                               # on the embedding's device under a device map
         first = mask.long().argmax(-1)                               # first real token per row
         s = implicit_scale(pattern, first).transpose(1, 2)           # [batch, q, head], float32
         keep = mask.bool().clone()

@@ -152,7 +152,7 @@ def gradient_scores(model, seqs: Sequence[Sequence[int]], readout: Readout, *, b
         for layer, z, g in zip(layers, zs, grads):
             if g is None:  # the head runs after the readout point (e.g. blocks.L.hook_resid_pre)
                 continue
-            contrib = (z.detach().float() * g.float()).sum(-1) * mask[:, :, None]  # [b, pos, head]
+            contrib = (z.detach().float() * g.float()).sum(-1) * mask.to(z.device)[:, :, None]  # [b, pos, head]
             total[layer] += contrib.sum((0, 1)).cpu()
     return total / len(seqs)
 

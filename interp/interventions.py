@@ -138,7 +138,7 @@ def head_means(model, seqs, layers: Sequence[int], batch_size: int = 8) -> dict[
 
         def accumulate(z, hook):
             layer = int(hook.name.split(".")[1])
-            sums[layer] = sums[layer] + z[keep].float().sum(0)
+            sums[layer] = sums[layer] + z[keep.to(z.device)].float().sum(0)
 
         model.run_with_hooks(tokens, attention_mask=mask, return_type=None,
                              fwd_hooks=[(f"blocks.{layer}.attn.hook_z", accumulate) for layer in layers],

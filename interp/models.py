@@ -77,6 +77,8 @@ class ModelInfo:
     random_weights: bool
     # per-analysis option defaults from the model's card (interp_model.json), e.g. probe settings
     analysis_defaults: dict = field(default_factory=dict)
+    # --device-map: the strategy or file asked for and where accelerate put each module (None: one device)
+    device_map: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -193,25 +195,38 @@ def check_architecture(path: Path, name: str) -> None:
 
 
 def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto", *,
-               trust_remote_code: bool = False, allow_pickle: bool = False, revision: str | None = None):
+               trust_remote_code: bool = False, allow_pickle: bool = False, revision: str | None = None,
+               device_map: str | None = None, max_memory: str | None = None):
     """Load a model as a `TransformerBridge` (raw HF numerics; tokenizer at `.tokenizer`).
 
     `name_or_path`: an embedded name (`tiny`), an alias (`qwen`, `r1-8b`, ... see `ALIASES`), a
     Hugging Face id or a local directory (config + safetensors + tokenizer). Only safetensors
     weights and no remote code are loaded unless `allow_pickle` / `trust_remote_code` are set.
-    `model_info(model)` tells where it came from.
+    `model_info(model)` tells where it came from. `device_map` (auto, balanced, sequential or a JSON file
+    {module: device}) and `max_memory` ("0=70GiB,1=70GiB,cpu=100GiB") split the model across devices
+    (`interp.placement`); `device` must then stay "auto".
     """
     from transformer_lens.model_bridge import TransformerBridge
 
+    from interp.placement import parse_max_memory, read_device_map
+
+    if device_map is None and max_memory is not None:
+        device_map = "auto"
+    if device_map is not None and device != "auto":
+        raise UserError(f"--device {device} and --device-map both place the model; pass one")
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
+    budget = parse_max_memory(max_memory) if max_memory is not None else None
     path, source = locate_model(name_or_path, allow_pickle=allow_pickle,
                                 trust_remote_code=trust_remote_code, revision=revision)
     if not trust_remote_code:
         check_architecture(path, name_or_path)
+    placement = {} if device_map is None else \
+        {"device_map": read_device_map(device_map, path, trust_remote_code), "max_memory": budget}
     try:
-        bridge = TransformerBridge.boot_transformers(str(path), device=torch_device, dtype=torch_dtype,
-                                                     trust_remote_code=trust_remote_code)
+        bridge = TransformerBridge.boot_transformers(str(path), device=None if placement else torch_device,
+                                                     dtype=torch_dtype, trust_remote_code=trust_remote_code,
+                                                     **placement)
     except (ValueError, NotImplementedError, KeyError) as exc:
         if "architecture" in str(exc).lower() or "not supported" in str(exc).lower() or isinstance(exc, KeyError):
             raise UserError(f"{name_or_path!r}: architecture not supported by TransformerLens "
@@ -233,9 +248,14 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "auto", dtype: s
     info = ModelInfo(name=name_or_path, source=source,
                      architecture=type(bridge.original_model).__name__,
                      n_layers=cfg.n_layers, n_heads=cfg.n_heads, d_model=cfg.d_model,
-                     device=str(torch_device), dtype=str(torch_dtype).removeprefix("torch."),
+                     device=str(bridge.cfg.device if placement else torch_device),
+                     dtype=str(torch_dtype).removeprefix("torch."),
                      random_weights=bool(card.get("random_weights")),
-                     analysis_defaults=_recommended_settings(name_or_path, card))
+                     analysis_defaults=_recommended_settings(name_or_path, card),
+                     device_map=None if not placement else
+                     {"asked": device_map, "placed": {k: str(v) for k, v in
+                                                      (getattr(bridge.original_model, "hf_device_map", None)
+                                                       or {"": bridge.cfg.device}).items()}})
     object.__setattr__(bridge, "_interp_info", info)
     return bridge
 

@@ -88,6 +88,11 @@ def build_parser(analysis: str | None) -> argparse.ArgumentParser:
                                       "never overwritten without --force")
     parser.add_argument("--device", default="auto",
                         help="where the model runs: auto (CUDA if available), cpu or cuda[:N]")
+    parser.add_argument("--device-map", metavar="auto|balanced|sequential|FILE.json",
+                        help="split one model across devices (accelerate): a strategy, or a JSON file "
+                             "{module: GPU index, cpu or disk}; replaces --device")
+    parser.add_argument("--max-memory", metavar="0=70GiB,1=70GiB,cpu=100GiB",
+                        help="memory budget per device for --device-map (implies --device-map auto)")
     parser.add_argument("--dtype", default="auto", choices=DTYPES,
                         help="weights' dtype: auto is bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--dataset", help="the analysis's main input set: a registered name (--list) or a file")
@@ -162,13 +167,14 @@ def execute(argv: list[str]) -> Path | None:
 
             transformers.utils.logging.disable_progress_bar()
         model = load_model(args.model, device=args.device, dtype=args.dtype,
-                           trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
+                           trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle,
+                           device_map=args.device_map, max_memory=args.max_memory)
         config = config_for(args.analysis, model, **explicit)
         card = {k: v for k, v in card_defaults(args.analysis, model).items() if k not in explicit}
         if card:
             print(f"model card settings: {', '.join(f'{k}={v!r}' for k, v in card.items())}", file=sys.stderr)
         config.validate(model)
-    result = run_analysis(args.analysis, model, run_dir=out, **explicit)
+    result = run_analysis(args.analysis, model, **explicit)
     report = module.build_report(result, model.tokenizer if model is not None else None)
     write_run(out, result, report)
     print(f"wrote {out / 'report.html'}")

@@ -112,7 +112,7 @@ def gate_moments(model, seqs: Sequence[Sequence[int]], *, batch_size: int = 8, p
     keep: list[Tensor] = []
 
     def accumulate(x, hook):
-        moments.update(int(hook.name.split(".")[1]), x[keep[0]])
+        moments.update(int(hook.name.split(".")[1]), x[keep[0].to(x.device)])
 
     hooks = [(name, accumulate) for name in names.values()]
     with sdpa_attention(model, [h for h, _ in hooks]):
@@ -299,7 +299,7 @@ def _adjust_hook(spec: AdjustSpec, layer: int, sel: Tensor):
         else:
             u = hash_uniform(spec.seed, r.items[:, None, None], r.positions[:, :, None], layer, idx.to(dev)).to(dev)
         new, replaced = adjust_values(x[..., idx.to(dev)], *params, u, spec.reference)
-        real = r.mask.bool()[:, :, None].expand_as(replaced)
+        real = r.mask.bool().to(dev)[:, :, None].expand_as(replaced)
         spec.replaced[0] += int(replaced[real].sum())
         spec.replaced[1] += int(real.sum())
         x = x.clone()

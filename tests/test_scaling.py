@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import re
 
 import pytest
 import torch
@@ -128,3 +130,117 @@ def test_other_errors_and_plain_runtime_errors_pass_through(tiny_model):
 
     run_batches(tiny_model, seqs, 4, oom_message, desc="message form", progress=False)
     assert tried == [4, 2, 1, 1, 2, 1, 1]
+
+
+# ---------------------------------------------------------------- --device-map / --max-memory (CPU only here)
+
+SPLIT = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+         "model.norm": "cpu", "lm_head": "cpu"}
+
+
+def _map_file(tmp_path, mapping, name="map.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps(mapping))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def split_model(tiny_dir, tmp_path_factory):
+    """The tiny model with block 1 offloaded to disk by accelerate: its weights live on the meta device and are
+    brought in per call (the dispatched, hook-wrapped code path a multi-GPU map takes; one real device here)."""
+    from interp.models import load_model
+
+    return load_model(str(tiny_dir), device_map=_map_file(tmp_path_factory.mktemp("map"), SPLIT))
+
+
+def test_a_split_model_gives_the_same_activations_and_tokens(tiny_model, split_model):
+    from interp.models import model_info
+
+    assert model_info(split_model).device_map["placed"] == SPLIT
+    assert split_model.original_model.model.layers[1].mlp.down_proj.weight.device.type == "meta"  # offloaded
+    seqs = _seqs(tiny_model.tokenizer)
+    hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post", "blocks.1.attn.hook_z"]
+    plain = capture(tiny_model, seqs, hooks, positions="all", batch_size=4, progress=False)
+    split = capture(split_model, seqs, hooks, positions="all", batch_size=4, progress=False)
+    for name in hooks:
+        for a, b in zip(plain[name], split[name]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    kw = dict(max_new_tokens=5, temperature=0.0, batch_size=4, progress=False)
+    assert list(generate_tokens(split_model, seqs[:4], **kw)) == list(generate_tokens(tiny_model, seqs[:4], **kw))
+
+
+def test_a_whole_model_map_and_strategies_load_on_cpu(tiny_dir, tmp_path):
+    from interp.models import load_model, model_info
+
+    for spec, budget in [(_map_file(tmp_path, {"": "cpu"}), None), ("auto", None), (None, "cpu=2GiB")]:
+        model = load_model(str(tiny_dir), device_map=spec, max_memory=budget)
+        assert model_info(model).device_map["placed"] == {"": "cpu"} and model_info(model).device == "cpu"
+
+
+@pytest.mark.parametrize("mapping, fragment", [
+    ({"": "cpu", "model.nope": "cpu"}, "no module 'model.nope'"),
+    ({"": "meta"}, "'meta' holds no weights"),
+    ({"": 0}, "CUDA is not available"),
+    ({"": "cuda:1"}, "CUDA is not available"),
+    ({"": "gpu"}, "unknown device 'gpu'"),
+    ({"model.layers.0": "cpu"}, "is on no device"),
+    ([], "expected a JSON object"),
+])
+def test_device_map_file_errors_are_one_line(tiny_dir, tmp_path, mapping, fragment):
+    from interp.models import load_model
+
+    if fragment == "CUDA is not available" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(UserError, match=re.escape(fragment)) as err:
+        load_model(str(tiny_dir), device_map=_map_file(tmp_path, mapping))
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("spec, fragment", [
+    ("0=70GiB", "CUDA is not available"), ("cpu=lots", "DEVICE=SIZE"), ("gpu0=1GiB", "unknown device"),
+    (",", "empty"),
+])
+def test_max_memory_errors(spec, fragment):
+    from interp.placement import parse_max_memory
+
+    if fragment == "CUDA is not available" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(UserError, match=re.escape(fragment)):
+        parse_max_memory(spec)
+    assert parse_max_memory("cpu=100GiB, disk=1TB") == {"cpu": "100GiB", "disk": "1TB"}
+
+
+def test_cli_device_map_errors(capsys, tmp_path, tiny_dir):
+    from helpers import assert_user_error, run_cli
+
+    common = ["systematic_outliers", "--model", str(tiny_dir), "--no-progress"]
+    code, _, err = run_cli(capsys, *common, "--device", "cpu", "--device-map", "auto", "--out", str(tmp_path / "a"))
+    assert_user_error(code, err, "pass one")
+    code, _, err = run_cli(capsys, *common, "--device-map", str(tmp_path / "none.json"), "--out", str(tmp_path / "b"))
+    assert_user_error(code, err, "not a JSON file")
+
+
+def test_hooks_move_what_they_add_to_the_activations_device():
+    """Activations on the meta device, what hooks add or compare on the CPU: the result stays on the activation's
+    device (a tensor left on the CPU raises, as on a second GPU). Masks index activations across devices without
+    error on meta, so the mask moves are checked only by reading them (and the split model above)."""
+    from interp.interventions import add_direction, project_out, zero_heads
+    from interp.unlearning import Hypercube
+
+    x, z = torch.randn(2, 3, 8, device="meta"), torch.randn(2, 3, 4, 5, device="meta")
+    direction, real = torch.randn(8), torch.ones(2, 3, dtype=torch.bool)
+    with pytest.raises(RuntimeError):
+        x + direction  # what an unmoved hook would do
+    assert project_out(x, direction).device.type == "meta"
+    for rescale in ("none", "frobenius", "per_token"):
+        assert zero_heads(z, [1], rescale, torch.randn(4, 5), real).device.type == "meta"
+    assert Hypercube(torch.zeros(8), torch.ones(8), 1.0).score(x).device.type == "meta"
+
+    class Recorder:  # stands in for a model: keeps the hooks add_direction registers
+        def hooks(self, fwd_hooks):
+            self.fwd = fwd_hooks
+            return contextlib.nullcontext()
+
+    rec = Recorder()
+    with add_direction(rec, direction, "blocks.0.hook_resid_post", alpha=2.0):
+        assert rec.fwd[0][1](x, None).device.type == "meta"
