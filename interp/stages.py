@@ -59,7 +59,8 @@ def weights_fingerprint(model) -> str:
     h = hashlib.sha256()
     for name, p in model.named_parameters():
         flat = p.detach().reshape(-1)
-        idx = torch.linspace(0, flat.numel() - 1, min(_SAMPLED_VALUES, flat.numel()), device=flat.device).long()
+        n = min(_SAMPLED_VALUES, flat.numel())  # integer spacing: a float32 linspace overshoots past 2^24 values
+        idx = torch.arange(n, device=flat.device) * (flat.numel() - 1) // max(n - 1, 1)
         h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
         h.update(flat[idx].float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
