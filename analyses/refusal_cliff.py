@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from interp import stages
 from interp.analysis import CommonConfig, attention_scope, require, run_header, warn
 from interp.bridge import FINAL_NORM, attention_layers, hidden_state_hook
 from interp.capture import capture, check_context
@@ -42,7 +43,7 @@ from interp.cost import announce, sequence_cost
 from interp.datasets import Rollout, load_prompts, load_rollouts
 from interp.errors import UserError
 from interp.figures import band, intervention_bars, layer_head_heatmap
-from interp.generation import generate, generate_tokens
+from interp.generation import encode_prompts, generate, generate_tokens
 from interp.heads import causal_scores, gradient_scores, projection_scores, ranking, rankings_table, readout_heads
 from interp.interventions import ablate_heads
 from interp.judges import JBB_REFUSAL_PREFIXES, REFUSALCLIFF_WORDS, is_refusal
@@ -75,6 +76,11 @@ class Config(CommonConfig):
     rollouts: str | None = None  # JSONL of prompt/thinking/response[/kind] rollouts to use instead of generating
     max_new_tokens: int = 256  # tokens generated per rollout (paper 8192; reasoning-model aliases set it)
     temperature: float = 0.0  # sampling temperature, 0 = greedy (paper samples at 0.7)
+    # an OpenAI-compatible completions server (e.g. http://localhost:8000/v1 from vllm serve) generates the rollouts;
+    # unset: the local model. The ASR's head-ablated regenerations need hooks and stay local (KV-cached)
+    generator: str | None = None
+    generator_model: str | None = None  # the model name the --generator server serves (default: --model)
+    generator_concurrency: int = 16  # requests in flight at once to the --generator server
     seed: int = 42  # seed of the fit/eval split, the probe's split, sampling and random controls (paper's probe seed)
     probe_layer: int | None = None  # HF hidden_states index the probe reads; None = final-norm output (paper)
     # last_token: one state per example (paper); thinking_span: every thinking token labelled
@@ -110,7 +116,7 @@ class Config(CommonConfig):
     # fit harmful examples (a seeded sample, stratified refused / complied) the attribution and causal rankings use;
     # 0: all (projection always uses all: one forward each)
     head_examples: int = 64
-    attribution_batch_size: int = 1  # sequences per forward + backward of the attribution ranking (its autograd graph)
+    attribution_batch_size: int = 1  # sequences per forward + backward of the attribution ranking (blocks recomputed)
     causal_batch_size: int = 8  # sequences per forward of the causal scan (examples × one replica per head)
     # projection ranking through the final norm (its gain γ and the last position's 1/rms); both versions are compared
     projection_fold_norm: bool = False
@@ -147,6 +153,8 @@ class Config(CommonConfig):
         require(0 < self.eval_fraction < 1, f"eval-fraction must be in (0, 1); got {self.eval_fraction}")
         require(0 < self.overlap_jaccard <= 1, f"overlap-jaccard must be in (0, 1]; got {self.overlap_jaccard}")
         require(self.temperature >= 0, f"temperature must be >= 0; got {self.temperature}")
+        require(self.generator_concurrency >= 1,
+                f"generator-concurrency must be at least 1; got {self.generator_concurrency}")
         require(self.min_thinking_chars >= 0, f"min-thinking-chars must be >= 0; got {self.min_thinking_chars}")
         require(self.asr_limit is None or self.asr_limit >= 0, f"asr-limit must be >= 0 (0: all); got {self.asr_limit}")
         require(self.head_examples >= 0, f"head-examples must be >= 0 (0: all); got {self.head_examples}")
@@ -293,19 +301,29 @@ def file_rollouts(config: Config) -> list[Rollout]:
     return rollouts
 
 
-def generate_rollouts(model, config: Config, sets: dict[str, str]) -> tuple[list[Rollout], int]:
-    """Roll the model out on each kind's prompt set (`sets`: kind → set); returns the rollouts that
-    closed their thinking and the number cut off before `</think>` (left out)."""
+def rollout_engine(model, config: Config):
+    """Where the rollouts are generated (`interp.engines`): the local model, or the `--generator` server."""
+    from interp.engines import Sampling, default_stop_ids, make_engine
+
+    sampling = Sampling(config.max_new_tokens, config.temperature, None, config.seed, default_stop_ids(model.tokenizer))
+    return make_engine(model, config.generator, sampling, model_name=config.generator_model,
+                       concurrency=config.generator_concurrency, batch_size=config.batch_size,
+                       progress=config.progress)
+
+
+def generate_rollouts(model, config: Config, sets: dict[str, str], engine) -> tuple[list[Rollout], int]:
+    """Roll the model out on each kind's prompt set (`sets`: kind → set) on `engine` (`rollout_engine`); returns
+    the rollouts that closed their thinking and the number cut off before `</think>` (left out)."""
     rollouts, truncated = [], 0
-    thinking_model = has_thinking_tokens(model.tokenizer)
+    tok = model.tokenizer
+    thinking_model = has_thinking_tokens(tok)
     for kind, spec in sets.items():
         prompts = load_prompts(spec, limit=config.limit)
         announce(f"{kind} rollouts", len(prompts), len(prompts) * config.max_new_tokens, None,
                  f"up to {config.max_new_tokens} new tokens each, KV-cached, batch {config.batch_size}",
                  enabled=config.progress)
-        texts = generate(model, prompts, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                         seed=config.seed, batch_size=config.batch_size, progress=config.progress)
-        for prompt, text in zip(prompts, texts):
+        new = engine.generate(encode_prompts(tok, prompts))
+        for prompt, text in zip(prompts, (tok.decode(ids, skip_special_tokens=False) for ids in new)):
             if thinking_model and THINK_CLOSE not in text:
                 truncated += 1
                 continue
@@ -406,16 +424,18 @@ def drop_overlap(examples: list[Example], config: Config, warnings: list[str]) -
     return kept, overlap
 
 
-def collect_examples(model, config: Config, judge, warnings: list[str]) -> tuple[list[Example], dict, dict]:
-    """Rollouts (file and generated, main and eval sets) → examples with their split (eval prompts that
+def collect_examples(model, config: Config, judge, warnings: list[str], engine) -> tuple[list[Example], dict, dict]:
+    """Rollouts (file and generated on `engine`, main and eval sets) → examples with their split (eval prompts that
     overlap fit prompts dropped); rollout counts; the overlap count."""
     given = file_rollouts(config)
     check_context(model, [e.input_ids for e in build_examples(model, given, config)])  # before generating
     main_sets = {k: s for k, s in (("harmful", config.harmful), ("harmless", config.harmless))
                  if k not in {r.kind for r in given}}
     eval_sets = {k: s for k, s in (("harmful", config.eval_harmful), ("harmless", config.eval_harmless)) if s}
-    generated, cut_main = generate_rollouts(model, config, main_sets)
-    held_out, cut_eval = generate_rollouts(model, config, eval_sets)
+    generated, cut_main = generate_rollouts(model, config, main_sets, engine)
+    held_out, cut_eval = generate_rollouts(model, config, eval_sets, engine)
+    if (main_sets or eval_sets) and (limitation := engine.limitation()):
+        warn(warnings, limitation)
     truncated = cut_main + cut_eval
     n_generated = len(generated) + len(held_out) + truncated
     if truncated:
@@ -481,12 +501,22 @@ def train_probe(model, examples: list[Example], config: Config, hook: str) -> Lo
     kw = dict(batch_size=config.batch_size, progress=config.progress)
     announce(f"probe features at {hook}", *sequence_cost([e.input_ids for e in train]), f"batch {config.batch_size}",
              enabled=config.progress)
+    seqs = [e.input_ids for e in train]
+    positions = None if config.probe_mode == "last_token" else \
+        [_span_positions(e, config.span_positions_per_example) for e in train]
+
+    def features(idx: list[int], chunk: list[list[int]]) -> list[torch.Tensor]:  # per example: [d] or [k, d]
+        got = capture(model, chunk, [hook], positions="last" if positions is None else [positions[i] for i in idx],
+                      **kw)[hook]
+        return [t.clone() for t in got]  # a row of the stacked batch would save the whole batch's storage
+
+    key = {"version": 1, "model": stages.model_key(model), "hook": hook, "sequences": stages.digest(seqs),
+           "positions": None if positions is None else stages.digest(positions)}
+    feats = stages.current().items("probe_features", key, seqs, features, stages.CHUNK_BATCHES * config.batch_size)
     if config.probe_mode == "last_token":
-        X = capture(model, [e.input_ids for e in train], [hook], positions="last", **kw)[hook]
+        X = torch.stack(feats)
         y, groups = torch.tensor(labels), None
     else:
-        positions = [_span_positions(e, config.span_positions_per_example) for e in train]
-        feats = capture(model, [e.input_ids for e in train], [hook], positions=positions, **kw)[hook]
         X = torch.cat(feats)
         y = torch.tensor([label for label, f in zip(labels, feats) for _ in range(len(f))])
         groups = torch.tensor([i for i, f in enumerate(feats) for _ in range(len(f))])
@@ -607,7 +637,7 @@ def find_heads(model, examples: list[Example], probe: LogisticProbe, hook: str, 
     def cost(m: str) -> None:
         forwards, tokens, longest = sequence_cost(seqs if m == "projection" else capped)
         note = {"projection": f"batch {config.batch_size}, the last position's head outputs",
-                "attribution": f"forward + backward, batch {config.attribution_batch_size} (its autograd graph), "
+                "attribution": f"forward + backward, batch {config.attribution_batch_size} (blocks recomputed), "
                                f"{len(capped)} of {len(seqs)} examples",
                 "causal": f"× {n_heads} heads (one ablated per replica), batch {config.causal_batch_size}, "
                           f"{len(capped)} of {len(seqs)} examples"}[m]
@@ -828,7 +858,8 @@ def run(model, config: Config | None = None) -> Result:
     skipped: dict[int, str] = {}
     attention_scope("refusal_cliff", model, skipped, warnings)  # heads are ranked and ablated on softmax layers
     judge = load_judge(model, config)
-    examples, counts, overlap = collect_examples(model, config, judge, warnings)
+    engine = rollout_engine(model, config)  # a --generator server is checked here, before any heavy work
+    examples, counts, overlap = collect_examples(model, config, judge, warnings, engine)
     fit = [e for e in examples if e.split == "fit"]
     held_out = [e for e in examples if e.split == "eval"]
     layer = n_layers if config.probe_layer is None else config.probe_layer
@@ -877,6 +908,7 @@ def run(model, config: Config | None = None) -> Result:
                 "by_group": {g: sum(e.group == g for e in asr_set) for g in GROUPS[:2]}}
     ablation, baseline = ablation_sweep(model, eval_harmful, probe, hook, ranked, config, judge, warnings)
     header = run_header("refusal_cliff", model, config)
+    header["generator"] = engine.describe()  # where and how the rollouts were generated (interp.engines)
     return Result(header=header, config=config,
                   probe=summary, examples=examples,
                   cliff=group_means(held_out), cliff_fit=group_means(fit), curves=curves, tail=tail, heads=ranked,

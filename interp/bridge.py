@@ -229,6 +229,38 @@ def sdpa_attention(model, needed_hooks: Sequence[str] = ()) -> Iterator[bool]:
 
 
 @contextlib.contextmanager
+def checkpointed_blocks(model) -> Iterator[None]:
+    """While active, a forward with gradients keeps only each block's inputs for the backward pass and
+    recomputes the block's internals there (`torch.utils.checkpoint`, non-reentrant), so a backward
+    through n blocks holds n × batch × T × d_model plus one block's graph instead of every block's graph.
+    Hooks inside a block fire again during its recomputation (with the same values); forwards without
+    gradients are unchanged."""
+    from torch.utils.checkpoint import checkpoint
+    from transformers.cache_utils import Cache
+
+    blocks = list(getattr(model, "blocks", []))
+    own = [vars(b).get("forward") for b in blocks]
+    for block in blocks:
+        forward = block.forward
+
+        def run(*args, _forward=forward, **kwargs):
+            if not torch.is_grad_enabled():
+                return _forward(*args, **kwargs)
+            # a KV cache would take the block's keys again when it is recomputed: none in a gradient forward
+            kwargs = {k: None if isinstance(v, Cache) else v for k, v in kwargs.items()}
+            return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+        object.__setattr__(block, "forward", run)
+    try:
+        yield
+    finally:
+        for block, previous in zip(blocks, own):
+            if previous is None:
+                object.__delattr__(block, "forward")
+            else:
+                object.__setattr__(block, "forward", previous)
+
+
+@contextlib.contextmanager
 def per_row_sampling(row_seeds: Sequence[int]) -> Iterator[None]:
     """While active, the bridge's sampled generation draws each row's token with the global RNG seeded
     from that row's seed and the step, so a sequence's sample does not depend on the other sequences

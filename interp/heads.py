@@ -26,8 +26,15 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from interp.batching import length_batches, pad_left, padded_batches
-from interp.bridge import attention_layers, head_W_O, readout_point, sdpa_attention, stopped_at
+from interp.batching import input_device, length_batches, pad_left, padded_batches
+from interp.bridge import (
+    attention_layers,
+    checkpointed_blocks,
+    head_W_O,
+    readout_point,
+    sdpa_attention,
+    stopped_at,
+)
 from interp.capture import capture
 from interp.interventions import real_positions, rescale_ablated
 
@@ -120,13 +127,16 @@ def _frozen(model):
 
 
 def gradient_scores(model, seqs: Sequence[Sequence[int]], readout: Readout, *, batch_size: int = 8,
-                    progress: bool = True) -> Float[Tensor, "layer head"]:
-    """Mean over sequences of Σ_pos z_{l,h}·∂logit/∂z_{l,h}, logit = w·act_T + b at the readout hook."""
+                    checkpoint: bool = True, progress: bool = True) -> Float[Tensor, "layer head"]:
+    """Mean over sequences of Σ_pos z_{l,h}·∂logit/∂z_{l,h}, logit = w·act_T + b at the readout hook.
+
+    Memory: the forward stops at the readout; with `checkpoint` (default) each block keeps only its input for
+    the backward and recomputes its internals there (`interp.bridge.checkpointed_blocks`): the graph holds
+    blocks × batch × T × d_model plus one block's internals, not every block's (same scores)."""
     hook_name, weight, bias = readout
     n_layers = model.cfg.n_layers
     read_hook, stop, transform = readout_point(model, hook_name)
     layers = [_layer_of(name) for name in _z_names(model, stop)]
-    device = next(model.parameters()).device
     total = torch.zeros(n_layers, model.cfg.n_heads)
     total[[layer for layer in range(n_layers) if layer not in attention_layers(model)[0]]] = float("nan")
     for _, tokens, mask in padded_batches(model, seqs, batch_size, desc="grad x act", progress=progress):
@@ -142,11 +152,13 @@ def gradient_scores(model, seqs: Sequence[Sequence[int]], readout: Readout, *, b
 
         names = [f"blocks.{layer}.attn.hook_z" for layer in layers] + [read_hook]
         hooks = [(name, keeper(name)) for name in names]
-        with _frozen(model), torch.enable_grad(), sdpa_attention(model):
+        recompute = checkpointed_blocks(model) if checkpoint else contextlib.nullcontext()
+        # the hooks stay on through the backward: a recomputed block runs them again
+        with _frozen(model), torch.enable_grad(), sdpa_attention(model), recompute, model.hooks(fwd_hooks=hooks):
             with stopped_at(model, stop) as stop_at:
-                model.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=hooks, return_type=None,
-                                     stop_at_layer=stop_at)
-            logit = transform(saved[read_hook][:, -1:])[:, 0].float() @ weight.float().to(device) + bias
+                model(tokens, attention_mask=mask, return_type=None, stop_at_layer=stop_at)
+            act = transform(saved[read_hook][:, -1:])[:, 0].float()  # on the readout block's device
+            logit = act @ weight.float().to(act.device) + bias
             zs = [saved[f"blocks.{layer}.attn.hook_z"] for layer in layers]
             grads = torch.autograd.grad(logit.sum(), zs, allow_unused=True)
         for layer, z, g in zip(layers, zs, grads):
@@ -166,8 +178,8 @@ def causal_scores(model, seqs: Sequence[Sequence[int]], readout: Readout, *, res
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     stop = readout_point(model, hook_name)[1]
     heads = [(_layer_of(name), h) for name in _z_names(model, stop) for h in range(n_heads)]
-    device = next(model.parameters()).device
-    w = weight.float().to(device)
+    device = input_device(model)
+    w = weight.float()
     effect = torch.zeros(n_layers, n_heads)
     effect[[layer for layer in range(n_layers) if layer not in attention_layers(model)[0]]] = float("nan")
     # a pass holds about `batch_size` sequences: a few examples, each replicated once per head
@@ -178,7 +190,8 @@ def causal_scores(model, seqs: Sequence[Sequence[int]], readout: Readout, *, res
         b = len(idx)
 
         def score(t, m, hooks):
-            return torch.sigmoid(_last_readout(model, t, m, hooks, hook_name) @ w + bias)
+            act = _last_readout(model, t, m, hooks, hook_name)
+            return torch.sigmoid(act @ w.to(act.device) + bias)
 
         base = score(tokens.to(device), mask.to(device), [])
         chunk = max(1, batch_size // b)

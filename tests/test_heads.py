@@ -364,3 +364,33 @@ def test_final_norm_fold_reads_the_gain_and_eps_of_an_rms_norm(planted_with_gain
     gain, eps, centres = final_norm_fold(model)
     torch.testing.assert_close(gain, hf.model.norm.weight.detach(), atol=1e-5, rtol=1e-5)
     assert eps == hf.model.norm.variance_epsilon and not centres
+
+
+
+
+def test_gradient_scores_recompute_blocks_same_scores_smaller_graph(tmp_path):
+    """Attribution with block checkpointing (the default) gives the full graph's scores, and what its autograd
+    graph holds between the forward and the backward (every tensor saved for the backward, counted by a
+    saved-tensor hook around the call) is a small fraction of the full graph's (8 layers, T = 256)."""
+    from interp.models import load_model
+    from interp.tiny import write_tiny_checkpoint
+
+    model = load_model(str(write_tiny_checkpoint(tmp_path / "deep", n_layers=8, d_mlp=512, seed=3)), device="cpu")
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(5, 400, (256,), generator=g).tolist(), torch.randint(5, 400, (200,), generator=g).tolist()]
+    readout = ("ln_final.hook_out", torch.randn(D_MODEL, generator=g), 0.1)
+    out = {}
+    for checkpoint in (True, False):
+        saved = []
+
+        def pack(t, saved=saved):
+            saved.append(t.numel() * t.element_size())
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            scores = gradient_scores(model, seqs, readout, batch_size=2, checkpoint=checkpoint, progress=False)
+        out[checkpoint] = (scores, sum(saved))
+    torch.testing.assert_close(out[True][0], out[False][0], atol=1e-6, rtol=1e-5)
+    assert out[True][0].abs().max() > 1e-3
+    block_mlp = 2 * 256 * 512 * 4  # one block's MLP activation for the batch, float32
+    assert out[False][1] > 8 * block_mlp  # the full graph holds every block's internals
+    assert out[True][1] < 0.05 * out[False][1], (out[True][1], out[False][1])
