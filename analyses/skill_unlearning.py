@@ -83,7 +83,8 @@ class Config(CommonConfig):
     # reproduce the reference code's Neuron Adjust quirks (variance as std, sigma_forget = mu_forget, one draw per
     # forward)
     reference: bool = False
-    # greedy generation length for accuracy (paper: 256 GSM8K/MBPP, 24 MLQA; items may cap it lower)
+    # greedy generation length for accuracy (paper: 256 GSM8K/MBPP, 24 MLQA; items may cap it lower). Generation
+    # runs with Neuron Adjust's hooks, so it stays on the local model (KV-cached), never on a server
     max_new_tokens: int = 256
     top_neurons_shown: int = 4  # selected neurons whose activation histograms the report shows
     # a BOS first in every input: unset, where the model's own tokenizer adds one (as trained; the reference code

@@ -483,7 +483,7 @@ def test_separate_eval_sets_make_every_main_rollout_fit(planted, planted_model, 
 
     asked = []
 
-    def fake_generation(model, config, sets):
+    def fake_generation(model, config, sets, engine):
         asked.append(dict(sets))
         return [rc.Rollout(r["prompt"], r["thinking"], r["response"], k) for k in sets for r in held if kind(r) == k], 0
 
@@ -633,7 +633,7 @@ def test_eval_prompts_that_repeat_fit_prompts_are_dropped_counted_and_warned(pla
     def kind(r):
         return "harmless" if r["kind"].startswith("harmless") else "harmful"
 
-    def fake_generation(model, config, sets):
+    def fake_generation(model, config, sets, engine):
         return [rc.Rollout(r["prompt"], r["thinking"], r["response"], k) for k in sets for r in held + repeats
                 if kind(r) == k], 0
 
