@@ -29,6 +29,14 @@ def pad_left(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[Int[Tensor, "b
     return tokens, mask
 
 
+def input_device(model) -> torch.device:
+    """Where token ids go: the first parameter's device, or under a device map (`cfg.n_devices` > 1) the embedding's,
+    which TransformerLens records as `cfg.device` (the first parameter may be another block's, or offloaded)."""
+    if getattr(model.cfg, "n_devices", 1) > 1 and getattr(model.cfg, "device", None) is not None:
+        return torch.device(model.cfg.device)
+    return next(model.parameters()).device
+
+
 def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     """Index batches of similar length (sorted, longest first) to minimise padding."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
@@ -42,7 +50,7 @@ def padded_batches(
     the tokenizer's pad id and moved to the model's device (or `device`); a tqdm bar counts batches."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    device = device if device is not None else next(model.parameters()).device
+    device = device if device is not None else input_device(model)
     pad_id = model.tokenizer.pad_token_id if model.tokenizer is not None else 0
     for idx in tqdm(length_batches([len(s) for s in seqs], batch_size), desc=desc, disable=not progress, leave=False):
         tokens, mask = pad_left([seqs[i] for i in idx], pad_id)
@@ -98,7 +106,7 @@ def run_batches(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    device = device if device is not None else next(model.parameters()).device
+    device = device if device is not None else input_device(model)
     pad_id = model.tokenizer.pad_token_id if model.tokenizer is not None else 0
     fitted = fitted_sizes(model, desc)
     told = False

@@ -40,7 +40,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from interp.batching import padded_batches
+from interp.batching import input_device, padded_batches
 from interp.bridge import sdpa_attention, stopped_at
 from interp.controls import Draws, matched_draws
 from interp.generation import Generations, Step, generate_tokens
@@ -137,7 +137,7 @@ def check_gate_hook(model, seq: Sequence[int], layer: int = 0, mlp=None) -> floa
     raw: list[Tensor] = []
     handle = raw_module.register_forward_hook(lambda mod, inp, out: raw.append(out.detach().clone()))
     try:
-        _, cache = model.run_with_cache(torch.tensor([list(seq)], device=next(model.parameters()).device),
+        _, cache = model.run_with_cache(torch.tensor([list(seq)], device=input_device(model)),
                                         names_filter=lambda n: n == mlp.gate_hook, return_type=None)
     finally:
         handle.remove()
