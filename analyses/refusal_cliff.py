@@ -322,7 +322,14 @@ def generate_rollouts(model, config: Config, sets: dict[str, str], engine) -> tu
         announce(f"{kind} rollouts", len(prompts), len(prompts) * config.max_new_tokens, None,
                  f"up to {config.max_new_tokens} new tokens each, KV-cached, batch {config.batch_size}",
                  enabled=config.progress)
-        new = engine.generate(encode_prompts(tok, prompts))
+        encoded = encode_prompts(tok, prompts)
+
+        def roll_out(idx: list[int], seqs: list[list[int]]) -> list[list[int]]:
+            return [list(ids) for ids in engine.generate(seqs, seed_ids=idx)]
+
+        key = {"version": 1, "model": stages.model_key(model), "engine": stages.engine_key(engine),
+               "prompts": stages.digest(encoded)}
+        new = stages.current().items("rollouts", key, encoded, roll_out, stages.CHUNK_BATCHES * config.batch_size)
         for prompt, text in zip(prompts, (tok.decode(ids, skip_special_tokens=False) for ids in new)):
             if thinking_model and THINK_CLOSE not in text:
                 truncated += 1

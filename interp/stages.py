@@ -80,6 +80,12 @@ def model_key(model) -> dict:
             "vocab": len(tok) if tok is not None else None, "engine": "bridge"}
 
 
+def engine_key(engine) -> dict:
+    """What of a generation engine's `describe()` (`interp.engines`) determines its output: all of it but the
+    request concurrency and the text round-trip counts, which grow as it generates."""
+    return {k: v for k, v in engine.describe().items() if k not in ("concurrency", "text_only")}
+
+
 class Stages:
     """The stage store of one run directory (None: compute everything, store nothing)."""
 

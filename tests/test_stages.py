@@ -159,3 +159,38 @@ def test_changed_option_recomputes_only_its_stage(tmp_path, capsys):
     assert "stage generation" not in err and "stage traces" not in err
     assert [t["length"] for t in longer["traces"]] != [t["length"] for t in base["traces"]]
     assert len(list((tmp_path / "stages").glob("generation-*"))) == 3
+
+
+class FakeEngine:
+    """A generation engine (`interp.engines` interface) that records the seed ids it was asked for."""
+
+    def __init__(self, temperature: float = 0.0):
+        self.temperature, self.calls = temperature, []
+
+    def describe(self):
+        return {"engine": "fake", "sampling": {"temperature": self.temperature}, "concurrency": 4}
+
+    def generate(self, seqs, *, seed_ids=None):
+        self.calls.append(list(seed_ids))
+        return [[len(s), i] for s, i in zip(seqs, seed_ids)]
+
+
+def test_refusal_cliff_rollouts_are_stored_and_keyed_on_the_engine(tiny_model, tmp_path):
+    from interp import stages
+    from interp.analyses import refusal_cliff as rc
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(f"how do I do thing {i}" for i in range(5)) + "\n")
+    config = rc.Config(batch_size=1, progress=False)
+
+    def roll(engine):
+        with stages.using(tmp_path / "run"):
+            return rc.generate_rollouts(tiny_model, config, {"harmful": str(prompts)}, engine)
+
+    first, engine = FakeEngine(), FakeEngine()
+    expected = roll(first)
+    assert first.calls == [[0, 1, 2, 3], [4]]                # chunks of CHUNK_BATCHES × batch size, global seed ids
+    assert roll(engine) == expected and engine.calls == []
+    sampled = FakeEngine(temperature=0.7)                    # other sampling: generated again
+    roll(sampled)
+    assert sampled.calls == first.calls
