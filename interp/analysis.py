@@ -99,7 +99,10 @@ def require(ok: bool, message: str) -> None:
 
 def warn(warnings: list[str], message: str) -> None:
     """Print a one-line warning on stderr and keep it in `warnings` (the Result's, for results.json and the report)."""
-    print(f"warning: {message}", file=sys.stderr)
+    from interp.distributed import is_main
+
+    if is_main():  # under torchrun, rank 0 alone prints
+        print(f"warning: {message}", file=sys.stderr)
     warnings.append(message)
 
 

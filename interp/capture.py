@@ -109,5 +109,5 @@ def _sharded(model, seqs: Sequence[Sequence[int]], hook_names: Sequence[str], *,
         got = capture(model, [seqs[i] for i in idx], hook_names, positions=wanted, **kw)
         return [{n: got[n][k] for n in got} for k in range(len(idx))]
 
-    rows = distributed.map_items(mine, len(seqs))
+    rows = distributed.map_items(mine, len(seqs), lengths=[len(s) for s in seqs], batch_size=kw["batch_size"])
     return {n: torch.stack([r[n] for r in rows]) if positions == "last" else [r[n] for r in rows] for n in hook_names}

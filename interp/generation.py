@@ -13,6 +13,7 @@ Each result row says whether it ended (EOS) or hit its cap: `Generations.truncat
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -140,15 +141,19 @@ def generate_tokens(
     """
     if distributed.sharding():
         kw = dict(temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size, progress=progress,
-                  use_cache=use_cache, step_context=step_context)
+                  use_cache=use_cache)
         caps = [max_new_tokens] * len(seqs) if isinstance(max_new_tokens, int) else list(max_new_tokens)
 
         def mine(idx: list[int]) -> list[tuple[list[int], bool]]:
+            def context(step: Step):  # the step's rows as indices into `seqs`, as in one process
+                return step_context(dataclasses.replace(step, rows=[idx[r] for r in step.rows]))
+
             got = generate_tokens(model, [seqs[i] for i in idx], max_new_tokens=[caps[i] for i in idx],
-                                  seed_ids=[seed_ids[i] if seed_ids else i for i in idx], **kw)
+                                  seed_ids=[seed_ids[i] if seed_ids else i for i in idx],
+                                  step_context=context if step_context else None, **kw)
             return list(zip(got, got.truncated))
 
-        rows = distributed.map_items(mine, len(seqs))
+        rows = distributed.map_items(mine, len(seqs), lengths=[len(s) for s in seqs], batch_size=batch_size)
         return Generations([r for r, _ in rows], [t for _, t in rows])
     limits = [max_new_tokens] * len(seqs) if isinstance(max_new_tokens, int) else [int(n) for n in max_new_tokens]
     if len(limits) != len(seqs):

@@ -444,9 +444,17 @@ def teacher_forced(model, prompts: Sequence[Sequence[int]], completions: Sequenc
     (consecutive steps, D_1 = 0). The forward stops after the last block (`interp.logits.final_residual`); the
     final norm and the unembedding then run on `chunk` positions of one trace at a time (`distribution_stats`,
     default `interp.logits.LOGIT_CHUNK`), so no [T, vocab] tensor exists for a whole trace or batch: memory is the
-    batch's residual stream plus a few [chunk, vocab] float32 tensors.
+    batch's residual stream plus a few [chunk, vocab] float32 tensors. Under torchrun each rank runs its shard of
+    the traces (whole batches) and every rank gets all traces' statistics, in order (`interp.distributed`).
     """
+    from interp import distributed
     from interp.batching import padded_batches
+
+    if distributed.sharding():
+        return distributed.map_items(
+            lambda idx: teacher_forced(model, [prompts[i] for i in idx], [completions[i] for i in idx], top_k=top_k,
+                                       batch_size=batch_size, progress=progress, chunk=chunk),
+            len(prompts), lengths=[len(p) + len(c) for p, c in zip(prompts, completions)], batch_size=batch_size)
     from interp.bridge import sdpa_attention
     from interp.logits import LOGIT_CHUNK, final_residual, logits_at
 

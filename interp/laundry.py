@@ -31,6 +31,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from interp import distributed
 from interp.batching import padded_batches
 from interp.bridge import sdpa_attention, stopped_at
 from interp.controls import split, wilson
@@ -206,7 +207,12 @@ def encode(tokenizer, prompts: Sequence[LaundryPrompt], bos: bool | None = None)
 @torch.no_grad()
 def last_logits(model, ids: Sequence[Sequence[int]], *, batch_size: int = 8, progress: bool = False,
                 desc: str = "laundry list") -> Float[Tensor, "n vocab"]:
-    """Next-token logits at the last token of each sequence (the unembedding runs on that position only)."""
+    """Next-token logits at the last token of each sequence (the unembedding runs on that position only). Under
+    torchrun each rank runs its shard (whole batches); every rank gets all rows, in order."""
+    if distributed.sharding():
+        return torch.stack(distributed.map_items(
+            lambda idx: list(last_logits(model, [ids[i] for i in idx], batch_size=batch_size, progress=progress,
+                                         desc=desc)), len(ids), lengths=[len(s) for s in ids], batch_size=batch_size))
     n_layers = model.cfg.n_layers
     out = [None] * len(ids)
     with sdpa_attention(model):
@@ -271,7 +277,16 @@ def rates(scores: dict[str, Tensor], where: Tensor | None = None) -> dict[str, f
 def item_attention(model, enc: Encoded, prompts: Sequence[LaundryPrompt], layers: Sequence[int], *,
                    batch_size: int = 8, progress: bool = False) -> Float[Tensor, "n layer head"]:
     """Attention from END to the answer's first-list token minus the mean over the other items' tokens,
-    per prompt and head (a mover head attends to the item it copies)."""
+    per prompt and head (a mover head attends to the item it copies). Under torchrun: sharded like `last_logits`."""
+    if distributed.sharding():
+        def mine(idx: list[int]) -> list[Tensor]:
+            part = Encoded([enc.ids[i] for i in idx], [enc.item_positions[i] for i in idx],
+                           [enc.candidates[i] for i in idx], enc.multi_token)
+            return list(item_attention(model, part, [prompts[i] for i in idx], layers, batch_size=batch_size,
+                                       progress=progress))
+
+        return torch.stack(distributed.map_items(mine, len(enc.ids), lengths=[len(s) for s in enc.ids],
+                                                 batch_size=batch_size))
     out = torch.zeros(len(enc.ids), len(layers), model.cfg.n_heads)
     names = [f"blocks.{layer}.attn.hook_pattern" for layer in layers]
     stop = max(layers) + 1

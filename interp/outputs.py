@@ -95,8 +95,11 @@ def _package_version(name: str) -> str | None:
 
 
 def environment_info() -> dict[str, Any]:
-    """Versions of Python and the key packages, the platform, and the CUDA device if any."""
+    """Versions of Python and the key packages, the platform, the CUDA device if any, and the data-parallel world
+    (`world_size`, `rank`, `backend`: 1, 0, None without torchrun; `interp.distributed`)."""
     import torch
+
+    from interp.distributed import world
 
     cuda = torch.cuda.is_available()
     return {
@@ -108,6 +111,7 @@ def environment_info() -> dict[str, Any]:
         "interp": _package_version("interp"),
         "cuda_available": cuda,
         "cuda_device": torch.cuda.get_device_name(0) if cuda else None,
+        **world().to_dict(),
     }
 
 

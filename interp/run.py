@@ -140,7 +140,7 @@ def _analysis_in(argv: list[str]) -> str | None:
 
 def execute(argv: list[str]) -> Path | None:
     """Parse, run and write; returns the output directory (None for --list)."""
-    from interp.outputs import prepare_output_dir, write_run
+    from interp.outputs import write_run
 
     args = build_parser(_analysis_in(argv)).parse_args(argv)
     if args.list:
@@ -155,11 +155,16 @@ def execute(argv: list[str]) -> Path | None:
     if hasattr(module, "preflight"):
         module.preflight(config)
     needs_model = getattr(module, "needs_model", lambda c: True)(config)
+    from interp import distributed
     from interp.models import load_model, model_label, resolve_device, resolve_dtype
 
     resolve_dtype(args.dtype, resolve_device(args.device))  # bad --device fails before any directory is made
+    distributed.init(args.device)  # under torchrun: join the other ranks (a no-op otherwise)
+    args.device = distributed.local_device(args.device)
+    if not distributed.is_main():
+        explicit["progress"] = False
     label = model_label(args.model) if needs_model else "no-model"
-    out = prepare_output_dir(args.out, args.analysis, label, force=args.force)
+    out = _output_dir(args, label)
     model = None
     if needs_model:
         if args.no_progress:
@@ -171,14 +176,32 @@ def execute(argv: list[str]) -> Path | None:
                            device_map=args.device_map, max_memory=args.max_memory)
         config = config_for(args.analysis, model, **explicit)
         card = {k: v for k, v in card_defaults(args.analysis, model).items() if k not in explicit}
-        if card:
+        if card and distributed.is_main():
             print(f"model card settings: {', '.join(f'{k}={v!r}' for k, v in card.items())}", file=sys.stderr)
         config.validate(model)
     result = run_analysis(args.analysis, model, **explicit)
-    report = module.build_report(result, model.tokenizer if model is not None else None)
-    write_run(out, result, report)
-    print(f"wrote {out / 'report.html'}")
+    if distributed.is_main():  # only rank 0 writes (the others hold the same gathered numbers)
+        report = module.build_report(result, model.tokenizer if model is not None else None)
+        write_run(out, result, report)
+        print(f"wrote {out / 'report.html'}")
+    distributed.barrier()
     return out
+
+
+def _output_dir(args: argparse.Namespace, label: str) -> Path:
+    """Rank 0 checks (and names) the output directory; every rank gets its path or its one-line error."""
+    from interp import distributed
+    from interp.outputs import prepare_output_dir
+
+    try:
+        found: Path | str = prepare_output_dir(args.out, args.analysis, label, force=args.force) \
+            if distributed.is_main() else ""
+    except UserError as exc:
+        found = f"error: {exc}"
+    found = distributed.broadcast_object(found)
+    if isinstance(found, str):
+        raise UserError(found.removeprefix("error: "))
+    return found
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,6 +40,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from interp import distributed
 from interp.batching import input_device, padded_batches
 from interp.bridge import sdpa_attention, stopped_at
 from interp.controls import Draws, matched_draws
@@ -103,7 +104,13 @@ class RunningMoments:
 def gate_moments(model, seqs: Sequence[Sequence[int]], *, batch_size: int = 8, progress: bool = True,
                  desc: str = "gate statistics", mlps: dict | None = None) -> RunningMoments:
     """Running moments of every layer's gate pre-activation over all real tokens of `seqs` (with `mlps`, {layer:
-    `interp.mlp.DenseMLP`}: those layers' MLPs only; the others' rows stay 0)."""
+    `interp.mlp.DenseMLP`}: those layers' MLPs only; the others' rows stay 0). Under torchrun each rank reads its
+    shard of `seqs` and the sums and counts are added up (`interp.distributed`)."""
+    if distributed.sharding():
+        return distributed.map_stream(lambda idx: gate_moments(model, [seqs[i] for i in idx], batch_size=batch_size,
+                                                               progress=progress, desc=desc, mlps=mlps),
+                                      len(seqs), RunningMoments.merge, lengths=[len(s) for s in seqs],
+                                      batch_size=batch_size)
     n_layers = model.cfg.n_layers
     names = {layer: m.gate_hook for layer, m in mlps.items()} if mlps is not None else \
         {layer: gate_hook(layer) for layer in range(n_layers)}
@@ -282,6 +289,8 @@ def neuron_adjust(model, spec: AdjustSpec) -> Iterator[AdjustSpec]:
         hooks.append((spec.hooks.get(layer, gate_hook(layer)), _adjust_hook(spec, layer, sel)))
     with model.hooks(fwd_hooks=hooks):
         yield spec
+    if distributed.sharding():  # the forwards inside ran on shards: count every rank's values
+        spec.replaced[:] = distributed.all_reduce_sum(torch.tensor(spec.replaced)).tolist()
 
 
 def _adjust_hook(spec: AdjustSpec, layer: int, sel: Tensor):
@@ -400,6 +409,10 @@ def key_space_watch(model, cube: Hypercube, h: float, hook_name: str | None = No
 
     with model.hooks(fwd_hooks=[(hook_name or key_hook(model.cfg.n_layers - 1), hook)]):
         yield watch
+    if distributed.sharding():  # the generation inside ran on shards: every rank gets every item's flags
+        merged = distributed.merge_objects(watch, lambda a, b: Watch({**a.prefill, **b.prefill},
+                                                                     {**a.any_step, **b.any_step}))
+        watch.prefill, watch.any_step = merged.prefill, merged.any_step
 
 
 # --------------------------------------------------------------------------- evaluation loops
@@ -412,9 +425,16 @@ def target_logprobs(model, prompts: Sequence[Sequence[int]], targets: Sequence[S
 
     The forward stops after the last block (`interp.logits.final_residual`); the final norm and the unembedding run
     on `chunk` target positions of one item at a time (default `interp.logits.LOGIT_CHUNK`), so no
-    [batch, pos, vocab] tensor exists: memory is the batch's residual stream plus a chunk's logits."""
+    [batch, pos, vocab] tensor exists: memory is the batch's residual stream plus a chunk's logits. Under torchrun
+    each rank scores its shard of the items (gathered in order)."""
     from interp.logits import LOGIT_CHUNK, final_residual, logits_at, position_chunks
 
+    if distributed.sharding():
+        return torch.tensor(distributed.map_items(
+            lambda idx: target_logprobs(model, [prompts[i] for i in idx], [targets[i] for i in idx],
+                                        [item_ids[i] for i in idx], batch_size=batch_size, progress=progress,
+                                        chunk=chunk).tolist(), len(prompts),
+            lengths=[len(p) + len(t) for p, t in zip(prompts, targets)], batch_size=batch_size))
     seqs = [list(p) + list(t) for p, t in zip(prompts, targets)]
     out = torch.empty(len(seqs))
     batches = padded_batches(model, seqs, batch_size, desc="log-likelihood", progress=progress)
