@@ -149,6 +149,12 @@ class Report:
         )
         self._blocks.append(f'<div class="metrics">{cells}</div>')
 
+    def add_link(self, text: str, href: str) -> None:
+        """A link to a relative path (another file of the run, e.g. an analysis's report); both are escaped."""
+        if href.startswith(("/", "\\")) or ":" in href.split("/", 1)[0]:
+            raise ValueError(f"links must be relative paths, not {href!r}")
+        self._blocks.append(f'<p class="text"><a href="{escape(href, quote=True)}">{escape(text)}</a></p>')
+
     def add_config(self, config: Any, caption: str | None = None) -> None:
         """A key/value table of run configuration (dicts, dataclasses, nested data)."""
         table = _config_html(to_jsonable(config))

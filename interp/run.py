@@ -1,6 +1,7 @@
-"""Command line: `python -m interp.run ANALYSIS [options]` writes report.html, results.json and CSVs.
+"""Command line: `python -m interp.run ANALYSIS [options]` writes report.html, results.json and CSVs;
+`python -m interp.run audit --model M [--compare M2] [--analyses a,b] [--out DIR]` runs them all (`interp.audit`).
 
-The analysis name may stand anywhere among the options. Each analysis's Config fields become
+The analysis name may stand anywhere among the options (`audit` first). Each analysis's Config fields become
 options (see `interp.analysis`). User errors print one line `error: ...` on stderr and exit 2.
 """
 
@@ -78,8 +79,9 @@ def _renamed_options(parser: argparse.ArgumentParser, module) -> None:
 def build_parser(analysis: str | None) -> argparse.ArgumentParser:
     from interp.models import DEFAULT_MODEL
 
-    parser = _Parser(prog="python -m interp.run", description="Run an interp analysis and write its report.")
-    parser.add_argument("analysis", nargs="?", help="the analysis to run (--list shows them)")
+    parser = _Parser(prog="python -m interp.run", description="Run an interp analysis and write its report. "
+                     "`python -m interp.run audit --help`: every analysis on one model (or two) and one index.")
+    parser.add_argument("analysis", nargs="?", help="the analysis to run (--list shows them), or audit")
     parser.add_argument("--list", action="store_true", help="list analyses, model names and datasets, then exit")
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help="an embedded model, an alias, a Hugging Face id or a local directory "
@@ -112,6 +114,8 @@ def list_everything() -> str:
     from interp.models import ALIASES, EMBEDDED
 
     lines = ["analyses:"] + [f"  {name}" for name in available()]
+    lines += ["audit (all analyses, one index; --compare M2 side by side):",
+              "  python -m interp.run audit --model M [--compare M2] [--analyses a,b] [--out DIR]"]
     lines += ["models (embedded, offline):"] + [f"  {k:22} {v}" for k, v in EMBEDDED.items()]
     lines += ["model aliases:"] + [f"  {k:22} {a.hf_id}  ({a.note})" for k, a in ALIASES.items()]
     lines += ["datasets:"] + [f"  {k:22} [{d.kind}, {'hub' if d.online else 'bundled'}] {d.description}"
@@ -138,8 +142,48 @@ def _analysis_in(argv: list[str]) -> str | None:
     return next((a for a in argv if a in names), None)
 
 
+def audit_parser() -> argparse.ArgumentParser:
+    from interp.models import DEFAULT_MODEL
+
+    parser = _Parser(prog="python -m interp.run audit",
+                     description="Run every analysis that applies on a model (card settings), or on two side by side, "
+                                 "and write each report plus an index that joins them (interp.audit).")
+    parser.add_argument("audit", help=argparse.SUPPRESS)
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"the model audited (default: {DEFAULT_MODEL})")
+    parser.add_argument("--compare", help="a second model: every analysis on both with the same data, seeds and "
+                                          "splits, differences with bootstrap intervals")
+    parser.add_argument("--analyses", help="comma-separated analyses to run (default: all)")
+    parser.add_argument("--out", help="output directory (default: runs/audit-<model>-<time>); rerun into it to resume")
+    parser.add_argument("--force", action="store_true", help="replace outputs made with other options")
+    parser.add_argument("--device", default="auto", help="where the models run: auto, cpu or cuda[:N]")
+    parser.add_argument("--dtype", default="auto", choices=DTYPES, help="weights' dtype (auto: bfloat16 on CUDA)")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow a model's own Python code to run")
+    parser.add_argument("--allow-pickle", action="store_true", help="allow pickle (.bin) weights, which can run code")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return parser
+
+
+def execute_audit(argv: list[str]) -> Path:
+    """`python -m interp.run audit ...`: parse and run the audit; returns its output directory."""
+    from interp.audit import analysis_names, audit
+
+    args = audit_parser().parse_args(argv)
+    analysis_names(args.analyses)  # an unknown name fails before any model loads
+    if args.no_progress:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+    out = audit(args.model, compare=args.compare, analyses=args.analyses, out=args.out, force=args.force,
+                device=args.device, dtype=args.dtype, progress=not args.no_progress,
+                trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
+    print(f"wrote {out / 'index.html'}")
+    return out
+
+
 def execute(argv: list[str]) -> Path | None:
     """Parse, run and write; returns the output directory (None for --list)."""
+    if argv[:1] == ["audit"]:
+        return execute_audit(argv)
     from interp.outputs import write_run
 
     args = build_parser(_analysis_in(argv)).parse_args(argv)
