@@ -62,6 +62,12 @@ class Config(CommonConfig):
     samples_per_question: int = 1
     temperature: float = 0.0  # 0 = greedy (reconstructed protocol); > 0 samples, seeded by --seed
     top_p: float | None = None  # nucleus sampling when temperature > 0
+    # an OpenAI-compatible completions server (e.g. http://localhost:8000/v1 from vllm serve) generates the traces
+    # and returns their top-k logprobs (the paper's black-box setting); unset: the local model (KV cache, then one
+    # teacher-forced forward)
+    generator: str | None = None
+    generator_model: str | None = None  # the model name the --generator server serves (default: --model)
+    generator_concurrency: int = 16  # requests in flight at once to the --generator server
     top_k: int = 20  # k of the renormalised top-k distribution (reconstructed: the OpenAI top_logprobs maximum)
     lam: float = 1.0  # λ in I_t = D_t + λ·H_t (reconstructed; the paper's value was not recovered)
     # tokens outside a step's top-k: probability 0 (union of supports), or the tokens listed at both steps plus one
@@ -112,6 +118,10 @@ class Config(CommonConfig):
         require(self.logit_chunk >= 1, f"logit-chunk must be at least 1; got {self.logit_chunk}")
         require(not (self.traces and self.distribution == "full"),
                 "--distribution full needs a local model's full distributions; drop it or drop --traces")
+        require(not (self.generator and (self.traces or self.distribution == "full")),
+                "--generator generates traces with top-k logprobs; drop --traces and --distribution full")
+        require(self.generator_concurrency >= 1,
+                f"generator-concurrency must be at least 1; got {self.generator_concurrency}")
 
 
 def needs_model(config: Config) -> bool:
@@ -175,13 +185,34 @@ def load_tasks(spec: str, limit: int | None = None):
     return items
 
 
-def generate_traces(model, config: Config, warnings: list[str]) -> tuple[list[ins.TraceDists], list[dict]]:
+def server_dists(rows: list[dict], width: int) -> list[dict]:
+    """`teacher_forced`'s fields from a server's top-k logprobs (`top_ids`, `top_logprobs`, `chosen` per step;
+    no full-vocabulary entropy)."""
+    import torch
+
+    out = []
+    for row in rows:
+        ids = torch.full((len(row["top_ids"]), width), ins.PAD_ID, dtype=torch.long)
+        lps = torch.full((len(row["top_ids"]), width), -math.inf, dtype=torch.float64)
+        for t, (i, v) in enumerate(zip(row["top_ids"], row["top_logprobs"])):
+            ids[t, :len(i[:width])] = torch.tensor(i[:width], dtype=torch.long)
+            lps[t, :len(v[:width])] = torch.tensor(v[:width], dtype=torch.float64)
+        out.append({"topk_ids": ids, "topk_logprobs": lps, "chosen": torch.tensor(row["chosen"], dtype=torch.float64),
+                    "full_entropy": None, "full_jsd": None})
+    return out
+
+
+def generate_traces(model, config: Config, warnings: list[str]) -> tuple[list[ins.TraceDists], list[dict], dict]:
     """Generate on the task set (`samples_per_question` traces per task), score the answers, then one
-    teacher-forced forward for the distributions. Returns the traces and one record per trace in the
-    external JSONL format (for `traces.jsonl`)."""
+    teacher-forced forward for the distributions (with `--generator`: the server's top-k logprobs instead).
+    Returns the traces, one record per trace in the external JSONL format (for `traces.jsonl`) and the engine's
+    `describe()` (`interp.engines`)."""
+    from dataclasses import asdict
+
     from interp import stages
     from interp.chat import THINK_CLOSE, THINK_OPEN, chat_prefix
-    from interp.generation import Generations, generate_tokens
+    from interp.engines import Sampling, default_stop_ids, make_engine
+    from interp.generation import Generations
     from interp.skills import is_correct
     from interp.tokens import encode
 
@@ -199,17 +230,23 @@ def generate_traces(model, config: Config, warnings: list[str]) -> tuple[list[in
              f"up to {config.max_new_tokens} new tokens each, KV-cached, batch {config.batch_size}",
              enabled=config.progress)
     store, chunk = stages.current(), stages.CHUNK_BATCHES * config.batch_size
+    engine = make_engine(model, config.generator, Sampling(config.max_new_tokens, config.temperature, config.top_p,
+                                                           config.seed, default_stop_ids(tok)),
+                         model_name=config.generator_model, concurrency=config.generator_concurrency,
+                         batch_size=config.batch_size, progress=config.progress)
     model_key = stages.model_key(model)
+    width = max([config.top_k, *config.k_sweep])
+    server = {} if config.generator is None else {"engine": engine.key(), "top_logprobs": width}
 
     def generate_chunk(idx: list[int], seqs: list[list[int]]) -> list[dict]:
-        got = generate_tokens(model, seqs, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                              top_p=config.top_p, seed=config.seed, batch_size=config.batch_size,
-                              progress=config.progress, seed_ids=idx)
-        return [{"ids": list(g), "truncated": t} for g, t in zip(got, got.truncated)]
+        got = engine.generate(seqs, seed_ids=idx, top_logprobs=width if server else 0)
+        rows = [{"ids": list(g), "truncated": t} for g, t in zip(got, got.truncated)]
+        return [{**r, **asdict(lp)} for r, lp in zip(rows, got.logprobs)] if server else rows
 
     generated = store.items("generation", {"version": 1, "model": model_key, "prompts": stages.digest(prompts),
                                            "max_new_tokens": config.max_new_tokens, "temperature": config.temperature,
-                                           "top_p": config.top_p, "seed": config.seed}, prompts, generate_chunk, chunk)
+                                           "top_p": config.top_p, "seed": config.seed, **server}, prompts,
+                            generate_chunk, max(chunk, 4 * config.generator_concurrency) if server else chunk)
     completions = Generations([g["ids"] for g in generated], [g["truncated"] for g in generated])
     keep = [i for i, c in enumerate(completions) if c]
     if not keep:
@@ -221,18 +258,20 @@ def generate_traces(model, config: Config, warnings: list[str]) -> tuple[list[in
         text = tok.decode(ids, skip_special_tokens=False)
         return text.rfind(THINK_OPEN) > text.rfind(THINK_CLOSE)
     opened = [opens(p) for p in encoded]
-    width = max([config.top_k, *config.k_sweep])
     lengths = [len(prompts[i]) + len(completions[i]) for i in keep]
-    announce("teacher-forced forward", len(keep), sum(lengths), max(lengths),
-             f"batch {config.batch_size}, logits of {config.logit_chunk} positions at a time "
-             f"({model.cfg.d_vocab:,}-token vocabulary)", enabled=config.progress)
     def forward_chunk(idx: list[int], pairs: list[tuple[list[int], list[int]]]) -> list[dict]:
         return ins.teacher_forced(model, [p for p, _ in pairs], [c for _, c in pairs], top_k=width,
                                   batch_size=config.batch_size, progress=config.progress, chunk=config.logit_chunk)
 
-    pairs = [(prompts[i], completions[i]) for i in keep]
-    dists = store.items("traces", {"version": 1, "model": model_key, "sequences": stages.digest(pairs), "top_k": width},
-                        pairs, forward_chunk, chunk)
+    if server:  # the paper's black-box setting: the server's top-k logprobs, no local forward
+        dists = server_dists([generated[i] for i in keep], width)
+    else:
+        announce("teacher-forced forward", len(keep), sum(lengths), max(lengths),
+                 f"batch {config.batch_size}, logits of {config.logit_chunk} positions at a time "
+                 f"({model.cfg.d_vocab:,}-token vocabulary)", enabled=config.progress)
+        pairs = [(prompts[i], completions[i]) for i in keep]
+        dists = store.items("traces", {"version": 1, "model": model_key, "sequences": stages.digest(pairs),
+                                       "top_k": width}, pairs, forward_chunk, chunk)
     traces, records = [], []
     for i, d in zip(keep, dists):
         q, j = asked[i]
@@ -249,7 +288,7 @@ def generate_traces(model, config: Config, warnings: list[str]) -> tuple[list[in
                                d["topk_logprobs"].tolist(), d["chosen"].tolist(), trace.question, trace.truncated)
         rec["prompt"], rec["answer"], rec["completion"], rec["scored_answer"] = item.prompt, item.answer, text, answer
         records.append(rec)
-    return traces, records
+    return traces, records, engine.describe()
 
 
 def boxed(text: str) -> str | None:
@@ -483,9 +522,11 @@ def run(model, config: Config) -> Result:
     else:
         if model is None:
             raise UserError("a model is needed to generate traces; pass --model or --traces FILE")
-        traces, records = generate_traces(model, config, warnings)
-        source = "model"
+        traces, records, generator = generate_traces(model, config, warnings)
+        source = "model" if config.generator is None else config.generator
     header = run_header("instability", None if config.traces else model, config)
+    if not config.traces:
+        header["generator"] = generator  # where and how the traces were generated (interp.engines)
     return Result(header=header, config=config, source=source, records=records, **analyse(traces, config, warnings))
 
 
@@ -610,9 +651,15 @@ def build_report(result: Result, tokenizer=None) -> Report:
         norm="H in nats" if not c.normalise_entropy else "H divided by log k",
         smooth=c.smooth if c.smooth > 1 else "none",
         nb=c.n_buckets, ns=c.n_strata, win=", ".join(map(str, c.windows)), nboot=c.n_boot), level="info")
-    src = ("traces generated by the model on " + c.tasks + (", greedy" if c.temperature == 0 else
-           f", sampled at temperature {c.temperature} (seed {c.seed})") + "; distributions from one teacher-forced "
-           "forward (temperature 1)") if result.source == "model" else f"external traces from {result.source}"
+    how = (", greedy" if c.temperature == 0 else f", sampled at temperature {c.temperature} (seed {c.seed})")
+    if c.traces:
+        src = f"external traces from {result.source}"
+    elif c.generator:
+        src = (f"traces generated on {c.tasks} by the server at {c.generator}{how}; distributions from its top-k "
+               "logprobs (black-box)")
+    else:
+        src = (f"traces generated by the model on {c.tasks}{how}; distributions from one teacher-forced forward "
+               "(temperature 1)")
     rep.add_paragraph(f"Source: {src}. Signal from the {'top-k' if c.distribution == 'topk' else 'full-vocabulary'} "
                       "distributions.")
 

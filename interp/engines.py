@@ -98,6 +98,10 @@ class LocalEngine:
     def limitation(self) -> str | None:
         return None
 
+    def key(self) -> str:
+        """The engine's part of a stage key (`interp.stages.model_key`'s "engine")."""
+        return "bridge"
+
     def describe(self) -> dict:
         return {"engine": "local", "kv_cache": True, "sampling": asdict(self.sampling)}
 
@@ -281,6 +285,11 @@ class OpenAICompletions:
         return (f"the generator server returns text only: prompts were sent decoded ({t.prompts_changed} re-encode "
                 f"differently), completions re-tokenized ({t.rows_changed} rows changed length, {t.rows_unchecked} "
                 f"unchecked); its text drops special tokens ({', '.join(t.dropped_specials) or 'none found'})")
+
+    def key(self) -> dict:
+        """The engine's part of a stage key: what the tokens depend on (the served model, ids or text), not the URL
+        (a server restarted elsewhere resumes the run)."""
+        return {"engine": "openai-completions", "served_model": self.model_name, "token_ids": self.ids}
 
     def describe(self) -> dict:
         return {"engine": "openai-completions", "url": self.url, "served_model": self.model_name,
