@@ -12,64 +12,39 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import add_model_options, bridge_and_hf, sync  # noqa: E402
 
 
 def _time(fn, device, reps: int) -> list[float]:
     times = []
     for _ in range(reps):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - start)
     return times
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", help="existing model directory/alias instead of a random checkpoint")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--d-model", type=int, default=512)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--d-mlp", type=int, default=1408)
+    add_model_options(p)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--reps", type=int, default=7)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    from transformers import AutoModelForCausalLM
 
     from interp.capture import capture
-    from interp.models import load_model, locate_model, resolve_dtype
-    from interp.tiny import write_tiny_checkpoint
 
-    device = torch.device(args.device)
-    tmp = tempfile.TemporaryDirectory()
-    if args.model:
-        path = locate_model(args.model)[0]
-    else:
-        path = write_tiny_checkpoint(tmp.name, "qwen2", n_layers=args.layers, d_model=args.d_model,
-                                     n_heads=args.heads, n_kv_heads=args.kv_heads, d_mlp=args.d_mlp,
-                                     vocab_size=args.vocab, max_len=max(512, args.seq + 8))
-    model = load_model(str(path), device=args.device, dtype=args.dtype)
-    dtype = resolve_dtype(args.dtype, device)
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+    model, hf, device, _tmp = bridge_and_hf(args, args.seq + 8)
+    dtype = next(hf.parameters()).dtype
 
     gen = torch.Generator().manual_seed(0)
     vocab = model.cfg.d_vocab

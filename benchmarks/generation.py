@@ -25,59 +25,34 @@ import contextlib
 import json
 import platform
 import statistics
-import tempfile
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import add_model_options, bridge_and_hf, sync  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", help="existing model directory/alias instead of a random checkpoint")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--d-model", type=int, default=512)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--d-mlp", type=int, default=1408)
-    p.add_argument("--vocab", type=int, default=8192)
+    add_model_options(p)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--prompt", type=int, default=64, help="longest prompt (rows ragged down to 3/4 of it)")
     p.add_argument("--new", type=int, default=64, help="new tokens per row")
     p.add_argument("--ablate", type=int, default=4, help="heads ablated (zero, hook_z), spread over layers")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--no-cache-row", action="store_true", help="also time the recompute-every-step loop")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    from transformers import AutoModelForCausalLM
 
     from interp.batching import pad_left
     from interp.generation import generate_tokens
     from interp.interventions import ablate_heads
-    from interp.models import load_model, locate_model, resolve_dtype
-    from interp.tiny import write_tiny_checkpoint
 
-    device = torch.device(args.device)
-    tmp = tempfile.TemporaryDirectory()
-    if args.model:
-        path = locate_model(args.model)[0]
-    else:
-        path = write_tiny_checkpoint(tmp.name, "qwen2", n_layers=args.layers, d_model=args.d_model,
-                                     n_heads=args.heads, n_kv_heads=args.kv_heads, d_mlp=args.d_mlp,
-                                     vocab_size=args.vocab, max_len=max(512, args.prompt + args.new + 8))
-    model = load_model(str(path), device=args.device, dtype=args.dtype)
-    dtype = resolve_dtype(args.dtype, device)
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+    model, hf, device, _tmp = bridge_and_hf(args, args.prompt + args.new + 8)
+    dtype = next(hf.parameters()).dtype
     tok = model.tokenizer
     eos, pad = tok.eos_token_id, tok.pad_token_id
 
@@ -114,10 +89,10 @@ def main(argv: list[str] | None = None) -> dict:
     counts: dict[str, int] = {}
     for _ in range(args.reps):  # interleaved, so drift hits every path alike
         for name, fn in paths.items():
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             counts[name] = fn()
-            _sync(device)
+            sync(device)
             runs[name].append(counts[name] / (time.perf_counter() - start))
     base = max(runs["hf_generate"])
     rows = {name: {"tokens": counts[name], "best_tokens_per_s": max(r), "median_tokens_per_s": statistics.median(r),
