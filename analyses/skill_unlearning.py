@@ -22,6 +22,7 @@ Method note, defaults and deviations: docs/skill_unlearning.md.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -30,6 +31,7 @@ import pandas as pd
 import torch
 from jaxtyping import Float
 
+from interp import stages
 from interp.analysis import CommonConfig, not_applicable, require, run_header, skip_layers, warn
 from interp.capture import capture
 from interp.controls import ControlUnavailable, Draws, control_row, split, wilson
@@ -43,6 +45,8 @@ from interp.tokens import Joint, bos_id, encode, encode_joint
 from interp.unlearning import (
     AdjustSpec,
     Hypercube,
+    RunningMoments,
+    Watch,
     check_gate_hook,
     gate_hook,
     gate_moments,
@@ -241,19 +245,49 @@ def _logprobs(model, batch: Batch, config: Config) -> list[float]:
                            progress=config.progress).tolist()
 
 
-def _generate(model, batch: Batch, config: Config, mask: list[bool]) -> tuple[list[str | None], list[bool | None]]:
+def _generate(model, batch: Batch, config: Config, mask: list[bool], setting: dict, *, spec: AdjustSpec | None = None,
+              watch: Watch | None = None) -> tuple[list[str | None], list[bool | None]]:
     """Greedy continuation of every item where `mask` (None elsewhere), and whether it hit its token limit
-    without EOS (truncated; None where not generated)."""
+    without EOS (truncated; None where not generated). Stored per item (`interp.stages`, stage "generation") under
+    `setting` (what the hooks active around it depend on): with `spec` (Neuron Adjust active) each chunk's count
+    of replaced values, with `watch` (`key_space_watch` active) each item's flags, so a reused item counts as a
+    generated one."""
     sel = [j for j, g in enumerate(mask) if g]
     texts: list[str | None] = [None] * len(batch.items)
     truncated: list[bool | None] = [None] * len(batch.items)
-    if sel:
-        limits = [min(config.max_new_tokens, batch.items[j].max_new_tokens or config.max_new_tokens) for j in sel]
-        new = greedy_generate(model, [batch.prompts[j] for j in sel], [batch.ids[j] for j in sel], limits,
-                              batch_size=config.batch_size, progress=config.progress)
-        for j, t, cut in zip(sel, new, new.truncated):
-            texts[j], truncated[j] = model.tokenizer.decode(t, skip_special_tokens=True), cut
+    if not sel:
+        return texts, truncated
+    limits = [min(config.max_new_tokens, batch.items[j].max_new_tokens or config.max_new_tokens) for j in sel]
+    replaced = list(spec.replaced) if spec is not None else None
+
+    def generate_chunk(idx: list[int], rows: list[int]) -> list[dict]:
+        counted = list(spec.replaced) if spec is not None else None
+        new = greedy_generate(model, [batch.prompts[j] for j in rows], [batch.ids[j] for j in rows],
+                              [limits[i] for i in idx], batch_size=config.batch_size, progress=config.progress)
+        out = [{"ids": list(t), "truncated": cut} for t, cut in zip(new, new.truncated)]
+        for k, (j, o) in enumerate(zip(rows, out)):
+            if spec is not None:
+                o["replaced"] = [a - b for a, b in zip(spec.replaced, counted)] if k == 0 else [0, 0]
+            if watch is not None:
+                # under torchrun a rank holds its shard's flags until the watch ends
+                o["prefill"], o["any_step"] = watch.prefill.get(batch.ids[j]), watch.any_step.get(batch.ids[j])
+        return out
+
+    key = {"version": 1, "model": stages.model_key(model), "setting": setting, "limits": limits,
+           "prompts": stages.digest([batch.prompts[j] for j in sel]), "item_ids": [batch.ids[j] for j in sel]}
+    got = stages.current().items("generation", key, sel, generate_chunk, stages.CHUNK_BATCHES * config.batch_size)
+    for j, g in zip(sel, got):
+        texts[j], truncated[j] = model.tokenizer.decode(g["ids"], skip_special_tokens=True), g["truncated"]
+        if watch is not None and g["any_step"] is not None:
+            watch.prefill[batch.ids[j]], watch.any_step[batch.ids[j]] = g["prefill"], g["any_step"]
+    if spec is not None:  # the stored chunks' counts: the same total whether generated now or reused
+        spec.replaced[:] = [r + sum(g["replaced"][k] for g in got) for k, r in enumerate(replaced)]
     return texts, truncated
+
+
+def _spec_key(spec: AdjustSpec) -> str:
+    """A digest of what Neuron Adjust's hooks do (neurons, statistics, mode, seed, hooks; not its running count)."""
+    return stages.digest({f.name: getattr(spec, f.name) for f in dataclasses.fields(spec) if f.name != "replaced"})
 
 
 def _count(flags: list[bool | None], rows: list[int]) -> int:
@@ -345,9 +379,15 @@ def _run(model, config: Config | None = None) -> Result:
 
     announce("gate statistics", *sequence_cost([t for ts in texts.values() for t in ts]),
              f"every layer's gate pre-activation streamed, batch {config.batch_size}", enabled=config.progress)
-    moments = {s.name: gate_moments(model, texts[s.name], batch_size=config.batch_size,
-                                    progress=config.progress, desc=f"statistics {s.name}", mlps=mlps)
-               for s in splits}
+    def statistics(idx: list[int], names: list[str]) -> list[dict]:  # one split's moments (a streamed sum) per item
+        return [dataclasses.asdict(gate_moments(model, texts[n], batch_size=config.batch_size, progress=config.progress,
+                                                desc=f"statistics {n}", mlps=mlps)) for n in names]
+
+    key = {"version": 1, "model": stages.model_key(model), "texts": stages.digest(texts),
+           "gates": {layer: [m.gate_hook, m.width] for layer, m in mlps.items()}}
+    names = [s.name for s in splits]
+    moments = {n: RunningMoments(**m) for n, m in zip(names, stages.current().items("statistics", key, names,
+                                                                                   statistics, 1))}
     forget = moments[config.forget]
     retain = moments[config.retain_skills[0]]
     for name in config.retain_skills[1:]:
@@ -383,7 +423,8 @@ def _run(model, config: Config | None = None) -> Result:
              f"KV-cached, batch {config.batch_size}", enabled=config.progress)
     lp0, sel_lp0 = _logprobs(model, held, config), _logprobs(model, sel, config)
     with key_space_watch(model, cube, h, khook) as watch:  # only generation forwards count, never the gold continuation
-        text0, cut0 = _generate(model, held, config, every)
+        text0, cut0 = _generate(model, held, config, every, {"key_space_watch": stages.digest([cube, h, khook])},
+                                watch=watch)
     abstain = [watch.any_step[i] for i in held.ids]
     prefill = [watch.prefill[i] for i in held.ids]
     acc0 = _accuracy(held.items, text0)
@@ -393,7 +434,7 @@ def _run(model, config: Config | None = None) -> Result:
                                    hooks=gate_hooks)
     with neuron_adjust(model, spec):
         lp_na, sel_lp_na = _logprobs(model, held, config), _logprobs(model, sel, config)
-        text_na, cut_na = _generate(model, held, config, checkable)
+        text_na, cut_na = _generate(model, held, config, checkable, {"neuron_adjust": _spec_key(spec)}, spec=spec)
     acc_na = _accuracy(held.items, [t or "" for t in text_na])
 
     rand_lp, rand_sel_lp, rand_acc, rand_cut = [], [], [], []
@@ -403,7 +444,8 @@ def _run(model, config: Config | None = None) -> Result:
         with neuron_adjust(model, rspec):
             rand_lp.append(_logprobs(model, held, config))
             rand_sel_lp.append(_logprobs(model, sel, config))
-            rand_text, cut = _generate(model, held, config, checkable)
+            rand_text, cut = _generate(model, held, config, checkable, {"neuron_adjust": _spec_key(rspec)},
+                                       spec=rspec)
             rand_acc.append(_accuracy(held.items, [t or "" for t in rand_text]))
             rand_cut.append(cut)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_skill_unlearning import planted_skills  # noqa: F401 (the fixture)
 
 from interp.errors import UserError
 from interp.outputs import prepare_output_dir, write_run
@@ -194,3 +195,21 @@ def test_refusal_cliff_rollouts_are_stored_and_keyed_on_the_engine(tiny_model, t
     sampled = FakeEngine(temperature=0.7)                    # other sampling: generated again
     roll(sampled)
     assert sampled.calls == first.calls
+
+
+def test_skill_unlearning_rerun_reuses_its_stages(planted_skills, tmp_path, capsys):  # noqa: F811 (the fixture)  # noqa: F811
+    """Statistics and every generation (before, under Neuron Adjust, under each random draw) are reused; the
+    abstention flags and Neuron Adjust's replaced count come back with them."""
+    from test_skill_unlearning import PLANTED_PERCENT
+
+    from interp.analysis import run_analysis
+
+    model, path = planted_skills
+    options = dict(forget=f"{path}:alpha", retain=f"{path}:words", top_percent=PLANTED_PERCENT, n_probe=10,
+                   n_eval=6, random_draws=2, max_new_tokens=3, progress=False, batch_size=4)
+    first = run_analysis("skill_unlearning", model, run_dir=tmp_path, **options).to_dict()
+    assert "reused" not in capsys.readouterr().err
+    again = run_analysis("skill_unlearning", model, run_dir=tmp_path, **options).to_dict()
+    err = capsys.readouterr().err
+    assert err.count("stage generation: reused") == 4 and "stage statistics: reused 2 of 2" in err
+    assert json.dumps(again, sort_keys=True) == json.dumps(first, sort_keys=True)
