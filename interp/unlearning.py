@@ -132,9 +132,10 @@ def gate_moments(model, seqs: Sequence[Sequence[int]], *, batch_size: int = 8, p
 
 
 @torch.no_grad()
-def check_gate_hook(model, seq: Sequence[int], layer: int = 0, mlp=None) -> float:
-    """Max |bridge `hook_pre` − raw torch forward hook on the HF `gate_proj` output| on one sequence (`mlp`: the
-    layer's `interp.mlp.DenseMLP`, e.g. an MoE layer's shared expert; default the layer's dense MLP)."""
+def check_gate_hook(model, seq: Sequence[int], layer: int = 0, mlp=None, max_tokens: int = 64) -> float:
+    """Max |bridge `hook_pre` − raw torch forward hook on the HF `gate_proj` output| on the first `max_tokens` of one
+    sequence (`mlp`: the layer's `interp.mlp.DenseMLP`, e.g. an MoE layer's shared expert; default the layer's dense
+    MLP); the forward stops after the layer."""
     if mlp is None:
         from interp.mlp import dense_mlp
 
@@ -144,8 +145,10 @@ def check_gate_hook(model, seq: Sequence[int], layer: int = 0, mlp=None) -> floa
     raw: list[Tensor] = []
     handle = raw_module.register_forward_hook(lambda mod, inp, out: raw.append(out.detach().clone()))
     try:
-        _, cache = model.run_with_cache(torch.tensor([list(seq)], device=input_device(model)),
-                                        names_filter=lambda n: n == mlp.gate_hook, return_type=None)
+        with stopped_at(model, layer + 1) as stop:
+            _, cache = model.run_with_cache(torch.tensor([list(seq)[:max_tokens]], device=input_device(model)),
+                                            names_filter=lambda n: n == mlp.gate_hook, return_type=None,
+                                            stop_at_layer=stop)
     finally:
         handle.remove()
     return float((cache[mlp.gate_hook].float() - raw[0].float()).abs().max())
