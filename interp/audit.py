@@ -213,6 +213,8 @@ def audit(model, compare=None, analyses: str | list[str] | None = None, out: str
     unknown = sorted(set(options) - set(available()))
     if unknown:
         raise UserError(f"options for unknown analysis {unknown[0]!r}")
+    if out is not None:  # a directory that is not an audit's fails before any model loads
+        _check_out(Path(out), force)
     model_a = _load(model, device, dtype, **load_kw)
     model_b = _load(compare, device, dtype, **load_kw) if compare is not None else None
     models = {"a": model_a} if model_b is None else {"a": model_a, "b": model_b}
@@ -221,7 +223,6 @@ def audit(model, compare=None, analyses: str | list[str] | None = None, out: str
     if model_b is not None and dirs["a"] == dirs["b"]:
         dirs = {"a": f"{dirs['a']}-a", "b": f"{dirs['b']}-b"}
     out = Path(out) if out is not None else default_out(list(labels.values()))
-    _check_out(out, force)
     cfgs = configs(names, model_a, options, progress)
     for m in models.values():  # a bad option for either model fails before anything runs
         for name, cfg in cfgs.items():
