@@ -236,7 +236,7 @@ def generate_traces(model, config: Config, warnings: list[str]) -> tuple[list[in
                          batch_size=config.batch_size, progress=config.progress)
     model_key = stages.model_key(model)
     width = max([config.top_k, *config.k_sweep])
-    server = {} if config.generator is None else {"engine": engine.key(), "top_logprobs": width}
+    server = {} if config.generator is None else {"engine": stages.engine_key(engine), "top_logprobs": width}
 
     def generate_chunk(idx: list[int], seqs: list[list[int]]) -> list[dict]:
         got = engine.generate(seqs, seed_ids=idx, top_logprobs=width if server else 0)

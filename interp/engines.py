@@ -33,6 +33,7 @@ from interp.errors import UserError
 from interp.generation import Generations, generate_tokens
 
 TOKEN_ID_PREFIX = "token_id:"  # vLLM's spelling of a token under return_tokens_as_token_ids
+RETRIES, BACKOFF = 5, 0.5  # a failed request is tried again after 0.5, 1, 2, 4, 8 s
 
 
 @dataclass(frozen=True)
@@ -98,10 +99,6 @@ class LocalEngine:
     def limitation(self) -> str | None:
         return None
 
-    def key(self) -> str:
-        """The engine's part of a stage key (`interp.stages.model_key`'s "engine")."""
-        return "bridge"
-
     def describe(self) -> dict:
         return {"engine": "local", "kv_cache": True, "sampling": asdict(self.sampling)}
 
@@ -125,10 +122,13 @@ class OpenAICompletions:
     """Generation on an OpenAI-compatible `/v1/completions` server (see the module docstring)."""
 
     def __init__(self, url: str, tokenizer, sampling: Sampling, *, model_name: str, concurrency: int = 16,
-                 retries: int = 5, backoff: float = 0.5, timeout: float = 600.0, progress: bool = True):
+                 retries: int | None = None, backoff: float | None = None, timeout: float = 600.0,
+                 progress: bool = True):
         self.url = url.rstrip("/")
         self.tokenizer, self.sampling, self.model_name = tokenizer, sampling, model_name
-        self.concurrency, self.retries, self.backoff, self.timeout = concurrency, retries, backoff, timeout
+        self.retries = RETRIES if retries is None else retries
+        self.backoff = BACKOFF if backoff is None else backoff
+        self.concurrency, self.timeout = concurrency, timeout
         self.progress = progress
         self.text = TextRoundTrip()
         models = self._request("GET", "/models")
@@ -285,11 +285,6 @@ class OpenAICompletions:
         return (f"the generator server returns text only: prompts were sent decoded ({t.prompts_changed} re-encode "
                 f"differently), completions re-tokenized ({t.rows_changed} rows changed length, {t.rows_unchecked} "
                 f"unchecked); its text drops special tokens ({', '.join(t.dropped_specials) or 'none found'})")
-
-    def key(self) -> dict:
-        """The engine's part of a stage key: what the tokens depend on (the served model, ids or text), not the URL
-        (a server restarted elsewhere resumes the run)."""
-        return {"engine": "openai-completions", "served_model": self.model_name, "token_ids": self.ids}
 
     def describe(self) -> dict:
         return {"engine": "openai-completions", "url": self.url, "served_model": self.model_name,

@@ -82,8 +82,9 @@ def model_key(model) -> dict:
 
 def engine_key(engine) -> dict:
     """What of a generation engine's `describe()` (`interp.engines`) determines its output: all of it but the
-    request concurrency and the text round-trip counts, which grow as it generates."""
-    return {k: v for k, v in engine.describe().items() if k not in ("concurrency", "text_only")}
+    request concurrency, the text round-trip counts, which grow as it generates, and the server's URL (a server
+    restarted on another port resumes the run)."""
+    return {k: v for k, v in engine.describe().items() if k not in ("concurrency", "text_only", "url")}
 
 
 class Stages:

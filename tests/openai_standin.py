@@ -3,7 +3,8 @@
 It decodes greedily with a Hugging Face model and its own cache (one request at a time), so it shares no code with
 `interp.generation`. `text_only=True` answers like `transformers serve` instead: string prompts only, unknown fields
 rejected (422), text decoded without special tokens, `usage.completion_tokens` counting the EOS.
-`fail_first=N`: the first N completion requests answer 503."""
+`fail_first=N`: the first N completion requests answer 503. `die_after=N`: the server stops (its port closed) after
+answering N completion requests."""
 
 from __future__ import annotations
 
@@ -18,8 +19,10 @@ OPENAI_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "seed"
 
 
 class StandIn:
-    def __init__(self, hf_model, tokenizer, name: str, *, text_only: bool = False, fail_first: int = 0):
+    def __init__(self, hf_model, tokenizer, name: str, *, text_only: bool = False, fail_first: int = 0,
+                 die_after: int | None = None):
         self.hf, self.tok, self.name, self.text_only, self.fail_first = hf_model, tokenizer, name, text_only, fail_first
+        self.die_after = die_after
         self.requests: list[dict] = []
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -120,5 +123,10 @@ class StandIn:
                     self._send(503, {"error": {"message": "warming up"}})
                     return
                 self._send(*standin.complete(body))
+                with standin.lock:
+                    dies = standin.die_after is not None and sum(r.get("max_tokens", 0) > 1 for r in standin.requests) \
+                        >= standin.die_after
+                if dies:  # killed: stop serving and close the port (later connections are refused)
+                    threading.Thread(target=lambda: (standin.server.shutdown(), standin.server.server_close())).start()
 
         return Handler

@@ -171,6 +171,32 @@ def test_cli_instability_with_a_generator_server(organism, organism_hf, tmp_path
     assert served["auc"] == pytest.approx(local["auc"], abs=1e-9, nan_ok=True)
 
 
+def test_a_run_whose_server_dies_resumes(organism_hf, tmp_path, monkeypatch, capsys):
+    """The server killed after 4 of 8 traces: a one-line error; the same command against a restarted server (another
+    port) generates only the other 4 and writes the results of an uninterrupted run."""
+    import interp.engines
+    from interp.run import main
+
+    monkeypatch.setattr(interp.engines, "BACKOFF", 0.01)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(organism_dir())
+    common = ["instability", "--model", "organism", "--limit", "8", "--max-new-tokens", "30", "--n-boot", "100",
+              "--batch-size", "1", "--generator-concurrency", "1", "--no-progress"]  # stage chunks of 4 traces
+    out = str(tmp_path / "run")
+    with StandIn(organism_hf, tok, "organism", die_after=4) as server:
+        assert main([*common, "--generator", server.url, "--out", out]) == 2
+    assert "unreachable" in capsys.readouterr().err.strip().splitlines()[-1]
+    with StandIn(organism_hf, tok, "organism") as server:
+        assert main([*common, "--generator", server.url, "--out", out]) == 0
+        assert sum(r["max_tokens"] > 1 for r in server.requests) == 4
+        assert main([*common, "--generator", server.url, "--out", str(tmp_path / "whole")]) == 0
+    assert "reused 4 of 8" in capsys.readouterr().err
+    resumed, whole = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("run", "whole"))
+    for k in ("traces", "auc", "buckets", "early_warning"):
+        assert json.dumps(resumed[k]) == json.dumps(whole[k]), k
+
+
 @pytest.mark.slow
 def test_transformers_serve_on_loopback(organism):
     """`transformers serve` for real (started and stopped here): string prompts only, so the engine runs in text mode,
