@@ -33,8 +33,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from interp import distributed, sinks
 from interp import outliers as out
-from interp import sinks
 from interp.analysis import CommonConfig, attention_scope, require, run_header, skip_layers, warn
 from interp.batching import padded_batches
 from interp.bridge import attention_layers, sdpa_attention, stopped_at
@@ -417,7 +417,29 @@ def has_lm_head(model) -> bool:
 def measure(model, seqs, config: Config, intervention: SetScalars | None = None, loss: bool = True) -> dict:
     """Mean next-token loss, F-Attn, Gu's sink rate and M-Act on `seqs`, under `intervention` if given. One forward
     per batch: the pattern hooks reduce each layer's pattern as it is made (`interp.sinks`), the loss is a chunked
-    cross-entropy over positions (`interp.losses.forward_nll`: no [batch, pos, vocab] logits)."""
+    cross-entropy over positions (`interp.losses.forward_nll`: no [batch, pos, vocab] logits). Under torchrun each
+    rank measures whole batches of its shard; sums, counts and maxima are merged (`interp.distributed`)."""
+    lengths = [len(s) for s in seqs]
+    order = distributed.batch_order(lengths, config.batch_size)
+    start = intervention.n_positions if intervention is not None else 0
+
+    def merge(a: tuple, b: tuple) -> tuple:
+        return a[0].merge(b[0], order), torch.maximum(a[1], b[1]), a[2] + b[2], a[3] + b[3], a[4] + b[4]
+
+    stats, layer_max, nll, count, positions = distributed.map_stream(
+        lambda idx: _measured(model, [seqs[i] for i in idx], config, intervention, loss, start, idx), len(seqs), merge,
+        lengths=lengths, batch_size=config.batch_size)
+    if intervention is not None:
+        intervention.n_positions = start + positions
+    overall = stats.overall()
+    return {"loss": nll / count if loss and count else None, "first_token": overall["first_token"],
+            "sink_rate": overall["sink_rate"], "m_act": out.m_act(layer_max)}
+
+
+def _measured(model, seqs, config: Config, intervention: SetScalars | None, loss: bool, start: int,
+              items: list[int]) -> tuple:
+    """`measure`'s sums over `seqs` (the run's sequences `items`): attention stats, per-layer max |h|, summed NLL and
+    its token count, and the positions the intervention set (beyond `start`)."""
     stats = sinks.AttentionStats(model.cfg.n_layers, model.cfg.n_heads, attention_layers(model)[0],
                                  eps=config.sink_epsilon, exclude_first_query=not config.include_first_query,
                                  causal=is_causal(model), outlier_frac=config.outlier_key_frac)
@@ -444,9 +466,7 @@ def measure(model, seqs, config: Config, intervention: SetScalars | None = None,
             with stopped_at(model, model.cfg.n_layers) as stop:
                 model.run_with_hooks(tokens, attention_mask=mask, return_type=None, stop_at_layer=stop,
                                      fwd_hooks=hooks)
-    overall = stats.overall()
-    return {"loss": nll / count if loss and count else None, "first_token": overall["first_token"],
-            "sink_rate": overall["sink_rate"], "m_act": out.m_act(layer_max)}
+    return stats.renumbered(items), layer_max, nll, count, intervention.n_positions - start if intervention else 0
 
 
 MEASURED = ("loss", "first_token", "sink_rate", "m_act", "n_positions")

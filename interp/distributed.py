@@ -117,6 +117,18 @@ def shard_batches(lengths: Sequence[int], batch_size: int) -> list[int]:
     return sorted(i for batch in shard(length_batches(lengths, batch_size)) for i in batch)
 
 
+def batch_order(lengths: Sequence[int], batch_size: int) -> list[int]:
+    """Per item, the place of its batch among the run's length-sorted batches: what one process met first sorts
+    first, so records merged from several ranks keep the one-process order."""
+    from interp.batching import length_batches
+
+    order = [0] * len(lengths)
+    for k, batch in enumerate(length_batches(lengths, batch_size)):
+        for i in batch:
+            order[i] = k
+    return order
+
+
 def gather_objects(mine: Sequence[Any], indices: Sequence[int] | None = None, n: int | None = None) -> list[Any]:
     """Every rank's per-item results put back in the original item order, on every rank. `indices`: the items
     `mine` belongs to (default: this rank's `shard(range(n))`); `n`: the number of items (default: all gathered)."""

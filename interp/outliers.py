@@ -43,6 +43,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from interp import distributed
 from interp.batching import run_batches
 from interp.bridge import sdpa_attention, stopped_at
 from interp.errors import UserError
@@ -217,6 +218,50 @@ class ResidualStats:
                                    "value": float(h[t, d]), "median": float(median)})
         if kind == "resid":
             self.n_seqs[layer] += len(indices)
+
+    def merge(self, other: ResidualStats, order: Sequence[int]) -> ResidualStats:
+        """Fold in `other`: the same statistics over other batches of the run (`interp.distributed`: another rank's
+        shard). Sums, counts and maxima combine; `order[i]`, the place of sequence i's batch in the run, keeps the
+        one-process order of the listed hits (and their `max_hits` cap) and, on ties, the sequence of a dim's
+        maximum that one process met first."""
+        for kind in ("resid", "down"):
+            self.sums[kind] += other.sums[kind]
+            self.global_max[kind] = torch.maximum(self.global_max[kind], other.global_max[kind])
+            if other.dim_max[kind] is None:
+                continue
+            self._widen(kind, other.dim_max[kind].shape[1])
+            mine, theirs = self.dim_max[kind], other.dim_max[kind]
+            where, other_where = self.dim_where[kind], other.dim_where[kind]
+            width = theirs.shape[1]
+            seq_order = torch.as_tensor(order)
+            tie = (theirs == mine[:, :width]) & (theirs > 0) & \
+                (seq_order[other_where[..., 0]] < seq_order[where[:, :width, 0]])
+            better = (theirs > mine[:, :width]) | tie
+            mine[:, :width][better] = theirs[better]
+            where[:, :width][better] = other_where[better]
+        self.down_seen |= other.down_seen
+        self.n_seqs += other.n_seqs
+        self.n_hits += other.n_hits
+        for layer, dims in other.hit_dims.items():
+            self.hit_dims.setdefault(layer, set()).update(dims)
+        self.hit_counts.update(other.hit_counts)
+        self.hit_positions.update(other.hit_positions)
+        for name, cap in (("hits", self.max_hits), ("down_hits", self.max_hits), ("token_hits", None)):
+            rows = sorted(getattr(self, name) + getattr(other, name), key=lambda r: order[r["sequence"]])
+            setattr(self, name, rows[:cap])
+        self._batch = None
+        return self
+
+    def renumbered(self, idx: Sequence[int]) -> ResidualStats:
+        """These statistics of the sequences `idx` (numbered 0.. in them), naming the run's sequence numbers."""
+        for rows in (self.hits, self.down_hits, self.token_hits):
+            for r in rows:
+                r["sequence"] = idx[r["sequence"]]
+        for kind, where in self.dim_where.items():
+            if where is not None and idx:
+                where[..., 0] = torch.as_tensor(list(idx))[where[..., 0]]
+        self._batch = None
+        return self
 
     @property
     def n_hits_dropped(self) -> int:
@@ -394,7 +439,16 @@ def residual_stats(model, seqs: Sequence[Sequence[int]], *, batch_size: int = 8,
                    abs_thr: float = MASSIVE_ABS, ratio: float = MASSIVE_RATIO, tau: float = TOKEN_TAU,
                    fwd_hooks: Sequence = (), progress: bool = True) -> ResidualStats:
     """Stream `seqs` through the model (SDPA attention, no patterns) and return the filled `ResidualStats`. With
-    `down`, the down-projection input of every layer `down_layers` reads (MoE layers: per expert, on routed tokens)."""
+    `down`, the down-projection input of every layer `down_layers` reads (MoE layers: per expert, on routed tokens).
+    Under torchrun each rank runs whole batches of its shard and the ranks' statistics are merged
+    (`ResidualStats.merge`; every rank gets the whole set's)."""
+    if distributed.sharding():
+        lengths = [len(s) for s in seqs]
+        order = distributed.batch_order(lengths, batch_size)
+        return distributed.map_stream(
+            lambda idx: residual_stats(model, [seqs[i] for i in idx], batch_size=batch_size, down=down, abs_thr=abs_thr,
+                                       ratio=ratio, tau=tau, fwd_hooks=fwd_hooks, progress=progress).renumbered(idx),
+            len(seqs), lambda a, b: a.merge(b, order), lengths=lengths, batch_size=batch_size)
     layers = down_layers(model)[0] if down else {}
     moe = {layer: d for layer, d in layers.items() if d.kind == "moe"}
     stats = ResidualStats(model.cfg.n_layers, down=down, abs_thr=abs_thr, ratio=ratio, tau=tau,

@@ -47,6 +47,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from interp import distributed
 from interp.batching import padded_batches
 from interp.bridge import stopped_at
 
@@ -290,6 +291,34 @@ class AttentionStats:
             m = min(n, self.example_tokens)  # the first `example_tokens` positions only
             self.example[layer] = pattern[row, :, start:start + m, start:start + m].float().mean(0).cpu()
 
+    def merge(self, other: AttentionStats, order: Sequence[int]) -> AttentionStats:
+        """Fold in `other`: the same metrics over other batches of the run (`interp.distributed`: another rank's
+        shard). Sums and counts add; `order[i]`, the place of sequence i's batch in the run, puts the outlier keys in
+        the order one process lists them."""
+        for name in ("first_sum", "sink_count", "ratio_sum", "sink64_count", "n_seqs"):
+            getattr(self, name).add_(getattr(other, name))
+        self.t64_exact &= other.t64_exact
+        self.outlier_keys = sorted(self.outlier_keys + other.outlier_keys, key=lambda r: order[r[1]])
+        for key, value in other.norm_sums.items():
+            self.norm_sums[key] += value
+        self.example.update(other.example)
+        self.sink_layers.update(other.sink_layers)
+        return self
+
+    def renumbered(self, idx: Sequence[int]) -> AttentionStats:
+        """These metrics of the sequences `idx` (numbered 0.. in them), naming the run's sequence numbers."""
+        self.outlier_keys = [(layer, idx[seq], pos, tok) for layer, seq, pos, tok in self.outlier_keys]
+        if self.example_index is not None:
+            self.example_index = idx[self.example_index]
+        return self
+
+    def __getstate__(self) -> dict:  # picklable (a plain dict of norm sums, no batch) to gather across ranks
+        return {**vars(self), "norm_sums": dict(self.norm_sums), "_batch": None, "_sink": None, "_norms": {}}
+
+    def __setstate__(self, state: dict) -> None:
+        vars(self).update(state)
+        self.norm_sums = defaultdict(lambda: torch.zeros(2, dtype=torch.float64), state["norm_sums"])
+
     def _sink_set(self, layer: int, keys: Bool[Tensor, "batch k"]) -> Bool[Tensor, "batch k"]:
         """The batch's sink sets S: a sequence without one yet takes this layer's attention-outlier keys, if any."""
         if self._sink is None:
@@ -372,8 +401,19 @@ def attention_metrics(model, seqs: Sequence[Sequence[int]], *, batch_size: int =
     """Run `seqs` batch by batch with pattern hooks on `layers` (default all) and return the filled stats.
 
     The forward stops after the last layer needed; `fwd_hooks` (e.g. an intervention) run alongside.
-    Memory holds one batch's activations at a time.
+    Memory holds one batch's activations at a time. Under torchrun each rank runs whole batches of its shard and the
+    ranks' stats are merged (`AttentionStats.merge`; every rank gets the whole set's).
     """
+    if distributed.sharding():
+        lengths = [len(s) for s in seqs]
+        order = distributed.batch_order(lengths, batch_size)
+        return distributed.map_stream(
+            lambda idx: attention_metrics(
+                model, [seqs[i] for i in idx], batch_size=batch_size, layers=layers, eps=eps,
+                exclude_first_query=exclude_first_query, causal=causal, outlier_frac=outlier_frac, qkv_norms=qkv_norms,
+                example=idx.index(example) if example in idx else None, fwd_hooks=fwd_hooks, progress=progress
+            ).renumbered(idx),
+            len(seqs), lambda a, b: a.merge(b, order), lengths=lengths, batch_size=batch_size)
     stats = AttentionStats(model.cfg.n_layers, model.cfg.n_heads, layers, eps=eps,
                            exclude_first_query=exclude_first_query, causal=causal, outlier_frac=outlier_frac,
                            qkv_norms=qkv_norms, example=example,
@@ -385,3 +425,4 @@ def attention_metrics(model, seqs: Sequence[Sequence[int]], *, batch_size: int =
             model.run_with_hooks(tokens, attention_mask=mask, return_type=None, stop_at_layer=stop_at_layer,
                                  fwd_hooks=list(fwd_hooks) + stats.hooks())
     return stats
+

@@ -8,16 +8,16 @@ import sys
 
 RUNS = {
     "refusal_cliff": ["--model", "organism", "--limit", "6", "--ablation-fractions", "0.0625",
-                      "--asr-limit", "2", "--head-methods", "causal", "projection", "--random-draws", "2"],
-    "instability": ["--model", "organism", "--limit", "6", "--max-new-tokens", "32", "--n-boot", "100"],
+                      "--asr-limit", "2", "--head-methods", "causal", "projection", "--random-draws", "2", "--batch-size", "4"],
+    "instability": ["--model", "organism", "--limit", "6", "--max-new-tokens", "32", "--n-boot", "100", "--batch-size", "2"],
     "skill_unlearning": ["--model", "organism", "--n-probe", "8", "--n-eval", "6", "--random-draws", "2",
-                         "--max-new-tokens", "12"],
+                         "--max-new-tokens", "12", "--batch-size", "4"],
     "talking_heads": ["--model", "organism", "--n-items", "2", "3", "--templates", "laundry", "bag",
                       "--prompts-per-cell", "4", "--alpha", "0", "1", "--candidates", "3", "--edit-components", "1",
-                      "--random-draws", "2", "--baseline-draws", "2", "--view-prompts", "4"],
+                      "--random-draws", "2", "--baseline-draws", "2", "--view-prompts", "4", "--batch-size", "8"],
     "gated_attention": ["--model", "organism-sink-gated", "--seq-len", "16", "--n-chunks", "8", "--random-draws", "2",
-                        "--alphas", "2", "--compare", "none"],
-    "systematic_outliers": ["--model", "organism", "--seq-len", "16", "--n-chunks", "6", "--random-draws", "2"],
+                        "--alphas", "2", "--compare", "none", "--batch-size", "2"],
+    "systematic_outliers": ["--model", "organism", "--seq-len", "16", "--n-chunks", "6", "--random-draws", "2", "--batch-size", "2"],
 }
 
 
