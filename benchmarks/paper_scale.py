@@ -44,8 +44,8 @@ Examples:
 
 The JSON (default benchmarks/results/paper_scale_cpu<cores>.json or paper_scale_cuda_<gpu>.json) is rewritten after
 every cell; each cell records the git commit and the uncommitted analyses/ and interp/ files it ran with. --resume
-keeps the cells that already succeeded in that file (except --rerun analyses', kept under "superseded"), those of
-analyses and lengths not asked for this time included.
+keeps the cells that already succeeded in that file (except those --rerun names, an analysis or analysis@T: kept
+under "superseded"), those of analyses and lengths not asked for this time included.
 """
 
 from __future__ import annotations
@@ -522,8 +522,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--timeout-s", type=float, default=4 * 3600, help="kill a cell that runs longer")
     p.add_argument("--no-write", action="store_true", help="skip the report and results files after each run")
     p.add_argument("--resume", action="store_true", help="keep the cells that succeeded in --out, run the rest")
-    p.add_argument("--rerun", nargs="+", default=[], metavar="ANALYSIS",
-                   help="with --resume: measure these again (the old cells are kept under 'superseded')")
+    p.add_argument("--rerun", nargs="+", default=[], metavar="ANALYSIS[@T]",
+                   help="with --resume: measure these again, an analysis or analysis@T (old cells: 'superseded')")
     p.add_argument("--in-process", action="store_true",
                    help="run the cells in this process (tests: fast, but the memory numbers are not each cell's own)")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -545,11 +545,14 @@ def main(argv: list[str] | None = None) -> dict | None:
     cells = [(a, None) for a in args.analyses if a in T_INDEPENDENT]
     cells += [(a, T) for T in lengths for a in args.analyses if a not in T_INDEPENDENT]
     previous, superseded = {}, []
+
+    def rerun(cell: dict) -> bool:  # --rerun names the analysis, or analysis@T for one length
+        return cell["analysis"] in args.rerun or f"{cell['analysis']}@{cell['T']}" in args.rerun
     if args.resume and out.exists():
         old = json.loads(out.read_text())
         superseded = old.get("superseded", [])
         for c in old.get("cells", []):
-            if c["status"] == "ok" and c["analysis"] not in args.rerun:
+            if c["status"] == "ok" and not rerun(c):
                 previous[(c["analysis"], c["T"])] = c
             elif c["status"] == "ok":
                 superseded.append(c)

@@ -63,6 +63,12 @@ def test_paper_scale_harness(tmp_path):
     assert sorted((c["analysis"], c["T"]) for c in rerun["superseded"]) == [("forward", 64), ("forward", 128)]
     part = _run(tmp_path, "--in-process", "--resume", "--lengths", "64", "--analyses", "forward")
     _check_cells(part, analyses, lengths)  # the cells not asked for this time stay
+    one = _run(tmp_path, "--in-process", "--resume", "--rerun", "instability@128", "--lengths", *map(str, lengths),
+               "--analyses", *analyses)
+    _check_cells(one, analyses, lengths)
+    assert [(c["analysis"], c["T"]) for c in one["superseded"]][-1] == ("instability", 128)
+    kept = {(c["analysis"], c["T"]): c["finished"] for c in one["cells"] if c["analysis"] == "instability"}
+    assert kept[("instability", 64)] == first[("instability", 64)] != kept[("instability", 128)]
 
 
 @pytest.mark.slow
