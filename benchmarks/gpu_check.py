@@ -269,6 +269,8 @@ def capture_log(args) -> dict:
 def _rows(name: str, data: dict) -> list[tuple[str, str, str]]:
     """(what, value, status) lines of one piece's JSON."""
     piece = data.get("piece") or data.get("benchmark") or ("generation" if "ablated_over_hf" in data else name)
+    if data.get("status") == "FAIL" and "why" in data:  # a step that did not finish (gpu_check.sh's note)
+        return [(name, data["why"], "FAIL")]
     if piece == "env":
         gpus = ", ".join(f"{g['name']} ({g['memory_gib']} GiB)" for g in data["gpus"]) or "none"
         return [("machine", f"{gpus}; torch {data['torch']}, transformers {data['transformers']}, "
@@ -278,8 +280,6 @@ def _rows(name: str, data: dict) -> list[tuple[str, str, str]]:
         return [(f"{label} {c['analysis']} T={c['T'] if c['T'] is not None else '-'}",
                  f"{c['time_s']:.1f} s, {c['above_bytes'] / GIB:.2f} GiB above the weights"
                  if c["status"] == "ok" else str(c.get("error", ""))[:60], c["status"]) for c in data["cells"]]
-    if piece == "capture_vs_hf" and "ratio" not in data:
-        return [(name, data.get("why", ""), data["status"])]
     if piece == "capture_vs_hf":
         return [(f"{name}: interp capture / HF", f"{data['ratio']:.3f} (target <= 1.10), rel diff "
                                                  f"{data['max_rel_diff']:.1e}", data["status"])]
