@@ -51,7 +51,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 
-from interp import gates
+from interp import distributed, gates
 from interp.analysis import CommonConfig, attention_scope, require, run_header, warn
 from interp.batching import padded_batches
 from interp.controls import Draws, control_row, matched_draws, n_selected, split, wilson
@@ -192,6 +192,20 @@ class _Evaluation:
         loss is a chunked cross-entropy over positions (`interp.losses`: no [batch, pos, vocab] logits)."""
         from interp.losses import forward_nll
 
+        if distributed.sharding():  # whole batches per rank; sums, counts, maxima and listed hits merged
+            lengths = [len(s) for s in seqs]
+            order = distributed.batch_order(lengths, config.batch_size)
+
+            def part(idx: list[int]) -> tuple:
+                self.run([seqs[i] for i in idx], config, desc)
+                return self.attention.renumbered(idx), self.residual.renumbered(idx), self.nll, self.count
+
+            def merge(a: tuple, b: tuple) -> tuple:
+                return a[0].merge(b[0], order), a[1].merge(b[1], order), a[2] + b[2], a[3] + b[3]
+
+            self.attention, self.residual, self.nll, self.count = distributed.map_stream(
+                part, len(seqs), merge, lengths=lengths, batch_size=config.batch_size)
+            return self
         model = self.model
         for idx, tokens, mask in padded_batches(model, seqs, config.batch_size, desc=desc, progress=config.progress):
             self.attention.begin_batch(idx, tokens, mask)

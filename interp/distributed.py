@@ -188,6 +188,25 @@ def merge_objects(obj: T, merge: Callable[[T, T], T]) -> T:
     return out
 
 
+def add_fields(a: T, b: T, *, sums: Sequence[str] = (), maxima: Sequence[str] = (), minima: Sequence[str] = (),
+               ors: Sequence[str] = ()) -> T:
+    """Fold streaming statistic `b` into `a` (same class, other items) by named fields: `sums` add (tensors,
+    numbers, or dicts of them folded key by key: sums and counts), `maxima`/`minima` take the elementwise max/min,
+    `ors` or (flags); the other fields (settings, layer lists) stay `a`'s. Returns `a`."""
+    def add(x, y):
+        return {k: add(x[k], y[k]) if k in x and k in y else x.get(k, y.get(k)) for k in {**x, **y}} \
+            if isinstance(x, dict) else x + y
+
+    for name in sums:
+        setattr(a, name, add(getattr(a, name), getattr(b, name)))
+    for names, pick in ((maxima, torch.maximum), (minima, torch.minimum)):
+        for name in names:
+            setattr(a, name, pick(getattr(a, name), getattr(b, name)))
+    for name in ors:
+        setattr(a, name, getattr(a, name) or getattr(b, name))
+    return a
+
+
 def _all_reduce(x: Tensor, op) -> Tensor:
     if _WORLD.size == 1:
         return x

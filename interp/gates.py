@@ -32,6 +32,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from interp import distributed
 from interp.errors import UserError
 
 BIN_WIDTH = 0.05
@@ -124,6 +125,11 @@ class GateStats:
         bins = (g / BIN_WIDTH).floor().long().clamp(0, N_BINS - 1)
         self.hist[i] += torch.bincount(bins.flatten(), minlength=N_BINS).double()
 
+    def merge(self, other: GateStats) -> GateStats:
+        """Fold in `other`, the same statistics over other tokens (`interp.distributed`: another rank's shard)."""
+        return distributed.add_fields(self, other, sums=("sum", "sum_sq", "low", "hist", "count"), maxima=("max",),
+                                      minima=("min",))
+
     def element_means(self) -> dict[int, Tensor]:
         """layer → [n_heads, d_head] mean gate score over tokens (the per-head means for `gates_to_mean`)."""
         return {layer: (self.sum[i] / self.count[i]).float() for i, layer in enumerate(self.layers)}
@@ -182,6 +188,10 @@ class SparsityStats:
             a["abs_gated"] += float(yg.sum())
         if mean_gate is not None:
             a["scaled"] += float((y * mean_gate < self.theta).sum())
+
+    def merge(self, other: SparsityStats) -> SparsityStats:
+        """Fold in `other`, the same counts over other tokens (`interp.distributed`: another rank's shard)."""
+        return distributed.add_fields(self, other, sums=("acc",))
 
     def rows(self, gated: bool) -> list[dict]:
         """Rows {layer, ungated, gated} (shares below θ; gated None on an ungated model)."""
@@ -293,6 +303,10 @@ class PushStats:
         self.sums["one"][i] += y.abs().sum((0, 2)).cpu()
         self.sums["mean"][i] += (y * self.means[layer].to(y.device).double()).abs().sum((0, 2)).cpu()
 
+    def merge(self, other: PushStats) -> PushStats:
+        """Fold in `other`, the same sums over other tokens (`interp.distributed`: another rank's shard)."""
+        return distributed.add_fields(self, other, sums=("gated", "sums"))
+
     def factors(self) -> dict[str, dict[Head, float]]:
         """kind ("one", "mean") → (layer, head) → push (1.0 for a head whose output is 0: nothing to push)."""
         out: dict[str, dict[Head, float]] = {}
@@ -338,6 +352,11 @@ class ScaleStats:
             self.g_sum[i] += g.sum(0)
             self.g_sq[i] += (g * g).sum(0)
             self.gs_sum[i] += (g * s).sum(0)
+
+    def merge(self, other: ScaleStats) -> ScaleStats:
+        """Fold in `other`, the same sums over other queries (`interp.distributed`: another rank's shard)."""
+        return distributed.add_fields(self, other, sums=("sum", "sum_sq", "g_sum", "g_sq", "gs_sum", "count", "hist"),
+                                      ors=("gated",))
 
     def head_rows(self) -> list[dict]:
         """Rows {layer, head, mean, sd, gate_corr} (gate_corr: Pearson r across queries of the head's
@@ -406,7 +425,13 @@ def measure(model, seqs: Sequence[Sequence[int]], *, batch_size: int = 8, theta:
             mean_gate: dict[int, float] | None = None, progress: bool = True):
     """One streamed pass over `seqs` (token id lists): `(GateStats | None, SparsityStats, ScaleStats)`
     on the softmax-attention layers. `mean_gate` (layer → ḡ, from another split) enables the
-    |ḡ·Y| < θ control."""
+    |ḡ·Y| < θ control. Under torchrun each rank streams whole batches of its shard; the statistics are merged."""
+    if distributed.sharding():
+        return distributed.map_stream(
+            lambda idx: measure(model, [seqs[i] for i in idx], batch_size=batch_size, theta=theta, mean_gate=mean_gate,
+                                progress=progress),
+            len(seqs), lambda a, b: tuple(x.merge(y) if x is not None else None for x, y in zip(a, b)),
+            lengths=[len(s) for s in seqs], batch_size=batch_size)
     layers = softmax_layers(model)
     n_heads = model.cfg.n_heads
     gates = GateStats(layers, n_heads, model.cfg.d_head) if is_gated(model) else None
@@ -425,8 +450,13 @@ def measure(model, seqs: Sequence[Sequence[int]], *, batch_size: int = 8, theta:
 @torch.no_grad()
 def measure_push(model, seqs: Sequence[Sequence[int]], means: dict[int, Float[Tensor, "head d_head"]], *,
                  batch_size: int = 8, progress: bool = True) -> PushStats:
-    """One streamed pass over `seqs` filling `PushStats` (gated models; `means` from `GateStats.element_means()`)."""
+    """One streamed pass over `seqs` filling `PushStats` (gated models; `means` from `GateStats.element_means()`);
+    under torchrun, whole batches per rank and the sums merged."""
     check_gated(model, "measuring the push of a gate intervention")
+    if distributed.sharding():
+        return distributed.map_stream(
+            lambda idx: measure_push(model, [seqs[i] for i in idx], means, batch_size=batch_size, progress=progress),
+            len(seqs), PushStats.merge, lengths=[len(s) for s in seqs], batch_size=batch_size)
     push = PushStats(softmax_layers(model), model.cfg.n_heads, means)
     _stream_layers(model, seqs, batch_size, progress, "push",
                    lambda layer, pattern, y, g, logits, mask: push.update(layer, y, g, mask))
