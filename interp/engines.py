@@ -19,6 +19,7 @@ and 5xx answers are retried with exponential backoff; an unreachable server or a
 
 from __future__ import annotations
 
+import http.client
 import json
 import time
 import urllib.error
@@ -122,7 +123,7 @@ class OpenAICompletions:
     """Generation on an OpenAI-compatible `/v1/completions` server (see the module docstring)."""
 
     def __init__(self, url: str, tokenizer, sampling: Sampling, *, model_name: str, concurrency: int = 16,
-                 retries: int | None = None, backoff: float | None = None, timeout: float = 600.0,
+                 retries: int | None = None, backoff: float | None = None, timeout: float = 3600.0,
                  progress: bool = True):
         self.url = url.rstrip("/")
         self.tokenizer, self.sampling, self.model_name = tokenizer, sampling, model_name
@@ -176,7 +177,7 @@ class OpenAICompletions:
             if exc.code >= 500:
                 raise ServerError(f"HTTP {exc.code}: {detail}") from None
             raise HTTPRejected(exc.code, detail) from None
-        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as exc:
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:  # refused, reset, timed out
             reason = getattr(exc, "reason", exc)
             raise ServerError(f"unreachable ({reason}); start the server (e.g. vllm serve MODEL) or drop "
                               "--generator") from None

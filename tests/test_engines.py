@@ -123,6 +123,18 @@ def test_unreachable_server_and_another_model_are_one_line_errors(organism, orga
     assert "serves 'organism', not 'other'" in str(exc.value) and "--generator-model" in str(exc.value)
 
 
+@pytest.mark.parametrize("options, fragment", [({"generator_concurrency": 0}, "generator-concurrency"),
+                                               ({"generator": "http://x/v1", "distribution": "full"}, "--generator")])
+def test_bad_generator_options_are_user_errors(options, fragment):
+    from interp.analyses import instability, refusal_cliff
+
+    with pytest.raises(UserError, match=fragment):
+        instability.Config(**options).validate()
+    if "distribution" not in options:
+        with pytest.raises(UserError, match=fragment):
+            refusal_cliff.Config(**options).validate()
+
+
 def test_retries_with_backoff_then_a_one_line_error(organism, organism_hf):
     tok = organism.tokenizer
     seqs = encode_prompts(tok, PROMPTS[:1])
