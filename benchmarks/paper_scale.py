@@ -500,6 +500,29 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def summary_table(result: dict) -> str:
+    """The README's table: per analysis, GiB above the weights and seconds at each T, and the two targets."""
+    lengths = sorted(result["lengths"])
+    cells = {(c["analysis"], c["T"]): c for c in result["cells"] if c["status"] == "ok"}
+    head = " | ".join(f"T = {T}" for T in lengths)
+    lines = [f"| analysis | {head} | ≤ {CAP_GIB} GiB at T = {max(lengths)} | growth ≤ linear + one pattern |",
+             "|---|" + "---|" * (len(lengths) + 2)]
+    verdict = {True: "yes", False: "**no**", None: "-"}
+    for name in [*ANALYSES, *REFERENCES]:
+        if name in T_INDEPENDENT:  # one run, shown in the first column
+            row = [cells.get((name, None))] + [None] * (len(lengths) - 1)
+        else:
+            row = [cells.get((name, T)) for T in lengths]
+        if not any(row):
+            continue
+        shown = [f"{c['above_bytes'] / GIB:.2f} GiB, {c['time_s']:.0f} s" if c else "" for c in row]
+        if name in T_INDEPENDENT:
+            shown[0] += " (independent of T)"
+        t = result.get("targets", {}).get(name, {})
+        lines.append(f"| {name} | {' | '.join(shown)} | {verdict[t.get('cap_ok')]} | {verdict[t.get('growth_ok')]} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict | None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -526,8 +549,12 @@ def main(argv: list[str] | None = None) -> dict | None:
                    help="with --resume: measure these again, an analysis or analysis@T (old cells: 'superseded')")
     p.add_argument("--in-process", action="store_true",
                    help="run the cells in this process (tests: fast, but the memory numbers are not each cell's own)")
+    p.add_argument("--table", type=Path, metavar="JSON", help="print the README table of an earlier run, then exit")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.table:
+        print(summary_table(json.loads(args.table.read_text())))
+        return None
     if args.child:
         row = run_cell(json.loads(args.child))
         print(json.dumps(row), flush=True)

@@ -63,6 +63,8 @@ def test_paper_scale_harness(tmp_path):
     assert sorted((c["analysis"], c["T"]) for c in rerun["superseded"]) == [("forward", 64), ("forward", 128)]
     part = _run(tmp_path, "--in-process", "--resume", "--lengths", "64", "--analyses", "forward")
     _check_cells(part, analyses, lengths)  # the cells not asked for this time stay
+    table = paper_scale.summary_table(part)
+    assert table.count("\n") == 1 + len(analyses) and "| instability | " in table
     one = _run(tmp_path, "--in-process", "--resume", "--rerun", "instability@128", "--lengths", *map(str, lengths),
                "--analyses", *analyses)
     _check_cells(one, analyses, lengths)
