@@ -7,7 +7,8 @@ with `compare` the second model runs every analysis with the first model's confi
 text options; it runs without its own twin comparison). Each analysis's report, `results.json` and CSVs go to
 `OUT/<model>/<analysis>/`; `OUT/index.html` and `OUT/results.json` join them (`interp.joins`). Rerunning into the
 same `OUT` resumes: an analysis whose outputs are complete for the same options and model is read back, not rerun;
-outputs for other options are refused unless `force`.
+an unfinished one reuses its stored stages (`interp.stages`: rollouts, traces, statistics); outputs for other options
+are refused unless `force`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from interp import joins
+from interp import joins, stages
 from interp.analysis import available, config_for, load_analysis
 from interp.errors import NotApplicable, UserError
 from interp.outputs import atomic_write_text, sanitize_name, to_jsonable, write_run
@@ -62,12 +63,10 @@ def configs(names: list[str], model, options: dict[str, dict], progress: bool) -
 
 
 def _load(model, device: str, dtype: str, **load_kw):
-    from interp.models import load_model, model_info
+    """A model name or path loaded (`interp.load_model`); an already loaded bridge as it is."""
+    from interp.models import load_model
 
-    if isinstance(model, str):
-        return load_model(model, device=device, dtype=dtype, **load_kw)
-    model_info(model)
-    return model
+    return load_model(str(model), device=device, dtype=dtype, **load_kw) if isinstance(model, (str, Path)) else model
 
 
 def _same_config(stored: dict, config) -> bool:
@@ -112,7 +111,8 @@ def run_one(name: str, model, config, path: Path, force: bool) -> dict:
     config.validate(model)
     start = time.perf_counter()
     try:
-        result = module.run(model, config)
+        with stages.using(path):  # a killed audit resumes inside the analysis too (rollouts, traces, statistics)
+            result = module.run(model, config)
     except NotApplicable as exc:
         return {"analysis": name, "status": "not_applicable", "reason": exc.reason}
     write_run(path, result, module.build_report(result, model.tokenizer))
@@ -152,7 +152,9 @@ def model_joins(runs: dict[str, joins.Outputs], model, seed: int) -> dict:
                                                    "systematic_outliers' candidate dims (no massive activation)"},
                                        "neurons": found[0].to_dict("records")}
     if shape:
-        out["layer_strip"] = joins.layer_strip(sets, massive, neurons, shape["n_layers"]).to_dict("records")
+        strip = joins.layer_strip(sets, massive if "systematic_outliers" in runs else None,
+                                  neurons if "skill_unlearning" in runs else None, shape["n_layers"])
+        out["layer_strip"] = strip.to_dict("records")
     return out
 
 
