@@ -26,6 +26,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from interp import distributed
 from interp.batching import input_device, length_batches, pad_left, padded_batches
 from interp.bridge import attention_layers, head_W_O, readout_point, sdpa_attention, stopped_at
 from interp.capture import capture
@@ -122,6 +123,9 @@ def _frozen(model):
 def gradient_scores(model, seqs: Sequence[Sequence[int]], readout: Readout, *, batch_size: int = 8,
                     progress: bool = True) -> Float[Tensor, "layer head"]:
     """Mean over sequences of Σ_pos z_{l,h}·∂logit/∂z_{l,h}, logit = w·act_T + b at the readout hook."""
+    if distributed.sharding():  # whole batches per rank; the sums over sequences added up
+        return _sharded_mean(gradient_scores, model, seqs, readout, batch_size, batch_size=batch_size,
+                             checkpoint=checkpoint, progress=progress)
     hook_name, weight, bias = readout
     n_layers = model.cfg.n_layers
     read_hook, stop, transform = readout_point(model, hook_name)
@@ -162,6 +166,9 @@ def causal_scores(model, seqs: Sequence[Sequence[int]], readout: Readout, *, res
                   batch_size: int = 8, progress: bool = True) -> Float[Tensor, "layer head"]:
     """−(mean change of sigmoid(readout) at the last token) when each head alone is zero-ablated and
     the layer's output rescaled as `interp.interventions.ablate_heads(..., rescale=rescale)` does."""
+    if distributed.sharding():  # whole example batches per rank; the sums over sequences added up
+        return _sharded_mean(causal_scores, model, seqs, readout, max(1, batch_size // 4), rescale=rescale,
+                             batch_size=batch_size, progress=progress)
     hook_name, weight, bias = readout
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     stop = readout_point(model, hook_name)[1]
@@ -197,6 +204,18 @@ def causal_scores(model, seqs: Sequence[Sequence[int]], readout: Readout, *, res
             bar.update(k)
     bar.close()
     return -effect / len(seqs)
+
+
+def _sharded_mean(scores, model, seqs: Sequence[Sequence[int]], readout: Readout, per_batch: int,
+                  **kw) -> Float[Tensor, "layer head"]:
+    """`scores` (a mean over sequences) under torchrun: each rank scores whole batches (`per_batch` sequences) of
+    its shard, the ranks' sums are added and divided by the number of sequences."""
+    def total(idx: list[int]) -> Tensor:
+        part = scores(model, [seqs[i] for i in idx], readout, **kw)
+        return part * len(idx) if idx else torch.zeros_like(part)
+
+    lengths = [len(s) for s in seqs]
+    return distributed.map_stream(total, len(seqs), torch.add, lengths=lengths, batch_size=per_batch) / len(seqs)
 
 
 def _replica_zero(rows: list[tuple[int, int]], b: int, rescale: str, mask: Tensor):

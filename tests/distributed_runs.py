@@ -8,7 +8,7 @@ import sys
 
 RUNS = {
     "refusal_cliff": ["--model", "organism", "--limit", "6", "--ablation-fractions", "0.0625",
-                      "--asr-limit", "2", "--head-methods", "causal", "projection", "--random-draws", "2", "--batch-size", "4"],
+                      "--asr-limit", "2", "--head-methods", "causal", "projection", "attribution", "--random-draws", "2", "--batch-size", "4"],
     "instability": ["--model", "organism", "--limit", "6", "--max-new-tokens", "32", "--n-boot", "100", "--batch-size", "2"],
     "skill_unlearning": ["--model", "organism", "--n-probe", "8", "--n-eval", "6", "--random-draws", "2",
                          "--max-new-tokens", "12", "--batch-size", "4"],
