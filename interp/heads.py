@@ -125,7 +125,7 @@ def gradient_scores(model, seqs: Sequence[Sequence[int]], readout: Readout, *, b
     """Mean over sequences of Σ_pos z_{l,h}·∂logit/∂z_{l,h}, logit = w·act_T + b at the readout hook."""
     if distributed.sharding():  # whole batches per rank; the sums over sequences added up
         return _sharded_mean(gradient_scores, model, seqs, readout, batch_size, batch_size=batch_size,
-                             checkpoint=checkpoint, progress=progress)
+                             progress=progress)
     hook_name, weight, bias = readout
     n_layers = model.cfg.n_layers
     read_hook, stop, transform = readout_point(model, hook_name)
