@@ -33,7 +33,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from interp import distributed, sinks
+from interp import distributed, sinks, stages
 from interp import outliers as out
 from interp.analysis import CommonConfig, attention_scope, require, run_header, skip_layers, warn
 from interp.batching import padded_batches
@@ -543,6 +543,28 @@ def interventions(model, texts: TextSet, config: Config, notes: list[str], warni
 
 # ---------------------------------------------------------------- run
 
+def residual_statistics(model, seqs: list[list[int]], config: Config) -> out.ResidualStats:
+    """`out.residual_stats` (down-projection inputs included) shard by shard of whole batches (`stages.shards`),
+    each shard's statistics stored in the run directory (stage "residual_stats"), then merged in the one-stream
+    order (`ResidualStats.merge`: the same hits, maxima and their places; sums added shard by shard)."""
+    lengths = [len(s) for s in seqs]
+    parts = stages.shards(lengths, config.batch_size)
+
+    def shard_stats(_, shard: list[list[int]]) -> list[dict]:
+        return [out.residual_stats(model, [seqs[i] for i in idx], batch_size=config.batch_size, down=True,
+                                   abs_thr=config.massive_abs, ratio=config.massive_ratio, tau=config.token_tau,
+                                   progress=config.progress).renumbered(idx).state() for idx in shard]
+
+    key = {"version": 1, "model": stages.model_key(model), "sequences": stages.digest(seqs),
+           "shards": stages.digest(parts), "thresholds": [config.massive_abs, config.massive_ratio, config.token_tau]}
+    states = stages.current().items("residual_stats", key, parts, shard_stats, 1)
+    order = distributed.batch_order(lengths, config.batch_size)
+    stats = out.ResidualStats.from_state(states[0])
+    for state in states[1:]:
+        stats.merge(out.ResidualStats.from_state(state), order)
+    return stats
+
+
 def run(model, config: Config | None = None) -> Result:
     """Profile, find, connect and ablate the outliers of `model` on the configured text set."""
     config = config or Config()
@@ -564,8 +586,7 @@ def run(model, config: Config | None = None) -> Result:
         raise UserError(f"example {config.example} is out of range: only {len(seqs)} chunks; "
                         f"use --example 0..{len(seqs) - 1}")
     announce("residual statistics (SDPA, no logits)", *sequence_cost(seqs), enabled=config.progress)
-    stats = out.residual_stats(model, seqs, batch_size=config.batch_size, down=True, abs_thr=config.massive_abs,
-                               ratio=config.massive_ratio, tau=config.token_tau, progress=config.progress)
+    stats = residual_statistics(model, seqs, config)
     causal = is_causal(model)
     if not causal:
         notes.append("Bidirectional attention: Gu's α[k] averages over every query, not only q ≥ k.")

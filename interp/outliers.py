@@ -139,6 +139,17 @@ class ResidualStats:
         self.down_hits: list[dict] = []
         self._batch = None
 
+    def state(self) -> dict:
+        """The accumulated statistics (every attribute but the batch in progress): what `interp.stages` stores."""
+        return {k: v for k, v in vars(self).items() if k != "_batch"}
+
+    @classmethod
+    def from_state(cls, state: dict) -> ResidualStats:
+        """The statistics `state()` returned."""
+        stats = cls.__new__(cls)
+        vars(stats).update(state, _batch=None)
+        return stats
+
     def hooks(self) -> list[tuple[str, object]]:
         fwd = [(f"blocks.{layer}.hook_resid_post", self._resid_hook) for layer in range(self.n_layers)]
         if self.down:

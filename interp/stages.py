@@ -38,6 +38,15 @@ _SAMPLED_VALUES = 256  # per parameter tensor, in the weights fingerprint
 Compute = Callable[[list[int], list[Any]], Sequence[Any]]
 
 
+def shards(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """The items of a streamed statistic in shards of `CHUNK_BATCHES` whole batches, in the order one stream meets
+    them (`interp.batching.length_batches`): each shard's statistics are stored and merged in that order."""
+    from interp.batching import length_batches
+
+    batches = length_batches(lengths, batch_size)
+    return [[i for b in batches[k:k + CHUNK_BATCHES] for i in b] for k in range(0, len(batches), CHUNK_BATCHES)]
+
+
 def canonical_json(key: Any) -> str:
     """The key as canonical JSON: sorted keys, no spaces, ASCII (the same dict always gives the same text)."""
     return json.dumps(to_jsonable(key), sort_keys=True, separators=(",", ":"), ensure_ascii=True)

@@ -213,3 +213,32 @@ def test_skill_unlearning_rerun_reuses_its_stages(planted_skills, tmp_path, caps
     err = capsys.readouterr().err
     assert err.count("stage generation: reused") == 4 and "stage statistics: reused 2 of 2" in err
     assert json.dumps(again, sort_keys=True) == json.dumps(first, sort_keys=True)
+
+
+def test_residual_statistics_by_shard_equal_one_stream_and_are_reused(tiny_model, tmp_path, capsys):
+    from interp import outliers as out
+    from interp import stages
+    from interp.analyses import systematic_outliers as so
+
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(0, 200, (n,), generator=g).tolist() for n in (12, 9, 12, 7, 5, 12, 3, 8, 10, 11)]
+    config = so.Config(batch_size=2, progress=False, massive_abs=0.05, massive_ratio=1.5, token_tau=1.5)
+    one = out.residual_stats(tiny_model, seqs, batch_size=2, down=True, abs_thr=0.05, ratio=1.5, tau=1.5,
+                             progress=False)
+    assert len(stages.shards([len(s) for s in seqs], 2)) == 2   # 5 batches: shards of 4 and 1
+    with stages.using(tmp_path):
+        sharded = so.residual_statistics(tiny_model, seqs, config)
+    assert one.n_hits > 0 and one.token_hits and one.down_hits
+    for name in ("hits", "token_hits", "down_hits", "hit_counts", "hit_positions", "hit_dims", "n_hits", "down_seen"):
+        assert getattr(sharded, name) == getattr(one, name), name
+    for kind in ("resid", "down"):
+        assert torch.equal(sharded.dim_max[kind], one.dim_max[kind]) and torch.equal(sharded.global_max[kind],
+                                                                                      one.global_max[kind])
+        assert torch.equal(sharded.dim_where[kind], one.dim_where[kind])
+        torch.testing.assert_close(sharded.sums[kind], one.sums[kind], rtol=1e-12, atol=0)  # added per shard
+    assert torch.equal(sharded.n_seqs, one.n_seqs)
+    capsys.readouterr()
+    with stages.using(tmp_path):
+        again = so.residual_statistics(tiny_model, seqs, config)
+    assert "stage residual_stats: reused 2 of 2" in capsys.readouterr().err
+    assert again.hits == sharded.hits and torch.equal(again.sums["resid"], sharded.sums["resid"])
