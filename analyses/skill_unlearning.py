@@ -263,7 +263,8 @@ def _generate(model, batch: Batch, config: Config, mask: list[bool], setting: di
     def generate_chunk(idx: list[int], rows: list[int]) -> list[dict]:
         counted = list(spec.replaced) if spec is not None else None
         new = greedy_generate(model, [batch.prompts[j] for j in rows], [batch.ids[j] for j in rows],
-                              [limits[i] for i in idx], batch_size=config.batch_size, progress=config.progress)
+                              [limits[i] for i in idx], batch_size=config.batch_size, progress=config.progress,
+                              state=[s for s in (spec and spec.replaced, watch) if s is not None])
         out = [{"ids": list(t), "truncated": cut} for t, cut in zip(new, new.truncated)]
         for k, (j, o) in enumerate(zip(rows, out)):
             if spec is not None:

@@ -79,14 +79,21 @@ def _limit(fitted: dict[int, int], length: int, batch_size: int) -> int:
 
 
 def _snapshot(state: Sequence) -> list:
-    return [s.clone() if isinstance(s, Tensor) else copy.deepcopy({k: v for k, v in vars(s).items()
-                                                                     if not k.startswith("_")}) for s in state]
+    """Copies of tensors, lists, dicts, and objects' public attributes."""
+    return [s.clone() if isinstance(s, Tensor) else copy.deepcopy(s) if isinstance(s, list | dict) else
+            copy.deepcopy({k: v for k, v in vars(s).items() if not k.startswith("_")}) for s in state]
 
 
 def _restore(state: Sequence, saved: list) -> None:
+    """Put the copies back in place (the same objects: hooks keep their references)."""
     for s, kept in zip(state, saved):
         if isinstance(s, Tensor):
             s.copy_(kept)
+        elif isinstance(s, list):
+            s[:] = kept
+        elif isinstance(s, dict):
+            s.clear()
+            s.update(kept)
         else:
             vars(s).update(kept)
 
@@ -100,9 +107,9 @@ def run_batches(
     A batch that runs out of memory is retried as two halves (said once on stderr) and the size that fit is
     remembered for its length (`fitted_sizes`: later batches of that length or longer, in this stage on this model,
     start there). At batch size 1 it is a `UserError` naming the options that reduce memory. `step` must be safe to
-    repeat for the same indices: it writes per-index results, or accumulates into `state`, objects (their public
-    attributes) or tensors that are restored to their state before the batch when it fails (a forward that failed
-    halfway through its hooks leaves no partial update).
+    repeat for the same indices: it writes per-index results, or accumulates into `state` (tensors, lists, dicts or
+    objects' public attributes, holding no model), restored to their state before the batch when it fails (a
+    forward that failed halfway through its hooks leaves no partial update).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")

@@ -126,6 +126,7 @@ def generate_tokens(
     use_cache: bool = True,
     step_context: StepContext | None = None,
     seed_ids: Sequence[int] | None = None,
+    state: Sequence = (),
 ) -> Generations:
     """Continue each token sequence; returns the new token ids (stopped at EOS, which is dropped, or at the
     cap) with `.truncated` per row (True: the row hit its cap without EOS).
@@ -138,10 +139,12 @@ def generate_tokens(
     step_context(Step) is entered around every forward (hooks that need to know the rows and positions).
     seed_ids: each sequence's index for its generator's seed (default: its position in `seqs`). Under torchrun each
     rank generates its shard of `seqs` (same per-sequence seeds) and every rank gets all rows, in order.
+    Out of memory: the batch is halved and its rows start again (`interp.batching.run_batches`); `state`, what the
+    active hooks accumulate (e.g. Neuron Adjust's counts), is restored to before the failed batch.
     """
     if distributed.sharding():
         kw = dict(temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size, progress=progress,
-                  use_cache=use_cache)
+                  use_cache=use_cache, state=state)
         caps = [max_new_tokens] * len(seqs) if isinstance(max_new_tokens, int) else list(max_new_tokens)
 
         def mine(idx: list[int]) -> list[tuple[list[int], bool]]:
@@ -213,7 +216,7 @@ def generate_tokens(
                     full, mask = pad_left([list(seqs[i]) + out[i] for i in rows], pad)
                     tokens, mask = full.to(device), mask.to(device)
 
-    run_batches(model, seqs, batch_size, generate_batch, desc="generate", progress=progress)  # OOM: halved
+    run_batches(model, seqs, batch_size, generate_batch, desc="generate", progress=progress, state=state)
     return Generations(out, truncated)
 
 

@@ -459,11 +459,13 @@ def target_logprobs(model, prompts: Sequence[Sequence[int]], targets: Sequence[S
 
 
 def greedy_generate(model, prompts: Sequence[Sequence[int]], item_ids: Sequence[int], max_new_tokens: Sequence[int],
-                    *, batch_size: int = 8, progress: bool = True, use_cache: bool = True) -> Generations:
+                    *, batch_size: int = 8, progress: bool = True, use_cache: bool = True,
+                    state: Sequence = ()) -> Generations:
     """Greedy continuations (stopped at EOS or the item's limit) with a KV cache; `.truncated[i]`: item i hit its
     limit without EOS. Every forward (prefill, then one per generated token) sets `rows_of` for the positions it
     computes, so Neuron Adjust and `key_space_watch` see each item's id, absolute positions and step; a finished
-    item leaves the batch. `use_cache=False` recomputes the whole sequence each step (same tokens and draws)."""
+    item leaves the batch. `use_cache=False` recomputes the whole sequence each step (same tokens and draws).
+    `state`: what the active hooks accumulate, restored when a batch runs out of memory (`generate_tokens`)."""
     prompt_len = [len(p) for p in prompts]
 
     def rows(step: Step):
@@ -471,4 +473,4 @@ def greedy_generate(model, prompts: Sequence[Sequence[int]], item_ids: Sequence[
         return rows_of(r.last(step.new))
 
     return generate_tokens(model, prompts, max_new_tokens=list(max_new_tokens), batch_size=batch_size,
-                           progress=progress, use_cache=use_cache, step_context=rows)
+                           progress=progress, use_cache=use_cache, step_context=rows, state=state)

@@ -104,6 +104,29 @@ def test_generation_backs_off_to_the_same_tokens(tiny_model, temperature):
     assert list(forced) == list(plain) and forced.truncated == plain.truncated
 
 
+def test_hook_counts_during_generation_are_restored(tiny_model):
+    """A hook that counts rows per forward (as Neuron Adjust counts replaced values) while generating: passed as
+    `state`, a failed attempt's counts are undone (counted without it: more)."""
+    seqs = _seqs(tiny_model.tokenizer)[:6]
+    kw = dict(max_new_tokens=4, batch_size=6, progress=False)
+
+    def counted(state_of):
+        count = [0]
+
+        def hook(x, hook):
+            count[0] += x.shape[0]  # rows in this forward: each row once per step, however batched
+
+        fitted_sizes(tiny_model, "generate").clear()  # each run meets the out-of-memory error afresh
+        with tiny_model.hooks(fwd_hooks=[("blocks.0.hook_resid_post", hook)]):
+            generate_tokens(tiny_model, seqs, state=state_of(count), **kw)
+        return count[0]
+
+    plain = counted(lambda c: [c])
+    with oom_above(tiny_model, 2):
+        restored, unrestored = counted(lambda c: [c]), counted(lambda c: [])
+    assert restored == plain < unrestored
+
+
 def test_out_of_memory_at_batch_one_is_a_user_error(tiny_model):
     seqs = _seqs(tiny_model.tokenizer)[:2]
     with oom_above(tiny_model, 0), pytest.raises(UserError) as err:
