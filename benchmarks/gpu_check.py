@@ -213,7 +213,8 @@ def vllm(args) -> dict:
     server = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", args.checkpoint,
                                "--served-model-name", "check", "--port", str(args.port), "--dtype", "bfloat16",
                                "--max-model-len", str(args.length + args.new + 16), "--gpu-memory-utilization",
-                               "0.5", "--seed", "0"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                               "0.5", "--seed", "0", "--enforce-eager"],
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     start = time.perf_counter()
     try:
         while True:
