@@ -157,3 +157,16 @@ def test_bad_input_gives_one_line_errors(capsys, tmp_path):
         interp.audit("tiny", analyses="instability", out=tmp_path / "b", device="cpu")
     code, out, _ = run_cli(capsys, "--list")
     assert "python -m interp.run audit --model M" in out
+
+
+def test_not_applicable_analysis_is_listed_with_its_reason(tmp_path):
+    from interp.tiny import write_family_checkpoint
+
+    path = write_family_checkpoint(tmp_path / "mla", "deepseek-v3")  # multi-head latent attention: no per-head W_Q/K/V
+    out = interp.audit(str(path), analyses="talking_heads", out=tmp_path / "out", progress=False, device="cpu")
+    res = json.loads((out / "results.json").read_text())
+    assert [(r["analysis"], r["status"]) for r in res["status"]] == [("talking_heads", "not_applicable")]
+    assert "latent attention" in res["status"][0]["reason"]
+    assert "talking_heads" not in res and res["headlines"] == []
+    html = (out / "index.html").read_text()
+    assert ">not applicable</div>" in html and escape(res["status"][0]["reason"]) in html
