@@ -51,7 +51,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 
-from interp import distributed, gates
+from interp import distributed, gates, stages
 from interp.analysis import CommonConfig, attention_scope, require, run_header, warn
 from interp.batching import padded_batches
 from interp.controls import Draws, control_row, matched_draws, n_selected, split, wilson
@@ -259,6 +259,28 @@ def _random_row(what: str, draws: Draws, results: list[dict], selection: str, **
             "n_heads": len(draws.sets[0]), **control_row(values, draws), **extra}
 
 
+def gate_pass(model, seqs, config: Config, mean_gate: dict[int, float] | None = None) -> tuple:
+    """`gates.measure` shard by shard of whole batches (`stages.shards`), each shard's (gate, sparsity, scale)
+    statistics stored in the run directory (stage "gate_stats"), merged in the one-stream order (sums added shard
+    by shard, counts, maxima and minima exact)."""
+    parts = stages.shards([len(s) for s in seqs], config.batch_size)
+
+    def shard_stats(_, shard: list[list[int]]) -> list[list[dict | None]]:
+        return [[None if a is None else stages.state(a) for a in
+                 gates.measure(model, [seqs[i] for i in idx], batch_size=config.batch_size,
+                               theta=config.sparsity_threshold, mean_gate=mean_gate, progress=config.progress)]
+                for idx in shard]
+
+    key = {"version": 1, "model": stages.model_key(model), "sequences": stages.digest(seqs),
+           "shards": stages.digest(parts), "theta": config.sparsity_threshold, "mean_gate": mean_gate}
+    states = stages.current().items("gate_stats", key, parts, shard_stats, 1)
+    classes = (gates.GateStats, gates.SparsityStats, gates.ScaleStats)
+    merged = [None if a is None else stages.restore(c, a) for c, a in zip(classes, states[0])]
+    for shard in states[1:]:
+        merged = [None if m is None else m.merge(stages.restore(c, a)) for m, c, a in zip(merged, classes, shard)]
+    return tuple(merged)
+
+
 def _interventions(model, layers, fit, held, gate_fit: gates.GateStats, push: gates.PushStats,
                    config: Config) -> tuple[list[dict], list]:
     """Rows {what, heads, selection, n_heads, loss, first_token, sink_rate, m_act, loss_in_sample} (held-out
@@ -327,12 +349,9 @@ def analyse_model(model, config: Config, warnings: list[str]) -> ModelResult:
     gate_fit = None
     mean_gate = None
     if gated:
-        gate_fit, _, _ = gates.measure(model, fit, batch_size=config.batch_size, theta=config.sparsity_threshold,
-                                       progress=config.progress)
+        gate_fit, _, _ = gate_pass(model, fit, config)
         mean_gate = {r["layer"]: r["mean"] for r in gate_fit.layer_rows()}
-    gate_held, sparsity, scale = gates.measure(model, held, batch_size=config.batch_size,
-                                               theta=config.sparsity_threshold, mean_gate=mean_gate,
-                                               progress=config.progress)
+    gate_held, sparsity, scale = gate_pass(model, held, config, mean_gate)
     announce(f"{name}: sinks, M-Act and loss (logits in chunks of positions)", *sequence_cost(held),
              enabled=config.progress)
     evaluation = _Evaluation(model, layers, config).run(held, config, "sinks")

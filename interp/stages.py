@@ -47,6 +47,18 @@ def shards(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     return [[i for b in batches[k:k + CHUNK_BATCHES] for i in b] for k in range(0, len(batches), CHUNK_BATCHES)]
 
 
+def state(accumulator: Any) -> dict:
+    """A streamed statistic's attributes (tensors and plain data): what a stage stores of it (`restore` rebuilds)."""
+    return dict(vars(accumulator))
+
+
+def restore(cls: type, saved: dict) -> Any:
+    """The `cls` accumulator whose attributes `state` returned."""
+    accumulator = cls.__new__(cls)
+    vars(accumulator).update(saved)
+    return accumulator
+
+
 def canonical_json(key: Any) -> str:
     """The key as canonical JSON: sorted keys, no spaces, ASCII (the same dict always gives the same text)."""
     return json.dumps(to_jsonable(key), sort_keys=True, separators=(",", ":"), ensure_ascii=True)

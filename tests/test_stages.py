@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_gated_attention import planted_gated, planted_gated_dir  # noqa: F401 (fixtures)
 from test_skill_unlearning import planted_skills  # noqa: F401 (the fixture)
 
 from interp.errors import UserError
@@ -111,7 +112,7 @@ def test_run_directory_rules(tmp_path, capsys):
     assert again.calls == []
 
 
-ARGS = ["instability", "--model", "organism", "--limit", "8", "--max-new-tokens", "12", "--batch-size", "1",
+ARGS = ["instability", "--model", "organism", "--limit", "8", "--max-new-tokens", "6", "--batch-size", "1",
         "--n-boot", "100", "--windows", "8", "--no-progress"]
 
 
@@ -242,3 +243,30 @@ def test_residual_statistics_by_shard_equal_one_stream_and_are_reused(tiny_model
         again = so.residual_statistics(tiny_model, seqs, config)
     assert "stage residual_stats: reused 2 of 2" in capsys.readouterr().err
     assert again.hits == sharded.hits and torch.equal(again.sums["resid"], sharded.sums["resid"])
+
+
+def test_gate_pass_by_shard_equals_one_stream_and_is_reused(planted_gated, tmp_path, capsys):  # noqa: F811
+    from interp import gates, stages
+    from interp.analyses import gated_attention as ga
+
+    g = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(3, 200, (n,), generator=g).tolist() for n in (10, 6, 9, 4, 8, 10, 7, 5, 9)]
+    config = ga.Config(batch_size=2, progress=False)
+    one = gates.measure(planted_gated, seqs, batch_size=2, theta=config.sparsity_threshold, progress=False)
+    with stages.using(tmp_path):
+        sharded = ga.gate_pass(planted_gated, seqs, config)
+    assert one[0] is not None                                   # a gated model: all three statistics
+    for a, b in zip(sharded, one):
+        for name, value in vars(b).items():
+            mine = getattr(a, name)
+            if isinstance(value, torch.Tensor):
+                torch.testing.assert_close(mine, value, rtol=1e-12, atol=1e-12, msg=name)
+            elif isinstance(value, dict):
+                assert mine.keys() == value.keys() and all(
+                    mine[k][f] == pytest.approx(value[k][f], rel=1e-12) for k in value for f in value[k]), name
+            else:
+                assert mine == value, name
+    capsys.readouterr()
+    with stages.using(tmp_path):
+        ga.gate_pass(planted_gated, seqs, config)
+    assert "stage gate_stats: reused 2 of 2" in capsys.readouterr().err
