@@ -86,8 +86,9 @@ def build_parser(analysis: str | None) -> argparse.ArgumentParser:
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help="an embedded model, an alias, a Hugging Face id or a local directory "
                              f"(default: {DEFAULT_MODEL})")
-    parser.add_argument("--out", help="output directory (default: runs/<analysis>-<model>-<time>); "
-                                      "never overwritten without --force")
+    parser.add_argument("--out", help="output directory (default: runs/<analysis>-<model>-<time>); an unfinished "
+                                      "run there is resumed (its stored stages reused), a finished one never "
+                                      "overwritten without --force")
     parser.add_argument("--device", default="auto",
                         help="where the model runs: auto (CUDA if available), cpu or cuda[:N]")
     parser.add_argument("--device-map", metavar="auto|balanced|sequential|FILE.json",
@@ -223,7 +224,7 @@ def execute(argv: list[str]) -> Path | None:
         if card and distributed.is_main():
             print(f"model card settings: {', '.join(f'{k}={v!r}' for k, v in card.items())}", file=sys.stderr)
         config.validate(model)
-    result = run_analysis(args.analysis, model, **explicit)
+    result = run_analysis(args.analysis, model, run_dir=out, **explicit)
     if distributed.is_main():  # only rank 0 writes (the others hold the same gathered numbers)
         report = module.build_report(result, model.tokenizer if model is not None else None)
         write_run(out, result, report)
