@@ -36,7 +36,7 @@ from torch import Tensor
 from interp import distributed, sinks, stages
 from interp import outliers as out
 from interp.analysis import CommonConfig, attention_scope, require, run_header, skip_layers, warn
-from interp.batching import padded_batches
+from interp.batching import run_batches
 from interp.bridge import attention_layers, sdpa_attention, stopped_at
 from interp.controls import ControlUnavailable, Draws, control_row, matched_draws, split
 from interp.cost import announce, sequence_cost
@@ -381,11 +381,14 @@ def carrier_moments(model, seqs, layer: int, find_dims: list[int], massive: bool
                 m.counts[int(p > 0)] += 1
 
     hooks = [(f"blocks.{layer}.hook_resid_post", read)]
-    with sdpa_attention(model, [n for n, _ in hooks]):
-        for _, tokens, mask in padded_batches(model, seqs, config.batch_size, desc="means", progress=config.progress):
-            state["mask"] = mask
-            with stopped_at(model, layer + 1) as stop:
-                model.run_with_hooks(tokens, attention_mask=mask, return_type=None, stop_at_layer=stop, fwd_hooks=hooks)
+
+    def step(idx: list[int], tokens: Tensor, mask: Tensor) -> None:
+        state["mask"] = mask
+        with stopped_at(model, layer + 1) as stop:
+            model.run_with_hooks(tokens, attention_mask=mask, return_type=None, stop_at_layer=stop, fwd_hooks=hooks)
+
+    with sdpa_attention(model, [n for n, _ in hooks]):  # out of memory: halved, `m` restored (run_batches)
+        run_batches(model, seqs, config.batch_size, step, desc="means", progress=config.progress, state=[m])
     return m
 
 
@@ -453,20 +456,26 @@ def _measured(model, seqs, config: Config, intervention: SetScalars | None, loss
 
     hooks = (intervention.hooks() if intervention is not None else []) + \
         [(f"blocks.{layer}.hook_resid_post", track) for layer in range(model.cfg.n_layers)] + stats.hooks()
-    nll, count = 0.0, 0
-    for idx, tokens, mask in padded_batches(model, seqs, config.batch_size, desc="measure", progress=config.progress):
+    sums = {"nll": 0.0, "count": 0}
+
+    def step(idx: list[int], tokens: Tensor, mask: Tensor) -> None:
         state["mask"] = mask
         stats.begin_batch(idx, tokens, mask)
         if intervention is not None:
             intervention.mask = mask
         if loss:  # stops before the final norm; the logits of LOGIT_CHUNK positions at a time (interp.losses)
             batch_nll, batch_count = forward_nll(model, tokens, mask, hooks)
-            nll, count = nll + batch_nll, count + batch_count
+            sums["nll"], sums["count"] = sums["nll"] + batch_nll, sums["count"] + batch_count
         else:
             with stopped_at(model, model.cfg.n_layers) as stop:
                 model.run_with_hooks(tokens, attention_mask=mask, return_type=None, stop_at_layer=stop,
                                      fwd_hooks=hooks)
-    return stats.renumbered(items), layer_max, nll, count, intervention.n_positions - start if intervention else 0
+
+    # out of memory: the batch is halved; the statistics, maxima and the intervention's count are restored first
+    run_batches(model, seqs, config.batch_size, step, desc="measure", progress=config.progress,
+                state=[stats, layer_max] + ([intervention] if intervention is not None else []))
+    return (stats.renumbered(items), layer_max, sums["nll"], sums["count"],
+            intervention.n_positions - start if intervention else 0)
 
 
 MEASURED = ("loss", "first_token", "sink_rate", "m_act", "n_positions")

@@ -48,7 +48,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from interp import distributed
-from interp.batching import padded_batches
+from interp.batching import run_batches
 from interp.bridge import stopped_at
 
 SINK_EPS = 0.3  # Gu et al. 2024, sink rate threshold ε
@@ -371,11 +371,14 @@ class AttentionStats:
         rows {layer, position, share} (share of sequences) and by token {layer, token_id, token, share}."""
         by_pos = Counter((layer, pos) for layer, _, pos, _ in self.outlier_keys if pos > 0)
         by_tok = Counter((layer, tid) for layer, _, pos, tid in self.outlier_keys if pos > 0)
+        def most_common(counts: Counter) -> list:  # ties by (layer, position/token): the same for any batching
+            return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
+
         rows = [{"layer": layer, "position": pos, "token_id": None, "token": None,
-                 "share": c / max(int(self.n_seqs[layer]), 1)} for (layer, pos), c in by_pos.most_common(top)]
+                 "share": c / max(int(self.n_seqs[layer]), 1)} for (layer, pos), c in most_common(by_pos)]
         rows += [{"layer": layer, "position": None, "token_id": tid,
                   "token": tokenizer.decode([tid]) if tokenizer is not None else None,
-                  "share": c / max(int(self.n_seqs[layer]), 1)} for (layer, tid), c in by_tok.most_common(top)]
+                  "share": c / max(int(self.n_seqs[layer]), 1)} for (layer, tid), c in most_common(by_tok)]
         return rows
 
     def qkv_norm_rows(self) -> list[dict]:
@@ -419,10 +422,14 @@ def attention_metrics(model, seqs: Sequence[Sequence[int]], *, batch_size: int =
                            qkv_norms=qkv_norms, example=example,
                            gated_q=bool(getattr(model.cfg, "gated_q_proj", False)))
     stop = max(stats.layers) + 1
-    for idx, tokens, mask in padded_batches(model, seqs, batch_size, desc="attention", progress=progress):
+
+    def step(idx: list[int], tokens: Tensor, mask: Tensor) -> None:
         stats.begin_batch(idx, tokens, mask)
         with stopped_at(model, stop) as stop_at_layer:
             model.run_with_hooks(tokens, attention_mask=mask, return_type=None, stop_at_layer=stop_at_layer,
                                  fwd_hooks=list(fwd_hooks) + stats.hooks())
+
+    # out of memory: the batch is halved and `stats` restored to before it (interp.batching.run_batches)
+    run_batches(model, seqs, batch_size, step, desc="attention", progress=progress, state=[stats])
     return stats
 

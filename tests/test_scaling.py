@@ -95,8 +95,8 @@ def test_residual_statistics_back_off_without_partial_updates(tiny_model):
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_generation_backs_off_to_the_same_tokens(tiny_model, temperature):
-    seqs = _seqs(tiny_model.tokenizer)[:6]
-    kw = dict(max_new_tokens=6, temperature=temperature, seed=3, batch_size=6, progress=False)
+    seqs = _seqs(tiny_model.tokenizer)[:4]
+    kw = dict(max_new_tokens=4, temperature=temperature, seed=3, batch_size=4, progress=False)
     plain = generate_tokens(tiny_model, seqs, **kw)
     with oom_above(tiny_model, 2) as raised:
         forced = generate_tokens(tiny_model, seqs, **kw)
@@ -107,8 +107,8 @@ def test_generation_backs_off_to_the_same_tokens(tiny_model, temperature):
 def test_hook_counts_during_generation_are_restored(tiny_model):
     """A hook that counts rows per forward (as Neuron Adjust counts replaced values) while generating: passed as
     `state`, a failed attempt's counts are undone (counted without it: more)."""
-    seqs = _seqs(tiny_model.tokenizer)[:6]
-    kw = dict(max_new_tokens=4, batch_size=6, progress=False)
+    seqs = _seqs(tiny_model.tokenizer)[:4]
+    kw = dict(max_new_tokens=3, batch_size=4, progress=False)
 
     def counted(state_of):
         count = [0]
@@ -267,3 +267,43 @@ def test_hooks_move_what_they_add_to_the_activations_device():
     rec = Recorder()
     with add_direction(rec, direction, "blocks.0.hook_resid_post", alpha=2.0):
         assert rec.fwd[0][1](x, None).device.type == "meta"
+
+
+def _close(a, b, path="") -> None:
+    """Equal structures; floats to 1e-5 (relative) or 1e-7."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            _close(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _close(x, y, f"{path}[{i}]")
+    elif isinstance(a, float):
+        assert (a != a and b != b) or a == pytest.approx(b, rel=1e-5, abs=1e-7), path
+    else:
+        assert a == b, path
+
+
+def test_systematic_outliers_backs_off_to_the_same_results(tmp_path):
+    """The whole analysis on the planted massive-activation model (residual statistics, carrier means, the sink and
+    loss measurements under set-zero / set-mean and their random controls), every batch of 4 forced down to 2."""
+    from test_outliers import write_planted_outliers
+
+    from interp import texts
+    from interp.analyses import systematic_outliers as so
+    from interp.analysis import config_for
+    from interp.models import load_model
+
+    model = load_model(str(write_planted_outliers(tmp_path / "planted")), device="cpu")
+    text = tmp_path / "prose.txt"
+    text.write_text("\n\n".join(texts.natural_text()[:20]), encoding="utf-8")
+    cfg = config_for("systematic_outliers", model, text_set=str(text), seq_len=16, n_chunks=8, bos=True,
+                     random_draws=2, batch_size=4, progress=False)
+    plain = so.run(model, cfg).to_dict()
+    with oom_above(model, 2) as raised:
+        forced = so.run(model, cfg).to_dict()
+    assert len(raised) >= 3
+    for stage in ("residual", "measure", "means"):
+        fitted_sizes(model, stage).clear()
+    _close(forced, plain)
