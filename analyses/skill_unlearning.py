@@ -31,7 +31,7 @@ import pandas as pd
 import torch
 from jaxtyping import Float
 
-from interp import stages
+from interp import distributed, stages
 from interp.analysis import CommonConfig, not_applicable, require, run_header, skip_layers, warn
 from interp.capture import capture
 from interp.controls import ControlUnavailable, Draws, control_row, split, wilson
@@ -266,12 +266,16 @@ def _generate(model, batch: Batch, config: Config, mask: list[bool], setting: di
                               [limits[i] for i in idx], batch_size=config.batch_size, progress=config.progress,
                               state=[s for s in (spec and spec.replaced, watch) if s is not None])
         out = [{"ids": list(t), "truncated": cut} for t, cut in zip(new, new.truncated)]
-        for k, (j, o) in enumerate(zip(rows, out)):
-            if spec is not None:
-                o["replaced"] = [a - b for a, b in zip(spec.replaced, counted)] if k == 0 else [0, 0]
-            if watch is not None:
-                # under torchrun a rank holds its shard's flags until the watch ends
-                o["prefill"], o["any_step"] = watch.prefill.get(batch.ids[j]), watch.any_step.get(batch.ids[j])
+        if spec is not None:  # the chunk's count over every rank (torchrun: each counted its shard), on its first item
+            delta = distributed.all_reduce_sum(torch.tensor([a - b for a, b in zip(spec.replaced, counted)]))
+            for k, o in enumerate(out):
+                o["replaced"] = delta.tolist() if k == 0 else [0, 0]
+        if watch is not None:  # under torchrun a rank holds its shard's flags until the watch ends: gather them
+            ids = [batch.ids[j] for j in rows]
+            flags = distributed.merge_objects({i: (watch.prefill[i], watch.any_step[i]) for i in ids
+                                               if i in watch.any_step}, lambda a, b: {**a, **b})
+            for i, o in zip(ids, out):
+                o["prefill"], o["any_step"] = flags[i]
         return out
 
     key = {"version": 1, "model": stages.model_key(model), "setting": setting, "limits": limits,
@@ -279,10 +283,12 @@ def _generate(model, batch: Batch, config: Config, mask: list[bool], setting: di
     got = stages.current().items("generation", key, sel, generate_chunk, stages.CHUNK_BATCHES * config.batch_size)
     for j, g in zip(sel, got):
         texts[j], truncated[j] = model.tokenizer.decode(g["ids"], skip_special_tokens=True), g["truncated"]
-        if watch is not None and g["any_step"] is not None:
+        if watch is not None:
             watch.prefill[batch.ids[j]], watch.any_step[batch.ids[j]] = g["prefill"], g["any_step"]
-    if spec is not None:  # the stored chunks' counts: the same total whether generated now or reused
-        spec.replaced[:] = [r + sum(g["replaced"][k] for g in got) for k, r in enumerate(replaced)]
+    if spec is not None:  # the stored chunks' counts: the same total whether generated now or reused; under
+        # torchrun rank 0 carries it (neuron_adjust adds the ranks' counts up when it ends)
+        total = [sum(g["replaced"][k] for g in got) if distributed.is_main() else 0 for k in range(len(replaced))]
+        spec.replaced[:] = [r + t for r, t in zip(replaced, total)]
     return texts, truncated
 
 

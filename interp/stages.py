@@ -113,7 +113,7 @@ class Stages:
 
     def __init__(self, run_dir: str | Path | None, log: Callable[[str], None] | None = None):
         self.root = Path(run_dir) / STAGES_DIR if run_dir is not None else None
-        self.log = log or (lambda line: print(line, file=sys.stderr))
+        self.log = log or _print_on_main
         self.reused: dict[str, tuple[int, int]] = {}  # stage name → (items reused, items in the stage)
         self._written: dict[str, int] = {}
 
@@ -209,6 +209,14 @@ def _read_json(path: Path) -> dict:
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def _print_on_main(line: str) -> None:
+    """A line on stderr, from rank 0 only under torchrun (`interp.distributed`)."""
+    from interp.distributed import is_main
+
+    if is_main():
+        print(line, file=sys.stderr)
 
 
 _CURRENT: contextvars.ContextVar[Stages | None] = contextvars.ContextVar("interp_stages", default=None)
