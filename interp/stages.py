@@ -8,7 +8,8 @@ temporary name and renamed (a killed run leaves whole files or none), and `manif
 key in readable form, one SHA-256 per item file). Items are computed in fixed chunks of the full item list,
 whether stored or not, so a resumed stage sees exactly the batches of an uninterrupted one; a chunk with any
 item missing, unreadable or stored under another key is computed again whole. `Stages(None)` stores
-nothing. Analyses reach the run's store through `current()`; `using(run_dir)` sets it around a run.
+nothing. Analyses reach the run's store through `current()`; `using(run_dir)` sets it around a run. Under
+torchrun every rank reads the store and rank 0 alone writes it (the ranks hold the same gathered values).
 
 Test hook: `INTERP_STAGES_EXIT_AFTER=NAME:K` ends the process hard (`os._exit(3)`) once K items of stage
 NAME have been written.
@@ -83,7 +84,8 @@ def weights_fingerprint(model) -> str:
         n = min(_SAMPLED_VALUES, flat.numel())  # integer spacing: a float32 linspace overshoots past 2^24 values
         idx = torch.arange(n, device=flat.device) * (flat.numel() - 1) // max(n - 1, 1)
         h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
-        h.update(flat[idx].float().cpu().numpy().tobytes())
+        if not flat.is_meta:  # a parameter offloaded by a device map has no values here (its name and shape count)
+            h.update(flat[idx].float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -125,6 +127,7 @@ class Stages:
         items = list(items)
         stage = self._stage_dir(name, key)
         stored, sums = self._load(stage, key_hash(key), len(items)) if stage is not None else ({}, {})
+        writing = stage is not None and _is_main()  # under torchrun rank 0 writes (every rank holds the same values)
         values: list[Any] = [None] * len(items)
         reused = 0
         for start in range(0, len(items), chunk):
@@ -139,9 +142,9 @@ class Stages:
                 raise ValueError(f"stage {name}: compute returned {len(out)} values for {len(idx)} items")
             for i, v in zip(idx, out):
                 values[i] = v
-                if stage is not None:
+                if writing:
                     sums[i] = self._write_item(stage, name, key_hash(key), i, v)
-        if stage is not None:
+        if writing:
             self._write_manifest(stage, name, key, sums)
             self.reused[name] = (reused, len(items))
             if reused:
@@ -184,7 +187,7 @@ class Stages:
         buffer = io.BytesIO()
         torch.save({"key_hash": khash, "index": i, "value": value}, buffer)
         data = buffer.getvalue()
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")  # one per process: ranks may write it too
+        tmp = path.with_name(f".{path.name}.partial")
         tmp.write_bytes(data)
         os.replace(tmp, path)
         self._written[name] = self._written.get(name, 0) + 1
@@ -211,11 +214,16 @@ def _read_json(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def _print_on_main(line: str) -> None:
-    """A line on stderr, from rank 0 only under torchrun (`interp.distributed`)."""
+def _is_main() -> bool:
+    """Rank 0 under torchrun (`interp.distributed`), the one process otherwise."""
     from interp.distributed import is_main
 
-    if is_main():
+    return is_main()
+
+
+def _print_on_main(line: str) -> None:
+    """A line on stderr, from rank 0 only under torchrun."""
+    if _is_main():
         print(line, file=sys.stderr)
 
 

@@ -70,7 +70,7 @@ def test_partial_stage_reuses_whole_chunks_and_distrusts_bad_files(tmp_path, cap
     (stage / "manifest.json").unlink()                      # as if killed before the manifest
     (stage / "item-000003.pt").write_bytes((stage / "item-000003.pt").read_bytes()[:40])  # a truncated file
     (stage / "item-000004.pt").replace(stage / "item-000005.pt")  # a file holding another index
-    (stage / ".item-000001.pt.123.partial").write_bytes(b"half")  # an interrupted write is never read
+    (stage / ".item-000001.pt.partial").write_bytes(b"half")  # an interrupted write is never read
     again = Counting()
     store = Stages(tmp_path)
     assert _values(store.items("s", KEY, items, again, chunk=2)) == expected
