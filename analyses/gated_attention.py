@@ -53,7 +53,7 @@ import torch
 
 from interp import distributed, gates, stages
 from interp.analysis import CommonConfig, attention_scope, require, run_header, warn
-from interp.batching import padded_batches
+from interp.batching import run_batches
 from interp.controls import Draws, control_row, matched_draws, n_selected, split, wilson
 from interp.cost import announce, sequence_cost
 from interp.figures import intervention_bars, layer_head_heatmap
@@ -207,12 +207,17 @@ class _Evaluation:
                 part, len(seqs), merge, lengths=lengths, batch_size=config.batch_size)
             return self
         model = self.model
-        for idx, tokens, mask in padded_batches(model, seqs, config.batch_size, desc=desc, progress=config.progress):
+
+        def step(idx: list[int], tokens: torch.Tensor, mask: torch.Tensor) -> None:
             self.attention.begin_batch(idx, tokens, mask)
             self.residual.begin_batch(idx, tokens, mask)
             nll, count = forward_nll(model, tokens, mask, self.attention.hooks() + self.residual.hooks())
-            self.nll += nll
+            self.nll += nll  # after the forward succeeded
             self.count += count
+
+        # out of memory: the batch is halved and the statistics restored to before it (interp.batching.run_batches)
+        run_batches(model, seqs, config.batch_size, step, desc=desc, progress=config.progress,
+                    state=[self.attention, self.residual])
         return self
 
     def m_act(self) -> float:

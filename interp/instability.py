@@ -448,7 +448,7 @@ def teacher_forced(model, prompts: Sequence[Sequence[int]], completions: Sequenc
     the traces (whole batches) and every rank gets all traces' statistics, in order (`interp.distributed`).
     """
     from interp import distributed
-    from interp.batching import padded_batches
+    from interp.batching import run_batches
 
     if distributed.sharding():
         return distributed.map_items(
@@ -463,14 +463,16 @@ def teacher_forced(model, prompts: Sequence[Sequence[int]], completions: Sequenc
     if any(len(c) == 0 for c in completions):
         raise ValueError("every completion needs at least one token")
     out: list[dict[str, Tensor] | None] = [None] * len(seqs)
-    with sdpa_attention(model):
-        for idx, tokens, mask in padded_batches(model, seqs, batch_size, desc="teacher-forced", progress=progress):
-            resid = final_residual(model, tokens, mask)
-            width = tokens.shape[1]
-            for row, i in enumerate(idx):
-                start = width - len(seqs[i]) + len(prompts[i]) - 1
-                states = resid[row, start:start + len(completions[i])]
-                out[i] = distribution_stats(lambda a, b: logits_at(model, states[a:b]), len(completions[i]),
-                                            completions[i], top_k=top_k, chunk=chunk)
-            del resid
+
+    def step(idx: list[int], tokens: Tensor, mask: Tensor) -> None:  # per-trace results: safe to repeat
+        resid = final_residual(model, tokens, mask)
+        width = tokens.shape[1]
+        for row, i in enumerate(idx):
+            start = width - len(seqs[i]) + len(prompts[i]) - 1
+            states = resid[row, start:start + len(completions[i])]
+            out[i] = distribution_stats(lambda a, b: logits_at(model, states[a:b]), len(completions[i]),
+                                        completions[i], top_k=top_k, chunk=chunk)
+
+    with sdpa_attention(model):  # out of memory: the batch is halved (interp.batching.run_batches)
+        run_batches(model, seqs, batch_size, step, desc="teacher-forced", progress=progress)
     return out  # type: ignore[return-value]

@@ -32,7 +32,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from interp import distributed
-from interp.batching import padded_batches
+from interp.batching import run_batches
 from interp.bridge import sdpa_attention, stopped_at
 from interp.controls import split, wilson
 from interp.errors import UserError
@@ -215,19 +215,22 @@ def last_logits(model, ids: Sequence[Sequence[int]], *, batch_size: int = 8, pro
                                          desc=desc)), len(ids), lengths=[len(s) for s in ids], batch_size=batch_size))
     n_layers = model.cfg.n_layers
     out = [None] * len(ids)
-    with sdpa_attention(model):
-        for idx, tokens, mask in padded_batches(model, ids, batch_size, desc=desc, progress=progress):
-            saved = {}
 
-            def keep(x, hook):
-                saved["x"] = x[:, -1:]
+    def step(idx: list[int], tokens: Tensor, mask: Tensor) -> None:  # per-sequence results: safe to repeat
+        saved = {}
 
-            with stopped_at(model, n_layers) as stop_at, model.hooks(
-                    fwd_hooks=[(f"blocks.{n_layers - 1}.hook_resid_post", keep)]):
-                model(tokens, attention_mask=mask, return_type=None, stop_at_layer=stop_at)
-            logits = model.unembed(model.ln_final(saved["x"]))[:, 0].float().cpu()
-            for row, i in enumerate(idx):
-                out[i] = logits[row]
+        def keep(x, hook):
+            saved["x"] = x[:, -1:]
+
+        with stopped_at(model, n_layers) as stop_at, model.hooks(
+                fwd_hooks=[(f"blocks.{n_layers - 1}.hook_resid_post", keep)]):
+            model(tokens, attention_mask=mask, return_type=None, stop_at_layer=stop_at)
+        logits = model.unembed(model.ln_final(saved["x"]))[:, 0].float().cpu()
+        for row, i in enumerate(idx):
+            out[i] = logits[row]
+
+    with sdpa_attention(model):  # out of memory: the batch is halved (interp.batching.run_batches)
+        run_batches(model, ids, batch_size, step, desc=desc, progress=progress)
     return torch.stack(out)
 
 
@@ -290,7 +293,8 @@ def item_attention(model, enc: Encoded, prompts: Sequence[LaundryPrompt], layers
     out = torch.zeros(len(enc.ids), len(layers), model.cfg.n_heads)
     names = [f"blocks.{layer}.attn.hook_pattern" for layer in layers]
     stop = max(layers) + 1
-    for idx, tokens, mask in padded_batches(model, enc.ids, batch_size, desc="item attention", progress=progress):
+
+    def step(idx: list[int], tokens: Tensor, mask: Tensor) -> None:  # per-prompt rows: safe to repeat
         width = tokens.shape[1]
         saved = {}
 
@@ -308,4 +312,6 @@ def item_attention(model, enc: Encoded, prompts: Sequence[LaundryPrompt], layers
                 a = saved[name][row][:, where]  # [head, item]
                 others = torch.cat([a[:, :ans], a[:, ans + 1:]], dim=1).mean(1)
                 out[i, j] = a[:, ans] - others
+
+    run_batches(model, enc.ids, batch_size, step, desc="item attention", progress=progress)  # OOM: halved
     return out

@@ -41,7 +41,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from interp import distributed
-from interp.batching import input_device, padded_batches
+from interp.batching import input_device, padded_batches, run_batches
 from interp.bridge import sdpa_attention, stopped_at
 from interp.controls import Draws, matched_draws
 from interp.generation import Generations, Step, generate_tokens
@@ -122,12 +122,15 @@ def gate_moments(model, seqs: Sequence[Sequence[int]], *, batch_size: int = 8, p
         moments.update(int(hook.name.split(".")[1]), x[keep[0].to(x.device)])
 
     hooks = [(name, accumulate) for name in names.values()]
-    with sdpa_attention(model, [h for h, _ in hooks]):
-        for _, tokens, mask in padded_batches(model, seqs, batch_size, desc=desc, progress=progress):
-            keep[:] = [mask.bool()]
-            with stopped_at(model, n_layers) as stop:
-                model.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=hooks, return_type=None, stop_at_layer=stop)
-            moments.count += int(mask.sum())
+
+    def step(idx: list[int], tokens: Tensor, mask: Tensor) -> None:
+        keep[:] = [mask.bool()]
+        with stopped_at(model, n_layers) as stop:
+            model.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=hooks, return_type=None, stop_at_layer=stop)
+        moments.count += int(mask.sum())
+
+    with sdpa_attention(model, [h for h, _ in hooks]):  # out of memory: halved, `moments` restored (run_batches)
+        run_batches(model, seqs, batch_size, step, desc=desc, progress=progress, state=[moments])
     return moments
 
 

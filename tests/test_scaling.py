@@ -127,6 +127,35 @@ def test_hook_counts_during_generation_are_restored(tiny_model):
     assert restored == plain < unrestored
 
 
+def test_teacher_forced_gate_moments_and_last_logits_back_off(tiny_model):
+    """instability's teacher-forced pass (per trace), skill_unlearning's gate moments (restored accumulator) and the
+    Laundry List's last-token logits (per prompt), each forced from 4 to 2."""
+    from interp.instability import teacher_forced
+    from interp.laundry import last_logits
+    from interp.unlearning import gate_moments
+
+    seqs = [s for s in _seqs(tiny_model.tokenizer) if len(s) > 4][:4]
+    runs = []
+    for forced in (False, True):
+        with oom_above(tiny_model, 2) if forced else contextlib.nullcontext() as raised:
+            runs.append((teacher_forced(tiny_model, [s[:3] for s in seqs], [s[3:] for s in seqs], top_k=5,
+                                        batch_size=4, progress=False),
+                         gate_moments(tiny_model, seqs, batch_size=4, progress=False),
+                         last_logits(tiny_model, seqs, batch_size=4)))
+            for stage in ("teacher-forced", "gate statistics", "laundry list"):
+                fitted_sizes(tiny_model, stage).clear()
+        assert not forced or len(raised) == 3
+    (traces, moments, logits), (traces_f, moments_f, logits_f) = runs
+    for a, b in zip(traces, traces_f):
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-5)
+    assert moments.count == moments_f.count
+    torch.testing.assert_close(moments.total, moments_f.total, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(moments.total_sq, moments_f.total_sq, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(logits, logits_f, rtol=1e-5, atol=1e-5)
+
+
 def test_out_of_memory_at_batch_one_is_a_user_error(tiny_model):
     seqs = _seqs(tiny_model.tokenizer)[:2]
     with oom_above(tiny_model, 0), pytest.raises(UserError) as err:
