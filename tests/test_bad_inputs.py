@@ -133,7 +133,7 @@ def test_existing_output_directory_is_kept(capsys, tmp_path, planted, good_rollo
     assert (out / "results.json").read_text() == "earlier run"
 
 
-def test_a_failed_run_leaves_nothing_and_the_rerun_works(capsys, tmp_path, planted, good_rollouts, monkeypatch):
+def test_a_failed_run_leaves_only_its_stages_and_the_rerun_works(capsys, tmp_path, planted, good_rollouts, monkeypatch):
     """Outputs are written into a temporary sibling and renamed at the end: a run that dies midway
     leaves no directory (nothing that looks complete, nothing that blocks the rerun)."""
     import interp.analyses.refusal_cliff as rc
@@ -151,7 +151,8 @@ def test_a_failed_run_leaves_nothing_and_the_rerun_works(capsys, tmp_path, plant
         m.setattr(rc.Result, "write_extras", dies)  # fails while the outputs are being written
         code, _, err = run_cli(capsys, *argv)
     assert_user_error(code, err, "simulated failure")
-    assert not out.exists() and list(tmp_path.iterdir()) == []
+    # nothing that looks complete: only the stored stages (interp.stages), which the rerun resumes from
+    assert [p.name for p in out.iterdir()] == ["stages"] and [p.name for p in tmp_path.iterdir()] == ["o"]
     assert main(argv) == 0
     assert {"report.html", "results.json"} <= {p.name for p in out.iterdir()}
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
