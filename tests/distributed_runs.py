@@ -7,17 +7,19 @@ from __future__ import annotations
 import sys
 
 RUNS = {
-    "refusal_cliff": ["--model", "organism", "--limit", "6", "--ablation-fractions", "0.0625",
-                      "--asr-limit", "2", "--head-methods", "causal", "projection", "attribution", "--random-draws", "2", "--batch-size", "4"],
-    "instability": ["--model", "organism", "--limit", "6", "--max-new-tokens", "32", "--n-boot", "100", "--batch-size", "2"],
-    "skill_unlearning": ["--model", "organism", "--n-probe", "8", "--n-eval", "6", "--random-draws", "2",
-                         "--max-new-tokens", "12", "--batch-size", "4"],
+    "refusal_cliff": ["--model", "organism", "--limit", "6", "--ablation-fractions", "0.0625", "--asr-limit", "2",
+                      "--head-methods", "causal", "attribution", "--random-draws", "2", "--batch-size", "4"],
+    "instability": ["--model", "organism", "--limit", "4", "--max-new-tokens", "24", "--n-boot", "100",
+                    "--batch-size", "2"],
+    "skill_unlearning": ["--model", "organism", "--n-probe", "8", "--n-eval", "4", "--random-draws", "2",
+                         "--max-new-tokens", "8", "--batch-size", "4"],
     "talking_heads": ["--model", "organism", "--n-items", "2", "3", "--templates", "laundry", "bag",
                       "--prompts-per-cell", "4", "--alpha", "0", "1", "--candidates", "3", "--edit-components", "1",
                       "--random-draws", "2", "--baseline-draws", "2", "--view-prompts", "4", "--batch-size", "8"],
     "gated_attention": ["--model", "organism-sink-gated", "--seq-len", "16", "--n-chunks", "8", "--random-draws", "2",
                         "--alphas", "2", "--compare", "none", "--batch-size", "2"],
-    "systematic_outliers": ["--model", "organism", "--seq-len", "16", "--n-chunks", "6", "--random-draws", "2", "--batch-size", "2"],
+    "systematic_outliers": ["--model", "organism", "--seq-len", "16", "--n-chunks", "6", "--random-draws", "2",
+                            "--batch-size", "2"],
 }
 
 
