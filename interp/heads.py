@@ -28,7 +28,14 @@ from tqdm.auto import tqdm
 
 from interp import distributed
 from interp.batching import input_device, length_batches, pad_left, padded_batches
-from interp.bridge import attention_layers, head_W_O, readout_point, sdpa_attention, stopped_at
+from interp.bridge import (
+    attention_layers,
+    checkpointed_blocks,
+    head_W_O,
+    readout_point,
+    sdpa_attention,
+    stopped_at,
+)
 from interp.capture import capture
 from interp.interventions import real_positions, rescale_ablated
 
@@ -121,11 +128,15 @@ def _frozen(model):
 
 
 def gradient_scores(model, seqs: Sequence[Sequence[int]], readout: Readout, *, batch_size: int = 8,
-                    progress: bool = True) -> Float[Tensor, "layer head"]:
-    """Mean over sequences of Σ_pos z_{l,h}·∂logit/∂z_{l,h}, logit = w·act_T + b at the readout hook."""
+                    checkpoint: bool = True, progress: bool = True) -> Float[Tensor, "layer head"]:
+    """Mean over sequences of Σ_pos z_{l,h}·∂logit/∂z_{l,h}, logit = w·act_T + b at the readout hook.
+
+    Memory: the forward stops at the readout; with `checkpoint` (default) each block keeps only its input for
+    the backward and recomputes its internals there (`interp.bridge.checkpointed_blocks`): the graph holds
+    blocks × batch × T × d_model plus one block's internals, not every block's (same scores)."""
     if distributed.sharding():  # whole batches per rank; the sums over sequences added up
         return _sharded_mean(gradient_scores, model, seqs, readout, batch_size, batch_size=batch_size,
-                             progress=progress)
+                             checkpoint=checkpoint, progress=progress)
     hook_name, weight, bias = readout
     n_layers = model.cfg.n_layers
     read_hook, stop, transform = readout_point(model, hook_name)
@@ -145,10 +156,11 @@ def gradient_scores(model, seqs: Sequence[Sequence[int]], readout: Readout, *, b
 
         names = [f"blocks.{layer}.attn.hook_z" for layer in layers] + [read_hook]
         hooks = [(name, keeper(name)) for name in names]
-        with _frozen(model), torch.enable_grad(), sdpa_attention(model):
+        recompute = checkpointed_blocks(model) if checkpoint else contextlib.nullcontext()
+        # the hooks stay on through the backward: a recomputed block runs them again
+        with _frozen(model), torch.enable_grad(), sdpa_attention(model), recompute, model.hooks(fwd_hooks=hooks):
             with stopped_at(model, stop) as stop_at:
-                model.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=hooks, return_type=None,
-                                     stop_at_layer=stop_at)
+                model(tokens, attention_mask=mask, return_type=None, stop_at_layer=stop_at)
             act = transform(saved[read_hook][:, -1:])[:, 0].float()  # on the readout block's device
             logit = act @ weight.float().to(act.device) + bias
             zs = [saved[f"blocks.{layer}.attn.hook_z"] for layer in layers]
