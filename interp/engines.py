@@ -28,8 +28,10 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
+import torch
 from tqdm.auto import tqdm
 
+from interp import distributed
 from interp.errors import UserError
 from interp.generation import Generations, generate_tokens
 
@@ -255,10 +257,27 @@ class OpenAICompletions:
 
     def generate(self, seqs: Sequence[Sequence[int]], *, top_logprobs: int = 0,
                  seed_ids: Sequence[int] | None = None) -> Generations:
-        """As `LocalEngine.generate`, one request per row on a bounded thread pool."""
+        """As `LocalEngine.generate`, one request per row on a bounded thread pool. Under torchrun each rank sends its
+        shard of the rows (its own pool) and every rank gets all rows, in order, and the text counts of all."""
         if top_logprobs and not self.logprobs:
             raise UserError(f"the server at {self.url} returns no token ids and logprobs (text only); serve the model "
                             "with vLLM (vllm serve) or drop --generator")
+        if distributed.sharding():
+            seeds = list(range(len(seqs)) if seed_ids is None else seed_ids)
+            counts = [self.text.prompts_changed, self.text.rows_changed, self.text.rows_unchecked]
+
+            def mine(idx: list[int]) -> list[tuple]:
+                got = self.generate([seqs[i] for i in idx], top_logprobs=top_logprobs, seed_ids=[seeds[i] for i in idx])
+                return list(zip(got, got.truncated, got.logprobs if top_logprobs else [None] * len(got)))
+
+            rows = distributed.map_items(mine, len(seqs))
+            now = [self.text.prompts_changed, self.text.rows_changed, self.text.rows_unchecked]
+            added = distributed.all_reduce_sum(torch.tensor([b - a for a, b in zip(counts, now)])).tolist()
+            self.text.prompts_changed, self.text.rows_changed, self.text.rows_unchecked = \
+                [a + d for a, d in zip(counts, added)]
+            if top_logprobs:
+                return Completions([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows])
+            return Generations([r[0] for r in rows], [r[1] for r in rows])
         if not self.ids:
             from interp.tokens import encode
 
