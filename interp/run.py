@@ -170,6 +170,11 @@ def execute_audit(argv: list[str]) -> Path:
 
     args = audit_parser().parse_args(argv)
     analysis_names(args.analyses)  # an unknown name fails before any model loads
+    from interp.distributed import launched
+
+    if launched():
+        raise UserError("the audit runs in one process; under torchrun run each analysis on its own "
+                        "(torchrun ... -m interp.run ANALYSIS)")
     if args.no_progress:
         import transformers
 
