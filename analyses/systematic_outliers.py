@@ -467,7 +467,7 @@ def _measured(model, seqs, config: Config, intervention: SetScalars | None, loss
             batch_nll, batch_count = forward_nll(model, tokens, mask, hooks)
             sums["nll"], sums["count"] = sums["nll"] + batch_nll, sums["count"] + batch_count
         else:
-            with stopped_at(model, model.cfg.n_layers) as stop:
+            with sdpa_attention(model, [n for n, _ in hooks]), stopped_at(model, model.cfg.n_layers) as stop:
                 model.run_with_hooks(tokens, attention_mask=mask, return_type=None, stop_at_layer=stop,
                                      fwd_hooks=hooks)
 

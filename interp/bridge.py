@@ -24,6 +24,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
 
@@ -183,6 +184,55 @@ def _patch_mla_head_hooks() -> None:
     MLAAttentionBridge._setup_qkv_hook_reshaping = _setup_qkv_hook_reshaping
 
 
+PATTERN_ATTENTION = "interp_pattern"  # the HF attention-interface name of `_pattern_attention`
+PATTERN_BLOCK_BYTES = 64 * 2 ** 20  # float32 bytes of one block of score rows
+
+
+def _pattern_attention(module, query: Float[Tensor, "batch head q d"], key: Float[Tensor, "batch kv k d"],
+                       value: Float[Tensor, "batch kv k d"], attention_mask: Tensor | None,
+                       scaling: float | None = None, dropout: float = 0.0, **kwargs) -> tuple[Tensor, None]:
+    """Softmax attention for an HF attention module (its q and k already normed and rotated, the KV cache applied)
+    that builds the pattern a block of query rows at a time, passes it through the bridge's `hook_pattern`, and
+    multiplies it with the values: the scores never exist for all rows at once, so one layer's pattern is the largest
+    tensor (the bridge's eager attention holds the scores, their masked copy and the pattern). The same numbers as
+    the eager path: scores in the model's dtype, masked with the dtype's minimum, softmax in float32, cast back."""
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    groups = query.shape[1] // key.shape[1]
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    b, h, q, _ = query.shape
+    k = key.shape[-2]
+    scaling = module.head_dim ** -0.5 if scaling is None else scaling
+    sinks = getattr(module, "sinks", None)  # GPT-OSS: a learned logit per head joins the softmax as an extra column
+    pattern = query.new_empty(b, h, q, k)
+    rows = max(1, PATTERN_BLOCK_BYTES // max(1, b * h * k * 4))
+    key_t = key.transpose(-1, -2)
+    for a in range(0, q, rows):
+        scores = torch.matmul(query[:, :, a:a + rows], key_t) * scaling
+        if attention_mask is not None:
+            block = attention_mask[:, :, a:a + rows, :k] if attention_mask.shape[-2] > 1 else attention_mask[..., :k]
+            allowed = block if block.dtype == torch.bool else block > torch.finfo(block.dtype).min / 2
+            scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+        if sinks is not None:
+            column = sinks.reshape(1, -1, 1, 1).expand(b, -1, scores.shape[-2], 1).to(scores.dtype)
+            scores = torch.cat([scores, column], dim=-1)
+        weights = torch.softmax(scores, dim=-1, dtype=torch.float32)
+        pattern[:, :, a:a + rows] = weights[..., :k] if sinks is not None else weights
+        del scores, weights
+    hook = module.__dict__.get("_interp_hook_pattern")
+    if hook is not None:
+        pattern = hook(pattern)
+    return torch.matmul(pattern, value).transpose(1, 2).contiguous(), None
+
+
+def _register_pattern_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(PATTERN_ATTENTION, _pattern_attention)
+    AttentionMaskInterface.register(PATTERN_ATTENTION, eager_mask)
+
+
 def _sdpa_blocks(model) -> list:
     """The blocks whose attention the SDPA path can take over (none unless every softmax layer can)."""
     from transformer_lens.model_bridge.generalized_components.position_embeddings_attention import (
@@ -201,13 +251,17 @@ def _active_hook_names(model) -> list[str]:
 
 @contextlib.contextmanager
 def sdpa_attention(model, needed_hooks: Sequence[str] = ()) -> Iterator[bool]:
-    """Run attention with PyTorch SDPA instead of the bridge's eager re-implementation.
+    """Run attention through the wrapped HF modules instead of the bridge's eager re-implementation.
 
-    Only when no requested or active hook needs attention internals (scores, pattern, rotary);
-    otherwise, or for architectures it does not cover, it is a no-op. Yields whether SDPA is on.
-    Generation may use it: the wrapped HF attention then updates the KV cache itself (`interp.generation`).
+    With PyTorch SDPA when no requested or active hook needs attention internals; when the only such hook is
+    `hook_pattern`, with `_pattern_attention` (the pattern built a block of query rows at a time and passed through
+    the hook, so the scores are never whole: memory one layer's pattern). Other internals (scores, rotary, the
+    bridge's q-gate hook), or architectures it does not cover: a no-op (the bridge's eager attention). Yields whether
+    it is on. Generation may use it: the wrapped HF attention then updates the KV cache itself (`interp.generation`).
     """
-    needs_eager = any(_EAGER_ONLY.search(n) for n in list(needed_hooks) + _active_hook_names(model))
+    names = list(needed_hooks) + _active_hook_names(model)
+    eager = [n for n in names if _EAGER_ONLY.search(n)]
+    needs_eager = any(not n.endswith("attn.hook_pattern") for n in eager)
     blocks = [] if needs_eager else _sdpa_blocks(model)
     if not blocks:
         yield False
@@ -219,13 +273,18 @@ def sdpa_attention(model, needed_hooks: Sequence[str] = ()) -> Iterator[bool]:
     previous = config._attn_implementation
     for block in blocks:
         object.__setattr__(block.attn, "forward", types.MethodType(_sdpa_forward, block.attn))
-    config._attn_implementation = "sdpa"
+        if eager:  # hook_pattern: the HF module's attention function fires the bridge's hook point
+            block.attn.original_component.__dict__["_interp_hook_pattern"] = block.attn.hook_pattern
+    if eager:
+        _register_pattern_attention()
+    config._attn_implementation = PATTERN_ATTENTION if eager else "sdpa"
     try:
         yield True
     finally:
         config._attn_implementation = previous
         for block in blocks:
             object.__delattr__(block.attn, "forward")
+            block.attn.original_component.__dict__.pop("_interp_hook_pattern", None)
 
 
 @contextlib.contextmanager

@@ -387,7 +387,7 @@ def _stream_layers(model, seqs: Sequence[Sequence[int]], batch_size: int, progre
     they are dropped. Memory: one layer's pattern at a time (no cache of every layer). The forward stops after the
     last attention layer."""
     from interp.batching import padded_batches
-    from interp.bridge import stopped_at
+    from interp.bridge import sdpa_attention, stopped_at
 
     layers = softmax_layers(model)
     gated = is_gated(model)
@@ -412,7 +412,8 @@ def _stream_layers(model, seqs: Sequence[Sequence[int]], batch_size: int, progre
     hooks = [(f"blocks.{layer}.attn.{kind}", collector(layer, kind)) for layer in layers for kind in need]
     for _, tokens, mask in padded_batches(model, seqs, batch_size, desc=desc, progress=progress):
         state["mask"] = mask
-        with stopped_at(model, max(layers) + 1) as stop:
+        # gated: the bridge's eager attention (its q-gate hook); else the pattern a block of rows at a time
+        with sdpa_attention(model, [n for n, _ in hooks]), stopped_at(model, max(layers) + 1) as stop:
             model.run_with_hooks(tokens, attention_mask=mask, return_type=None, stop_at_layer=stop, fwd_hooks=hooks)
         if parts:
             missing = {layer: sorted(set(need) - set(got)) for layer, got in parts.items()}

@@ -301,7 +301,7 @@ def item_attention(model, enc: Encoded, prompts: Sequence[LaundryPrompt], layers
         def keep(x, hook):
             saved[hook.name] = x[:, :, -1].float().cpu()
 
-        with stopped_at(model, stop) as stop_at:
+        with sdpa_attention(model, names), stopped_at(model, stop) as stop_at:
             model.run_with_hooks(tokens, attention_mask=mask, return_type=None, stop_at_layer=stop_at,
                                  fwd_hooks=[(n, keep) for n in names])
         for row, i in enumerate(idx):

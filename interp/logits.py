@@ -19,7 +19,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from interp.bridge import stopped_at
+from interp.bridge import sdpa_attention, stopped_at
 
 LOGIT_CHUNK = 128  # positions unembedded at once (128 × 152k float32 = 78 MB a copy)
 
@@ -33,8 +33,10 @@ def final_residual(model, tokens: Int[Tensor, "batch pos"], mask: Int[Tensor, "b
     def keep(x, hook):
         saved["x"] = x
 
-    with stopped_at(model, n_layers) as stop_at, model.hooks(
-            fwd_hooks=[*(hooks or []), (f"blocks.{n_layers - 1}.hook_resid_post", keep)]):
+    hooks = [*(hooks or []), (f"blocks.{n_layers - 1}.hook_resid_post", keep)]
+    # attention through the HF modules (SDPA; with a pattern hook, the pattern built a block of rows at a time)
+    with sdpa_attention(model, [name for name, _ in hooks]), stopped_at(model, n_layers) as stop_at, \
+            model.hooks(fwd_hooks=hooks):
         model(tokens, attention_mask=mask, return_type=None, stop_at_layer=stop_at)
     return saved["x"]
 

@@ -49,7 +49,7 @@ from torch import Tensor
 
 from interp import distributed
 from interp.batching import run_batches
-from interp.bridge import stopped_at
+from interp.bridge import sdpa_attention, stopped_at
 
 SINK_EPS = 0.3  # Gu et al. 2024, sink rate threshold ε
 GU_T = 64  # Gu et al. 2024 define the sink rate on sequences of T = 64 tokens
@@ -425,9 +425,11 @@ def attention_metrics(model, seqs: Sequence[Sequence[int]], *, batch_size: int =
 
     def step(idx: list[int], tokens: Tensor, mask: Tensor) -> None:
         stats.begin_batch(idx, tokens, mask)
-        with stopped_at(model, stop) as stop_at_layer:
+        hooks = list(fwd_hooks) + stats.hooks()
+        # the pattern is built a block of query rows at a time (interp.bridge.sdpa_attention): one layer's at most
+        with sdpa_attention(model, [name for name, _ in hooks]), stopped_at(model, stop) as stop_at_layer:
             model.run_with_hooks(tokens, attention_mask=mask, return_type=None, stop_at_layer=stop_at_layer,
-                                 fwd_hooks=list(fwd_hooks) + stats.hooks())
+                                 fwd_hooks=hooks)
 
     # out of memory: the batch is halved and `stats` restored to before it (interp.batching.run_batches)
     run_batches(model, seqs, batch_size, step, desc="attention", progress=progress, state=[stats])

@@ -358,3 +358,40 @@ def test_attention_metrics_on_a_model_equal_the_cached_patterns(tiny_model):
         n = len(seqs) * n_heads
         assert rows[layer]["first_token"] == pytest.approx(float(ref["first"].sum() / n), abs=1e-6)
         assert rows[layer]["sink_rate"] == pytest.approx(100 * float(ref["sink"].sum()) / n)
+
+
+def test_pattern_hooks_without_the_eager_scores(tiny_model, monkeypatch):
+    """With a pattern hook, `sdpa_attention` runs the HF modules with `_pattern_attention`: the same patterns and
+    logits as the bridge's eager attention (left padding included), and one pattern-sized allocation per layer (the
+    pattern itself; the eager path also makes the scores and their masked copy), seen by torch's memory profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from interp import bridge
+    from interp.batching import pad_left
+
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(5, 400, (n,), generator=g).tolist() for n in (96, 80, 64)]
+    tokens, mask = pad_left(seqs, tiny_model.tokenizer.pad_token_id)
+    n_layers, n_heads = tiny_model.cfg.n_layers, tiny_model.cfg.n_heads
+    names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(n_layers)]
+    pattern_bytes = 3 * n_heads * 96 * 96 * 4
+    monkeypatch.setattr(bridge, "PATTERN_BLOCK_BYTES", pattern_bytes // 8)
+
+    def run(fast: bool):
+        cache = {}
+
+        def keep(x, hook):
+            cache[hook.name] = x
+        with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            with bridge.sdpa_attention(tiny_model, names if fast else ["blocks.0.attn.hook_attn_scores"]) as on:
+                logits = tiny_model.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=[(n, keep) for n in names])
+        big = sum(getattr(e, "self_cpu_memory_usage", 0) == pattern_bytes for e in prof.events())
+        return on, logits, cache, big
+
+    on, logits, cache, big = run(True)
+    off, ref_logits, ref, ref_big = run(False)
+    assert on and not off
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
+    for name in names:
+        torch.testing.assert_close(cache[name], ref[name], atol=1e-6, rtol=1e-5)
+    assert big == n_layers and ref_big >= 2 * n_layers, (big, ref_big)
