@@ -95,10 +95,21 @@ def _local() -> Iterator[None]:
         _LOCAL[0] -= 1
 
 
-def local_device(device: str) -> str:
-    """The device this rank loads the model on: `auto`/`cuda` become cuda:LOCAL_RANK under torchrun with CUDA."""
-    if _WORLD.size > 1 and device in ("auto", "cuda") and torch.cuda.is_available():
-        return f"cuda:{_WORLD.local_rank}"
+def local_device(device: str, device_map: str | None = None) -> str:
+    """The device this rank loads the model on: `auto`/`cuda` become cuda:LOCAL_RANK under torchrun with CUDA. Under
+    torchrun with several ranks an explicit cuda:N (every rank on one GPU) or a device map (every rank over all GPUs)
+    is a `UserError`."""
+    if _WORLD.size > 1:
+        from interp.errors import UserError
+
+        if device.startswith("cuda:"):
+            raise UserError(f"under torchrun each rank takes cuda:LOCAL_RANK; pass --device cuda (or auto), "
+                            f"not {device}")
+        if device_map is not None:
+            raise UserError("--device-map splits one model over the GPUs in one process; under torchrun each rank "
+                            "holds a whole copy: drop --device-map, or run without torchrun")
+        if device in ("auto", "cuda") and torch.cuda.is_available():
+            return f"cuda:{_WORLD.local_rank}"
     return device
 
 

@@ -210,7 +210,7 @@ def execute(argv: list[str]) -> Path | None:
 
     resolve_dtype(args.dtype, resolve_device(args.device))  # bad --device fails before any directory is made
     distributed.init(args.device)  # under torchrun: join the other ranks (a no-op otherwise)
-    args.device = distributed.local_device(args.device)
+    args.device = distributed.local_device(args.device, args.device_map or ("auto" if args.max_memory else None))
     if not distributed.is_main():
         explicit["progress"] = False
     label = model_label(args.model) if needs_model else "no-model"

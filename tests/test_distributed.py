@@ -47,6 +47,19 @@ def test_shard_batches_keep_the_one_process_batches(monkeypatch):
     assert all(order[i] == k for k, b in enumerate(whole) for i in b)
 
 
+def test_each_rank_takes_its_own_device(monkeypatch):
+    from interp.errors import UserError
+
+    monkeypatch.setattr(distributed, "_WORLD", distributed.World(1, 2, local_rank=1, backend="gloo"))
+    assert distributed.local_device("cpu") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert distributed.local_device("auto") == distributed.local_device("cuda") == "cuda:1"
+    with pytest.raises(UserError, match="each rank takes cuda:LOCAL_RANK"):
+        distributed.local_device("cuda:0")
+    with pytest.raises(UserError, match="drop --device-map"):
+        distributed.local_device("auto", "balanced")
+
+
 def test_add_fields_merges_named_statistics():
     from interp.gates import SparsityStats
 
