@@ -22,6 +22,7 @@ Deviations from the paper and the reference code are listed in docs/refusal_clif
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import re
@@ -792,12 +793,24 @@ def ablation_sweep(model, harmful: list[Example], probe: LogisticProbe, hook: st
              f"{config.max_new_tokens} new tokens; ASR on {len(asr_set)} of {len(harmful)} eval harmful prompts, "
              f"--asr-limit {config.asr_limit or 'all'})", enabled=config.progress)
 
+    # each setting is stored when it finishes (interp.stages, one stage per setting), keyed on every option but the
+    # batch size and progress bars (the judge, refusal phrases, rescale, sampling), the probe and the examples
+    options = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("batch_size", "progress")}
+    base_key = {"version": 1, "model": stages.model_key(model), "options": options, "hook": hook,
+                "probe": stages.digest([probe.weight, probe.bias]),
+                "examples": stages.digest([e.input_ids for e in harmful]), "asr_set": stages.digest(
+                    [e.input_ids for e in asr_set])}
+
+    def setting(_, heads_list: list[tuple]) -> list[dict]:
+        with ablate_heads(model, list(heads_list[0]), rescale=config.ablation_rescale):
+            return [{"rs_final": float(final_scores(model, harmful, probe, hook, config).mean()),
+                     "asr": dataclasses.asdict(attack_success_rate(model, asr_set, config, judge))}]
+
     def measure(heads: list[tuple[int, int]]) -> tuple[float, AsrCount]:
         key = tuple(sorted(heads))
         if key not in measured:
-            with ablate_heads(model, list(key), rescale=config.ablation_rescale):
-                measured[key] = (float(final_scores(model, harmful, probe, hook, config).mean()),
-                                 attack_success_rate(model, asr_set, config, judge))
+            [got] = stages.current().items("ablation", {**base_key, "heads": key}, [key], setting, 1)
+            measured[key] = (got["rs_final"], AsrCount(**got["asr"]))
         return measured[key]
 
     rs0, count0 = measure([])

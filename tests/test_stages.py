@@ -270,3 +270,32 @@ def test_gate_pass_by_shard_equals_one_stream_and_is_reused(planted_gated, tmp_p
     with stages.using(tmp_path):
         ga.gate_pass(planted_gated, seqs, config)
     assert "stage gate_stats: reused 2 of 2" in capsys.readouterr().err
+
+
+def test_refusal_cliff_ablation_settings_are_stored_and_reused(planted, planted_model, tmp_path, capsys):
+    """Each ablation setting (scores and ASR regenerations under ablated heads) is a stage: a rerun reuses them all,
+    the probe features too, and gives the same results; another --asr-limit measures every setting again."""
+    from helpers import write_rollouts
+    from planted import planted_rollouts
+
+    from interp import stages
+    from interp.analyses import refusal_cliff as rc
+
+    rollouts = write_rollouts(tmp_path / "rollouts.jsonl", planted_rollouts(planted))
+    options = dict(rollouts=str(rollouts), max_new_tokens=4, asr_limit=2, ablation_fractions=(0.1,), progress=False,
+                   asr_regenerate="response", random_draws=2)
+
+    def run(**changed):
+        with stages.using(tmp_path / "run"):
+            res = rc.run(planted_model, rc.Config(**{**options, **changed})).to_dict()
+        return res, capsys.readouterr().err
+
+    first, err = run()
+    assert "reused" not in err
+    again, err = run()
+    settings = len(list((tmp_path / "run" / "stages").glob("ablation-*")))  # baseline, top heads, random draws
+    assert settings >= 3 and err.count("stage ablation: reused 1 of 1") == settings
+    assert "stage probe_features: reused" in err
+    assert json.dumps(again, sort_keys=True) == json.dumps(first, sort_keys=True)
+    _, err = run(asr_limit=3)
+    assert "stage ablation" not in err and "stage probe_features: reused" in err
