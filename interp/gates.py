@@ -392,7 +392,11 @@ def _stream_layers(model, seqs: Sequence[Sequence[int]], batch_size: int, progre
     layers = softmax_layers(model)
     gated = is_gated(model)
     n_heads = model.cfg.n_heads
-    need = ("hook_pattern", "hook_v") + (("hook_q_gate",) if gated else ())
+    # the gate logits: from the q projection, which holds [q_h | g_h] per head (the pattern then needs no eager
+    # attention), unless a gate edit hooks hook_q_gate (the edited logits are read there, on the eager path)
+    edited = gated and any(model.hook_dict[gate_hook(layer)].fwd_hooks for layer in layers)
+    gate_kind = ("hook_q_gate" if edited else "hook_q") if gated else None
+    need = ("hook_pattern", "hook_v") + ((gate_kind,) if gated else ())
     parts: dict[int, dict[str, Tensor]] = {}
     state: dict = {}
 
@@ -404,7 +408,12 @@ def _stream_layers(model, seqs: Sequence[Sequence[int]], batch_size: int, progre
                 return
             del parts[layer]
             y = rebuild_ungated(got["hook_pattern"], got["hook_v"].float())
-            logits = got["hook_q_gate"].float() if gated else None
+            logits = None
+            if gated:
+                logits = got[gate_kind].float()
+                if gate_kind == "hook_q":  # [b, pos, 2·heads, d] or [b, pos, heads·2·d]: per head q_h then g_h
+                    b, pos = logits.shape[:2]
+                    logits = logits.reshape(b, pos, n_heads, 2, -1)[:, :, :, 1].reshape(b, pos, -1)
             g = torch.sigmoid(split_heads(logits, n_heads)) if gated else None
             consume(layer, got.pop("hook_pattern"), y, g, logits, state["mask"])
         return collect
