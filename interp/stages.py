@@ -97,7 +97,7 @@ def model_key(model) -> dict:
     info = model_info(model)
     tok = getattr(model, "tokenizer", None)
     return {"name": info.name, "source": info.source, "architecture": info.architecture, "dtype": info.dtype,
-            "device_type": torch.device(info.device).type if info.device != "?" else "?",
+            "device_type": info.device.split(":")[0],
             "weights": weights_fingerprint(model),
             "chat_template": digest(getattr(tok, "chat_template", None)) if tok is not None else None,
             "vocab": len(tok) if tok is not None else None, "engine": "bridge"}
