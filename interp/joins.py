@@ -187,11 +187,15 @@ def skill_vs_massive(neurons: Sequence[tuple[int, int]], dims: Sequence[int], to
                    "p_value": float((1 + (null >= observed - 1e-12).sum()) / (1 + N_PERMUTATIONS))}
 
 
-def layer_strip(sets: Mapping[str, Sequence[Head]], massive: Sequence[tuple[int, int]],
-                neurons: Sequence[tuple[int, int]], n_layers: int) -> pd.DataFrame:
-    """Findings per layer: one row per kind (head sets, massive activations as (layer, dim), skill neurons)."""
-    kinds = {**{name: [h[0] for h in heads] for name, heads in sets.items()},
-             "massive_dims": [layer for layer, _ in massive], "skill_neurons": [layer for layer, _ in neurons]}
+def layer_strip(sets: Mapping[str, Sequence[Head]], massive: Sequence[tuple[int, int]] | None,
+                neurons: Sequence[tuple[int, int]] | None, n_layers: int) -> pd.DataFrame:
+    """Findings per layer: one row per kind (head sets, massive activations as (layer, dim), skill neurons; None:
+    the analysis did not run)."""
+    kinds = {name: [h[0] for h in heads] for name, heads in sets.items()}
+    if massive is not None:
+        kinds["massive_dims"] = [layer for layer, _ in massive]
+    if neurons is not None:
+        kinds["skill_neurons"] = [layer for layer, _ in neurons]
     rows = [{"finding": kind, **{str(layer): layers.count(layer) for layer in range(n_layers)}}
             for kind, layers in kinds.items()]
     return pd.DataFrame(rows, columns=["finding", *map(str, range(n_layers))])
