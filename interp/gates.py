@@ -421,7 +421,7 @@ def _stream_layers(model, seqs: Sequence[Sequence[int]], batch_size: int, progre
     hooks = [(f"blocks.{layer}.attn.{kind}", collector(layer, kind)) for layer in layers for kind in need]
     for _, tokens, mask in padded_batches(model, seqs, batch_size, desc=desc, progress=progress):
         state["mask"] = mask
-        # gated: the bridge's eager attention (its q-gate hook); else the pattern a block of rows at a time
+        # the pattern a block of rows at a time; the bridge's eager attention only while a gate edit hooks hook_q_gate
         with sdpa_attention(model, [n for n, _ in hooks]), stopped_at(model, max(layers) + 1) as stop:
             model.run_with_hooks(tokens, attention_mask=mask, return_type=None, stop_at_layer=stop, fwd_hooks=hooks)
         if parts:
