@@ -49,11 +49,10 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
-import torch
 
-from interp import distributed, gates, stages
+from interp import gates, passes, stages
 from interp.analysis import CommonConfig, attention_scope, require, run_header, warn
-from interp.batching import run_batches
+from interp.bridge import hooks_active
 from interp.controls import Draws, control_row, matched_draws, n_selected, split, wilson
 from interp.cost import announce, sequence_cost
 from interp.figures import intervention_bars, layer_head_heatmap
@@ -174,68 +173,13 @@ def text_set(model, config: Config):
     return chunk_texts(model.tokenizer, texts, config.seq_len, config.n_chunks, bos=first, source=config.text_set)
 
 
-class _Evaluation:
-    """One streamed pass with interventions active: loss, sink metrics and M-Act."""
-
-    def __init__(self, model, layers, config: Config):
-        from interp.outliers import ResidualStats
-        from interp.sinks import AttentionStats
-
-        self.model = model
-        self.attention = AttentionStats(model.cfg.n_layers, model.cfg.n_heads, layers, eps=config.sink_epsilon)
-        self.residual = ResidualStats(model.cfg.n_layers, down=False)
-        self.nll, self.count = 0.0, 0
-
-    @torch.no_grad()
-    def run(self, seqs, config: Config, desc: str):
-        """One forward per batch: the pattern hooks reduce each layer's pattern as it is made (`interp.sinks`), the
-        loss is a chunked cross-entropy over positions (`interp.losses`: no [batch, pos, vocab] logits)."""
-        from interp.losses import forward_nll
-
-        if distributed.sharding():  # whole batches per rank; sums, counts, maxima and listed hits merged
-            lengths = [len(s) for s in seqs]
-            order = distributed.batch_order(lengths, config.batch_size)
-
-            def part(idx: list[int]) -> tuple:
-                self.run([seqs[i] for i in idx], config, desc)
-                return self.attention.renumbered(idx), self.residual.renumbered(idx), self.nll, self.count
-
-            def merge(a: tuple, b: tuple) -> tuple:
-                return a[0].merge(b[0], order), a[1].merge(b[1], order), a[2] + b[2], a[3] + b[3]
-
-            self.attention, self.residual, self.nll, self.count = distributed.map_stream(
-                part, len(seqs), merge, lengths=lengths, batch_size=config.batch_size)
-            return self
-        model = self.model
-
-        def step(idx: list[int], tokens: torch.Tensor, mask: torch.Tensor) -> None:
-            self.attention.begin_batch(idx, tokens, mask)
-            self.residual.begin_batch(idx, tokens, mask)
-            nll, count = forward_nll(model, tokens, mask, self.attention.hooks() + self.residual.hooks())
-            self.nll += nll  # after the forward succeeded
-            self.count += count
-
-        # out of memory: the batch is halved and the statistics restored to before it (interp.batching.run_batches)
-        run_batches(model, seqs, config.batch_size, step, desc=desc, progress=config.progress,
-                    state=[self.attention, self.residual])
-        return self
-
-    def m_act(self) -> float:
-        from interp.outliers import m_act
-
-        return m_act(self.residual.layer_max())
-
-    def m_act_layers(self) -> list[dict]:
-        return [{"layer": r["layer"], "max_abs": r["max_abs"]} for r in self.residual.profile()]
-
-    def summary(self) -> dict:
-        overall = self.attention.overall()
-        return {"loss": self.nll / max(self.count, 1), "first_token": overall["first_token"],
-                "sink_rate": overall["sink_rate"], "m_act": self.m_act()}
-
-
-def _evaluate(model, layers, seqs, config: Config, desc: str) -> dict:
-    return _Evaluation(model, layers, config).run(seqs, config, desc).summary()
+def evaluate(model, layers, seqs, config: Config, desc: str) -> passes.TextPass:
+    """Loss, sink metrics and M-Act on `seqs`: the text pass (`interp.passes`: one forward per batch, the pattern
+    reduced as it is made, the loss a chunk of positions at a time). With no intervention active it is the stored
+    baseline pass, read back where it was run on the same chunks (systematic_outliers' in `interp audit`)."""
+    options = passes.SinkOptions(tuple(layers), eps=config.sink_epsilon)
+    run = passes.measure if hooks_active(model) else passes.baseline
+    return run(model, seqs, options, batch_size=config.batch_size, desc=desc, progress=config.progress)
 
 
 def _select_heads(rows: list[dict], k: int, by: str) -> list[tuple[int, int]]:
@@ -307,8 +251,8 @@ def _interventions(model, layers, fit, held, gate_fit: gates.GateStats, push: ga
         with contextlib.ExitStack() as stack:
             for context in contexts:
                 stack.enter_context(context)
-            out = _evaluate(model, layers, held, config, f"{tag} held-out")
-            out["loss_in_sample"] = _evaluate(model, layers, fit, config, f"{tag} selection")["loss"]
+            out = evaluate(model, layers, held, config, f"{tag} held-out").summary()
+            out["loss_in_sample"] = evaluate(model, layers, fit, config, f"{tag} selection").loss()
         return {**out, "sink_rate_ci": sink_rate_ci(out["sink_rate"], n_sink)}
 
     rows = [{"what": "none", "heads": [], "selection": "none", "n_heads": 0, **measure([], "baseline")}]
@@ -359,7 +303,7 @@ def analyse_model(model, config: Config, warnings: list[str]) -> ModelResult:
     gate_held, sparsity, scale = gate_pass(model, held, config, mean_gate)
     announce(f"{name}: sinks, M-Act and loss (logits in chunks of positions)", *sequence_cost(held),
              enabled=config.progress)
-    evaluation = _Evaluation(model, layers, config).run(held, config, "sinks")
+    evaluation = evaluate(model, layers, held, config, "sinks")
     per_layer = {r["layer"]: r for r in evaluation.attention.per_layer()}
     n_sink = len(held) * model.cfg.n_heads
     attention = [{"layer": layer, "first_token": per_layer[layer]["first_token"],

@@ -33,7 +33,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from interp import distributed, sinks, stages
+from interp import distributed, passes, sinks, stages
 from interp import outliers as out
 from interp.analysis import CommonConfig, attention_scope, require, run_header, skip_layers, warn
 from interp.batching import run_batches
@@ -42,7 +42,6 @@ from interp.controls import ControlUnavailable, Draws, control_row, matched_draw
 from interp.cost import announce, sequence_cost
 from interp.errors import UserError
 from interp.figures import intervention_bars, layer_head_heatmap
-from interp.losses import forward_nll
 from interp.report import analysis_report
 from interp.texts import TextSet, chunk_texts, load_texts, repeated_token_set, token_string
 from interp.tokens import bos_id
@@ -416,66 +415,39 @@ def has_lm_head(model) -> bool:
         and model.original_model.get_output_embeddings() is not None
 
 
+def sink_options(model, config: Config) -> passes.SinkOptions:
+    """How this analysis reads the sink statistics (the same in every pass, so the baseline passes are shared)."""
+    return passes.SinkOptions(tuple(attention_layers(model)[0]), eps=config.sink_epsilon,
+                              exclude_first_query=not config.include_first_query, causal=is_causal(model),
+                              outlier_frac=config.outlier_key_frac)
+
+
 @torch.no_grad()
 def measure(model, seqs, config: Config, intervention: SetScalars | None = None, loss: bool = True) -> dict:
-    """Mean next-token loss, F-Attn, Gu's sink rate and M-Act on `seqs`, under `intervention` if given. One forward
-    per batch: the pattern hooks reduce each layer's pattern as it is made (`interp.sinks`), the loss is a chunked
-    cross-entropy over positions (`interp.losses.forward_nll`: no [batch, pos, vocab] logits). Under torchrun each
-    rank measures whole batches of its shard; sums, counts and maxima are merged (`interp.distributed`)."""
+    """Mean next-token loss, F-Attn, Gu's sink rate and M-Act on `seqs`, under `intervention` if given: the text pass
+    (`interp.passes`: one forward per batch, the pattern reduced as it is made, the loss a chunk of positions at a
+    time). Without an intervention it is the stored baseline pass, which gated_attention reads too when it asks for
+    the same chunks (`interp audit`). Under torchrun each rank measures whole batches of its shard; sums, counts,
+    maxima and the intervention's position count are merged (`interp.distributed`)."""
+    options = sink_options(model, config)
+    if intervention is None:
+        return passes.baseline(model, seqs, options, batch_size=config.batch_size, loss=loss, desc="measure",
+                               progress=config.progress).summary()
     lengths = [len(s) for s in seqs]
     order = distributed.batch_order(lengths, config.batch_size)
-    start = intervention.n_positions if intervention is not None else 0
+    start = intervention.n_positions
 
-    def merge(a: tuple, b: tuple) -> tuple:
-        return a[0].merge(b[0], order), torch.maximum(a[1], b[1]), a[2] + b[2], a[3] + b[3], a[4] + b[4]
+    def part(idx: list[int]) -> tuple[passes.TextPass, int]:
+        # out of memory: the batch is halved; the statistics and the intervention's count are restored first
+        found = passes.stream(model, [seqs[i] for i in idx], options, batch_size=config.batch_size, loss=loss,
+                              hooks=intervention.hooks(), before_batch=lambda mask: setattr(intervention, "mask", mask),
+                              state=[intervention], desc="measure", progress=config.progress)
+        return found.renumbered(idx), intervention.n_positions - start
 
-    stats, layer_max, nll, count, positions = distributed.map_stream(
-        lambda idx: _measured(model, [seqs[i] for i in idx], config, intervention, loss, start, idx), len(seqs), merge,
-        lengths=lengths, batch_size=config.batch_size)
-    if intervention is not None:
-        intervention.n_positions = start + positions
-    overall = stats.overall()
-    return {"loss": nll / count if loss and count else None, "first_token": overall["first_token"],
-            "sink_rate": overall["sink_rate"], "m_act": out.m_act(layer_max)}
-
-
-def _measured(model, seqs, config: Config, intervention: SetScalars | None, loss: bool, start: int,
-              items: list[int]) -> tuple:
-    """`measure`'s sums over `seqs` (the run's sequences `items`): attention stats, per-layer max |h|, summed NLL and
-    its token count, and the positions the intervention set (beyond `start`)."""
-    stats = sinks.AttentionStats(model.cfg.n_layers, model.cfg.n_heads, attention_layers(model)[0],
-                                 eps=config.sink_epsilon, exclude_first_query=not config.include_first_query,
-                                 causal=is_causal(model), outlier_frac=config.outlier_key_frac)
-    layer_max = torch.zeros(model.cfg.n_layers, dtype=torch.float64)
-    state = {}
-
-    def track(x, hook):
-        layer = int(hook.name.split(".")[1])
-        real = x[state["mask"].bool().to(x.device)]
-        layer_max[layer] = max(layer_max[layer], float(real.abs().max()))
-
-    hooks = (intervention.hooks() if intervention is not None else []) + \
-        [(f"blocks.{layer}.hook_resid_post", track) for layer in range(model.cfg.n_layers)] + stats.hooks()
-    sums = {"nll": 0.0, "count": 0}
-
-    def step(idx: list[int], tokens: Tensor, mask: Tensor) -> None:
-        state["mask"] = mask
-        stats.begin_batch(idx, tokens, mask)
-        if intervention is not None:
-            intervention.mask = mask
-        if loss:  # stops before the final norm; the logits of LOGIT_CHUNK positions at a time (interp.losses)
-            batch_nll, batch_count = forward_nll(model, tokens, mask, hooks)
-            sums["nll"], sums["count"] = sums["nll"] + batch_nll, sums["count"] + batch_count
-        else:
-            with sdpa_attention(model, [n for n, _ in hooks]), stopped_at(model, model.cfg.n_layers) as stop:
-                model.run_with_hooks(tokens, attention_mask=mask, return_type=None, stop_at_layer=stop,
-                                     fwd_hooks=hooks)
-
-    # out of memory: the batch is halved; the statistics, maxima and the intervention's count are restored first
-    run_batches(model, seqs, config.batch_size, step, desc="measure", progress=config.progress,
-                state=[stats, layer_max] + ([intervention] if intervention is not None else []))
-    return (stats.renumbered(items), layer_max, sums["nll"], sums["count"],
-            intervention.n_positions - start if intervention else 0)
+    found, positions = distributed.map_stream(part, len(seqs), lambda a, b: (a[0].merge(b[0], order), a[1] + b[1]),
+                                              lengths=lengths, batch_size=config.batch_size)
+    intervention.n_positions = start + positions
+    return found.summary()
 
 
 MEASURED = ("loss", "first_token", "sink_rate", "m_act", "n_positions")

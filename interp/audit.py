@@ -2,13 +2,19 @@
 
 `audit(model, compare=None, analyses=None, out=None, options=None)` (also `python -m interp.run audit`) loads each
 model once and runs each analysis with the model card's settings (`interp.analysis.config_for`) plus `options[name]`;
-with `compare` the second model runs every analysis with the first model's configs (the same data, seeds and splits).
-`systematic_outliers` and `gated_attention` read the same text chunks (gated_attention takes systematic_outliers'
-text options; it runs without its own twin comparison). Each analysis's report, `results.json` and CSVs go to
-`OUT/<model>/<analysis>/`; `OUT/index.html` and `OUT/results.json` join them (`interp.joins`). Rerunning into the
-same `OUT` resumes: an analysis whose outputs are complete for the same options and model is read back, not rerun;
-an unfinished one reuses its stored stages (`interp.stages`: rollouts, traces, statistics); outputs for other options
-are refused unless `force`.
+with `compare` the second model runs every analysis with the first model's configs (the same data, seeds and splits;
+the settings its own card would change are listed).
+`systematic_outliers` and `gated_attention` read the same text chunks and split (gated_attention takes
+systematic_outliers' text options; it runs without its own twin comparison), and the same capture pass: the
+held-out text pass (sinks, M-Act, loss: `interp.passes`) is a stage of a store the model's analyses share
+(`OUT/<model>/shared/`), run by the first and read back by the other (the index lists who computed and who read
+each). Each analysis's report, `results.json` and CSVs go to `OUT/<model>/<analysis>/`; `OUT/index.html` and
+`OUT/results.json` join them (`interp.joins`). An analysis that does not apply (`NotApplicable`, or card settings
+its options check rejects for this model) is listed with its reason; one that fails is listed as failed (traceback
+in its directory's `error.txt`) and the others run. Rerunning into the same `OUT` resumes: an analysis whose outputs
+are complete for the same options and model is read back, not rerun; an unfinished one reuses its stored stages
+(`interp.stages`: rollouts, traces, statistics, the shared text pass); outputs for other options are refused unless
+`force`.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import dataclasses
 import datetime as dt
 import json
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +36,10 @@ from interp.errors import NotApplicable, UserError
 from interp.outputs import atomic_write_text, sanitize_name, to_jsonable, write_run
 
 ORDER = ("systematic_outliers", "gated_attention", "refusal_cliff", "talking_heads", "skill_unlearning", "instability")
-SHARED_TEXT = ("text_set", "seq_len", "n_chunks", "n_docs", "bos")  # systematic_outliers' → gated_attention's
+# systematic_outliers' options gated_attention takes in an audit: the same chunks, split, batches and sink threshold,
+# so its held-out text pass is systematic_outliers' (`interp.passes`); plus n_chunks (systematic_outliers' limit caps
+# its chunks, gated_attention's caps its documents: the audit passes the chunk count and no limit)
+SHARED_TEXT = ("text_set", "seq_len", "n_docs", "bos", "seed", "selection_fraction", "sink_epsilon", "batch_size")
 
 
 def analysis_names(analyses: str | list[str] | None) -> list[str]:
@@ -48,7 +58,8 @@ def analysis_names(analyses: str | list[str] | None) -> list[str]:
 
 def configs(names: list[str], model, options: dict[str, dict], progress: bool) -> dict[str, Any]:
     """Each analysis's Config for `model`: card defaults, then `options[name]`; gated_attention reads
-    systematic_outliers' text options (the same chunks) unless they are given for it, and compares nothing itself."""
+    systematic_outliers' text options (`SHARED_TEXT`: the same chunks and split) unless they are given for it, and
+    compares nothing itself."""
     out = {}
     for name in names:
         given = dict(options.get(name, {}))
@@ -58,6 +69,8 @@ def configs(names: list[str], model, options: dict[str, dict], progress: bool) -
                 text = config_for("systematic_outliers", model, **options.get("systematic_outliers", {}))
                 for key in SHARED_TEXT:
                     given.setdefault(key, getattr(text, key))
+                if "n_chunks" not in given and "limit" not in given:
+                    given["n_chunks"] = min(text.n_chunks, text.limit) if text.limit else text.n_chunks
         out[name] = config_for(name, model, **{"progress": progress, **given})
     return out
 
@@ -98,7 +111,8 @@ def read_outputs(path: Path) -> joins.Outputs:
 
 
 def run_one(name: str, model, config, path: Path, force: bool) -> dict:
-    """Run (or resume) one analysis into `path`; its status row."""
+    """Run (or resume) one analysis into `path`; its status row. An analysis that raises is recorded as failed
+    (its traceback in `path/error.txt`) and the audit goes on; Ctrl-C still stops it."""
     from interp.models import model_info
 
     state = _complete(path, config, model_info(model))
@@ -108,15 +122,48 @@ def run_one(name: str, model, config, path: Path, force: bool) -> dict:
         raise UserError(f"{path} holds {name} outputs for other options or another model; pass --force to replace "
                         "them or choose another --out")
     module = load_analysis(name)
-    config.validate(model)
     start = time.perf_counter()
     try:
         with stages.using(path):  # a killed audit resumes inside the analysis too (rollouts, traces, statistics)
             result = module.run(model, config)
     except NotApplicable as exc:
         return {"analysis": name, "status": "not_applicable", "reason": exc.reason}
+    except Exception as exc:  # noqa: BLE001 - the other analyses' results are worth keeping; the error is reported
+        path.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path / "error.txt", traceback.format_exc())
+        reason = (str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}").strip()
+        return {"analysis": name, "status": "failed", "reason": reason.splitlines()[0], "error": path / "error.txt"}
     write_run(path, result, module.build_report(result, model.tokenizer))
+    (path / "error.txt").unlink(missing_ok=True)
     return {"analysis": name, "status": "ran", "dir": path, "seconds": round(time.perf_counter() - start, 1)}
+
+
+def fitting(name: str, config, model, given: bool) -> str | None:
+    """None when `config` suits `model`; else why not (the options check's message) when the settings are the
+    card's (the analysis does not apply with them); options the user gave that do not fit raise UserError."""
+    try:
+        config.validate(model)
+    except UserError as exc:
+        if given:
+            raise
+        return (f"the card's settings do not fit this model: {exc} (in the audit: --options FILE.json with "
+                f'{{"{name}": {{...}}}})')
+    return None
+
+
+def shared_passes(events: dict[str, list[dict]]) -> list[dict]:
+    """Per shared stage (`interp.passes`' text pass on one chunk set): the analysis that computed it and those that
+    read it back. `events`: analysis → its shared-store events (`interp.stages.Stages.events`)."""
+    rows: dict[tuple, dict] = {}
+    for name, evs in events.items():
+        for e in evs:
+            row = rows.setdefault((e["stage"], e["key_hash"]), {"stage": e["stage"], "key_hash": e["key_hash"],
+                                                                  "shards": e["items"], "computed_by": [],
+                                                                  "read_by": []})
+            who = row["read_by"] if e["reused"] == e["items"] else row["computed_by"]
+            if name not in who:
+                who.append(name)
+    return list(rows.values())
 
 
 def _top_write_dims(model, layers) -> dict[int, np.ndarray]:
@@ -189,6 +236,18 @@ def compare_models(names: list[str], a: dict[str, joins.Outputs], b: dict[str, j
     return out
 
 
+def card_differences(used: dict[str, Any], own: dict[str, Any]) -> dict[str, dict]:
+    """Per analysis, the settings the second model's own card would change: {option: {used, own_card}} (the audit
+    runs both models with the first model's configs, so both read the same data with the same seeds and splits)."""
+    out = {}
+    for name, config in used.items():
+        a, b = dataclasses.asdict(config), dataclasses.asdict(own[name])
+        changed = {k: {"used": a[k], "own_card": b[k]} for k in a if a[k] != b[k] and k != "progress"}
+        if changed:
+            out[name] = changed
+    return out
+
+
 def default_out(labels: list[str]) -> Path:
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"audit-{'-vs-'.join(sanitize_name(x) for x in labels)}-{stamp}"
@@ -215,6 +274,8 @@ def audit(model, compare=None, analyses: str | list[str] | None = None, out: str
     unknown = sorted(set(options) - set(available()))
     if unknown:
         raise UserError(f"options for unknown analysis {unknown[0]!r}")
+    for name, given in options.items():  # an unknown option name fails before any model loads
+        config_for(name, None, **given)
     if out is not None:  # a directory that is not an audit's fails before any model loads
         _check_out(Path(out), force)
     model_a = _load(model, device, dtype, **load_kw)
@@ -226,28 +287,46 @@ def audit(model, compare=None, analyses: str | list[str] | None = None, out: str
         dirs = {"a": f"{dirs['a']}-a", "b": f"{dirs['b']}-b"}
     out = Path(out) if out is not None else default_out(list(labels.values()))
     cfgs = configs(names, model_a, options, progress)
-    for m in models.values():  # a bad option for either model fails before anything runs
+    unfit = {slot: {} for slot in models}
+    for slot, m in models.items():  # a bad option for either model fails before anything runs
         for name, cfg in cfgs.items():
-            cfg.validate(m)
+            reason = fitting(name, cfg, m, bool(options.get(name)))
+            if reason is not None:
+                unfit[slot][name] = reason
+    for name, cfg in cfgs.items():  # data sets are checked before the long runs (a typo fails in seconds)
+        preflight = getattr(load_analysis(name), "preflight", None)
+        if preflight is not None:
+            preflight(cfg)
     status: dict[str, dict[str, dict]] = {}
     runs: dict[str, dict[str, joins.Outputs]] = {}
+    pass_rows: dict[str, list[dict]] = {}
     for slot, m in models.items():
-        status[slot], runs[slot] = {}, {}
-        for name in names:
-            row = run_one(name, m, cfgs[name], out / dirs[slot] / name, force)
-            status[slot][name] = row
-            if "dir" in row:
-                runs[slot][name] = read_outputs(row["dir"])
+        status[slot], runs[slot], events = {}, {}, {}
+        # stages several analyses compute alike (the text pass): computed by the first, read by the others
+        with stages.sharing(out / dirs[slot] / "shared") as store:
+            for name in names:
+                if name in unfit[slot]:
+                    status[slot][name] = {"analysis": name, "status": "not_applicable", "reason": unfit[slot][name]}
+                    continue
+                seen = len(store.events)
+                row = run_one(name, m, cfgs[name], out / dirs[slot] / name, force)
+                events[name] = store.events[seen:]
+                status[slot][name] = row
+                if "dir" in row:
+                    runs[slot][name] = read_outputs(row["dir"])
+        pass_rows[slot] = shared_passes(events)
     index = {"analysis": "audit", "model": model_info(model_a).to_dict(), "analyses": names,
              "shared": {"text_chunks": [a for a in ("systematic_outliers", "gated_attention") if a in names],
                         "text_options": {k: getattr(cfgs["systematic_outliers"], k) for k in SHARED_TEXT}
-                        if "systematic_outliers" in cfgs else None},
+                        if "systematic_outliers" in cfgs else None, "passes": pass_rows["a"]},
              "status": _status_rows(status["a"], out),
              "headlines": [joins.headline(n, runs["a"][n]) for n in names if n in runs["a"]],
              **{n: o.results for n, o in runs["a"].items()},
              "joins": model_joins(runs["a"], model_a, seed)}
     if model_b is not None:
         index["compare"] = {"model": model_info(model_b).to_dict(), "status": _status_rows(status["b"], out),
+                            "passes": pass_rows["b"],
+                            "card_differences": card_differences(cfgs, configs(names, model_b, options, progress)),
                             "headlines": [joins.headline(n, runs["b"][n]) for n in names if n in runs["b"]],
                             "analyses": {n: o.results for n, o in runs["b"].items()},
                             "joins": model_joins(runs["b"], model_b, seed),
@@ -261,6 +340,13 @@ def audit(model, compare=None, analyses: str | list[str] | None = None, out: str
 
 
 def _status_rows(rows: dict[str, dict], out: Path) -> list[dict]:
-    return [{**{k: v for k, v in r.items() if k != "dir"},
-             **({"report": str(Path(r["dir"]).relative_to(out) / "report.html")} if "dir" in r else {})}
+    return [{**{k: v for k, v in r.items() if k not in ("dir", "error")},
+             **({"report": str(Path(r["dir"]).relative_to(out) / "report.html")} if "dir" in r else {}),
+             **({"error": str(Path(r["error"]).relative_to(out))} if "error" in r else {})}
             for r in rows.values()]
+
+
+def failures(index: dict) -> list[dict]:
+    """The status rows of the analyses that failed, both models."""
+    rows = index["status"] + (index["compare"]["status"] if "compare" in index else [])
+    return [r for r in rows if r["status"] == "failed"]

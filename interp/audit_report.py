@@ -29,9 +29,11 @@ def _number(value: Any, ci: Any = None, sd: Any = None) -> str:
 
 def _card(rep: Report, name: str, status: dict, head: dict | None, model: str) -> None:
     """One analysis on one model: headline beside its control, the verdict, the link to its report."""
-    if status["status"] == "not_applicable":
-        rep.add_metrics({f"{model}: verdict": "not applicable"})
+    if status["status"] in ("not_applicable", "failed"):
+        rep.add_metrics({f"{model}: verdict": status["status"].replace("_", " ")})
         rep.add_paragraph(status["reason"])
+        if "error" in status:
+            rep.add_link(f"{name} on {model}: traceback", status["error"])
         return
     rep.add_metrics({f"{model}: {head['metric']}": _number(head["value"], head.get("ci")),
                      f"control: {head['control_label']}": _number(head["control"], sd=head.get("control_sd")),
@@ -84,6 +86,11 @@ def _compare(rep: Report, cmp: dict, a: str, b: str) -> None:
     rep.add_heading(f"{a} against {b}")
     if not cmp["same_shape"]:
         rep.add_notice(cmp["not_compared"], level="info")
+    changed = [{"analysis": name, "option": k, "used (both models)": v["used"], f"{b}'s card": v["own_card"]}
+               for name, options in cmp.get("card_differences", {}).items() for k, v in options.items()]
+    if changed:
+        rep.add_table(pd.DataFrame(changed), caption=f"Both models ran with {a}'s settings (the same data, seeds and "
+                      f"splits); {b}'s own card recommends these instead.")
     rep.add_table(pd.DataFrame(cmp["differences"]), caption=f"Headlines of both models (difference: {b} − {a}); "
                   "M-Act: the largest |activation| systematic_outliers / gated_attention measured.")
     if cmp["items"]:
@@ -129,8 +136,17 @@ def build_index(index: dict) -> Report:
     if len(shared["text_chunks"]) == 2:
         rep.add_paragraph("systematic_outliers and gated_attention read the same text chunks: "
                           + ", ".join(f"{k} = {v}" for k, v in shared["text_options"].items()) + ".")
+    passes = [{"model": m, "pass": "text pass (sinks, M-Act, loss)" if r["stage"] == "text_pass" else r["stage"],
+               "key": r["key_hash"], "shards": r["shards"], "computed by": ", ".join(r["computed_by"]) or "earlier run",
+               "read back by": ", ".join(r["read_by"])}
+              for m, rows in ((a, shared.get("passes", [])), (b, cmp.get("passes", []) if cmp else []))
+              for r in rows if r["read_by"]]
+    if passes:
+        rep.add_table(pd.DataFrame(passes), caption="Capture passes run once and read by several analyses (the same "
+                      "chunks, batches and sink options; interp.passes): the readers did not run the forward again.")
     rows = [{"model": a, **r} for r in index["status"]] + ([{"model": b, **r} for r in cmp["status"]] if cmp else [])
     rep.add_table(pd.DataFrame(rows), caption="ran: run now; resumed: complete outputs for the same options read "
-                                              "back; not_applicable: the analysis does not apply (reason).")
+                                              "back; not_applicable: the analysis does not apply (reason); failed: "
+                                              "it raised (reason; traceback in error.txt), the others ran.")
     rep.add_config({"model": index["model"], **({"compare": cmp["model"]} if cmp else {})})
     return rep

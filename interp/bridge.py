@@ -249,6 +249,12 @@ def _active_hook_names(model) -> list[str]:
     return [name for name, hp in model.hook_dict.items() if hp.fwd_hooks]
 
 
+def hooks_active(model) -> bool:
+    """Whether a removable forward hook is attached to any hook point (an intervention's context is open); the
+    bridge's own permanent hooks (aliases on some architectures) do not count."""
+    return any(not h.is_permanent for hp in model.hook_dict.values() for h in hp.fwd_hooks)
+
+
 @contextlib.contextmanager
 def sdpa_attention(model, needed_hooks: Sequence[str] = ()) -> Iterator[bool]:
     """Run attention through the wrapped HF modules instead of the bridge's eager re-implementation.

@@ -34,3 +34,11 @@ def read_jsonl(path: Path) -> list[tuple[int, dict]]:
             raise UserError(f"{path}: line {lineno} is not a JSON object")
         rows.append((lineno, obj))
     return rows
+
+
+def read_json(path: Path) -> object:
+    """A user JSON file's value; UserError naming the file if it is missing, unreadable or malformed."""
+    try:
+        return json.loads(read_text(path))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON (line {e.lineno}: {e.msg})") from None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import typing
 from pathlib import Path
@@ -154,6 +155,8 @@ def audit_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compare", help="a second model: every analysis on both with the same data, seeds and "
                                           "splits, differences with bootstrap intervals")
     parser.add_argument("--analyses", help="comma-separated analyses to run (default: all)")
+    parser.add_argument("--options", metavar="FILE.json",
+                        help='per-analysis options over the card\'s, e.g. {"refusal_cliff": {"limit": 64}}')
     parser.add_argument("--out", help="output directory (default: runs/audit-<model>-<time>); rerun into it to resume")
     parser.add_argument("--force", action="store_true", help="replace outputs made with other options")
     parser.add_argument("--device", default="auto", help="where the models run: auto, cpu or cuda[:N]")
@@ -164,9 +167,20 @@ def audit_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def audit_options(path: str) -> dict[str, dict]:
+    """The audit's --options file: {analysis: {option: value}} (option names as in Python: seq_len, not seq-len)."""
+    from interp.files import read_json
+
+    data = read_json(Path(path))
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise UserError(f"--options {path}: expected a JSON object of analysis → {{option: value}}, "
+                        'e.g. {"systematic_outliers": {"seq_len": 256}}')
+    return data
+
+
 def execute_audit(argv: list[str]) -> Path:
     """`python -m interp.run audit ...`: parse and run the audit; returns its output directory."""
-    from interp.audit import analysis_names, audit
+    from interp.audit import analysis_names, audit, failures
 
     args = audit_parser().parse_args(argv)
     analysis_names(args.analyses)  # an unknown name fails before any model loads
@@ -179,10 +193,16 @@ def execute_audit(argv: list[str]) -> Path:
         import transformers
 
         transformers.utils.logging.disable_progress_bar()
-    out = audit(args.model, compare=args.compare, analyses=args.analyses, out=args.out, force=args.force,
-                device=args.device, dtype=args.dtype, progress=not args.no_progress,
+    options = audit_options(args.options) if args.options else None
+    out = audit(args.model, compare=args.compare, analyses=args.analyses, out=args.out, options=options,
+                force=args.force, device=args.device, dtype=args.dtype, progress=not args.no_progress,
                 trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
     print(f"wrote {out / 'index.html'}")
+    failed = failures(json.loads((out / "results.json").read_text(encoding="utf-8")))
+    if failed:
+        raise UserError(f"{len(failed)} analys{'is' if len(failed) == 1 else 'es'} failed ("
+                        + "; ".join(f"{r['analysis']}: {r['reason']}" for r in failed)
+                        + f"); the others are in {out / 'index.html'}; tracebacks in each error.txt")
     return out
 
 

@@ -8,7 +8,9 @@ temporary name and renamed (a killed run leaves whole files or none), and `manif
 key in readable form, one SHA-256 per item file). Items are computed in fixed chunks of the full item list,
 whether stored or not, so a resumed stage sees exactly the batches of an uninterrupted one; a chunk with any
 item missing, unreadable or stored under another key is computed again whole. `Stages(None)` stores
-nothing. Analyses reach the run's store through `current()`; `using(run_dir)` sets it around a run. Under
+nothing. Analyses reach the run's store through `current()`; `using(run_dir)` sets it around a run. A stage that
+several analyses compute alike (`interp.passes`: the text pass) goes to `shared()`: the store `sharing(dir)` sets
+(`interp audit`: one per model, so the first analysis computes it and the others read it), else `current()`. Under
 torchrun every rank reads the store and rank 0 alone writes it (the ranks hold the same gathered values).
 
 Test hook: `INTERP_STAGES_EXIT_AFTER=NAME:K` ends the process hard (`os._exit(3)`) once K items of stage
@@ -117,7 +119,9 @@ class Stages:
         self.root = Path(run_dir) / STAGES_DIR if run_dir is not None else None
         self.log = log or _print_on_main
         self.reused: dict[str, tuple[int, int]] = {}  # stage name → (items reused, items in the stage)
+        self.events: list[dict] = []  # per `items` call: {stage, key_hash, items, reused}
         self._written: dict[str, int] = {}
+        self._made: set[str] = set()  # stage directories this store wrote (reading them back is not news)
 
     def items(self, name: str, key: dict, items: Sequence[Any], compute: Compute, chunk: int) -> list[Any]:
         """One value per item: stored ones read back, the others from `compute(indices, items)` (indices into
@@ -144,11 +148,13 @@ class Stages:
                 values[i] = v
                 if writing:
                     sums[i] = self._write_item(stage, name, key_hash(key), i, v)
+        self.events.append({"stage": name, "key_hash": key_hash(key), "items": len(items), "reused": reused})
         if writing:
             self._write_manifest(stage, name, key, sums)
             self.reused[name] = (reused, len(items))
-            if reused:
+            if reused and stage.name not in self._made:
                 self.log(f"stage {name}: reused {reused} of {len(items)} items from {stage}")
+            self._made.add(stage.name)
         return values
 
     def _stage_dir(self, name: str, key: dict) -> Path | None:
@@ -228,6 +234,7 @@ def _print_on_main(line: str) -> None:
 
 
 _CURRENT: contextvars.ContextVar[Stages | None] = contextvars.ContextVar("interp_stages", default=None)
+_SHARED: contextvars.ContextVar[Stages | None] = contextvars.ContextVar("interp_shared_stages", default=None)
 
 
 def current() -> Stages:
@@ -244,3 +251,19 @@ def using(run_dir: str | Path | None) -> Iterator[Stages]:
         yield store
     finally:
         _CURRENT.reset(token)
+
+
+def shared() -> Stages:
+    """The store of stages that several analyses compute alike: the one `sharing` sets, else `current()`."""
+    return _SHARED.get() or current()
+
+
+@contextlib.contextmanager
+def sharing(run_dir: str | Path | None) -> Iterator[Stages]:
+    """Make `Stages(run_dir)` the store `shared()` returns inside the block (`interp audit`: one per model)."""
+    store = Stages(run_dir)
+    token = _SHARED.set(store)
+    try:
+        yield store
+    finally:
+        _SHARED.reset(token)

@@ -54,6 +54,18 @@ def test_twins_show_what_their_card_measures(twins):
     assert res["shared"]["text_chunks"] == ["systematic_outliers", "gated_attention"]
     assert res["systematic_outliers"]["text_set"]["n_chunks"] == TEXT["n_chunks"]
     assert res["gated_attention"]["text"]["n_selection"] + res["gated_attention"]["text"]["n_held_out"] == 16
+    # one capture pass: systematic_outliers' held-out text pass is read back by gated_attention (and on the gated
+    # twin, whose gate interventions measure the selection part too, its selection pass)
+    for passes, n_shared in ((res["shared"]["passes"], 1), (cmp["passes"], 2)):
+        shared = [p for p in passes if p["read_by"]]
+        assert len(shared) == n_shared and all(p["computed_by"] == ["systematic_outliers"] and p["read_by"] ==
+                                        ["gated_attention"] for p in shared)
+    for results in (res, cmp["analyses"]):  # hence the same held-out numbers, to the bit
+        base = next(r for r in results["systematic_outliers"]["interventions"]
+                    if r["what"] == "baseline" and r["split"] == "held_out")
+        gated = results["gated_attention"]
+        assert (base["loss"], base["sink_rate"], base["m_act"]) == (gated["text"]["loss"], gated["text"]["sink_rate"],
+                                                                    gated["m_act"])
     # the joins' chance levels: permutation p-values of the overlaps match the hypergeometric tail
     for row in res["joins"]["head_overlaps"]:
         exact = _hypergeometric_tail(row["size_a"], row["size_b"], row["overlap"], res["joins"]["n_heads_total"])
@@ -159,6 +171,41 @@ def test_bad_input_gives_one_line_errors(capsys, tmp_path):
     assert "python -m interp.run audit --model M" in out
 
 
+def test_failed_and_unfit_analyses_are_listed_and_the_others_run(tmp_path, capsys, monkeypatch):
+    """A one-layer model: talking_heads' options check rejects it (listed not applicable with the check's message),
+    instability raises (listed failed, traceback kept), systematic_outliers runs with --options; exit 2, one line."""
+    from interp.analysis import load_analysis
+    from interp.tiny import write_tiny_checkpoint
+
+    def planted_failure(model, config):
+        raise RuntimeError("planted failure")
+
+    monkeypatch.setattr(load_analysis("instability"), "run", planted_failure)
+    path = write_tiny_checkpoint(tmp_path / "one-layer", n_layers=1)
+    options = tmp_path / "options.json"
+    options.write_text(json.dumps({"systematic_outliers": {"seq_len": 16, "n_chunks": 4, "random_draws": 2}}))
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "audit", "--model", str(path), "--analyses",
+                           "systematic_outliers,talking_heads,instability", "--options", str(options), "--out", str(out),
+                           "--no-progress", "--device", "cpu")
+    assert_user_error(code, err, "1 analysis failed (instability: RuntimeError: planted failure)")
+    res = json.loads((out / "results.json").read_text())
+    status = {r["analysis"]: r for r in res["status"]}
+    assert status["systematic_outliers"]["status"] == "ran" and res["systematic_outliers"]["text_set"]["seq_len"] == 16
+    assert status["talking_heads"]["status"] == "not_applicable"
+    assert "talking_heads needs a model with at least 2 layers" in status["talking_heads"]["reason"]
+    assert status["instability"]["status"] == "failed"
+    assert "planted_failure" in (out / status["instability"]["error"]).read_text()  # the traceback
+    html = (out / "index.html").read_text()
+    assert ">failed</div>" in html and ">not applicable</div>" in html and f'href="{status["instability"]["error"]}"' in html
+    options.write_text(json.dumps({"systematic_outliers": {"seq_lenn": 16}}))
+    code, _, err = run_cli(capsys, "audit", "--model", str(path), "--options", str(options), "--out", str(out))
+    assert_user_error(code, err, "systematic_outliers has no option 'seq_lenn'")
+    options.write_text("{not json")
+    code, _, err = run_cli(capsys, "audit", "--options", str(options))
+    assert_user_error(code, err, "is not valid JSON")
+
+
 def test_not_applicable_analysis_is_listed_with_its_reason(tmp_path):
     from interp.tiny import write_family_checkpoint
 
@@ -170,3 +217,16 @@ def test_not_applicable_analysis_is_listed_with_its_reason(tmp_path):
     assert "talking_heads" not in res and res["headlines"] == []
     html = (out / "index.html").read_text()
     assert ">not applicable</div>" in html and escape(res["status"][0]["reason"]) in html
+
+
+def test_compare_lists_the_settings_the_second_models_card_would_change():
+    from interp.audit import card_differences, configs
+    from interp.models import load_model
+
+    a, b = load_model("organism", device="cpu"), load_model("organism-sink", device="cpu")
+    names = ["systematic_outliers", "refusal_cliff"]
+    changed = card_differences(configs(names, a, {}, False), configs(names, b, {}, False))
+    # the sink twin's card reads its Bigram-Backcopy task, and it has no chat-organism card for refusal_cliff
+    assert changed["systematic_outliers"] == {"text_set": {"used": "organism-plain", "own_card": "backcopy"}}
+    assert changed["refusal_cliff"]["harmful"] == {"used": "organism-harmful", "own_card": "builtin-harmful"}
+    assert card_differences(configs(names, a, {}, False), configs(names, a, {}, False)) == {}
