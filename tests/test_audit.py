@@ -186,8 +186,8 @@ def test_failed_and_unfit_analyses_are_listed_and_the_others_run(tmp_path, capsy
     options.write_text(json.dumps({"systematic_outliers": {"seq_len": 16, "n_chunks": 4, "random_draws": 2}}))
     out = tmp_path / "out"
     code, _, err = run_cli(capsys, "audit", "--model", str(path), "--analyses",
-                           "systematic_outliers,talking_heads,instability", "--options", str(options), "--out", str(out),
-                           "--no-progress", "--device", "cpu")
+                           "systematic_outliers,talking_heads,instability", "--options", str(options),
+                           "--out", str(out), "--no-progress", "--device", "cpu")
     assert_user_error(code, err, "1 analysis failed (instability: RuntimeError: planted failure)")
     res = json.loads((out / "results.json").read_text())
     status = {r["analysis"]: r for r in res["status"]}
@@ -197,7 +197,8 @@ def test_failed_and_unfit_analyses_are_listed_and_the_others_run(tmp_path, capsy
     assert status["instability"]["status"] == "failed"
     assert "planted_failure" in (out / status["instability"]["error"]).read_text()  # the traceback
     html = (out / "index.html").read_text()
-    assert ">failed</div>" in html and ">not applicable</div>" in html and f'href="{status["instability"]["error"]}"' in html
+    assert ">failed</div>" in html and ">not applicable</div>" in html
+    assert f'href="{status["instability"]["error"]}"' in html
     options.write_text(json.dumps({"systematic_outliers": {"seq_lenn": 16}}))
     code, _, err = run_cli(capsys, "audit", "--model", str(path), "--options", str(options), "--out", str(out))
     assert_user_error(code, err, "systematic_outliers has no option 'seq_lenn'")
@@ -230,3 +231,21 @@ def test_compare_lists_the_settings_the_second_models_card_would_change():
     assert changed["systematic_outliers"] == {"text_set": {"used": "organism-plain", "own_card": "backcopy"}}
     assert changed["refusal_cliff"]["harmful"] == {"used": "organism-harmful", "own_card": "builtin-harmful"}
     assert card_differences(configs(names, a, {}, False), configs(names, a, {}, False)) == {}
+
+
+def test_models_of_different_shapes_are_compared_on_what_needs_no_matching(tmp_path):
+    from interp.tiny import write_tiny_checkpoint
+
+    a = write_tiny_checkpoint(tmp_path / "two-layers", n_layers=2)
+    b = write_tiny_checkpoint(tmp_path / "three-layers", n_layers=3, seed=1)
+    out = interp.audit(str(a), compare=str(b), analyses="systematic_outliers", out=tmp_path / "out",
+                       options={"systematic_outliers": dict(seq_len=16, n_chunks=4, random_draws=2)},
+                       progress=False, device="cpu")
+    res = json.loads((out / "results.json").read_text())
+    cmp = res["compare"]
+    assert not cmp["same_shape"] and cmp["shape_a"]["n_layers"] == 2 and cmp["shape_b"]["n_layers"] == 3
+    assert "findings" not in cmp and "differ in shape" in cmp["not_compared"]
+    row, = cmp["differences"]
+    assert row["difference"] == pytest.approx(row["value_b"] - row["value_a"])
+    assert row["value_a"] == res["headlines"][0]["value"] and row["value_b"] == cmp["headlines"][0]["value"]
+    assert escape(cmp["not_compared"]) in (out / "index.html").read_text()
