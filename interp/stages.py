@@ -243,14 +243,18 @@ def current() -> Stages:
 
 
 @contextlib.contextmanager
-def using(run_dir: str | Path | None) -> Iterator[Stages]:
-    """Make `Stages(run_dir)` the store `current()` returns inside the block."""
+def _store_in(var: contextvars.ContextVar, run_dir: str | Path | None) -> Iterator[Stages]:
     store = Stages(run_dir)
-    token = _CURRENT.set(store)
+    token = var.set(store)
     try:
         yield store
     finally:
-        _CURRENT.reset(token)
+        var.reset(token)
+
+
+def using(run_dir: str | Path | None) -> contextlib.AbstractContextManager[Stages]:
+    """Make `Stages(run_dir)` the store `current()` returns inside the block."""
+    return _store_in(_CURRENT, run_dir)
 
 
 def shared() -> Stages:
@@ -258,12 +262,6 @@ def shared() -> Stages:
     return _SHARED.get() or current()
 
 
-@contextlib.contextmanager
-def sharing(run_dir: str | Path | None) -> Iterator[Stages]:
+def sharing(run_dir: str | Path | None) -> contextlib.AbstractContextManager[Stages]:
     """Make `Stages(run_dir)` the store `shared()` returns inside the block (`interp audit`: one per model)."""
-    store = Stages(run_dir)
-    token = _SHARED.set(store)
-    try:
-        yield store
-    finally:
-        _SHARED.reset(token)
+    return _store_in(_SHARED, run_dir)
