@@ -13,6 +13,7 @@ store is shared by one model's analyses: gated_attention reads systematic_outlie
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -88,8 +89,6 @@ class TextPass:
 
     @classmethod
     def from_state(cls, state: dict) -> TextPass:
-        from collections import Counter
-
         attention = AttentionStats.__new__(AttentionStats)
         attention.__setstate__({**state["attention"], "sink_layers": Counter(state["attention"]["sink_layers"])})
         return cls(attention, state["layer_max"], state["nll"], state["count"])
@@ -157,7 +156,7 @@ def baseline(model, seqs: Sequence[Sequence[int]], options: SinkOptions, *, batc
         return [measure(model, [seqs[i] for i in idx], options, batch_size=batch_size, loss=loss, desc=desc,
                         progress=progress).renumbered(idx).state() for idx in shard]
 
-    key = {"version": 1, "model": stages.model_key(model), "sequences": stages.digest([list(s) for s in seqs]),
+    key = {"version": 1, "model": stages.model_key(model), "sequences": stages.digest(seqs),
            "shards": stages.digest(parts), "options": dataclasses.asdict(options), "loss": loss}
     states = stages.shared().items(STAGE, key, parts, shard_passes, 1)
     order = distributed.batch_order(lengths, batch_size)
